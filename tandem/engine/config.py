@@ -1,0 +1,79 @@
+"""Engine configuration: frozen, validated at construction."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class SchedulingPolicy(enum.Enum):
+    FCFS = "fcfs"
+    PRIORITY = "priority"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which model to load and how: a Hugging Face folder, a dtype, a context length."""
+
+    model: str
+    dtype: str = "auto"  # auto | bfloat16 | float32
+    max_model_len: int | None = None  # None: the model's own max_position_embeddings
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache: block size, how many blocks (None: sized from memory), prefix caching."""
+
+    block_size: int = 16
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.9  # fraction of device memory (CUDA) the cache may use
+    cpu_kv_cache_space_gib: float = 4.0  # KV cache size on the CPU
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(
+                f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.cpu_kv_cache_space_gib <= 0:
+            raise ValueError("cpu_kv_cache_space_gib must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """The unified token-budget scheduler's limits."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    policy: SchedulingPolicy = SchedulingPolicy.FCFS
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if not isinstance(self.policy, SchedulingPolicy):
+            raise ValueError(f"policy must be a SchedulingPolicy, got {self.policy!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything an engine needs; `max_model_len` is resolved against the model at load."""
+
+    model: ModelConfig
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()

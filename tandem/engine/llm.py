@@ -1,0 +1,90 @@
+"""LLM: the in-process engine, like `vllm.LLM`. Used offline, in tests and as a baseline."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tandem.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tandem.engine.config import SchedulingPolicy
+from tandem.engine.core import EngineCore
+from tandem.engine.request import (
+    CompletionOutput,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+)
+from tandem.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Generate for a list of prompts (text or token ids) with continuous batching."""
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        block_size: int = 16,
+        num_gpu_blocks_override: int | None = None,
+        enable_prefix_caching: bool = True,
+        scheduling_policy: str = "fcfs",
+        seed: int = 0,
+    ) -> None:
+        config = EngineConfig(
+            model=ModelConfig(model, dtype, max_model_len, seed),
+            cache=CacheConfig(block_size, num_gpu_blocks_override,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens,
+                                      SchedulingPolicy(scheduling_policy)),
+        )
+        self.engine = EngineCore(config)
+        self.tokenizer = load_tokenizer(model)
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the prompts' order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError("sampling_params must be one per prompt")
+        order, detoks, texts = [], {}, {}
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            text = prompt if isinstance(prompt, str) else None
+            req = Request(f"llm-{next(self._ids)}", ids, params,
+                          priority=priority[i] if priority else 0)
+            self.engine.add_request(req)
+            order.append(req)
+            texts[req.request_id] = text
+            detoks[req.request_id] = IncrementalDetokenizer(
+                self.tokenizer, params.stop, params.include_stop_str_in_output
+            )
+        while self.engine.has_unfinished:
+            for out in self.engine.step():
+                detok = detoks[out.request.request_id]
+                detok.add_tokens(out.new_token_ids, out.finished)
+                if detok.stopped_on is not None and not out.finished:
+                    out.request.stop_reason = detok.stopped_on
+                    self.engine.finish(out.request.request_id, RequestStatus.FINISHED_STOPPED)
+        return [self._output(r, detoks[r.request_id], texts[r.request_id]) for r in order]
+
+    @staticmethod
+    def _output(req: Request, detok: IncrementalDetokenizer, prompt: str | None) -> RequestOutput:
+        completion = CompletionOutput(
+            0, detok.text, list(req.output_token_ids), req.status.finish_reason, req.stop_reason
+        )
+        return RequestOutput(req.request_id, req.prompt_token_ids, [completion], True,
+                             max(req.num_cached_tokens, 0), prompt)

@@ -1,0 +1,162 @@
+"""Turns a scheduler step into one flat forward pass and samples the next tokens."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.attention import build_attn_metadata
+from tandem.engine.config import CacheConfig, ModelConfig
+from tandem.engine.loader import load_model, read_hf_config
+from tandem.engine.request import Request
+from tandem.engine.sampler import SamplingTensors, sample
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def select_device() -> torch.device:
+    """CUDA when present, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 where the device computes it natively, fp32 otherwise (fp16 on old GPUs)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and _cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerInfo:
+    """Values fixed at start-up from the model and the device."""
+
+    device: torch.device
+    dtype: torch.dtype
+    num_blocks: int
+    max_model_len: int
+    vocab_size: int
+    block_bytes: int
+
+
+class ModelRunner:
+    """Owns the model, the paged KV cache tensors and the per-request sampling generators."""
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig) -> None:
+        self.device = select_device()
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.block_size = cache_config.block_size
+        torch.manual_seed(model_config.seed)
+        hf_config = read_hf_config(model_config.model)
+        self.model = load_model(model_config.model, self.dtype, self.device)
+        a = self.model.args
+        max_model_len = model_config.max_model_len or a.max_position_embeddings
+        if max_model_len > a.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the model's "
+                f"max_position_embeddings {a.max_position_embeddings}"
+            )
+        elem = torch.finfo(self.dtype).bits // 8
+        block_bytes = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * elem
+        num_blocks = cache_config.num_gpu_blocks_override or self._blocks_for_memory(
+            cache_config, block_bytes
+        )
+        self.info = RunnerInfo(
+            self.device, self.dtype, num_blocks, max_model_len, a.vocab_size, block_bytes
+        )
+        self.eos_token_id = _first(hf_config.get("eos_token_id"))
+        shape = (a.num_kv_heads, num_blocks, self.block_size, a.head_dim)  # head-major
+        # Zeroed: attention masks unused slots, and masked garbage could still be NaN.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(a.num_layers)
+        ]
+        self.generators: dict[str, torch.Generator] = {}
+        logger.info(
+            "model %s on %s in %s: %d KV blocks of %d tokens (%.2f GiB)",
+            model_config.model, self.device, self.dtype, num_blocks, self.block_size,
+            num_blocks * block_bytes / 2**30,
+        )
+
+    def _blocks_for_memory(self, cache_config: CacheConfig, block_bytes: int) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            budget = free - total * (1 - cache_config.gpu_memory_utilization)
+        else:
+            budget = cache_config.cpu_kv_cache_space_gib * 2**30
+        return max(int(budget // block_bytes), 1)
+
+    @torch.inference_mode()
+    def execute(self, requests: list[Request], num_scheduled: list[int], block_tables) -> list:
+        """Run one step. Returns, per request (in the given order), the sampled token id, or
+        None for a prefill chunk that does not reach the end of its tokens."""
+        # Decodes first: they share one batched attention call.
+        order = sorted(range(len(requests)), key=lambda i: num_scheduled[i] != 1)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens, context_lens, tables, sample_rows, sample_reqs = [], [], [], [], []
+        for i in order:
+            req, n = requests[i], num_scheduled[i]
+            start = req.num_computed_tokens
+            input_ids.extend(req.all_token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            query_lens.append(n)
+            context_lens.append(start + n)
+            tables.append(block_tables[i])
+            if start + n == req.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sample_reqs.append(i)
+        dev = self.device
+        meta = build_attn_metadata(query_lens, context_lens, tables, self.block_size, dev)
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            meta,
+            self.kv_caches,
+        )
+        results: list[int | None] = [None] * len(requests)
+        if not sample_reqs:
+            return results
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        params = [requests[i].sampling_params for i in sample_reqs]
+        gens = [self._generator(requests[i]) for i in sample_reqs]
+        st = SamplingTensors.build(params, gens, self.info.vocab_size, dev)
+        for i, token in zip(sample_reqs, sample(logits, st).tolist()):  # the one host sync
+            results[i] = token
+        return results
+
+    def _generator(self, request: Request) -> torch.Generator | None:
+        seed = request.sampling_params.seed
+        if seed is None:
+            return None
+        gen = self.generators.get(request.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            self.generators[request.request_id] = gen
+        return gen
+
+    def release(self, request_ids) -> None:
+        """Forget per-request state of finished requests."""
+        for rid in request_ids:
+            self.generators.pop(rid, None)
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value

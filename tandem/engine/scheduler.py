@@ -1,0 +1,239 @@
+"""vLLM V1's unified token-budget scheduler. Pure Python; the clock is injected.
+
+Each step hands out at most `max_num_batched_tokens` tokens, running requests first, then
+waiting ones. A request is just "tokens computed so far" against "tokens it has", so prefill,
+chunked prefill, decode and recompute after preemption are one mechanism.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from tandem.engine.config import SchedulerConfig, SchedulingPolicy
+from tandem.engine.kv_cache_manager import KVCacheManager
+from tandem.engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's plan: tokens per request (in batch order) and their block tables."""
+
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    requests: list[Request] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+class WaitingQueue:
+    """FCFS (a deque) or priority (a heap on (priority, arrival, seq)); preempted requests
+    return to the front under FCFS and to their own place under priority."""
+
+    def __init__(self, policy: SchedulingPolicy) -> None:
+        self.policy = policy
+        self._fifo: deque[Request] = deque()
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._fifo) + len(self._heap)
+
+    def __iter__(self):
+        if self.policy is SchedulingPolicy.FCFS:
+            return iter(self._fifo)
+        return (entry[-1] for entry in sorted(self._heap))
+
+    def add(self, request: Request, front: bool = False) -> None:
+        if self.policy is SchedulingPolicy.PRIORITY:
+            key = (request.priority, request.arrival_time, next(self._seq), request)
+            heapq.heappush(self._heap, key)
+        elif front:
+            self._fifo.appendleft(request)
+        else:
+            self._fifo.append(request)
+
+    def peek(self) -> Request:
+        return self._fifo[0] if self.policy is SchedulingPolicy.FCFS else self._heap[0][-1]
+
+    def pop(self) -> Request:
+        if self.policy is SchedulingPolicy.FCFS:
+            return self._fifo.popleft()
+        return heapq.heappop(self._heap)[-1]
+
+    def remove(self, request: Request) -> None:
+        if self.policy is SchedulingPolicy.FCFS:
+            self._fifo.remove(request)
+        else:
+            self._heap = [e for e in self._heap if e[-1] is not request]
+            heapq.heapify(self._heap)
+
+
+class Scheduler:
+    """Decides, step by step, which requests compute how many tokens."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.clock = clock
+        self.waiting = WaitingQueue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request_id {request.request_id!r}")
+        if request.num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {request.num_prompt_tokens} tokens; max_model_len is "
+                f"{self.max_model_len} and at least one token must be generated"
+            )
+        request.arrival_time = request.arrival_time or self.clock()
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        # 1. Running requests first, in order: decode tokens and unfinished prefill chunks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while self.kv.allocate_slots(request, num_new) is None:
+                victim = self._pick_victim()
+                if self.running.index(victim) < i:
+                    i -= 1  # an already scheduled request leaves the list before this one
+                budget += out.num_scheduled_tokens.get(victim.request_id, 0)
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted itself; running[i] is now the next request
+            self._schedule(request, num_new, out)
+            budget -= num_new
+            i += 1
+
+        # 2. Waiting requests, unless this step already had to preempt.
+        while not out.preempted_ids and len(self.waiting) and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            request = self.waiting.peek()
+            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit_tokens
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if self.kv.allocate_slots(request, num_new, hits) is None:
+                break
+            self.waiting.pop()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.num_computed_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._schedule(request, num_new, out)
+            budget -= num_new
+        return out
+
+    def _schedule(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
+        out.num_scheduled_tokens[request.request_id] = num_new
+        out.requests.append(request)
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy is SchedulingPolicy.PRIORITY:
+            # Least urgent (highest priority value), latest arrival among those.
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Preempt by recompute: free its blocks; it keeps its tokens and starts over."""
+        self.running.remove(request)
+        if request.request_id in out.num_scheduled_tokens:
+            del out.num_scheduled_tokens[request.request_id]
+            out.requests.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted_ids.append(request.request_id)
+        self.waiting.add(request, front=True)
+
+    def update_from_output(
+        self, out: SchedulerOutput, sampled_token_ids: Iterable[int | None]
+    ) -> list[Request]:
+        """Advance every scheduled request by its tokens; append sampled tokens of those that
+        reached the end of their tokens; return the requests that finished this step."""
+        finished = []
+        for request, token_id in zip(out.requests, sampled_token_ids, strict=True):
+            if request.is_finished:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += out.num_scheduled_tokens[request.request_id]
+            if request.num_computed_tokens < request.num_tokens or token_id is None:
+                continue  # a prefill chunk: its sample is not a token yet
+            request.append_output_token(token_id)
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                self.finish(request, status)
+                finished.append(request)
+        return finished
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id == request.eos_token_id:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request (stop, length or abort) and free its blocks."""
+        if request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.finish(request, RequestStatus.FINISHED_ABORTED)
+        return request
