@@ -1,0 +1,140 @@
+"""`tandem` command line: serve, model prepare, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from tandem.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SchedulingPolicy,
+)
+
+logger = logging.getLogger("tandem")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's flags, with vLLM's names."""
+    p.add_argument("--model", default=None, help="Hugging Face model folder "
+                   "(default: the prepared SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="number of KV blocks, on any device")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false")
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch intra-op threads (default: all cores)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(args.model, args.dtype, args.max_model_len, args.seed),
+        cache=CacheConfig(args.block_size, args.num_gpu_blocks_override,
+                          enable_prefix_caching=args.enable_prefix_caching),
+        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens,
+                                  SchedulingPolicy(args.scheduling_policy)),
+    )
+
+
+def resolve_model(path: str | None) -> str:
+    if path:
+        return path
+    from tandem.model_prep import prepare_default_model
+
+    return str(prepare_default_model())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tandem.services.gateway.app import build_app
+    from tandem.services.gateway.engine_client import InProcessEngineClient
+
+    args.model = resolve_model(args.model)
+    config = engine_config(args)
+    name = args.served_model_name or Path(args.model.rstrip("/")).name
+    client = InProcessEngineClient(config)
+    app = build_app(client, name, args.model)
+    logger.info("serving %s as %r on http://%s:%d", args.model, name, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    return 0
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    from tandem.model_prep import prepare_default_model
+
+    print(prepare_default_model(force=args.force))
+    return 0
+
+
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from tandem.bench.offline import OfflineBenchArgs, run
+
+    run(OfflineBenchArgs(
+        model=resolve_model(args.model), num_prompts=args.num_prompts, input_len=args.input_len,
+        output_len=args.output_len, dtype=args.dtype, seed=args.seed, skip_hf=args.skip_hf,
+        json_path=args.json,
+    ))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    add_engine_args(serve)
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--host", default=os.environ.get("TANDEM_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("TANDEM_PORT", "8000")))
+    serve.add_argument("--uvicorn-log-level", default="warning")
+    serve.set_defaults(func=cmd_serve)
+
+    model = sub.add_parser("model", help="model files").add_subparsers(dest="action", required=True)
+    prep = model.add_parser("prepare", help="convert the packaged default model once")
+    prep.add_argument("--force", action="store_true")
+    prep.set_defaults(func=cmd_model_prepare)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="kind", required=True)
+    off = bench.add_parser("offline", help="the engine against Hugging Face generate")
+    off.add_argument("--model", default=None)
+    off.add_argument("--dtype", default="auto")
+    off.add_argument("--num-prompts", type=int, default=32)
+    off.add_argument("--input-len", type=int, default=128)
+    off.add_argument("--output-len", type=int, default=128)
+    off.add_argument("--seed", type=int, default=0)
+    off.add_argument("--skip-hf", action="store_true")
+    off.add_argument("--json", default=None, help="write the figures to this file")
+    off.add_argument("--torch-threads", type=int, default=None)
+    off.set_defaults(func=cmd_bench_offline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threads = getattr(args, "torch_threads", None) or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

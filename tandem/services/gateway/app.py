@@ -1,0 +1,203 @@
+"""The OpenAI-compatible REST gateway. It sees only an EngineClient."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tandem.services.gateway.engine_client import EngineClient, GenerationChunk
+from tandem.services.gateway.protocol import CompletionRequest, ModelCard, ModelList
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error the client caused (or a refusal), rendered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type_, param, code
+        )
+
+
+def error_response(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def _param_of(message: str) -> str | None:
+    match = re.match(r"([a-z_]+) must", message)
+    return match.group(1) if match else None
+
+
+def build_app(client: EngineClient, served_model_name: str, model_path: str) -> FastAPI:
+    app = FastAPI(title="Tandem", version="0.1.0")
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        msg = first.get("msg", "invalid request")
+        param = loc[0] if loc else None
+        text = f"{'.'.join(loc)}: {msg}" if loc else msg
+        return error_response(400, text, "BadRequestError", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        type_ = "NotFoundError" if e.status_code == 404 else "BadRequestError"
+        return error_response(e.status_code, str(e.detail), type_)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not client.ready:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        card = ModelCard(id=served_model_name, created=created, root=model_path,
+                         max_model_len=client.max_model_len or None)
+        return ModelList(data=[card])
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request):
+        if not client.ready:
+            raise APIError(503, "the engine is still starting", "ServiceUnavailableError")
+        if body.model is not None and body.model != served_model_name:
+            raise APIError(404, f"The model `{body.model}` does not exist.", "NotFoundError",
+                           "model", "model_not_found")
+        if body.n != 1:
+            raise APIError(400, "n must be 1", "BadRequestError", "n")
+        try:
+            params = body.sampling_params()
+        except ValueError as e:
+            raise APIError(400, str(e), "BadRequestError", _param_of(str(e))) from None
+        prompts = [client.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
+        for ids in prompts:
+            if len(ids) >= client.max_model_len:
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {client.max_model_len} tokens; "
+                    f"the prompt has {len(ids)} tokens and at least one must be generated.",
+                    "BadRequestError", "prompt",
+                )
+        base_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
+        streams = [
+            client.generate(f"{base_id}-{i}", ids, params, body.priority)
+            for i, ids in enumerate(prompts)
+        ]
+        meta = dict(id=base_id, object="text_completion", created=int(time.time()),
+                    model=served_model_name)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(streams, prompts, meta, include_usage), media_type="text/event-stream"
+            )
+        texts: list[list[str]] = [[] for _ in streams]
+        last: list[GenerationChunk | None] = [None] * len(streams)
+        completion_tokens = 0
+        try:
+            async for i, chunk in _merge(streams):
+                texts[i].append(chunk.text)
+                completion_tokens += len(chunk.token_ids)
+                last[i] = chunk
+        except ValueError as e:
+            raise APIError(400, str(e), "BadRequestError", _param_of(str(e))) from None
+        choices = [
+            {"index": i, "text": "".join(texts[i]), "logprobs": None,
+             "finish_reason": last[i].finish_reason if last[i] else None,
+             "stop_reason": last[i].stop_reason if last[i] else None}
+            for i in range(len(streams))
+        ]
+        prompt_tokens = sum(len(p) for p in prompts)
+        return dict(meta, choices=choices, usage=_usage(prompt_tokens, completion_tokens))
+
+    return app
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _stream(
+    streams: list[AsyncIterator[GenerationChunk]], prompts: list[list[int]], meta: dict,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """SSE: one event per chunk per choice, then usage (when asked), then [DONE]. Closing
+    the response (client gone) aborts whatever is still running."""
+    completion_tokens = 0
+    try:
+        async for i, chunk in _merge(streams):
+            completion_tokens += len(chunk.token_ids)
+            choice = {"index": i, "text": chunk.text, "logprobs": None,
+                      "finish_reason": chunk.finish_reason}
+            if chunk.finish_reason is not None:
+                choice["stop_reason"] = chunk.stop_reason
+            yield _sse(dict(meta, choices=[choice]))
+        if include_usage:
+            usage = _usage(sum(len(p) for p in prompts), completion_tokens)
+            yield _sse(dict(meta, choices=[], usage=usage))
+        yield "data: [DONE]\n\n"
+    except ValueError as e:
+        err = {"error": {"message": str(e), "type": "BadRequestError",
+                         "param": _param_of(str(e)), "code": 400}}
+        yield _sse(err)
+
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _merge(
+    streams: list[AsyncIterator[GenerationChunk]],
+) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """Interleave several requests' chunks as they arrive. If the consumer stops early
+    (client gone, error), every stream is closed, which aborts its request."""
+    out: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[GenerationChunk]) -> None:
+        try:
+            async for chunk in stream:
+                await out.put((i, chunk))
+        except Exception as e:  # surfaced to the consumer below
+            await out.put((i, e))
+        finally:
+            await out.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await out.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()

@@ -1,0 +1,185 @@
+"""The gateway's view of an engine: submit, stream outputs, abort.
+
+`InProcessEngineClient` runs an EngineCore on a background thread of the gateway's own
+process (the colocated deployment). The cluster client speaks the same interface over NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.request import Request, RequestStatus, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class GenerationChunk:
+    """What a request produced since the last chunk."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class EngineClient(Protocol):
+    """What the gateway needs from an engine, wherever it runs."""
+
+    max_model_len: int
+
+    @property
+    def ready(self) -> bool: ...
+
+    def encode(self, prompt: str) -> list[int]: ...
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        priority: int = 0,
+    ) -> AsyncIterator[GenerationChunk]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Sub:
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    detok: object
+
+
+class InProcessEngineClient:
+    """EngineCore on one thread; requests and aborts reach it through a thread-safe queue.
+
+    The model loads on the thread too, so the server answers /health (503) while it loads.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.max_model_len = config.model.max_model_len or 0
+        self.tokenizer = None
+        self.engine = None
+        self.error: BaseException | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._subs: dict[str, _Sub] = {}
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.error is None
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout) and self.error is None
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        priority: int = 0,
+    ) -> AsyncIterator[GenerationChunk]:
+        from tandem.engine.tokenizer import IncrementalDetokenizer
+
+        request = Request(request_id, prompt_token_ids, params, priority=priority)
+        # Validate here, on the caller's side, so bad input raises before any streaming.
+        if request.num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {request.num_prompt_tokens} tokens; max_model_len is "
+                f"{self.max_model_len} and at least one token must be generated"
+            )
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output)
+        sub = _Sub(asyncio.get_running_loop(), asyncio.Queue(), detok)
+        self._subs[request_id] = sub
+        self._inbox.put(("add", request))
+        finished = False
+        try:
+            while not finished:
+                item = await sub.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            self._subs.pop(request_id, None)
+            if not finished:
+                self._inbox.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    async def shutdown(self) -> None:
+        self._inbox.put(("stop", None))
+
+    # -- engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            from tandem.engine.core import EngineCore
+            from tandem.engine.tokenizer import load_tokenizer
+
+            self.engine = EngineCore(self.config)
+            self.tokenizer = load_tokenizer(self.config.model.model)
+            self.max_model_len = self.engine.max_model_len
+        except BaseException as e:  # reported through /health and the launcher
+            logger.exception("engine failed to start")
+            self.error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            block = not self.engine.has_unfinished
+            try:
+                while True:
+                    kind, payload = self._inbox.get(block=block)
+                    block = False
+                    if kind == "stop":
+                        return
+                    self._handle(kind, payload)
+            except queue.Empty:
+                pass
+            if self.engine.has_unfinished:
+                self._step()
+
+    def _handle(self, kind: str, payload) -> None:
+        if kind == "abort":
+            self.engine.abort(payload)
+            return
+        request: Request = payload
+        sub = self._subs.get(request.request_id)
+        if sub is None:
+            return  # the client left before the request reached the engine
+        try:
+            self.engine.add_request(request)
+        except ValueError as e:
+            sub.loop.call_soon_threadsafe(sub.out.put_nowait, e)
+
+    def _step(self) -> None:
+        for out in self.engine.step():
+            req = out.request
+            sub = self._subs.get(req.request_id)
+            if sub is None:
+                if not out.finished:
+                    self.engine.abort(req.request_id)
+                continue
+            text = sub.detok.add_tokens(out.new_token_ids, out.finished)
+            if sub.detok.stopped_on is not None and not out.finished:
+                req.stop_reason = sub.detok.stopped_on
+                self.engine.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
+            chunk = GenerationChunk(
+                text, out.new_token_ids, req.status.finish_reason, req.stop_reason,
+                req.num_prompt_tokens, max(req.num_cached_tokens, 0),
+            )
+            sub.loop.call_soon_threadsafe(sub.out.put_nowait, chunk)
