@@ -23,30 +23,44 @@ logger = logging.getLogger("tandem")
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The engine's flags, with vLLM's names."""
-    p.add_argument("--model", default=None, help="Hugging Face model folder "
-                   "(default: the prepared SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face model folder (default: the prepared SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-gpu-blocks-override", type=int, default=None,
-                   help="number of KV blocks, on any device")
-    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                   action="store_false")
+    p.add_argument(
+        "--num-gpu-blocks-override",
+        type=int,
+        default=None,
+        help="number of KV blocks, on any device",
+    )
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch intra-op threads (default: all cores)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: all cores)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(args.model, args.dtype, args.max_model_len, args.seed),
-        cache=CacheConfig(args.block_size, args.num_gpu_blocks_override,
-                          enable_prefix_caching=args.enable_prefix_caching),
-        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens,
-                                  SchedulingPolicy(args.scheduling_policy)),
+        cache=CacheConfig(
+            args.block_size,
+            args.num_gpu_blocks_override,
+            enable_prefix_caching=args.enable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            args.max_num_seqs, args.max_num_batched_tokens, SchedulingPolicy(args.scheduling_policy)
+        ),
     )
 
 
@@ -84,11 +98,18 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 def cmd_bench_offline(args: argparse.Namespace) -> int:
     from tandem.bench.offline import OfflineBenchArgs, run
 
-    run(OfflineBenchArgs(
-        model=resolve_model(args.model), num_prompts=args.num_prompts, input_len=args.input_len,
-        output_len=args.output_len, dtype=args.dtype, seed=args.seed, skip_hf=args.skip_hf,
-        json_path=args.json,
-    ))
+    run(
+        OfflineBenchArgs(
+            model=resolve_model(args.model),
+            num_prompts=args.num_prompts,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            dtype=args.dtype,
+            seed=args.seed,
+            skip_hf=args.skip_hf,
+            json_path=args.json,
+        )
+    )
     return 0
 
 
@@ -126,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     threads = getattr(args, "torch_threads", None) or os.cpu_count() or 1
     torch.set_num_threads(threads)
     try:

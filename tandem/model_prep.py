@@ -59,7 +59,12 @@ def prepare_default_model(force: bool = False, out: Path | None = None) -> Path:
     )
     # save_pretrained refuses a GGUF-quantized model: rebuild a plain config, copy weights.
     cfg = gguf_model.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
+    for key in (
+        "quantization_config",
+        "_name_or_path",
+        "_model_name_or_path",
+        "transformers_version",
+    ):
         cfg.pop(key, None)
     cfg["architectures"] = ["LlamaForCausalLM"]
     cfg["dtype"] = "float32"

@@ -22,13 +22,16 @@ def _tokenizer_for(path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=200,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     corpus = ["the quick brown fox jumps over the lazy dog", "héllo wörld ünïcode ✓ 日本語"] * 50
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
         pad_token="<|endoftext|>",
     )
     fast.chat_template = (
@@ -41,13 +44,23 @@ def _tokenizer_for(path):
 TINY_CONFIGS = {
     # GQA (6 query heads on 2 KV heads), head_dim 12: not powers of two.
     "llama": dict(
-        cls="LlamaConfig", hidden_size=72, intermediate_size=144, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, head_dim=12,
+        cls="LlamaConfig",
+        hidden_size=72,
+        intermediate_size=144,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=12,
     ),
     # Qwen2: bias on q/k/v, 3 heads on 1 KV head, untied lm_head.
     "qwen2": dict(
-        cls="Qwen2Config", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=False,
+        cls="Qwen2Config",
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
     ),
 }
 
@@ -58,8 +71,13 @@ def build_tiny_model(family: str, path) -> str:
     spec = dict(TINY_CONFIGS[family])
     config_cls = getattr(transformers, spec.pop("cls"))
     config = config_cls(
-        vocab_size=256, max_position_embeddings=512, eos_token_id=2, bos_token_id=1,
-        pad_token_id=0, initializer_range=0.5, **spec,
+        vocab_size=256,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        bos_token_id=1,
+        pad_token_id=0,
+        initializer_range=0.5,
+        **spec,
     )
     torch.manual_seed(1234)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -65,7 +65,9 @@ def decode_step_ms_batch1(llm: LLM, steps: int = 32) -> float:
     from tandem.engine.request import Request
 
     core = llm.engine
-    req = Request("bench-b1", [11, 12, 13, 14], SamplingParams(max_tokens=steps + 8, ignore_eos=True))
+    req = Request(
+        "bench-b1", [11, 12, 13, 14], SamplingParams(max_tokens=steps + 8, ignore_eos=True)
+    )
     core.add_request(req)
     core.step()  # prefill
     times = []
@@ -77,7 +79,9 @@ def decode_step_ms_batch1(llm: LLM, steps: int = 32) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def bench_hf(model_dir: str, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> float:
+def bench_hf(
+    model_dir: str, prompts: list[list[int]], output_len: int, dtype: torch.dtype
+) -> float:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
@@ -85,11 +89,13 @@ def bench_hf(model_dir: str, prompts: list[list[int]], output_len: int, dtype: t
     mask = torch.ones_like(ids)
     kw = dict(do_sample=False, pad_token_id=model.config.eos_token_id)
     with torch.inference_mode():
-        model.generate(ids[:2, :16], attention_mask=mask[:2, :16], max_new_tokens=8,
-                       min_new_tokens=8, **kw)
+        model.generate(
+            ids[:2, :16], attention_mask=mask[:2, :16], max_new_tokens=8, min_new_tokens=8, **kw
+        )
         t = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=output_len,
-                             min_new_tokens=output_len, **kw)
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len, **kw
+        )
         elapsed = time.perf_counter() - t
     produced = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     assert produced == len(prompts) * output_len, produced
@@ -97,22 +103,29 @@ def bench_hf(model_dir: str, prompts: list[list[int]], output_len: int, dtype: t
 
 
 def run(args: OfflineBenchArgs) -> dict:
-    print(f"# torch threads: {torch.get_num_threads()} (one process; engine and HF run "
-          f"one after the other on the same cores)")
+    print(
+        f"# torch threads: {torch.get_num_threads()} (one process; engine and HF run "
+        f"one after the other on the same cores)"
+    )
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(args.num_prompts, 1))
     vocab = llm.engine.runner.info.vocab_size
     prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed)
     engine_tok_s = bench_engine(llm, prompts, args.output_len)
-    print(f"engine ({llm.engine.runner.dtype}): {engine_tok_s:.1f} output tok/s "
-          f"({args.num_prompts} prompts x {args.input_len} in + {args.output_len} out)")
+    print(
+        f"engine ({llm.engine.runner.dtype}): {engine_tok_s:.1f} output tok/s "
+        f"({args.num_prompts} prompts x {args.input_len} in + {args.output_len} out)"
+    )
     step_ms = decode_step_ms_batch1(llm)
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
     bandwidth = measure_copy_bandwidth()
     bound_ms = weight_bytes / bandwidth * 1e3
-    print(f"decode step at batch 1: {step_ms:.2f} ms; bandwidth bound {bound_ms:.2f} ms "
-          f"({weight_bytes / 2**20:.0f} MiB of weights / {bandwidth / 1e9:.1f} GB/s copy)")
-    result = dict(engine_tok_s=engine_tok_s, decode_step_ms_batch1=step_ms,
-                  bandwidth_bound_ms=bound_ms)
+    print(
+        f"decode step at batch 1: {step_ms:.2f} ms; bandwidth bound {bound_ms:.2f} ms "
+        f"({weight_bytes / 2**20:.0f} MiB of weights / {bandwidth / 1e9:.1f} GB/s copy)"
+    )
+    result = dict(
+        engine_tok_s=engine_tok_s, decode_step_ms_batch1=step_ms, bandwidth_bound_ms=bound_ms
+    )
     if not args.skip_hf:
         del llm
         hf = {}

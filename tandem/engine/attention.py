@@ -108,10 +108,17 @@ def paged_attention(
             kp = k[span.start : span.end].transpose(0, 1).unsqueeze(0)  # (1, Hkv, T, D)
             vp = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
         else:
-            kp = _gather(k_cache, span.block_ids)[:, : span.ctx_len].unsqueeze(0)  # (1, Hkv, ctx, D)
+            kp = _gather(k_cache, span.block_ids)[:, : span.ctx_len].unsqueeze(
+                0
+            )  # (1, Hkv, ctx, D)
             vp = _gather(v_cache, span.block_ids)[:, : span.ctx_len].unsqueeze(0)
         op = F.scaled_dot_product_attention(
-            qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None, scale=scale,
+            qp,
+            kp,
+            vp,
+            attn_mask=span.mask,
+            is_causal=span.mask is None,
+            scale=scale,
             enable_gqa=True,
         )
         out[span.start : span.end] = op[0].transpose(0, 1)  # (T, H, D)

@@ -37,6 +37,14 @@ class EngineCore:
         info = self.runner.info
         self.max_model_len = info.max_model_len
         self.eos_token_id = self.runner.eos_token_id
+        capacity = info.num_blocks * config.cache.block_size
+        if info.max_model_len > capacity:
+            # One request at max_model_len could never run, even alone: refuse, like vLLM.
+            raise ValueError(
+                f"max_model_len ({info.max_model_len}) is larger than the KV cache holds "
+                f"({capacity} tokens in {info.num_blocks} blocks): lower --max-model-len "
+                "or give the cache more blocks"
+            )
         self.kv = KVCacheManager(
             info.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )

@@ -5,8 +5,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from tandem.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from tandem.engine.config import SchedulingPolicy
+from tandem.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SchedulingPolicy,
+)
 from tandem.engine.core import EngineCore
 from tandem.engine.request import (
     CompletionOutput,
@@ -38,10 +43,12 @@ class LLM:
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(model, dtype, max_model_len, seed),
-            cache=CacheConfig(block_size, num_gpu_blocks_override,
-                              enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens,
-                                      SchedulingPolicy(scheduling_policy)),
+            cache=CacheConfig(
+                block_size, num_gpu_blocks_override, enable_prefix_caching=enable_prefix_caching
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs, max_num_batched_tokens, SchedulingPolicy(scheduling_policy)
+            ),
         )
         self.engine = EngineCore(config)
         self.tokenizer = load_tokenizer(model)
@@ -64,8 +71,9 @@ class LLM:
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             text = prompt if isinstance(prompt, str) else None
-            req = Request(f"llm-{next(self._ids)}", ids, params,
-                          priority=priority[i] if priority else 0)
+            req = Request(
+                f"llm-{next(self._ids)}", ids, params, priority=priority[i] if priority else 0
+            )
             self.engine.add_request(req)
             order.append(req)
             texts[req.request_id] = text
@@ -86,5 +94,11 @@ class LLM:
         completion = CompletionOutput(
             0, detok.text, list(req.output_token_ids), req.status.finish_reason, req.stop_reason
         )
-        return RequestOutput(req.request_id, req.prompt_token_ids, [completion], True,
-                             max(req.num_cached_tokens, 0), prompt)
+        return RequestOutput(
+            req.request_id,
+            req.prompt_token_ids,
+            [completion],
+            True,
+            max(req.num_cached_tokens, 0),
+            prompt,
+        )

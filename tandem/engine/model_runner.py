@@ -84,14 +84,20 @@ class ModelRunner:
         shape = (a.num_kv_heads, num_blocks, self.block_size, a.head_dim)  # head-major
         # Zeroed: attention masks unused slots, and masked garbage could still be NaN.
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
             for _ in range(a.num_layers)
         ]
         self.generators: dict[str, torch.Generator] = {}
         logger.info(
             "model %s on %s in %s: %d KV blocks of %d tokens (%.2f GiB)",
-            model_config.model, self.device, self.dtype, num_blocks, self.block_size,
+            model_config.model,
+            self.device,
+            self.dtype,
+            num_blocks,
+            self.block_size,
             num_blocks * block_bytes / 2**30,
         )
 

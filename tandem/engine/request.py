@@ -65,8 +65,11 @@ class SamplingParams:
         _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", ">= 0")
         _check(self.min_tokens <= self.max_tokens, "min_tokens", "<= max_tokens")
         _check(self.seed is None or isinstance(self.seed, int), "seed", "an integer")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids", "non-negative integers")
+        _check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            "non-negative integers",
+        )
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings")
 
     @property

@@ -36,8 +36,10 @@ class SamplingTensors:
     ) -> SamplingTensors:
         greedy = [p.greedy for p in params]
         t = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
-        k = [vocab_size if g or p.top_k <= 0 else min(p.top_k, vocab_size)
-             for p, g in zip(params, greedy)]
+        k = [
+            vocab_size if g or p.top_k <= 0 else min(p.top_k, vocab_size)
+            for p, g in zip(params, greedy)
+        ]
         tp = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
         mp = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
 

@@ -32,6 +32,7 @@ class IncrementalDetokenizer:
     num_sent: int = 0  # characters of `text` already returned as deltas
     stopped_on: str | None = None
     _stream: DecodeStream = field(init=False)
+    _pending: list[int] = field(default_factory=list)  # tokens not yet whole characters
 
     def __post_init__(self) -> None:
         self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
@@ -42,15 +43,26 @@ class IncrementalDetokenizer:
         backend = self.tokenizer.backend_tokenizer
         for token_id in token_ids:
             piece = self._stream.step(backend, token_id)
-            if piece:
-                start = max(len(self.text) - max((len(s) for s in self.stop), default=0), 0)
-                self.text += piece
-                if self.stop and self._find_stop(start):
-                    return self._flush()
+            self._pending.append(token_id)
+            if piece and self._add_piece(piece):
+                return self._flush()
         if finished:
+            if self._pending:
+                # The stream ends inside a character: emit its bytes as a full decode would.
+                tail = self.tokenizer.decode(
+                    self._pending, skip_special_tokens=self.skip_special_tokens
+                )
+                self._add_piece(tail)
             return self._flush()
         hold = max((len(s) for s in self.stop), default=1) - 1
         return self._flush(max(len(self.text) - hold, self.num_sent))
+
+    def _add_piece(self, piece: str) -> bool:
+        """Append whole characters; True when a stop string now matched."""
+        self._pending.clear()
+        start = max(len(self.text) - max((len(s) for s in self.stop), default=0), 0)
+        self.text += piece
+        return bool(self.stop) and self._find_stop(start)
 
     def _find_stop(self, start: int) -> bool:
         best = None

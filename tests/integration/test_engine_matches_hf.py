@@ -10,9 +10,12 @@ from tandem.engine.request import SamplingParams
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     eos = model.generation_config.eos_token_id
     out = model.generate(
-        torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos,
-    )[0, len(prompt_ids):].tolist()
+        torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=eos,
+    )[0, len(prompt_ids) :].tolist()
     eos_ids = eos if isinstance(eos, list) else [eos]
     for i, t in enumerate(out):
         if t in eos_ids:
@@ -38,7 +41,8 @@ def tiny_prompts():
     [
         dict(),  # defaults
         dict(max_num_batched_tokens=8, block_size=4),  # chunked prefill forced small
-        dict(num_gpu_blocks_override=12, block_size=4),  # too few blocks: preemption
+        # Room for the longest request (47 + 32 tokens) alone, not for all at once.
+        dict(num_gpu_blocks_override=20, block_size=4, max_model_len=80),
     ],
     ids=["default", "chunked-8", "preemption"],
 )
@@ -66,7 +70,9 @@ def test_prefix_cache_hit_gives_same_output(tiny_model, hf_tiny):
     assert second.outputs[0].token_ids == hf_greedy(hf_tiny, shared + [10, 11], 24)
     # The same prompt again: everything but its last token comes from the cache.
     again = llm.generate([shared + [10, 11]], SamplingParams(max_tokens=24, temperature=0))[0]
-    assert again.num_cached_tokens == 40 and again.outputs[0].token_ids == second.outputs[0].token_ids
+    assert (
+        again.num_cached_tokens == 40 and again.outputs[0].token_ids == second.outputs[0].token_ids
+    )
 
 
 def test_default_model_matches_hf(default_model):
@@ -78,14 +84,22 @@ def test_default_model_matches_hf(default_model):
     texts = [
         "The capital of France is",
         "Here is a short story about a robot who learns to paint. Once upon a time,",
-        tok.apply_chat_template([{"role": "user", "content": "List three uses of copper."}],
-                                tokenize=False, add_generation_prompt=True),
+        tok.apply_chat_template(
+            [{"role": "user", "content": "List three uses of copper."}],
+            tokenize=False,
+            add_generation_prompt=True,
+        ),
     ]
     prompts = [tok.encode(t) for t in texts]
     outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0))
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 40)
         assert len(out.outputs[0].token_ids) >= 32 or out.outputs[0].finish_reason == "stop"
+
+
+def test_cache_smaller_than_max_model_len_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(tiny_llama, dtype="float32", num_gpu_blocks_override=8, block_size=4)
 
 
 def test_bad_engine_input_raises_value_error(tiny_llama):

@@ -37,3 +37,13 @@ def test_include_stop_str_in_output(tokenizer):
     detok = IncrementalDetokenizer(tokenizer, stop=("fox",), include_stop_str_in_output=True)
     detok.add_tokens(tokenizer.encode("the quick brown fox jumps"), finished=False)
     assert detok.text == "the quick brown fox"
+
+
+def test_stream_ending_inside_a_character_matches_full_decode(tokenizer):
+    ids = tokenizer.encode("caf\u00e9 \u6f22\u5b57")
+    cut = ids[:-1]  # the last character's bytes are split: decoding shows U+FFFD
+    detok = IncrementalDetokenizer(tokenizer)
+    text = "".join(detok.add_tokens([i], finished=False) for i in cut)
+    text += detok.add_tokens([], finished=True)
+    assert "\ufffd" in tokenizer.decode(cut)
+    assert text == tokenizer.decode(cut)

@@ -30,7 +30,10 @@ def test_seeded_rows_do_not_depend_on_batch_neighbours():
     alone = sample(logits[:1], _st([seeded], [torch.Generator().manual_seed(123)], 50))
     batch = sample(
         logits,
-        _st([seeded, SamplingParams(), SamplingParams(temperature=0.5)],
-            [torch.Generator().manual_seed(123), None, None], 50),
+        _st(
+            [seeded, SamplingParams(), SamplingParams(temperature=0.5)],
+            [torch.Generator().manual_seed(123), None, None],
+            50,
+        ),
     )
     assert alone.tolist()[0] == batch.tolist()[0]

@@ -17,16 +17,26 @@ class Clock:
         return self.t
 
 
-def make(num_blocks=64, block_size=4, budget=16, max_seqs=8, policy=SchedulingPolicy.FCFS,
-         max_model_len=256):
+def make(
+    num_blocks=64,
+    block_size=4,
+    budget=16,
+    max_seqs=8,
+    policy=SchedulingPolicy.FCFS,
+    max_model_len=256,
+):
     kv = KVCacheManager(num_blocks, block_size)
     cfg = SchedulerConfig(max_seqs, budget, policy)
     return Scheduler(cfg, kv, max_model_len, clock=Clock())
 
 
 def req(rid, n, max_tokens=4, priority=0):
-    return Request(rid, list(range(100, 100 + n)), SamplingParams(max_tokens=max_tokens,
-                   ignore_eos=True), priority=priority)
+    return Request(
+        rid,
+        list(range(100, 100 + n)),
+        SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        priority=priority,
+    )
 
 
 def run_step(s: Scheduler, token=7):

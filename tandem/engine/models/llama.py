@@ -177,7 +177,11 @@ class LlamaForCausalLM(nn.Module):
     def shard_sizes(self, fused: str) -> list[int]:
         a = self.args
         if fused == "qkv_proj":
-            return [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
+            return [
+                a.num_heads * a.head_dim,
+                a.num_kv_heads * a.head_dim,
+                a.num_kv_heads * a.head_dim,
+            ]
         return [a.intermediate_size, a.intermediate_size]
 
     def forward(

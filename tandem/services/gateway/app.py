@@ -24,11 +24,21 @@ logger = logging.getLogger(__name__)
 class APIError(Exception):
     """An error the client caused (or a refusal), rendered in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
-            status, message, type_, param, code
+            status,
+            message,
+            type_,
+            param,
+            code,
         )
 
 
@@ -70,10 +80,18 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             return JSONResponse({"status": "starting"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.get("/stats")
+    async def stats() -> JSONResponse:
+        return JSONResponse(client.stats())
+
     @app.get("/v1/models")
     async def models() -> ModelList:
-        card = ModelCard(id=served_model_name, created=created, root=model_path,
-                         max_model_len=client.max_model_len or None)
+        card = ModelCard(
+            id=served_model_name,
+            created=created,
+            root=model_path,
+            max_model_len=client.max_model_len or None,
+        )
         return ModelList(data=[card])
 
     @app.post("/v1/completions")
@@ -81,8 +99,13 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
         if not client.ready:
             raise APIError(503, "the engine is still starting", "ServiceUnavailableError")
         if body.model is not None and body.model != served_model_name:
-            raise APIError(404, f"The model `{body.model}` does not exist.", "NotFoundError",
-                           "model", "model_not_found")
+            raise APIError(
+                404,
+                f"The model `{body.model}` does not exist.",
+                "NotFoundError",
+                "model",
+                "model_not_found",
+            )
         if body.n != 1:
             raise APIError(400, "n must be 1", "BadRequestError", "n")
         try:
@@ -91,20 +114,31 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             raise APIError(400, str(e), "BadRequestError", _param_of(str(e))) from None
         prompts = [client.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
         for ids in prompts:
+            if not ids:
+                raise APIError(400, "prompt must not be empty", "BadRequestError", "prompt")
+            if any(not 0 <= t < client.vocab_size for t in ids):
+                raise APIError(
+                    400,
+                    f"prompt token ids must be in [0, {client.vocab_size})",
+                    "BadRequestError",
+                    "prompt",
+                )
             if len(ids) >= client.max_model_len:
                 raise APIError(
                     400,
                     f"This model's maximum context length is {client.max_model_len} tokens; "
                     f"the prompt has {len(ids)} tokens and at least one must be generated.",
-                    "BadRequestError", "prompt",
+                    "BadRequestError",
+                    "prompt",
                 )
         base_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
         streams = [
             client.generate(f"{base_id}-{i}", ids, params, body.priority)
             for i, ids in enumerate(prompts)
         ]
-        meta = dict(id=base_id, object="text_completion", created=int(time.time()),
-                    model=served_model_name)
+        meta = dict(
+            id=base_id, object="text_completion", created=int(time.time()), model=served_model_name
+        )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
@@ -121,9 +155,13 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
         except ValueError as e:
             raise APIError(400, str(e), "BadRequestError", _param_of(str(e))) from None
         choices = [
-            {"index": i, "text": "".join(texts[i]), "logprobs": None,
-             "finish_reason": last[i].finish_reason if last[i] else None,
-             "stop_reason": last[i].stop_reason if last[i] else None}
+            {
+                "index": i,
+                "text": "".join(texts[i]),
+                "logprobs": None,
+                "finish_reason": last[i].finish_reason if last[i] else None,
+                "stop_reason": last[i].stop_reason if last[i] else None,
+            }
             for i in range(len(streams))
         ]
         prompt_tokens = sum(len(p) for p in prompts)
@@ -133,12 +171,17 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 async def _stream(
-    streams: list[AsyncIterator[GenerationChunk]], prompts: list[list[int]], meta: dict,
+    streams: list[AsyncIterator[GenerationChunk]],
+    prompts: list[list[int]],
+    meta: dict,
     include_usage: bool,
 ) -> AsyncIterator[str]:
     """SSE: one event per chunk per choice, then usage (when asked), then [DONE]. Closing
@@ -147,8 +190,12 @@ async def _stream(
     try:
         async for i, chunk in _merge(streams):
             completion_tokens += len(chunk.token_ids)
-            choice = {"index": i, "text": chunk.text, "logprobs": None,
-                      "finish_reason": chunk.finish_reason}
+            choice = {
+                "index": i,
+                "text": chunk.text,
+                "logprobs": None,
+                "finish_reason": chunk.finish_reason,
+            }
             if chunk.finish_reason is not None:
                 choice["stop_reason"] = chunk.stop_reason
             yield _sse(dict(meta, choices=[choice]))
@@ -157,10 +204,15 @@ async def _stream(
             yield _sse(dict(meta, choices=[], usage=usage))
         yield "data: [DONE]\n\n"
     except ValueError as e:
-        err = {"error": {"message": str(e), "type": "BadRequestError",
-                         "param": _param_of(str(e)), "code": 400}}
+        err = {
+            "error": {
+                "message": str(e),
+                "type": "BadRequestError",
+                "param": _param_of(str(e)),
+                "code": 400,
+            }
+        }
         yield _sse(err)
-
 
 
 def _sse(obj: dict) -> str:

@@ -36,14 +36,20 @@ class EngineClient(Protocol):
     """What the gateway needs from an engine, wherever it runs."""
 
     max_model_len: int
+    vocab_size: int
 
     @property
     def ready(self) -> bool: ...
 
+    def stats(self) -> dict: ...
+
     def encode(self, prompt: str) -> list[int]: ...
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
         priority: int = 0,
     ) -> AsyncIterator[GenerationChunk]: ...
 
@@ -68,6 +74,7 @@ class InProcessEngineClient:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.max_model_len = config.model.max_model_len or 0
+        self.vocab_size = 0
         self.tokenizer = None
         self.engine = None
         self.error: BaseException | None = None
@@ -84,11 +91,28 @@ class InProcessEngineClient:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout) and self.error is None
 
+    def stats(self) -> dict:
+        """A snapshot of the engine's load (read without a lock: plain ints)."""
+        engine = self.engine
+        if engine is None:
+            return {}
+        return {
+            "num_running": len(engine.scheduler.running),
+            "num_waiting": len(engine.scheduler.waiting),
+            "num_blocks": engine.runner.info.num_blocks,
+            "num_free_blocks": engine.kv.num_free_blocks,
+            "num_preemptions": engine.scheduler.num_preemptions,
+            "num_steps": engine.num_steps,
+        }
+
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
         priority: int = 0,
     ) -> AsyncIterator[GenerationChunk]:
         from tandem.engine.tokenizer import IncrementalDetokenizer
@@ -100,7 +124,9 @@ class InProcessEngineClient:
                 f"prompt has {request.num_prompt_tokens} tokens; max_model_len is "
                 f"{self.max_model_len} and at least one token must be generated"
             )
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, params.stop, params.include_stop_str_in_output
+        )
         sub = _Sub(asyncio.get_running_loop(), asyncio.Queue(), detok)
         self._subs[request_id] = sub
         self._inbox.put(("add", request))
@@ -133,6 +159,7 @@ class InProcessEngineClient:
             self.engine = EngineCore(self.config)
             self.tokenizer = load_tokenizer(self.config.model.model)
             self.max_model_len = self.engine.max_model_len
+            self.vocab_size = self.engine.runner.info.vocab_size
         except BaseException as e:  # reported through /health and the launcher
             logger.exception("engine failed to start")
             self.error = e
@@ -179,7 +206,11 @@ class InProcessEngineClient:
                 req.stop_reason = sub.detok.stopped_on
                 self.engine.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
             chunk = GenerationChunk(
-                text, out.new_token_ids, req.status.finish_reason, req.stop_reason,
-                req.num_prompt_tokens, max(req.num_cached_tokens, 0),
+                text,
+                out.new_token_ids,
+                req.status.finish_reason,
+                req.stop_reason,
+                req.num_prompt_tokens,
+                max(req.num_cached_tokens, 0),
             )
             sub.loop.call_soon_threadsafe(sub.out.put_nowait, chunk)

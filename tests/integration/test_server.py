@@ -1,0 +1,222 @@
+"""`tandem serve` for real: a subprocess on a free port, driven with httpx and the openai client."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from tests.integration.test_engine_matches_hf import hf_greedy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "tandem.cli",
+        "serve",
+        "--model",
+        tiny_llama,
+        "--port",
+        str(port),
+        "--served-model-name",
+        "tiny-llama",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--num-gpu-blocks-override",
+        "128",
+        "--torch-threads",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    saw_503 = False
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "server did not become ready"
+            try:
+                r = httpx.get(f"{base}/health", timeout=2)
+                if r.status_code == 200:
+                    break
+                saw_503 |= r.status_code == 503
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield base, saw_503
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+    assert httpx.get(server[0] + "/health").status_code == 200
+
+
+def test_greedy_completion_matches_hf(client, hf_llama, tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompt = "hello world, this is a test"
+    r = client.completions.create(
+        model="tiny-llama",
+        prompt=prompt,
+        max_tokens=20,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    expected = hf_greedy(hf_llama, tok.encode(prompt), 20)
+    choice = r.choices[0]
+    assert r.usage.prompt_tokens == len(tok.encode(prompt))
+    assert r.usage.completion_tokens == 20 == len(expected) or choice.finish_reason == "stop"
+    assert choice.text == tok.decode(expected)
+
+
+def test_streaming_equals_non_streaming(client):
+    kwargs = dict(
+        model="tiny-llama",
+        prompt=[5, 6, 7, 8, 9],
+        max_tokens=16,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    full = client.completions.create(**kwargs)
+    stream = client.completions.create(
+        stream=True, stream_options={"include_usage": True}, **kwargs
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 16 and not chunks[-1].choices
+
+
+def test_model_may_be_omitted_and_batch_prompts(server):
+    r = httpx.post(
+        server[0] + "/v1/completions",
+        json={"prompt": ["a b", "c d e"], "max_tokens": 3, "temperature": 0},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert sorted(c["index"] for c in body["choices"]) == [0, 1]
+    assert body["model"] == "tiny-llama"
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kwargs = dict(
+        model="tiny-llama",
+        prompt="abc",
+        max_tokens=12,
+        temperature=1.0,
+        seed=7,
+        top_p=0.9,
+        extra_body={"ignore_eos": True},
+    )
+    a = client.completions.create(**kwargs).choices[0].text
+    b = client.completions.create(**kwargs).choices[0].text
+    assert a == b
+
+
+def _error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"prompt": "x", "n": "many"}, "n"),
+        ({"max_tokens": 4}, "prompt"),
+        ({"prompt": [10**9], "max_tokens": 4}, "prompt"),
+        ({"prompt": "x " * 400, "max_tokens": 4}, "prompt"),
+    ],
+)
+def test_bad_input_is_400_in_openai_shape(server, body, param):
+    _error(httpx.post(server[0] + "/v1/completions", json=body), 400, param)
+
+
+def test_unknown_model_is_404_and_bad_json_is_400(server):
+    _error(
+        httpx.post(server[0] + "/v1/completions", json={"model": "nope", "prompt": "x"}),
+        404,
+        "model",
+    )
+    r = httpx.post(
+        server[0] + "/v1/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    _error(r, 400)
+    with pytest.raises(openai.BadRequestError):
+        openai.OpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0).completions.create(
+            model="tiny-llama", prompt="x", max_tokens=-3
+        )
+
+
+def test_client_disconnect_aborts_and_server_keeps_serving(server, client):
+    base = server[0]
+    steps_before = httpx.get(base + "/stats").json()["num_steps"]
+    with httpx.stream(
+        "POST",
+        base + "/v1/completions",
+        json={"prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True},
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first chunk: the server must abort the rest
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = httpx.get(base + "/stats").json()
+        if stats["num_running"] == 0 and stats["num_waiting"] == 0:
+            break
+        time.sleep(0.1)
+    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
+    # Aborted: the engine stopped stepping long before the request's 200 tokens.
+    assert stats["num_steps"] - steps_before < 150
+    r = client.completions.create(prompt="still there?", max_tokens=4, model="tiny-llama")
+    assert r.choices[0].finish_reason in ("length", "stop")
