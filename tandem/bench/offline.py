@@ -48,6 +48,17 @@ def measure_copy_bandwidth(num_bytes: int = 256 * 2**20) -> float:
     return num_bytes / best
 
 
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: parameters plus CPU-transposed linears."""
+    from tandem.engine.models.layers import Linear
+
+    tensors = list(model.parameters())
+    tensors += [
+        m.weight_t for m in model.modules() if isinstance(m, Linear) and m.weight_t is not None
+    ]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def bench_engine(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
@@ -116,7 +127,7 @@ def run(args: OfflineBenchArgs) -> dict:
         f"({args.num_prompts} prompts x {args.input_len} in + {args.output_len} out)"
     )
     step_ms = decode_step_ms_batch1(llm)
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    weight_bytes = model_weight_bytes(llm.engine.runner.model)
     bandwidth = measure_copy_bandwidth()
     bound_ms = weight_bytes / bandwidth * 1e3
     print(

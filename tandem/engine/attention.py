@@ -32,7 +32,7 @@ class AttnMetadata:
     slot_mapping: torch.Tensor  # (T,) int64, cache slot of each batch token
     num_decodes: int = 0
     decode_block_tables: torch.Tensor | None = None  # (B, max_blocks) int64
-    decode_bias: torch.Tensor | None = None  # (B, 1, max_blocks * block_size) 0 / -inf
+    decode_bias: torch.Tensor | None = None  # (B, 1, 1, max_blocks * block_size) 0 / -inf
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -62,7 +62,7 @@ def build_attn_metadata(
         key_pos = torch.arange(max_blocks * block_size, device=device)
         meta.num_decodes = num_decodes
         meta.decode_block_tables = torch.tensor(padded, dtype=torch.int64, device=device)
-        visible = (key_pos[None, :] < lens[:, None]).view(num_decodes, 1, -1)
+        visible = (key_pos[None, :] < lens[:, None]).view(num_decodes, 1, 1, -1)
         meta.decode_bias = torch.zeros(visible.shape, device=device).masked_fill_(
             ~visible, float("-inf")
         )
@@ -85,19 +85,22 @@ def paged_attention(
     q: torch.Tensor,  # (T, H, D)
     k: torch.Tensor,  # (T, Hkv, D)
     v: torch.Tensor,  # (T, Hkv, D)
-    k_cache: torch.Tensor,  # (Hkv, num_blocks, block_size, D)
+    k_cache: torch.Tensor,  # (num_blocks, Hkv, block_size, D)
     v_cache: torch.Tensor,
     meta: AttnMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend. Returns (T, H, D).
 
-    The cache is head-major so that a gather of blocks is already (Hkv, tokens, D): the
-    layout attention reads, with no transpose copy.
+    The cache is block-major and head-major inside a block: one block of one layer is a
+    contiguous (Hkv, block_size, D) tile, so gathering a request's blocks copies whole tiles
+    (2-3x faster than gathering per head on CPU), and a block moves between workers as one
+    contiguous slice.
     """
-    num_kv_heads, _, _, head_dim = k_cache.shape
-    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    rows = _cache_rows(meta.slot_mapping, num_kv_heads, block_size)
+    k_cache.view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
+    v_cache.view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim))
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
@@ -108,10 +111,8 @@ def paged_attention(
             kp = k[span.start : span.end].transpose(0, 1).unsqueeze(0)  # (1, Hkv, T, D)
             vp = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
         else:
-            kp = _gather(k_cache, span.block_ids)[:, : span.ctx_len].unsqueeze(
-                0
-            )  # (1, Hkv, ctx, D)
-            vp = _gather(v_cache, span.block_ids)[:, : span.ctx_len].unsqueeze(0)
+            kp = _gather_context(k_cache, span.block_ids, span.ctx_len)  # (1, Hkv, ctx, D)
+            vp = _gather_context(v_cache, span.block_ids, span.ctx_len)
         op = F.scaled_dot_product_attention(
             qp,
             kp,
@@ -125,22 +126,38 @@ def paged_attention(
     return out
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """(Hkv, num_blocks, bs, D) -> (Hkv, len(block_ids) * bs, D), blocks in table order."""
-    num_kv_heads, _, _, head_dim = cache.shape
-    return cache.index_select(1, block_ids).view(num_kv_heads, -1, head_dim)
+def _cache_rows(slot_mapping: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
+    """(T,) slots -> (T * Hkv,) rows of the cache viewed as (num_blocks * Hkv * bs, D)."""
+    block, offset = slot_mapping // block_size, slot_mapping % block_size
+    heads = torch.arange(num_kv_heads, device=slot_mapping.device) * block_size
+    return ((block * (num_kv_heads * block_size) + offset)[:, None] + heads[None, :]).view(-1)
+
+
+def _gather_context(cache: torch.Tensor, block_ids: torch.Tensor, ctx_len: int) -> torch.Tensor:
+    """A request's first `ctx_len` keys (or values) as (1, Hkv, ctx_len, D)."""
+    _, num_kv_heads, _, head_dim = cache.shape
+    tiles = cache.index_select(0, block_ids)  # (n, Hkv, bs, D)
+    return tiles.transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :ctx_len].unsqueeze(0)
 
 
 def _decode_attention(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
-    """One query token per request. Plain matmuls beat SDPA's CPU kernel at this shape."""
+    """One query token per request, over the gathered block tiles, block by block.
+
+    The query heads of a KV group share their tile (no K/V repeat), and the matmuls run per
+    (request, block, kv head) on the tiles as gathered: no transpose copy of the context.
+    Plain matmuls beat SDPA's CPU kernel at this shape.
+    """
     nd, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[0]
-    tables = meta.decode_block_tables.view(-1)
-    # Fold the query heads of a KV group into the query-length axis: no K/V repeat.
-    qd = q.view(nd, num_kv_heads, -1, head_dim).transpose(0, 1)  # (Hkv, B, G, D)
-    kd = _gather(k_cache, tables).view(num_kv_heads, nd, -1, head_dim)  # (Hkv, B, L, D)
-    vd = _gather(v_cache, tables).view(num_kv_heads, nd, -1, head_dim)
-    scores = torch.matmul(qd, kd.transpose(-1, -2)).float() * scale  # (Hkv, B, G, L)
-    probs = (scores + meta.decode_bias).softmax(dim=-1).to(q.dtype)
-    out = torch.matmul(probs, vd)  # (Hkv, B, G, D)
-    return out.transpose(0, 1).reshape(nd, num_heads, head_dim)
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    tables = meta.decode_block_tables  # (B, n)
+    n = tables.shape[1]
+    kd = k_cache.index_select(0, tables.view(-1)).view(nd, n, num_kv_heads, block_size, head_dim)
+    vd = v_cache.index_select(0, tables.view(-1)).view(nd, n, num_kv_heads, block_size, head_dim)
+    group = num_heads // num_kv_heads
+    qd = q.view(nd, 1, num_kv_heads, group, head_dim).expand(nd, n, num_kv_heads, group, head_dim)
+    scores = torch.matmul(qd, kd.transpose(-1, -2))  # (B, n, Hkv, G, bs)
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(nd, num_kv_heads, group, n * block_size)
+    probs = (scores.float() * scale + meta.decode_bias).softmax(dim=-1).to(q.dtype)
+    probs = probs.view(nd, num_kv_heads, group, n, block_size).permute(0, 3, 1, 2, 4)
+    out = torch.matmul(probs, vd).sum(dim=1)  # (B, Hkv, G, D)
+    return out.reshape(nd, num_heads, head_dim)

@@ -24,23 +24,28 @@ def select_device() -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 where the device computes it natively, fp32 otherwise (fp16 on old GPUs)."""
+    """`auto`: bf16 where the device multiplies it fast, fp32 otherwise (fp16 on old GPUs).
+
+    On CPUs that means AMX: with AVX-512 BF16 alone, torch's bf16 GEMM runs at about half
+    its fp32 speed (168 vs 316 GFLOP/s at 2048^3 on a 2-core Sapphire Rapids VM without
+    AMX), while AMX makes bf16 about 5x faster than fp32.
+    """
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and _cpu_has_bf16():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if _cpu_has_amx_bf16() else torch.float32
 
 
-def _cpu_has_bf16() -> bool:
+def _cpu_has_amx_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +86,7 @@ class ModelRunner:
             self.device, self.dtype, num_blocks, max_model_len, a.vocab_size, block_bytes
         )
         self.eos_token_id = _first(hf_config.get("eos_token_id"))
-        shape = (a.num_kv_heads, num_blocks, self.block_size, a.head_dim)  # head-major
+        shape = (num_blocks, a.num_kv_heads, self.block_size, a.head_dim)  # see attention.py
         # Zeroed: attention masks unused slots, and masked garbage could still be NaN.
         self.kv_caches = [
             (
