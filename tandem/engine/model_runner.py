@@ -163,6 +163,29 @@ class ModelRunner:
             self.generators[request.request_id] = gen
         return gen
 
+    @property
+    def kv_tile_shape(self) -> tuple[int, ...]:
+        """Shape of one block's KV across the model: (layers, 2, Hkv, block_size, D)."""
+        _, num_kv_heads, block_size, head_dim = self.kv_caches[0][0].shape
+        return (len(self.kv_caches), 2, num_kv_heads, block_size, head_dim)
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Copy blocks out of the cache: (len(block_ids), layers, 2, Hkv, block_size, D)."""
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        per_layer = [
+            torch.stack((k.index_select(0, ids), v.index_select(0, ids)), 1)
+            for k, v in self.kv_caches
+        ]  # each (n, 2, Hkv, bs, D)
+        return torch.stack(per_layer, 1)
+
+    def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Copy (n, layers, 2, Hkv, block_size, D) tiles into the given blocks."""
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        kv = kv.to(device=self.device, dtype=self.dtype)
+        for layer, (k, v) in enumerate(self.kv_caches):
+            k.index_copy_(0, ids, kv[:, layer, 0])
+            v.index_copy_(0, ids, kv[:, layer, 1])
+
     def release(self, request_ids) -> None:
         """Forget per-request state of finished requests."""
         for rid in request_ids:

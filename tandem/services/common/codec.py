@@ -1,0 +1,118 @@
+"""Explicit conversions between protobuf messages and engine types. Nothing else crosses a
+process boundary: no pickle, no ad-hoc dicts."""
+
+from __future__ import annotations
+
+import torch
+
+from tandem.engine.request import Request, SamplingParams
+from tandem.v1 import common_pb2, engine_pb2
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+def sampling_params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        max_tokens=p.max_tokens,
+        min_tokens=p.min_tokens,
+        stop=list(p.stop),
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        include_stop_str_in_output=p.include_stop_str_in_output,
+    )
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+def sampling_params_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
+    """Validates like the engine does: a bad value raises ValueError naming it."""
+    return SamplingParams(
+        max_tokens=m.max_tokens,
+        temperature=m.temperature,
+        top_p=m.top_p,
+        top_k=m.top_k,
+        min_p=m.min_p,
+        seed=m.seed if m.HasField("seed") else None,
+        stop=tuple(m.stop),
+        stop_token_ids=tuple(m.stop_token_ids),
+        ignore_eos=m.ignore_eos,
+        min_tokens=m.min_tokens,
+        include_stop_str_in_output=m.include_stop_str_in_output,
+    )
+
+
+def request_to_spec(
+    req: Request, reply_subject: str = "", trace_context: dict[str, str] | None = None
+) -> common_pb2.RequestSpec:
+    spec = common_pb2.RequestSpec(
+        request_id=req.request_id,
+        prompt_token_ids=req.prompt_token_ids,
+        params=sampling_params_to_proto(req.sampling_params),
+        priority=req.priority,
+        arrival_time=req.arrival_time,
+        reply_subject=reply_subject,
+        cache_salt=req.cache_salt or "",
+        output_token_ids=req.output_token_ids,
+        trace_context=trace_context or {},
+    )
+    if req.eos_token_id is not None:
+        spec.eos_token_id = req.eos_token_id
+    return spec
+
+
+def request_from_spec(spec: common_pb2.RequestSpec) -> Request:
+    return Request(
+        request_id=spec.request_id,
+        prompt_token_ids=list(spec.prompt_token_ids),
+        sampling_params=sampling_params_from_proto(spec.params),
+        eos_token_id=spec.eos_token_id if spec.HasField("eos_token_id") else None,
+        arrival_time=spec.arrival_time,
+        priority=spec.priority,
+        cache_salt=spec.cache_salt or None,
+        output_token_ids=list(spec.output_token_ids),
+    )
+
+
+def kv_to_chunks(
+    request_id: str, kv: torch.Tensor, max_bytes: int
+) -> list[engine_pb2.KVBlockChunk]:
+    """(num_blocks, ...) KV tiles -> chunks of whole blocks, each `data` <= max_bytes.
+
+    A block that alone exceeds max_bytes is an error: the caller sizes max_bytes from the
+    server's max_payload minus headroom.
+    """
+    num_blocks = kv.shape[0]
+    if num_blocks == 0:
+        return []
+    raw = kv.contiguous().view(torch.uint8).view(num_blocks, -1)  # bytes per block, in order
+    block_bytes = raw.shape[1]
+    per_chunk = max_bytes // block_bytes
+    if per_chunk < 1:
+        raise ValueError(f"one KV block is {block_bytes} bytes, more than {max_bytes}")
+    starts = range(0, num_blocks, per_chunk)
+    dtype = _DTYPE_NAMES[kv.dtype]
+    return [
+        engine_pb2.KVBlockChunk(
+            request_id=request_id,
+            chunk_index=i,
+            num_chunks=len(starts),
+            first_block=start,
+            num_blocks=min(per_chunk, num_blocks - start),
+            dtype=dtype,
+            data=raw[start : start + per_chunk].numpy().tobytes(),
+        )
+        for i, start in enumerate(starts)
+    ]
+
+
+def kv_from_chunk(chunk: engine_pb2.KVBlockChunk, tile_shape: tuple[int, ...]) -> torch.Tensor:
+    """One chunk -> (chunk.num_blocks, *tile_shape) tensor in the chunk's dtype."""
+    dtype = _DTYPES[chunk.dtype]
+    flat = torch.frombuffer(bytearray(chunk.data), dtype=torch.uint8)
+    return flat.view(dtype).view(chunk.num_blocks, *tile_shape)
