@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.model_runner import ModelRunner
@@ -59,6 +61,32 @@ class EngineCore:
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         self.scheduler.add_request(request)
+
+    def add_prefilled_request(
+        self, request: Request, kv: torch.Tensor, num_computed_tokens: int
+    ) -> bool:
+        """Admit a request prefilled by another engine, with the KV tiles of its first
+        `num_computed_tokens` tokens ((blocks, layers, 2, Hkv, block_size, D), as
+        `hand_off` returns). False when it does not fit now; nothing changed then."""
+        if request.eos_token_id is None:
+            request.eos_token_id = self.eos_token_id
+        if kv.shape[0] != -(-num_computed_tokens // self.kv.block_size):
+            raise ValueError(f"{kv.shape[0]} KV blocks do not hold {num_computed_tokens} tokens")
+        if not self.scheduler.add_computed_request(request, num_computed_tokens):
+            return False
+        self.runner.write_blocks(self.kv.block_ids(request.request_id)[: kv.shape[0]], kv)
+        return True
+
+    def hand_off(self, request_id: str) -> tuple[Request, torch.Tensor]:
+        """Take a request that has its first token out of this engine, with the KV tiles of
+        its computed tokens. Its blocks return to the pool (kept as prefix cache)."""
+        request = self.scheduler.requests[request_id]
+        block_ids = self.kv.block_ids(request_id)
+        num_blocks = -(-request.num_computed_tokens // self.kv.block_size)
+        kv = self.runner.read_blocks(block_ids[:num_blocks])
+        self.scheduler.finish(request, RequestStatus.HANDED_OFF)
+        self.runner.release([request_id])
+        return request, kv
 
     def abort(self, request_id: str) -> None:
         if self.scheduler.abort(request_id) is not None:

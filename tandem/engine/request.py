@@ -14,6 +14,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()  # EOS, a stop token id or a stop string
     FINISHED_LENGTH = enum.auto()  # max_tokens or max_model_len
     FINISHED_ABORTED = enum.auto()
+    HANDED_OFF = enum.auto()  # prefilled here, decoded elsewhere: done on this engine
 
     @property
     def is_finished(self) -> bool:
@@ -28,6 +29,7 @@ _FINISHED = {
     RequestStatus.FINISHED_STOPPED,
     RequestStatus.FINISHED_LENGTH,
     RequestStatus.FINISHED_ABORTED,
+    RequestStatus.HANDED_OFF,
 }
 _FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",

@@ -111,6 +111,27 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.add(request)
 
+    def add_computed_request(self, request: Request, num_computed_tokens: int) -> bool:
+        """Admit a request whose first `num_computed_tokens` tokens have their KV computed
+        elsewhere (a prefill worker) straight into running. False, changing nothing, when it
+        would exceed max_num_seqs or its blocks do not fit; on True the caller writes the KV
+        into the request's blocks before the next step."""
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request_id {request.request_id!r}")
+        if not 0 < num_computed_tokens < request.num_tokens:
+            raise ValueError("num_computed_tokens must leave at least one token to compute")
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        request.num_computed_tokens = 0
+        if self.kv.allocate_slots(request, num_computed_tokens) is None:
+            return False
+        request.num_computed_tokens = num_computed_tokens
+        request.arrival_time = request.arrival_time or self.clock()
+        request.status = RequestStatus.RUNNING
+        self.requests[request.request_id] = request
+        self.running.append(request)
+        return True
+
     @property
     def has_unfinished(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0

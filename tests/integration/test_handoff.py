@@ -1,0 +1,79 @@
+"""Prefill on one engine, decode on another: the KV moves as protobuf chunks, and the output
+equals a single engine's (and so Hugging Face's) token for token."""
+
+import torch
+
+from tandem.engine.llm import LLM
+from tandem.engine.request import RequestStatus, SamplingParams
+from tandem.services.common import codec
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in (1, 7, 16, 23, 40)]
+
+
+def test_prefill_then_decode_elsewhere_matches_one_engine(tiny_model):
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    reference = LLM(
+        tiny_model, dtype="float32", num_gpu_blocks_override=128, block_size=4, max_model_len=96
+    )
+    expected = [o.outputs[0].token_ids for o in reference.generate(_prompts(), params)]
+
+    prefill = LLM(
+        tiny_model, dtype="float32", num_gpu_blocks_override=64, block_size=4, max_model_len=96
+    ).engine
+    decode = LLM(
+        tiny_model, dtype="float32", num_gpu_blocks_override=96, block_size=4, max_model_len=96
+    ).engine
+    held = decode.kv.pool.allocate(5)  # the decode pool's block ids differ from the prefill pool's
+    from tandem.engine.request import Request
+
+    for i, prompt in enumerate(_prompts()):
+        prefill.add_request(Request(f"r{i}", prompt, params))
+    handed = 0
+    while prefill.has_unfinished:
+        for out in prefill.step():
+            assert out.new_token_ids and not out.finished
+            req, kv = prefill.hand_off(out.request.request_id)
+            assert req.status is RequestStatus.HANDED_OFF
+            chunks = codec.kv_to_chunks(req.request_id, kv, max_bytes=3 * kv[0].numel() * 4)
+            wire = [type(c).FromString(c.SerializeToString()) for c in chunks]
+            tiles = torch.cat([codec.kv_from_chunk(c, prefill.runner.kv_tile_shape) for c in wire])
+            spec = codec.request_to_spec(req)
+            moved = codec.request_from_spec(type(spec).FromString(spec.SerializeToString()))
+            assert moved.output_token_ids == out.new_token_ids
+            assert decode.add_prefilled_request(moved, tiles, req.num_computed_tokens)
+            handed += 1
+    assert handed == len(expected)
+    assert prefill.kv.num_free_blocks == prefill.runner.info.num_blocks  # all back (cached)
+    got = {}
+    while decode.has_unfinished:
+        for out in decode.step():
+            got.setdefault(out.request.request_id, list(out.request.output_token_ids[:-1]))
+            got[out.request.request_id].append(out.new_token_ids[0])
+    assert [got[f"r{i}"] for i in range(len(expected))] == expected
+    assert decode.kv.num_free_blocks == decode.runner.info.num_blocks - 5
+    decode.kv.pool.free(held)
+    decode.kv.check_integrity()
+    prefill.kv.check_integrity()
+
+
+def test_prefilled_request_that_does_not_fit_changes_nothing(tiny_llama):
+    from tandem.engine.request import Request
+
+    prefill = LLM(
+        tiny_llama, dtype="float32", num_gpu_blocks_override=64, block_size=4, max_model_len=96
+    ).engine
+    decode = LLM(
+        tiny_llama, dtype="float32", num_gpu_blocks_override=24, block_size=4, max_model_len=96
+    ).engine
+    prefill.add_request(Request("big", list(range(3, 43)), SamplingParams(max_tokens=4)))
+    prefill.step()
+    req, kv = prefill.hand_off("big")
+    held = decode.kv.pool.allocate(20)  # leave 4 free blocks: 40 tokens need 10
+    assert not decode.add_prefilled_request(req, kv, req.num_computed_tokens)
+    assert decode.kv.num_free_blocks == 4 and not decode.has_unfinished
+    assert "big" not in decode.scheduler.requests
+    decode.kv.pool.free(held)
+    decode.kv.check_integrity()
