@@ -1,0 +1,105 @@
+"""The tokenizer stage over gRPC: a thin shell that decodes protobuf, calls TokenizerCore,
+and encodes. Bad input is INVALID_ARGUMENT with the core's message."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from tandem.services.tokenizer.core import TokenizerCore
+from tandem.v1 import tokenizer_pb2 as pb
+from tandem.v1 import tokenizer_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class TokenizerService(pb_grpc.TokenizerServicer):
+    def __init__(self, core: TokenizerCore) -> None:
+        self.core = core
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        ids = self.core.tokenize(request.text, request.add_special_tokens)
+        return pb.TokenizeResponse(token_ids=ids, prompt=request.text)
+
+    async def ApplyChatTemplate(self, request: pb.ChatTemplateRequest, context):
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        try:
+            text, ids = self.core.apply_chat_template(messages, request.add_generation_prompt)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.TokenizeResponse(token_ids=ids, prompt=text)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context):
+        try:
+            text = self.core.detokenize(list(request.token_ids), request.skip_special_tokens)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.DetokenizeResponse(text=text)
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+        info = pb.InfoResponse(vocab_size=self.core.vocab_size, model=self.core.model_dir)
+        if self.core.eos_token_id is not None:
+            info.eos_token_id = self.core.eos_token_id
+        return info
+
+
+async def start_server(core: TokenizerCore, address: str) -> tuple[grpc.aio.Server, int]:
+    """Serve on `address` ("127.0.0.1:0" picks a port); returns the server and its port."""
+    server = grpc.aio.server()
+    pb_grpc.add_TokenizerServicer_to_server(TokenizerService(core), server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    return server, port
+
+
+async def serve(model_dir: str, address: str) -> None:
+    """Run the stage until cancelled (the `tandem tokenizer` entry point)."""
+    server, port = await start_server(TokenizerCore(model_dir), address)
+    logger.info("tokenizer for %s on port %d", model_dir, port)
+    try:
+        await server.wait_for_termination()
+    except asyncio.CancelledError:
+        await server.stop(grace=1)
+        raise
+
+
+class TokenizerClient:
+    """The other stages' view of the tokenizer. INVALID_ARGUMENT becomes ValueError."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.TokenizerStub(self.channel)
+
+    async def _call(self, method, request):
+        try:
+            return await method(request)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(e.details()) from None
+            raise
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        req = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        return list((await self._call(self.stub.Tokenize, req)).token_ids)
+
+    async def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> tuple[str, list[int]]:
+        req = pb.ChatTemplateRequest(
+            messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+        )
+        resp = await self._call(self.stub.ApplyChatTemplate, req)
+        return resp.prompt, list(resp.token_ids)
+
+    async def detokenize(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        req = pb.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens)
+        return (await self._call(self.stub.Detokenize, req)).text
+
+    async def info(self) -> pb.InfoResponse:
+        return await self._call(self.stub.Info, pb.InfoRequest())
+
+    async def close(self) -> None:
+        await self.channel.close()
