@@ -1,0 +1,151 @@
+"""NATS with protobuf messages: the only way stages talk besides the tokenizer's gRPC.
+
+Subjects (all under `tandem.`):
+  submit                      gateway -> scheduler        SubmitRequest
+  abort                       anyone -> every stage       AbortRequest
+  heartbeat                   workers -> scheduler        Heartbeat
+  prefill.<worker>.plan       scheduler -> prefill worker StepPlan
+  scheduler.report            prefill worker -> scheduler StepReport
+  decode.<worker>.kv          prefill -> decode worker    KVBlockChunk (request/reply: acked)
+  decode.<worker>.handoff     prefill -> decode worker    KVHandoff (request/reply)
+  scheduler.preempted         decode worker -> scheduler  Preempted
+  tokens                      workers -> tokenizer        TokenBatch
+  <reply_subject>             tokenizer -> gateway        TextDelta
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import nats
+import torch
+from google.protobuf.message import Message
+
+from tandem.services.common import codec
+from tandem.v1 import engine_pb2
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+PREFIX = "tandem"
+# Room for NATS headers and protobuf framing next to a KV chunk's bytes.
+PAYLOAD_HEADROOM = 4096
+
+
+def subject(*parts: str) -> str:
+    return ".".join((PREFIX, *parts))
+
+
+class Bus:
+    """A NATS connection that sends and receives protobuf messages."""
+
+    def __init__(self, nc: nats.NATS) -> None:
+        self.nc = nc
+
+    @classmethod
+    async def connect(cls, url: str, name: str) -> Bus:
+        nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        return cls(nc)
+
+    @property
+    def max_payload(self) -> int:
+        return self.nc.max_payload
+
+    async def publish(self, subj: str, msg: Message) -> None:
+        await self.nc.publish(subj, msg.SerializeToString())
+
+    async def request(self, subj: str, msg: Message, reply_type: type[M], timeout: float) -> M:
+        reply = await self.nc.request(subj, msg.SerializeToString(), timeout=timeout)
+        return reply_type.FromString(reply.data)
+
+    async def subscribe(
+        self,
+        subj: str,
+        msg_type: type[M],
+        handler: Callable[[M, nats.aio.msg.Msg], Awaitable[None]],
+        queue: str = "",
+    ):
+        """Call `handler(message, raw)` for each message, in order. A message that does not
+        decode, or a handler that raises, is logged and dropped: the stage keeps running."""
+
+        async def on_msg(raw) -> None:
+            try:
+                msg = msg_type.FromString(raw.data)
+            except Exception:
+                logger.warning("undecodable %s on %s dropped", msg_type.__name__, raw.subject)
+                return
+            try:
+                await handler(msg, raw)
+            except Exception:
+                logger.exception("handler for %s failed", raw.subject)
+
+        # Bounded by flow control on the sending side, not by dropping: generous limits.
+        return await self.nc.subscribe(
+            subj,
+            queue=queue,
+            cb=on_msg,
+            pending_msgs_limit=65536,
+            pending_bytes_limit=1 << 30,
+        )
+
+    async def flush(self) -> None:
+        await self.nc.flush()
+
+    async def close(self) -> None:
+        await self.nc.drain()
+
+
+async def send_kv(
+    bus: Bus,
+    subj: str,
+    request_id: str,
+    kv: torch.Tensor,
+    window: int = 8,
+    timeout: float = 30.0,
+) -> int:
+    """Send a request's KV tiles as acked chunks under max_payload, at most `window` chunks
+    in flight: the receiver's pace bounds what sits in its queue, so it never becomes a slow
+    consumer. Returns the number of chunks."""
+    chunks = codec.kv_to_chunks(request_id, kv, bus.max_payload - PAYLOAD_HEADROOM)
+    in_flight = asyncio.Semaphore(window)
+
+    async def send(chunk: engine_pb2.KVBlockChunk) -> None:
+        async with in_flight:
+            await bus.nc.request(subj, chunk.SerializeToString(), timeout=timeout)
+
+    await asyncio.gather(*(send(c) for c in chunks))
+    return len(chunks)
+
+
+class KVAssembler:
+    """Receives KV chunks of many requests; a request's tiles are complete once every chunk
+    of it arrived. Pure bookkeeping: the caller acks each chunk after `add`."""
+
+    def __init__(self, tile_shape: tuple[int, ...]) -> None:
+        self.tile_shape = tile_shape
+        self._parts: dict[str, dict[int, torch.Tensor]] = {}
+        self._num_chunks: dict[str, int] = {}
+
+    def add(self, chunk: engine_pb2.KVBlockChunk) -> None:
+        tiles = codec.kv_from_chunk(chunk, self.tile_shape)
+        self._parts.setdefault(chunk.request_id, {})[chunk.first_block] = tiles
+        self._num_chunks[chunk.request_id] = chunk.num_chunks
+
+    def complete(self, request_id: str, num_chunks: int) -> bool:
+        return len(self._parts.get(request_id, ())) == num_chunks
+
+    def take(self, request_id: str) -> torch.Tensor:
+        parts = self._parts.pop(request_id)
+        self._num_chunks.pop(request_id, None)
+        return torch.cat([parts[k] for k in sorted(parts)])
+
+    def drop(self, request_id: str) -> None:
+        self._parts.pop(request_id, None)
+        self._num_chunks.pop(request_id, None)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._parts)
