@@ -105,7 +105,17 @@ class EngineCore:
 
     def step(self) -> list[StepOutput]:
         """Schedule, run the model once, and report each request that produced a token."""
-        plan = self.scheduler.schedule()
+        return self._run(self.scheduler.schedule())
+
+    def step_plan(self, plan: dict[str, int]) -> tuple[list[StepOutput], list[str]]:
+        """Run one step of a plan made elsewhere (see Scheduler.schedule_plan). Returns the
+        step's outputs and the ids of planned requests that did not fit (now dropped)."""
+        out = self.scheduler.schedule_plan(plan)
+        if out.failed_ids:
+            self.runner.release(out.failed_ids)
+        return self._run(out), out.failed_ids
+
+    def _run(self, plan) -> list[StepOutput]:
         if plan.is_empty:
             return []
         num_scheduled = [plan.num_scheduled_tokens[r.request_id] for r in plan.requests]

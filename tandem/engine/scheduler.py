@@ -26,6 +26,7 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    failed_ids: list[str] = field(default_factory=list)  # plan entries that did not fit
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -182,6 +183,39 @@ class Scheduler:
             self.running.append(request)
             self._schedule(request, num_new, out)
             budget -= num_new
+        return out
+
+    def schedule_plan(self, plan: dict[str, int]) -> SchedulerOutput:
+        """Run a plan made elsewhere (the central scheduler's, on a prefill worker):
+        `{request_id: num_tokens}` over requests already added. New requests reuse local
+        prefix-cache hits first, so they may compute fewer tokens than planned. A request
+        whose blocks do not fit is taken out (freed) and listed in `failed_ids` for the
+        planner to re-queue; nothing is preempted."""
+        out = SchedulerOutput()
+        for request_id, num_tokens in plan.items():
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue  # aborted since the plan was made
+            hits: list = []
+            if request.status is not RequestStatus.RUNNING:
+                hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+                request.num_computed_tokens = 0
+            else:
+                num_hit_tokens = request.num_computed_tokens
+            remaining = request.num_tokens - num_hit_tokens
+            num_new = min(num_tokens, remaining)
+            if num_new <= 0 or self.kv.allocate_slots(request, num_new, hits) is None:
+                self.finish(request, RequestStatus.FINISHED_ABORTED)
+                out.failed_ids.append(request_id)
+                continue
+            if request.status is not RequestStatus.RUNNING:
+                self.waiting.remove(request)
+                request.num_computed_tokens = num_hit_tokens
+                if request.num_cached_tokens < 0:
+                    request.num_cached_tokens = num_hit_tokens
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+            self._schedule(request, num_new, out)
         return out
 
     def _schedule(self, request: Request, num_new: int, out: SchedulerOutput) -> None:

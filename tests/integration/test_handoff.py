@@ -77,3 +77,57 @@ def test_prefilled_request_that_does_not_fit_changes_nothing(tiny_llama):
     assert "big" not in decode.scheduler.requests
     decode.kv.pool.free(held)
     decode.kv.check_integrity()
+
+
+def test_planned_chunked_prefill_then_decode_matches_one_engine(tiny_llama):
+    """A prefill engine driven by outside plans (8 tokens per request per step)."""
+    from tandem.engine.request import Request
+
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    kw = dict(dtype="float32", block_size=4, max_model_len=96)
+    prompts = _prompts()
+    expected = [
+        o.outputs[0].token_ids
+        for o in LLM(tiny_llama, num_gpu_blocks_override=128, **kw).generate(prompts, params)
+    ]
+    prefill = LLM(tiny_llama, num_gpu_blocks_override=64, **kw).engine
+    decode = LLM(tiny_llama, num_gpu_blocks_override=96, **kw).engine
+    remaining = {}
+    for i, prompt in enumerate(prompts):
+        prefill.add_request(Request(f"r{i}", prompt, params))
+        remaining[f"r{i}"] = len(prompt)
+    steps = 0
+    while remaining:
+        plan = {rid: min(8, left) for rid, left in remaining.items()}
+        outs, failed = prefill.step_plan(plan)
+        assert not failed
+        steps += 1
+        for rid, n in plan.items():
+            remaining[rid] -= n
+        for out in outs:
+            req, kv = prefill.hand_off(out.request.request_id)
+            assert remaining.pop(req.request_id) == 0
+            assert decode.add_prefilled_request(req, kv, req.num_computed_tokens)
+    assert steps == 5  # the 40-token prompt took five 8-token chunks
+    got = {}
+    while decode.has_unfinished:
+        for out in decode.step():
+            got[out.request.request_id] = out.request.output_token_ids
+    assert [got[f"r{i}"] for i in range(len(prompts))] == expected
+    assert prefill.kv.num_free_blocks == prefill.runner.info.num_blocks
+
+
+def test_plan_entry_that_does_not_fit_fails_and_frees(tiny_llama):
+    from tandem.engine.request import Request
+
+    prefill = LLM(
+        tiny_llama, dtype="float32", num_gpu_blocks_override=24, block_size=4, max_model_len=96
+    ).engine
+    prefill.add_request(Request("a", list(range(3, 63)), SamplingParams(max_tokens=2)))
+    prefill.add_request(Request("b", list(range(100, 160)), SamplingParams(max_tokens=2)))
+    outs, failed = prefill.step_plan({"a": 60, "b": 60})  # 15 blocks each, 24 in the pool
+    assert failed == ["b"] and [o.request.request_id for o in outs] == ["a"]
+    assert "b" not in prefill.scheduler.requests
+    prefill.hand_off("a")
+    assert prefill.kv.num_free_blocks == 24 and not prefill.has_unfinished
+    prefill.kv.check_integrity()
