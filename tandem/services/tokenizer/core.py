@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from tandem.engine.tokenizer import load_tokenizer
+from dataclasses import dataclass
+
+from tandem.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from tandem.v1 import common_pb2, engine_pb2
 
 
 class TokenizerCore:
@@ -34,3 +37,49 @@ class TokenizerCore:
         if any(not 0 <= t < self.vocab_size for t in token_ids):
             raise ValueError(f"tokens must be in [0, {self.vocab_size})")
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+@dataclass(slots=True)
+class _Stream:
+    reply_subject: str
+    detok: IncrementalDetokenizer
+
+
+class DetokenizerHub:
+    """Turns the workers' token batches into each request's text deltas (the tokenizer
+    stage's streaming half). A stop string ends the request here: the delta carries
+    finish_reason "stop", and the caller tells the scheduler to abort it everywhere."""
+
+    def __init__(self, core: TokenizerCore) -> None:
+        self.core = core
+        self.streams: dict[str, _Stream] = {}
+
+    def open(self, spec: common_pb2.RequestSpec) -> None:
+        detok = IncrementalDetokenizer(
+            self.core.tokenizer, tuple(spec.params.stop), spec.params.include_stop_str_in_output
+        )
+        self.streams[spec.request_id] = _Stream(spec.reply_subject, detok)
+
+    def close(self, request_id: str) -> None:
+        self.streams.pop(request_id, None)
+
+    def on_tokens(self, tokens: engine_pb2.RequestTokens) -> tuple[str, engine_pb2.TextDelta, bool]:
+        """(reply subject, delta, stopped_here). Unknown requests raise KeyError."""
+        stream = self.streams[tokens.request_id]
+        finished = bool(tokens.finish_reason)
+        text = stream.detok.add_tokens(list(tokens.token_ids), finished)
+        delta = engine_pb2.TextDelta(
+            request_id=tokens.request_id,
+            text=text,
+            token_ids=tokens.token_ids,
+            finish_reason=tokens.finish_reason,
+            stop_reason=tokens.stop_reason,
+            num_prompt_tokens=tokens.num_prompt_tokens,
+            num_cached_tokens=tokens.num_cached_tokens,
+        )
+        stopped_here = stream.detok.stopped_on is not None and not finished
+        if stopped_here:
+            delta.finish_reason, delta.stop_reason = "stop", stream.detok.stopped_on
+        if finished or stopped_here:
+            self.close(tokens.request_id)
+        return stream.reply_subject, delta, stopped_here

@@ -1,0 +1,53 @@
+"""Token batches become text deltas; a stop string ends the request at the tokenizer."""
+
+import pytest
+
+from tandem.services.tokenizer.core import DetokenizerHub, TokenizerCore
+from tandem.v1 import common_pb2, engine_pb2
+
+
+@pytest.fixture(scope="module")
+def core(tiny_llama):
+    return TokenizerCore(tiny_llama)
+
+
+def _spec(rid, stop=()):
+    return common_pb2.RequestSpec(
+        request_id=rid, reply_subject=f"gw.{rid}", params=common_pb2.SamplingParams(stop=stop)
+    )
+
+
+def _feed(hub, rid, ids, finish_at=None):
+    out = []
+    for i, t in enumerate(ids):
+        reason = "length" if i == finish_at else ""
+        subj, delta, stopped = hub.on_tokens(
+            engine_pb2.RequestTokens(request_id=rid, token_ids=[t], finish_reason=reason)
+        )
+        out.append((subj, delta, stopped))
+        if delta.finish_reason:
+            break
+    return out
+
+
+def test_deltas_concatenate_to_the_text(core):
+    hub = DetokenizerHub(core)
+    ids = core.tokenize("héllo 日本語 wörld", add_special_tokens=False)
+    hub.open(_spec("a"))
+    out = _feed(hub, "a", ids, finish_at=len(ids) - 1)
+    assert {s for s, _, _ in out} == {"gw.a"}
+    assert "".join(d.text for _, d, _ in out) == core.detokenize(ids)
+    assert out[-1][1].finish_reason == "length" and "a" not in hub.streams
+
+
+def test_stop_string_ends_the_request_here(core):
+    hub = DetokenizerHub(core)
+    ids = core.tokenize("one two STOP three four", add_special_tokens=False)
+    hub.open(_spec("b", stop=["STOP"]))
+    out = _feed(hub, "b", ids)
+    _, last, stopped = out[-1]
+    assert stopped and last.finish_reason == "stop" and last.stop_reason == "STOP"
+    assert "".join(d.text for _, d, _ in out) == "one two "
+    assert "b" not in hub.streams
+    with pytest.raises(KeyError):
+        hub.on_tokens(engine_pb2.RequestTokens(request_id="b", token_ids=[5]))
