@@ -1,5 +1,6 @@
 """`tandem serve` for real: a subprocess on a free port, driven with httpx and the openai client."""
 
+import json
 import os
 import socket
 import subprocess
@@ -220,3 +221,112 @@ def test_client_disconnect_aborts_and_server_keeps_serving(server, client):
     assert stats["num_steps"] - steps_before < 150
     r = client.completions.create(prompt="still there?", max_tokens=4, model="tiny-llama")
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+CHAT = [
+    {"role": "system", "content": "be brief"},
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "the quick"}, {"type": "text", "text": "fox"}],
+    },
+]
+
+
+def test_chat_greedy_equals_completion_on_templated_prompt(server):
+    base = server[0]
+    r = httpx.post(base + "/tokenize", json={"messages": CHAT})
+    assert r.status_code == 200, r.text
+    ids = r.json()["tokens"]
+    assert r.json()["count"] == len(ids) and r.json()["max_model_len"] == 256
+    sampling = {"max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    chat = httpx.post(base + "/v1/chat/completions", json={"messages": CHAT, **sampling})
+    assert chat.status_code == 200, chat.text
+    body = chat.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["model"] == "tiny-llama"
+    [choice] = body["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    assert choice["logprobs"] is None and "stop_reason" in choice
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    assert body["usage"]["completion_tokens"] == 10
+    cmpl = httpx.post(base + "/v1/completions", json={"prompt": ids, **sampling}).json()
+    assert choice["message"]["content"] == cmpl["choices"][0]["text"]
+
+
+def test_chat_stream_equals_non_stream(client):
+    kwargs = dict(
+        model="tiny-llama",
+        messages=CHAT,
+        max_completion_tokens=8,  # wins over max_tokens
+        max_tokens=2,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    full = client.chat.completions.create(**kwargs)
+    assert full.choices[0].message.content and full.usage.completion_tokens == 8
+    chunks = list(
+        client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    text = "".join(c.choices[0].delta.content or "" for c in with_choices)
+    assert text == full.choices[0].message.content
+    assert with_choices[-1].choices[0].finish_reason == "length"
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 8
+
+
+def test_chat_stream_sse_shape_without_usage(server):
+    body = {"messages": CHAT, "max_tokens": 3, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(e["choices"] for e in events)  # no usage chunk unless asked
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"messages": []}, "messages"),
+        ({}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "x " * 400}]}, "messages"),
+        ({"messages": CHAT, "max_tokens": 0}, "max_tokens"),
+        ({"messages": CHAT, "max_completion_tokens": 0, "max_tokens": 4}, "max_completion_tokens"),
+        ({"messages": CHAT, "n": 2}, "n"),
+        ({"messages": CHAT, "presence_penalty": 0.5}, "presence_penalty"),
+        ({"messages": CHAT, "top_p": 0}, "top_p"),
+    ],
+)
+def test_chat_bad_input_is_400(server, body, param):
+    _error(httpx.post(server[0] + "/v1/chat/completions", json=body), 400, param)
+
+
+def test_chat_unknown_model_is_404(server, client):
+    r = httpx.post(server[0] + "/v1/chat/completions", json={"model": "nope", "messages": CHAT})
+    _error(r, 404, "model")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=CHAT)
+
+
+def test_tokenize_detokenize_round_trip(server):
+    base = server[0]
+    text = "the quick brown fox"
+    r = httpx.post(base + "/tokenize", json={"prompt": text, "model": "tiny-llama"})
+    assert r.status_code == 200, r.text
+    tokens = r.json()["tokens"]
+    assert tokens and r.json()["count"] == len(tokens)
+    r = httpx.post(base + "/detokenize", json={"tokens": tokens})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"prompt": text}
+    _error(httpx.post(base + "/detokenize", json={"tokens": [10**9]}), 400, "tokens")
+    _error(httpx.post(base + "/detokenize", json={"tokens": [-1]}), 400, "tokens")
+    _error(httpx.post(base + "/tokenize", json={}), 400, "prompt")
+    _error(httpx.post(base + "/tokenize", json={"messages": []}), 400, "messages")
+    _error(httpx.post(base + "/tokenize", json={"prompt": "x", "model": "nope"}), 404, "model")

@@ -8,15 +8,24 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tandem.engine.request import SamplingParams
 from tandem.services.gateway.engine_client import EngineClient, GenerationChunk
-from tandem.services.gateway.protocol import CompletionRequest, ModelCard, ModelList
+from tandem.services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,43 +103,64 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
         )
         return ModelList(data=[card])
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, raw: Request):
+    def check_ready() -> None:
         if not client.ready:
             raise APIError(503, "the engine is still starting", "ServiceUnavailableError")
-        if body.model is not None and body.model != served_model_name:
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != served_model_name:
             raise APIError(
                 404,
-                f"The model `{body.model}` does not exist.",
+                f"The model `{model}` does not exist.",
                 "NotFoundError",
                 "model",
                 "model_not_found",
             )
+
+    def check_request(body: GenerateRequest) -> None:
+        check_ready()
+        check_model(body.model)
         if body.n != 1:
             raise APIError(400, "n must be 1", "BadRequestError", "n")
+
+    def sampling_params(body: GenerateRequest, default_max_tokens: int = 16) -> SamplingParams:
         try:
-            params = body.sampling_params()
+            return body.sampling_params(default_max_tokens)
         except ValueError as e:
             raise APIError(400, str(e), "BadRequestError", _param_of(str(e))) from None
+
+    def check_prompt(ids: list[int], param: str) -> None:
+        if not ids:
+            raise APIError(400, f"{param} must not be empty", "BadRequestError", param)
+        if any(not 0 <= t < client.vocab_size for t in ids):
+            raise APIError(
+                400,
+                f"{param} token ids must be in [0, {client.vocab_size})",
+                "BadRequestError",
+                param,
+            )
+        if len(ids) >= client.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {client.max_model_len} tokens; "
+                f"the prompt has {len(ids)} tokens and at least one must be generated.",
+                "BadRequestError",
+                param,
+            )
+
+    def chat_prompt(messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        try:
+            return client.apply_chat_template(messages, add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), "BadRequestError", "messages") from None
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        check_request(body)
+        params = sampling_params(body)
         prompts = [client.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
         for ids in prompts:
-            if not ids:
-                raise APIError(400, "prompt must not be empty", "BadRequestError", "prompt")
-            if any(not 0 <= t < client.vocab_size for t in ids):
-                raise APIError(
-                    400,
-                    f"prompt token ids must be in [0, {client.vocab_size})",
-                    "BadRequestError",
-                    "prompt",
-                )
-            if len(ids) >= client.max_model_len:
-                raise APIError(
-                    400,
-                    f"This model's maximum context length is {client.max_model_len} tokens; "
-                    f"the prompt has {len(ids)} tokens and at least one must be generated.",
-                    "BadRequestError",
-                    "prompt",
-                )
+            check_prompt(ids, "prompt")
         base_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
         streams = [
             client.generate(f"{base_id}-{i}", ids, params, body.priority)
@@ -140,24 +170,13 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             id=base_id, object="text_completion", created=int(time.time()), model=served_model_name
         )
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _stream(streams, prompts, meta, include_usage), media_type="text/event-stream"
-            )
-        texts: list[list[str]] = [[] for _ in streams]
-        last: list[GenerationChunk | None] = [None] * len(streams)
-        completion_tokens = 0
-        try:
-            async for i, chunk in _merge(streams):
-                texts[i].append(chunk.text)
-                completion_tokens += len(chunk.token_ids)
-                last[i] = chunk
-        except ValueError as e:
-            raise APIError(400, str(e), "BadRequestError", _param_of(str(e))) from None
+            events = _stream(streams, prompts, meta, _include_usage(body), _completion_chunk)
+            return StreamingResponse(events, media_type="text/event-stream")
+        texts, last, completion_tokens = await _collect(streams)
         choices = [
             {
                 "index": i,
-                "text": "".join(texts[i]),
+                "text": texts[i],
                 "logprobs": None,
                 "finish_reason": last[i].finish_reason if last[i] else None,
                 "stop_reason": last[i].stop_reason if last[i] else None,
@@ -167,7 +186,78 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
         prompt_tokens = sum(len(p) for p in prompts)
         return dict(meta, choices=choices, usage=_usage(prompt_tokens, completion_tokens))
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        check_request(body)
+        ids = chat_prompt(body.template_messages(), body.add_generation_prompt)
+        check_prompt(ids, "messages")
+        # Without max_tokens, the reply may fill the rest of the context.
+        params = sampling_params(body, client.max_model_len - len(ids))
+        base_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
+        streams = [client.generate(f"{base_id}-0", ids, params, body.priority)]
+        meta = dict(
+            id=base_id,
+            object="chat.completion",
+            created=int(time.time()),
+            model=served_model_name,
+        )
+        if body.stream:
+            meta["object"] = "chat.completion.chunk"
+            role = {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            events = _stream(
+                streams, [ids], meta, _include_usage(body), _chat_chunk, preamble=[role]
+            )
+            return StreamingResponse(events, media_type="text/event-stream")
+        texts, last, completion_tokens = await _collect(streams)
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": texts[0]},
+            "logprobs": None,
+            "finish_reason": last[0].finish_reason if last[0] else None,
+            "stop_reason": last[0].stop_reason if last[0] else None,
+        }
+        return dict(meta, choices=[choice], usage=_usage(len(ids), completion_tokens))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        check_ready()
+        check_model(body.model)
+        if body.messages is not None and body.prompt is not None:
+            raise APIError(
+                400, "messages must not be given with prompt", "BadRequestError", "messages"
+            )
+        if body.messages is not None:
+            messages = [m.to_template() for m in body.messages]
+            tokens = chat_prompt(messages, body.add_generation_prompt)
+        elif body.prompt is not None:
+            tokens = client.encode(body.prompt, body.add_special_tokens)
+        else:
+            raise APIError(400, "prompt must be given (or messages)", "BadRequestError", "prompt")
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": client.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_ready()
+        check_model(body.model)
+        if any(not 0 <= t < client.vocab_size for t in body.tokens):
+            raise APIError(
+                400,
+                f"tokens must be in [0, {client.vocab_size})",
+                "BadRequestError",
+                "tokens",
+            )
+        return {"prompt": client.decode(body.tokens)}
+
     return app
+
+
+def _include_usage(body: GenerateRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -178,27 +268,70 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+def _completion_chunk(i: int, chunk: GenerationChunk) -> dict:
+    choice = {
+        "index": i,
+        "text": chunk.text,
+        "logprobs": None,
+        "finish_reason": chunk.finish_reason,
+    }
+    if chunk.finish_reason is not None:
+        choice["stop_reason"] = chunk.stop_reason
+    return choice
+
+
+def _chat_chunk(i: int, chunk: GenerationChunk) -> dict | None:
+    if not chunk.text and chunk.finish_reason is None:
+        return None  # nothing to say yet (text held back): no empty delta
+    choice = {
+        "index": i,
+        "delta": {"content": chunk.text} if chunk.text else {},
+        "logprobs": None,
+        "finish_reason": chunk.finish_reason,
+    }
+    if chunk.finish_reason is not None:
+        choice["stop_reason"] = chunk.stop_reason
+    return choice
+
+
+async def _collect(
+    streams: list[AsyncIterator[GenerationChunk]],
+) -> tuple[list[str], list[GenerationChunk | None], int]:
+    """Run requests to the end: each one's text, each one's last chunk, and the number of
+    tokens generated in all."""
+    texts: list[list[str]] = [[] for _ in streams]
+    last: list[GenerationChunk | None] = [None] * len(streams)
+    completion_tokens = 0
+    try:
+        async for i, chunk in _merge(streams):
+            texts[i].append(chunk.text)
+            completion_tokens += len(chunk.token_ids)
+            last[i] = chunk
+    except ValueError as e:
+        raise APIError(400, str(e), "BadRequestError", _param_of(str(e))) from None
+    return ["".join(t) for t in texts], last, completion_tokens
+
+
 async def _stream(
     streams: list[AsyncIterator[GenerationChunk]],
     prompts: list[list[int]],
     meta: dict,
     include_usage: bool,
+    format_choice: Callable[[int, GenerationChunk], dict | None],
+    preamble: Sequence[dict] = (),
 ) -> AsyncIterator[str]:
-    """SSE: one event per chunk per choice, then usage (when asked), then [DONE]. Closing
-    the response (client gone) aborts whatever is still running."""
+    """SSE: the preamble's choices, then one event per chunk per choice (as format_choice
+    renders it; None skips the chunk), then usage (when asked), then [DONE]. Closing the
+    response (client gone) aborts whatever is still running."""
     completion_tokens = 0
     try:
+        for choice in preamble:
+            yield _sse(dict(meta, choices=[choice]))
         async for i, chunk in _merge(streams):
             completion_tokens += len(chunk.token_ids)
-            choice = {
-                "index": i,
-                "text": chunk.text,
-                "logprobs": None,
-                "finish_reason": chunk.finish_reason,
-            }
-            if chunk.finish_reason is not None:
-                choice["stop_reason"] = chunk.stop_reason
-            yield _sse(dict(meta, choices=[choice]))
+            choice = format_choice(i, chunk)
+            if choice is not None:
+                yield _sse(dict(meta, choices=[choice]))
         if include_usage:
             usage = _usage(sum(len(p) for p in prompts), completion_tokens)
             yield _sse(dict(meta, choices=[], usage=usage))

@@ -43,7 +43,16 @@ class EngineClient(Protocol):
 
     def stats(self) -> dict: ...
 
-    def encode(self, prompt: str) -> list[int]: ...
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """The prompt token ids of chat messages. ValueError ("messages must ...") when they
+        cannot be rendered."""
+        ...
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
     def generate(
         self,
@@ -105,8 +114,32 @@ class InProcessEngineClient:
             "num_steps": engine.num_steps,
         }
 
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt)
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Render with the tokenizer's chat template, then encode the text without adding
+        special tokens (the template places its own), as vLLM does."""
+        from jinja2 import TemplateError
+
+        if not messages:
+            raise ValueError("messages must not be empty")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                "messages must not be given: the model's tokenizer has no chat template"
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except (TemplateError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"messages must fit the model's chat template: {e}") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     async def generate(
         self,
