@@ -127,24 +127,20 @@ class KVAssembler:
     def __init__(self, tile_shape: tuple[int, ...]) -> None:
         self.tile_shape = tile_shape
         self._parts: dict[str, dict[int, torch.Tensor]] = {}
-        self._num_chunks: dict[str, int] = {}
 
     def add(self, chunk: engine_pb2.KVBlockChunk) -> None:
         tiles = codec.kv_from_chunk(chunk, self.tile_shape)
         self._parts.setdefault(chunk.request_id, {})[chunk.first_block] = tiles
-        self._num_chunks[chunk.request_id] = chunk.num_chunks
 
     def complete(self, request_id: str, num_chunks: int) -> bool:
         return len(self._parts.get(request_id, ())) == num_chunks
 
     def take(self, request_id: str) -> torch.Tensor:
         parts = self._parts.pop(request_id)
-        self._num_chunks.pop(request_id, None)
         return torch.cat([parts[k] for k in sorted(parts)])
 
     def drop(self, request_id: str) -> None:
         self._parts.pop(request_id, None)
-        self._num_chunks.pop(request_id, None)
 
     @property
     def num_pending(self) -> int:
