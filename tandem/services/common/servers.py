@@ -102,45 +102,32 @@ class LocalServer:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
+def _launch(
+    name: str, cmd: list[str], port: int, url: str, scratch: Path, timeout: float
+) -> LocalServer:
+    """Start `cmd` and wait until it listens on `port`; on failure leave nothing behind."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = LocalServer(name, url, proc, scratch)
+    try:
+        _wait_for_port(proc, port, name, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def start_nats(port: int | None = None, timeout: float = 15.0) -> LocalServer:
     """nats-server on loopback with JetStream, its store in a temporary directory."""
     port = _claim(port, "nats-server")
     store = Path(tempfile.mkdtemp(prefix="tandem-nats-"))
     cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    server = LocalServer("nats-server", f"nats://127.0.0.1:{port}", proc, store)
-    try:
-        _wait_for_port(proc, port, "nats-server", timeout)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return _launch("nats-server", cmd, port, f"nats://127.0.0.1:{port}", store, timeout)
 
 
 def start_redis(port: int | None = None, timeout: float = 15.0) -> LocalServer:
     """redis-server on loopback, no persistence, its working directory temporary."""
     port = _claim(port, "redis-server")
     scratch = Path(tempfile.mkdtemp(prefix="tandem-redis-"))
-    cmd = [
-        redis_server_binary(),
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(scratch),
-        "--protected-mode",
-        "yes",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    server = LocalServer("redis-server", f"redis://127.0.0.1:{port}/0", proc, scratch)
-    try:
-        _wait_for_port(proc, port, "redis-server", timeout)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    cmd = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+           "--appendonly", "no", "--dir", str(scratch), "--protected-mode", "yes"]  # fmt: skip
+    return _launch("redis-server", cmd, port, f"redis://127.0.0.1:{port}/0", scratch, timeout)
