@@ -92,6 +92,12 @@ class Bus:
         )
 
     async def flush(self) -> None:
+        """Return once the server has processed everything sent so far (subscriptions too).
+
+        nats-py writes the flush PING straight to the socket while SUB and PUB commands wait
+        in its pending buffer for the flusher task, so a bare `nc.flush()` can be answered
+        before a subscription is registered. Push the pending buffer out first."""
+        await self.nc._flush_pending(force_flush=True)
         await self.nc.flush()
 
     async def close(self) -> None:

@@ -64,11 +64,13 @@ def _claim(port: int | None, name: str) -> int:
     return port
 
 
-def _wait_for_port(proc: subprocess.Popen, port: int, name: str, timeout: float) -> None:
+def _wait_for_port(
+    proc: subprocess.Popen, port: int, log_path: Path, name: str, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            out = log_path.read_text(errors="replace")
             raise RuntimeError(f"{name} exited with {proc.returncode}: {out[-2000:]}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
@@ -106,10 +108,13 @@ def _launch(
     name: str, cmd: list[str], port: int, url: str, scratch: Path, timeout: float
 ) -> LocalServer:
     """Start `cmd` and wait until it listens on `port`; on failure leave nothing behind."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Its log goes to a file: a pipe nobody reads would fill and stall the server.
+    log_path = scratch / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     server = LocalServer(name, url, proc, scratch)
     try:
-        _wait_for_port(proc, port, name, timeout)
+        _wait_for_port(proc, port, log_path, name, timeout)
     except BaseException:
         server.stop()
         raise
