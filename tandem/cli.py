@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -39,6 +40,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="number of KV blocks, on any device",
     )
+    p.add_argument(
+        "--cpu-kv-cache-space",
+        type=float,
+        default=None,
+        help="GiB of memory for the KV cache on the CPU (default 4; `tandem serve` splits that "
+        "among its workers)",
+    )
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     p.add_argument("--seed", type=int, default=0)
@@ -56,6 +64,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(
             args.block_size,
             args.num_gpu_blocks_override,
+            **(
+                {"cpu_kv_cache_space_gib": args.cpu_kv_cache_space}
+                if args.cpu_kv_cache_space
+                else {}
+            ),
             enable_prefix_caching=args.enable_prefix_caching,
         ),
         scheduler=SchedulerConfig(
@@ -73,18 +86,60 @@ def resolve_model(path: str | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    args.model = resolve_model(args.model)
+    if not args.colocated:
+        from tandem.services.launcher import serve_cluster
+
+        return serve_cluster(args)
+    from tandem.services.gateway.engine_client import InProcessEngineClient
+
+    return _run_gateway(args, InProcessEngineClient(engine_config(args)))
+
+
+def _run_gateway(args: argparse.Namespace, client) -> int:
     import uvicorn
 
     from tandem.services.gateway.app import build_app
-    from tandem.services.gateway.engine_client import InProcessEngineClient
 
-    args.model = resolve_model(args.model)
-    config = engine_config(args)
     name = args.served_model_name or Path(args.model.rstrip("/")).name
-    client = InProcessEngineClient(config)
     app = build_app(client, name, args.model)
     logger.info("serving %s as %r on http://%s:%d", args.model, name, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from tandem.services.gateway.cluster_client import ClusterEngineClient
+
+    args.model = resolve_model(args.model)
+    return _run_gateway(args, ClusterEngineClient(args.nats_url, args.tokenizer_url))
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from tandem.services.tokenizer.service import serve
+
+    asyncio.run(serve(resolve_model(args.model), f"{args.host}:{args.port}", args.nats_url))
+    return 0
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from tandem.services.scheduler.service import serve
+
+    policy = SchedulingPolicy(args.scheduling_policy)
+    asyncio.run(serve(args.nats_url, policy, args.worker_timeout))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from tandem.services.common.worker import worker_id_for
+
+    args.model = resolve_model(args.model)
+    if args.command == "prefill":
+        from tandem.services.prefill.service import serve
+    else:
+        from tandem.services.decode.service import serve
+    worker_id = worker_id_for(args.command, args.worker_id)
+    asyncio.run(serve(engine_config(args), args.nats_url, worker_id))
     return 0
 
 
@@ -123,7 +178,45 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=os.environ.get("TANDEM_HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(os.environ.get("TANDEM_PORT", "8000")))
     serve.add_argument("--uvicorn-log-level", default="warning")
+    serve.add_argument(
+        "--colocated",
+        action="store_true",
+        help="one process: the gateway with the engine in it (no NATS, no Redis)",
+    )
+    serve.add_argument("--prefill-workers", type=int, default=1)
+    serve.add_argument("--decode-workers", type=int, default=1)
     serve.set_defaults(func=cmd_serve)
+
+    nats_url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+    gateway = sub.add_parser("gateway", help="the REST gateway of a cluster")
+    gateway.add_argument("--model", default=None, help="the model folder (its name is served)")
+    gateway.add_argument("--served-model-name", default=None)
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument("--nats-url", default=nats_url)
+    gateway.add_argument("--tokenizer-url", default="127.0.0.1:50051", help="host:port (gRPC)")
+    gateway.add_argument("--uvicorn-log-level", default="warning")
+    gateway.set_defaults(func=cmd_gateway)
+
+    tok = sub.add_parser("tokenizer", help="the tokenizer stage (gRPC, and the text stream)")
+    tok.add_argument("--model", default=None)
+    tok.add_argument("--host", default="127.0.0.1")
+    tok.add_argument("--port", type=int, default=50051)
+    tok.add_argument("--nats-url", default=nats_url)
+    tok.set_defaults(func=cmd_tokenizer)
+
+    sched = sub.add_parser("scheduler", help="the central scheduler")
+    sched.add_argument("--nats-url", default=nats_url)
+    sched.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    sched.add_argument("--worker-timeout", type=float, default=5.0, help="seconds")
+    sched.set_defaults(func=cmd_scheduler)
+
+    for role in ("prefill", "decode"):
+        worker = sub.add_parser(role, help=f"a {role} worker")
+        add_engine_args(worker)
+        worker.add_argument("--nats-url", default=nats_url)
+        worker.add_argument("--worker-id", default=None)
+        worker.set_defaults(func=cmd_worker)
 
     model = sub.add_parser("model", help="model files").add_subparsers(dest="action", required=True)
     prep = model.add_parser("prepare", help="convert the packaged default model once")

@@ -88,6 +88,13 @@ class EngineCore:
         self.runner.release([request_id])
         return request, kv
 
+    def take_preempted(self) -> list[Request]:
+        """Preempted requests leave this engine (see Scheduler.take_preempted)."""
+        taken = self.scheduler.take_preempted()
+        if taken:
+            self.runner.release([r.request_id for r in taken])
+        return taken
+
     def abort(self, request_id: str) -> None:
         if self.scheduler.abort(request_id) is not None:
             self.runner.release([request_id])

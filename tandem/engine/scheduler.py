@@ -242,6 +242,15 @@ class Scheduler:
         out.preempted_ids.append(request.request_id)
         self.waiting.add(request, front=True)
 
+    def take_preempted(self) -> list[Request]:
+        """Remove the preempted requests (their blocks are already free) and return them: a
+        decode worker sends them back to the central scheduler instead of recomputing here."""
+        taken = [r for r in self.waiting if r.status is RequestStatus.PREEMPTED]
+        for request in taken:
+            self.waiting.remove(request)
+            del self.requests[request.request_id]
+        return taken
+
     def update_from_output(
         self, out: SchedulerOutput, sampled_token_ids: Iterable[int | None]
     ) -> list[Request]:

@@ -32,7 +32,7 @@ class AbortRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "block_size", "max_num_seqs", "timestamp", "num_steps")
+    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "block_size", "max_num_seqs", "timestamp", "num_steps", "max_model_len", "max_num_batched_tokens", "received_request_ids")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,9 @@ class Heartbeat(_message.Message):
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     num_blocks: int
@@ -53,7 +56,10 @@ class Heartbeat(_message.Message):
     max_num_seqs: int
     timestamp: float
     num_steps: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., timestamp: _Optional[float] = ..., num_steps: _Optional[int] = ...) -> None: ...
+    max_model_len: int
+    max_num_batched_tokens: int
+    received_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., timestamp: _Optional[float] = ..., num_steps: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., received_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScheduledChunk(_message.Message):
     __slots__ = ("request_id", "num_tokens", "request", "decode_worker_id")
@@ -78,18 +84,20 @@ class StepPlan(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., step_id: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[ScheduledChunk, _Mapping]]] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("worker_id", "step_id", "prefilled_request_ids", "failed_request_ids", "heartbeat")
+    __slots__ = ("worker_id", "step_id", "prefilled_request_ids", "failed_request_ids", "heartbeat", "finished_request_ids")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILLED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     FAILED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step_id: int
     prefilled_request_ids: _containers.RepeatedScalarFieldContainer[str]
     failed_request_ids: _containers.RepeatedScalarFieldContainer[str]
     heartbeat: Heartbeat
-    def __init__(self, worker_id: _Optional[str] = ..., step_id: _Optional[int] = ..., prefilled_request_ids: _Optional[_Iterable[str]] = ..., failed_request_ids: _Optional[_Iterable[str]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    finished_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., step_id: _Optional[int] = ..., prefilled_request_ids: _Optional[_Iterable[str]] = ..., failed_request_ids: _Optional[_Iterable[str]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KVBlockChunk(_message.Message):
     __slots__ = ("request_id", "chunk_index", "num_chunks", "first_block", "num_blocks", "dtype", "data")
@@ -122,6 +130,14 @@ class KVHandoff(_message.Message):
     num_cached_tokens: int
     prefill_worker_id: str
     def __init__(self, request: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ...) -> None: ...
+
+class KVHandoffAck(_message.Message):
+    __slots__ = ("accepted", "error")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    error: str
+    def __init__(self, accepted: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Preempted(_message.Message):
     __slots__ = ("request", "worker_id")

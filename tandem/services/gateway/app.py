@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
 import re
@@ -62,7 +64,16 @@ def _param_of(message: str) -> str | None:
 
 
 def build_app(client: EngineClient, served_model_name: str, model_path: str) -> FastAPI:
-    app = FastAPI(title="Tandem", version="0.1.0")
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        starter = asyncio.create_task(_start_client(client))
+        try:
+            yield
+        finally:
+            starter.cancel()
+            await client.shutdown()
+
+    app = FastAPI(title="Tandem", version="0.1.0", lifespan=lifespan)
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -148,9 +159,9 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
                 param,
             )
 
-    def chat_prompt(messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    async def chat_prompt(messages: list[dict], add_generation_prompt: bool) -> list[int]:
         try:
-            return client.apply_chat_template(messages, add_generation_prompt)
+            return await client.apply_chat_template(messages, add_generation_prompt)
         except ValueError as e:
             raise APIError(400, str(e), "BadRequestError", "messages") from None
 
@@ -158,7 +169,9 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
     async def completions(body: CompletionRequest):
         check_request(body)
         params = sampling_params(body)
-        prompts = [client.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
+        prompts = [
+            await client.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()
+        ]
         for ids in prompts:
             check_prompt(ids, "prompt")
         base_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
@@ -189,7 +202,7 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         check_request(body)
-        ids = chat_prompt(body.template_messages(), body.add_generation_prompt)
+        ids = await chat_prompt(body.template_messages(), body.add_generation_prompt)
         check_prompt(ids, "messages")
         # Without max_tokens, the reply may fill the rest of the context.
         params = sampling_params(body, client.max_model_len - len(ids))
@@ -233,9 +246,9 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             )
         if body.messages is not None:
             messages = [m.to_template() for m in body.messages]
-            tokens = chat_prompt(messages, body.add_generation_prompt)
+            tokens = await chat_prompt(messages, body.add_generation_prompt)
         elif body.prompt is not None:
-            tokens = client.encode(body.prompt, body.add_special_tokens)
+            tokens = await client.encode(body.prompt, body.add_special_tokens)
         else:
             raise APIError(400, "prompt must be given (or messages)", "BadRequestError", "prompt")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": client.max_model_len}
@@ -251,9 +264,21 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
                 "BadRequestError",
                 "tokens",
             )
-        return {"prompt": client.decode(body.tokens)}
+        return {"prompt": await client.decode(body.tokens)}
 
     return app
+
+
+async def _start_client(client: EngineClient) -> None:
+    """Connect the client to its engine, retrying while the other stages come up."""
+    for attempt in itertools.count():
+        try:
+            await client.start()
+            return
+        except Exception as e:  # not up yet: /health answers 503 meanwhile
+            log = logger.info if attempt % 20 == 0 else logger.debug
+            log("engine client not connected yet (%s); retrying", e)
+            await asyncio.sleep(0.5)
 
 
 def _include_usage(body: GenerateRequest) -> bool:
@@ -309,6 +334,8 @@ async def _collect(
             last[i] = chunk
     except ValueError as e:
         raise APIError(400, str(e), "BadRequestError", _param_of(str(e))) from None
+    except RuntimeError as e:  # the engine side failed the request; the server goes on
+        raise APIError(503, str(e), "ServiceUnavailableError") from None
     return ["".join(t) for t in texts], last, completion_tokens
 
 
@@ -336,13 +363,14 @@ async def _stream(
             usage = _usage(sum(len(p) for p in prompts), completion_tokens)
             yield _sse(dict(meta, choices=[], usage=usage))
         yield "data: [DONE]\n\n"
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
+        bad_input = isinstance(e, ValueError)
         err = {
             "error": {
                 "message": str(e),
-                "type": "BadRequestError",
-                "param": _param_of(str(e)),
-                "code": 400,
+                "type": "BadRequestError" if bad_input else "ServiceUnavailableError",
+                "param": _param_of(str(e)) if bad_input else None,
+                "code": 400 if bad_input else 503,
             }
         }
         yield _sse(err)

@@ -43,16 +43,20 @@ class EngineClient(Protocol):
 
     def stats(self) -> dict: ...
 
-    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]: ...
+    async def start(self) -> None:
+        """Connect to the engine (called once at start-up, retried until it succeeds)."""
+        ...
 
-    def apply_chat_template(
+    async def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    async def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True
     ) -> list[int]:
         """The prompt token ids of chat messages. ValueError ("messages must ...") when they
         cannot be rendered."""
         ...
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
+    async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
     def generate(
         self,
@@ -114,10 +118,13 @@ class InProcessEngineClient:
             "num_steps": engine.num_steps,
         }
 
-    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+    async def start(self) -> None:
+        """The engine loads on its own thread from construction on: nothing to connect."""
+
+    async def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
 
-    def apply_chat_template(
+    async def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True
     ) -> list[int]:
         """Render with the tokenizer's chat template, then encode the text without adding
@@ -138,7 +145,7 @@ class InProcessEngineClient:
             raise ValueError(f"messages must fit the model's chat template: {e}") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+    async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     async def generate(

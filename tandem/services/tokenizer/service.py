@@ -3,7 +3,6 @@ and encodes. Bad input is INVALID_ARGUMENT with the core's message."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -54,15 +53,26 @@ async def start_server(core: TokenizerCore, address: str) -> tuple[grpc.aio.Serv
     return server, port
 
 
-async def serve(model_dir: str, address: str) -> None:
-    """Run the stage until cancelled (the `tandem tokenizer` entry point)."""
-    server, port = await start_server(TokenizerCore(model_dir), address)
+async def serve(model_dir: str, address: str, nats_url: str | None = None) -> None:
+    """Run the stage until cancelled (the `tandem tokenizer` entry point): gRPC on
+    `address`, and with `nats_url` the detokenizing stream relay too."""
+    from tandem.services.common.bus import Bus
+    from tandem.services.tokenizer.core import DetokenizerHub
+    from tandem.services.tokenizer.stream import StreamRelay
+
+    core = TokenizerCore(model_dir)
+    bus = None
+    if nats_url:
+        bus = await Bus.connect(nats_url, "tokenizer")
+        await StreamRelay(bus, DetokenizerHub(core)).start()
+    server, port = await start_server(core, address)
     logger.info("tokenizer for %s on port %d", model_dir, port)
     try:
         await server.wait_for_termination()
-    except asyncio.CancelledError:
+    finally:
         await server.stop(grace=1)
-        raise
+        if bus is not None:
+            await bus.close()
 
 
 class TokenizerClient:

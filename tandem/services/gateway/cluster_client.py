@@ -1,0 +1,157 @@
+"""The gateway's engine client for the disaggregated cluster: prompts through the tokenizer
+stage (gRPC), requests to the scheduler and text deltas back over NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from tandem.engine.request import Request, SamplingParams
+from tandem.services.common import codec
+from tandem.services.common.bus import Bus, subject
+from tandem.services.gateway.engine_client import GenerationChunk
+from tandem.services.tokenizer.service import TokenizerClient
+from tandem.v1 import engine_pb2
+
+logger = logging.getLogger(__name__)
+WORKER_TIMEOUT = 5.0  # a worker whose heartbeats stopped this long ago no longer counts
+
+
+class ClusterEngineClient:
+    """EngineClient over the stages. Ready once the tokenizer answers and at least one
+    prefill and one decode worker heartbeat."""
+
+    def __init__(self, nats_url: str, tokenizer_target: str) -> None:
+        self.nats_url = nats_url
+        self.tokenizer_target = tokenizer_target
+        self.tokenizer: TokenizerClient | None = None
+        self.gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
+        self.reply_subject = subject("gateway", self.gateway_id, "deltas")
+        self.vocab_size = 0
+        self.workers: dict[str, engine_pb2.Heartbeat] = {}
+        self.seen: dict[str, float] = {}
+        self._streams: dict[str, asyncio.Queue] = {}
+        self.bus: Bus | None = None
+
+    async def start(self) -> None:
+        """Connect; retried by the caller while the stages start."""
+        if self.tokenizer is None:  # its channel belongs to the running loop
+            self.tokenizer = TokenizerClient(self.tokenizer_target)
+        info = await self.tokenizer.info()
+        self.vocab_size = info.vocab_size
+        self.bus = await Bus.connect(self.nats_url, self.gateway_id)
+        await self.bus.subscribe(self.reply_subject, engine_pb2.TextDelta, self._on_delta)
+        await self.bus.subscribe(subject("heartbeat"), engine_pb2.Heartbeat, self._on_heartbeat)
+        await self.bus.subscribe(subject("scheduler", "report"), engine_pb2.StepReport, self._rep)
+        await self.bus.flush()
+
+    async def _on_heartbeat(self, hb: engine_pb2.Heartbeat, raw) -> None:
+        self.workers[hb.worker_id] = hb
+        self.seen[hb.worker_id] = time.monotonic()
+
+    async def _rep(self, report: engine_pb2.StepReport, raw) -> None:
+        if report.HasField("heartbeat"):
+            await self._on_heartbeat(report.heartbeat, raw)
+
+    def _live(self) -> list[engine_pb2.Heartbeat]:
+        now = time.monotonic()
+        return [hb for wid, hb in self.workers.items() if now - self.seen[wid] < WORKER_TIMEOUT]
+
+    @property
+    def max_model_len(self) -> int:
+        lens = [hb.max_model_len for hb in self._live()]
+        return min(lens) if lens else 0
+
+    @property
+    def ready(self) -> bool:
+        roles = {hb.role for hb in self._live()}
+        return (
+            self.bus is not None
+            and self.vocab_size > 0
+            and {engine_pb2.WORKER_ROLE_PREFILL, engine_pb2.WORKER_ROLE_DECODE} <= roles
+        )
+
+    def stats(self) -> dict:
+        """Each live worker's load, from its heartbeats."""
+        role_names = {
+            engine_pb2.WORKER_ROLE_PREFILL: "prefill",
+            engine_pb2.WORKER_ROLE_DECODE: "decode",
+        }
+        return {
+            "workers": {
+                hb.worker_id: {
+                    "role": role_names.get(hb.role, "unknown"),
+                    "num_blocks": hb.num_blocks,
+                    "num_free_blocks": hb.num_free_blocks,
+                    "num_running": hb.num_running,
+                    "num_waiting": hb.num_waiting,
+                    "num_steps": hb.num_steps,
+                }
+                for hb in self._live()
+            }
+        }
+
+    async def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return await self.tokenizer.tokenize(prompt, add_special_tokens)
+
+    async def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True
+    ) -> list[int]:
+        _, ids = await self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        return ids
+
+    async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return await self.tokenizer.detokenize(token_ids, skip_special_tokens)
+
+    async def _on_delta(self, delta: engine_pb2.TextDelta, raw) -> None:
+        queue = self._streams.get(delta.request_id)
+        if queue is not None:
+            queue.put_nowait(delta)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> AsyncIterator[GenerationChunk]:
+        request = Request(request_id, prompt_token_ids, params, priority=priority)
+        request.arrival_time = time.time()
+        spec = codec.request_to_spec(request, reply_subject=self.reply_subject)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        finished = False
+        try:
+            await self.bus.publish(subject("submit"), engine_pb2.SubmitRequest(request=spec))
+            while not finished:
+                delta: engine_pb2.TextDelta = await queue.get()
+                if delta.error:
+                    if delta.error_code == 400:
+                        raise ValueError(delta.error)
+                    raise RuntimeError(delta.error)
+                finished = bool(delta.finish_reason)
+                yield GenerationChunk(
+                    delta.text,
+                    list(delta.token_ids),
+                    delta.finish_reason or None,
+                    delta.stop_reason or None,
+                    delta.num_prompt_tokens,
+                    delta.num_cached_tokens,
+                )
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        msg = engine_pb2.AbortRequest(request_id=request_id, reason="client")
+        await self.bus.publish(subject("abort"), msg)
+
+    async def shutdown(self) -> None:
+        if self.bus is not None:
+            await self.bus.close()
+        if self.tokenizer is not None:
+            await self.tokenizer.close()

@@ -1,0 +1,184 @@
+"""`tandem serve`: the whole cluster on one machine. Starts NATS and Redis (unless NATS_URL /
+REDIS_URL name existing ones), then the tokenizer, the scheduler, the prefill and decode
+workers and the gateway, each as its own process; waits until the gateway is healthy; and on
+Ctrl-C or SIGTERM stops everything it started."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from tandem.services.common.servers import LocalServer, free_port, start_nats, start_redis
+
+logger = logging.getLogger(__name__)
+DEFAULT_KV_SPACE_GIB = 4.0  # shared by all workers unless --cpu-kv-cache-space is given
+
+
+@dataclass(slots=True)
+class Stage:
+    name: str
+    argv: list[str]
+    cores: list[int] = field(default_factory=list)  # empty: not pinned
+    proc: subprocess.Popen | None = None
+
+
+def place_workers(cores: list[int], num_workers: int) -> list[tuple[list[int], int]]:
+    """(cores, torch threads) per worker: disjoint slices of the cores when there are at
+    least as many cores as workers, else every worker unpinned with a fair share of threads."""
+    if num_workers <= len(cores):
+        per = len(cores) // num_workers
+        return [(cores[i * per : (i + 1) * per], per) for i in range(num_workers)]
+    return [([], 1)] * num_workers
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine flags of `tandem serve`, as a worker's command line."""
+    argv = [
+        "--model", args.model, "--dtype", args.dtype,
+        "--max-num-seqs", str(args.max_num_seqs),
+        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+        "--block-size", str(args.block_size),
+        "--scheduling-policy", args.scheduling_policy,
+        "--seed", str(args.seed),
+    ]  # fmt: skip
+    if args.max_model_len:
+        argv += ["--max-model-len", str(args.max_model_len)]
+    if args.num_gpu_blocks_override:
+        argv += ["--num-gpu-blocks-override", str(args.num_gpu_blocks_override)]
+    num_workers = args.prefill_workers + args.decode_workers
+    space = args.cpu_kv_cache_space or max(0.5, DEFAULT_KV_SPACE_GIB / num_workers)
+    argv += ["--cpu-kv-cache-space", str(space)]
+    if not args.enable_prefix_caching:
+        argv += ["--no-enable-prefix-caching"]
+    return argv
+
+
+def plan_stages(args: argparse.Namespace, nats_url: str, tokenizer_port: int) -> list[Stage]:
+    tandem = [sys.executable, "-m", "tandem.cli"]
+    nats = ["--nats-url", nats_url]
+    stages = [
+        Stage("tokenizer", [*tandem, "tokenizer", "--model", args.model,
+                            "--port", str(tokenizer_port), *nats]),
+        Stage("scheduler", [*tandem, "scheduler", *nats,
+                            "--scheduling-policy", args.scheduling_policy]),
+    ]  # fmt: skip
+    roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
+    cores = sorted(os.sched_getaffinity(0))
+    placements = place_workers(cores, len(roles))
+    for i, (role, (worker_cores, threads)) in enumerate(zip(roles, placements)):
+        index = i if role == "prefill" else i - args.prefill_workers
+        worker_id = f"{role}-{index}"
+        if args.torch_threads:
+            threads = args.torch_threads
+        argv = [*tandem, role, *engine_argv(args), *nats, "--worker-id", worker_id,
+                "--torch-threads", str(threads)]  # fmt: skip
+        stages.append(Stage(worker_id, argv, worker_cores))
+    gateway = [*tandem, "gateway", *nats, "--tokenizer-url", f"127.0.0.1:{tokenizer_port}",
+               "--model", args.model, "--host", args.host, "--port", str(args.port)]  # fmt: skip
+    if args.served_model_name:
+        gateway += ["--served-model-name", args.served_model_name]
+    stages.append(Stage("gateway", gateway))
+    return stages
+
+
+def _start(stage: Stage) -> None:
+    cores = stage.cores
+
+    def pin() -> None:
+        if cores:
+            os.sched_setaffinity(0, cores)
+
+    stage.proc = subprocess.Popen(stage.argv, preexec_fn=pin)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+class Cluster:
+    """The servers and stages started for one `tandem serve`."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.servers: list[LocalServer] = []
+        self.stages: list[Stage] = []
+
+    def start(self, timeout: float = 300.0) -> str:
+        nats_url = os.environ.get("NATS_URL")
+        if not nats_url:
+            self.servers.append(start_nats())
+            nats_url = self.servers[-1].url
+        redis_url = os.environ.get("REDIS_URL")
+        if not redis_url:
+            self.servers.append(start_redis())
+            redis_url = self.servers[-1].url
+        os.environ["REDIS_URL"] = redis_url  # the stages' prefix-cache index
+        self.stages = plan_stages(self.args, nats_url, free_port())
+        for stage in self.stages:
+            _start(stage)
+        url = f"http://{self.args.host}:{self.args.port}"
+        deadline = time.monotonic() + timeout
+        while not _healthy(url):
+            dead = [s.name for s in self.stages if s.proc.poll() is not None]
+            if dead:
+                raise RuntimeError(f"stage(s) {', '.join(dead)} exited during start-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster was not healthy within {timeout:.0f} s")
+            time.sleep(0.2)
+        logger.info("NATS %s, Redis %s", nats_url, redis_url)
+        for stage in self.stages:
+            where = f"cores {stage.cores}" if stage.cores else "unpinned"
+            logger.info("  %-10s pid %-7d %s", stage.name, stage.proc.pid, where)
+        return url
+
+    def wait(self) -> int:
+        """Block until a stage exits by itself (an error) or a signal stops the cluster."""
+        while True:
+            for stage in self.stages:
+                if stage.proc.poll() is not None:
+                    logger.error("stage %s exited with %s", stage.name, stage.proc.returncode)
+                    return 1
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        for stage in reversed(self.stages):
+            if stage.proc is not None and stage.proc.poll() is None:
+                stage.proc.terminate()
+        for stage in self.stages:
+            if stage.proc is None:
+                continue
+            try:
+                stage.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                stage.proc.kill()
+                stage.proc.wait()
+        for server in self.servers:
+            server.stop()
+
+
+def serve_cluster(args: argparse.Namespace) -> int:
+    cluster = Cluster(args)
+
+    def on_signal(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        url = cluster.start()
+        print(f"Tandem is serving {args.model} on {url}", flush=True)
+        return cluster.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        cluster.stop()

@@ -1,0 +1,273 @@
+"""The central scheduler's pure core: a waiting queue, the workers as their heartbeats
+describe them, and one token-budget plan per prefill worker per step.
+
+Pure Python (no NATS, no protobuf, no asyncio); the clock is injected. The service shell
+feeds it heartbeats, submissions, step reports and preemptions, and sends the plans it makes.
+
+Placement: a waiting request goes to the first prefill worker with a free plan slot (each
+worker holds at most `plans_ahead` plans: the one it runs and the next, so it never waits on
+the network) and to the decode worker with the fewest requests (running, waiting and in
+transit), among those under their `max_num_seqs` and with room for the prompt's blocks. A
+request that fits no decode worker waits: that is admission control.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tandem.engine.config import SchedulingPolicy
+from tandem.engine.scheduler import WaitingQueue
+
+
+class Role(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(slots=True)
+class WorkerState:
+    """A worker as its last heartbeat describes it, plus what was sent to it since."""
+
+    worker_id: str
+    role: Role
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    block_size: int = 16
+    max_num_seqs: int = 1
+    max_model_len: int = 0
+    max_num_batched_tokens: int = 0
+    last_seen: float = 0.0
+    next_step_id: int = 0
+    plans_in_flight: int = 0  # prefill: plans sent and not yet reported
+    in_transit: dict[str, tuple[int, float]] = field(default_factory=dict)  # decode: id -> blocks
+
+
+@dataclass(slots=True, eq=False)
+class PendingRequest:
+    """A request as the central scheduler sees it. `payload` is the shell's (its wire spec)."""
+
+    request_id: str
+    num_tokens: int  # prompt plus tokens generated before a preemption
+    priority: int
+    arrival_time: float
+    payload: object
+    prefill_worker_id: str = ""
+    decode_worker_id: str = ""
+    num_planned: int = 0
+
+
+@dataclass(slots=True)
+class PlannedChunk:
+    request: PendingRequest
+    num_tokens: int
+    is_first: bool  # the worker learns the request from its first chunk
+
+
+@dataclass(slots=True)
+class Plan:
+    worker_id: str
+    step_id: int
+    chunks: list[PlannedChunk]
+
+
+class ClusterScheduler:
+    """Decides which prefill worker computes how many tokens of which request, and which
+    decode worker takes it afterwards."""
+
+    def __init__(
+        self,
+        policy: SchedulingPolicy = SchedulingPolicy.FCFS,
+        worker_timeout: float = 5.0,
+        plans_ahead: int = 2,
+        transit_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.waiting = WaitingQueue(policy)
+        self.workers: dict[str, WorkerState] = {}
+        self.prefilling: dict[str, PendingRequest] = {}  # placed on a prefill worker
+        self.worker_timeout = worker_timeout
+        self.plans_ahead = plans_ahead
+        self.transit_timeout = transit_timeout
+        self.clock = clock
+
+    # -- what the workers say ------------------------------------------------------------
+
+    def on_heartbeat(self, worker_id: str, role: Role, received_ids=(), **load: int) -> None:
+        """Record a worker's load (WorkerState's fields by name). A decode worker lists the
+        hand-offs it received since its previous heartbeat: they stop being in transit."""
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.role is not role:
+            worker = self.workers[worker_id] = WorkerState(worker_id, role)
+        for name, value in load.items():
+            setattr(worker, name, value)
+        worker.last_seen = self.clock()
+        for request_id in received_ids:
+            worker.in_transit.pop(request_id, None)
+
+    def on_report(
+        self,
+        worker_id: str,
+        prefilled_ids=(),
+        finished_ids=(),
+        failed_ids=(),
+    ) -> None:
+        """A prefill worker ran a plan: prefilled requests are on their way to their decode
+        worker, finished ones ended there, failed ones (no blocks) wait again."""
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.plans_in_flight = max(0, worker.plans_in_flight - 1)
+        for request_id in prefilled_ids:  # in transit to their decode worker since placed
+            self.prefilling.pop(request_id, None)
+        for request_id in (*finished_ids, *failed_ids):
+            request = self.prefilling.pop(request_id, None)
+            if request is None:
+                continue
+            decode = self.workers.get(request.decode_worker_id)
+            if decode is not None:
+                decode.in_transit.pop(request_id, None)
+            if request_id in failed_ids:
+                self._requeue(request)
+
+    # -- requests --------------------------------------------------------------------------
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest context every live worker takes (0 while none is known)."""
+        lens = [w.max_model_len for w in self._live()]
+        return min(lens) if lens else 0
+
+    def add_request(self, request: PendingRequest, front: bool = False) -> None:
+        """Queue a request (a new one, or one a decode worker preempted: then `front`).
+        Raises ValueError when no worker could ever hold it."""
+        limit = self.max_model_len
+        if limit and request.num_tokens >= limit:
+            raise ValueError(
+                f"prompt has {request.num_tokens} tokens; max_model_len is {limit} "
+                "and at least one token must be generated"
+            )
+        self.waiting.add(request, front=front)
+
+    def abort(self, request_id: str) -> bool:
+        """Forget a request wherever it is here. True when it was known."""
+        found = self.prefilling.pop(request_id, None) is not None
+        if not found:
+            request = next((r for r in self.waiting if r.request_id == request_id), None)
+            if request is not None:
+                self.waiting.remove(request)
+                found = True
+        for worker in self.workers.values():
+            found |= worker.in_transit.pop(request_id, None) is not None
+        return found
+
+    def _requeue(self, request: PendingRequest) -> None:
+        request.prefill_worker_id = request.decode_worker_id = ""
+        request.num_planned = 0
+        self.waiting.add(request, front=True)
+
+    # -- planning --------------------------------------------------------------------------
+
+    def _live(self, role: Role | None = None) -> list[WorkerState]:
+        now = self.clock()
+        return [
+            w
+            for w in self.workers.values()
+            if now - w.last_seen <= self.worker_timeout and (role is None or w.role is role)
+        ]
+
+    def expire(self) -> list[str]:
+        """Drop workers whose heartbeats stopped and transfers that never arrived. Requests
+        placed on a dropped prefill worker wait again. Returns the dropped worker ids."""
+        now = self.clock()
+        dead = [w for w in self.workers.values() if now - w.last_seen > self.worker_timeout]
+        for worker in dead:
+            del self.workers[worker.worker_id]
+            for request in [
+                r for r in self.prefilling.values() if r.prefill_worker_id == worker.worker_id
+            ]:
+                del self.prefilling[request.request_id]
+                self._requeue(request)
+        for worker in self.workers.values():
+            stale = [
+                rid for rid, (_, t) in worker.in_transit.items() if now - t > self.transit_timeout
+            ]
+            for request_id in stale:
+                del worker.in_transit[request_id]
+        return [w.worker_id for w in dead]
+
+    def _pick_decode(self, request: PendingRequest) -> WorkerState | None:
+        best, best_load = None, None
+        for worker in self._live(Role.DECODE):
+            load = worker.num_running + worker.num_waiting + len(worker.in_transit)
+            blocks_in_transit = sum(b for b, _ in worker.in_transit.values())
+            blocks_needed = -(-(request.num_tokens + 1) // max(worker.block_size, 1))
+            if load >= worker.max_num_seqs:
+                continue
+            if worker.num_free_blocks - blocks_in_transit < blocks_needed and load > 0:
+                continue  # an idle worker always takes one: it cannot do better later
+            if best_load is None or load < best_load:
+                best, best_load = worker, load
+        return best
+
+    def _prefill_room(self, worker: WorkerState, placed: list[PendingRequest]) -> int:
+        """Blocks the worker can still give to new requests, counting those placed on it."""
+        used = sum(-(-r.num_tokens // max(worker.block_size, 1)) for r in placed)
+        return worker.num_free_blocks - used
+
+    def schedule(self) -> list[Plan]:
+        """One plan for each prefill worker with a free slot and work to do: its placed
+        requests' next chunks first, then new requests, under its token budget."""
+        plans = []
+        for worker in sorted(self._live(Role.PREFILL), key=lambda w: w.plans_in_flight):
+            if worker.plans_in_flight >= self.plans_ahead:
+                continue
+            plan = self._plan_for(worker)
+            if plan.chunks:
+                worker.plans_in_flight += 1
+                worker.next_step_id += 1
+                plans.append(plan)
+        return plans
+
+    def _plan_for(self, worker: WorkerState) -> Plan:
+        budget = worker.max_num_batched_tokens
+        chunks: list[PlannedChunk] = []
+        placed = [r for r in self.prefilling.values() if r.prefill_worker_id == worker.worker_id]
+        for request in placed:
+            num = min(request.num_tokens - request.num_planned, budget)
+            if num > 0:
+                chunks.append(PlannedChunk(request, num, is_first=False))
+                request.num_planned += num
+                budget -= num
+        room = self._prefill_room(worker, placed)
+        while budget > 0 and len(self.waiting) and len(placed) < worker.max_num_seqs:
+            request = self.waiting.peek()
+            blocks = -(-request.num_tokens // max(worker.block_size, 1))
+            if blocks > room and placed:
+                break  # wait for this worker's blocks to come back
+            decode = self._pick_decode(request)
+            if decode is None:
+                break
+            self.waiting.pop()
+            request.prefill_worker_id, request.decode_worker_id = worker.worker_id, decode.worker_id
+            num = min(request.num_tokens, budget)
+            request.num_planned = num
+            chunks.append(PlannedChunk(request, num, is_first=True))
+            self.prefilling[request.request_id] = request
+            placed.append(request)
+            # Count it on the decode worker now, so the next placement sees it.
+            decode.in_transit[request.request_id] = (blocks + 1, self.clock())
+            room -= blocks
+            budget -= num
+        return Plan(worker.worker_id, worker.next_step_id, chunks)
+
+    def stats(self) -> dict:
+        return {
+            "num_waiting": len(self.waiting),
+            "num_prefilling": len(self.prefilling),
+            "num_waiting_tokens": sum(r.num_tokens for r in self.waiting),
+            "workers": {w.worker_id: w.role.value for w in self._live()},
+        }

@@ -1,0 +1,34 @@
+"""`tandem bench serve` end to end: it starts a real server on the default model, drives a
+small streaming load, and writes its figures."""
+
+import argparse
+import json
+
+from tandem.bench.serve import add_bench_serve_parser
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_bench_serve_parser(parser.add_subparsers(dest="kind", required=True))
+    return parser.parse_args(argv)
+
+
+def test_bench_serve_colocated_writes_figures(default_model, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    args = _parse(
+        ["serve", "--deployments", "colocated", "--model", default_model,
+         "--num-prompts", "4", "--max-concurrency", "2", "--input-len", "16",
+         "--output-len", "8", "--json", str(out),
+         "--server-args", "--dtype float32 --torch-threads 1"]  # fmt: skip
+    )
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert report["output_tok_s"] > 0
+    assert report["ttft_p50_ms"] > 0 and report["itl_p50_ms"] > 0
+    run = report["deployments"]["colocated"]
+    assert (run["completed"], run["failed"]) == (4, 0)
+    assert run["output_lens"] == [8] * 4
+    assert run["output_tok_s"] == report["output_tok_s"]
+    assert any(p["name"] == "serve" for p in run["placement"])
+    printed = capsys.readouterr().out
+    assert "placement of colocated" in printed and "TTFT" in printed
