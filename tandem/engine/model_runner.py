@@ -160,6 +160,12 @@ class ModelRunner:
         gen = self.generators.get(request.request_id)
         if gen is None:
             gen = torch.Generator(device=self.device).manual_seed(seed)
+            # A request that sampled elsewhere first (prefilled on another worker, or moved
+            # after a preemption) skips the draws its earlier tokens took: one vocab-sized
+            # row each, as in sample(). Its tokens are then the same wherever it runs.
+            skip = torch.empty(self.info.vocab_size, dtype=torch.float32, device=self.device)
+            for _ in range(request.num_output_tokens):
+                skip.exponential_(generator=gen)
             self.generators[request.request_id] = gen
         return gen
 

@@ -16,10 +16,25 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def test_bench_serve_colocated_writes_figures(default_model, tmp_path, capsys):
     out = tmp_path / "serve.json"
     args = _parse(
-        ["serve", "--deployments", "colocated", "--model", default_model,
-         "--num-prompts", "4", "--max-concurrency", "2", "--input-len", "16",
-         "--output-len", "8", "--json", str(out),
-         "--server-args", "--dtype float32 --torch-threads 1"]  # fmt: skip
+        [
+            "serve",
+            "--deployments",
+            "colocated",
+            "--model",
+            default_model,
+            "--num-prompts",
+            "4",
+            "--max-concurrency",
+            "2",
+            "--input-len",
+            "16",
+            "--output-len",
+            "8",
+            "--json",
+            str(out),
+            "--server-args",
+            "--dtype float32 --torch-threads 1",
+        ]  # fmt: skip
     )
     assert args.func(args) == 0
     report = json.loads(out.read_text())

@@ -1,6 +1,7 @@
 """Prefill on one engine, decode on another: the KV moves as protobuf chunks, and the output
 equals a single engine's (and so Hugging Face's) token for token."""
 
+import pytest
 import torch
 
 from tandem.engine.llm import LLM
@@ -13,8 +14,16 @@ def _prompts():
     return [torch.randint(3, 256, (n,), generator=g).tolist() for n in (1, 7, 16, 23, 40)]
 
 
-def test_prefill_then_decode_elsewhere_matches_one_engine(tiny_model):
-    params = SamplingParams(max_tokens=20, temperature=0.0)
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=20, temperature=0.0),
+        # Seeded sampling: the decode engine picks up the seed's stream where prefill left it.
+        SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True),
+    ],
+    ids=["greedy", "seeded"],
+)
+def test_prefill_then_decode_elsewhere_matches_one_engine(tiny_model, params):
     reference = LLM(
         tiny_model, dtype="float32", num_gpu_blocks_override=128, block_size=4, max_model_len=96
     )

@@ -21,9 +21,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama):
+@pytest.fixture(scope="module", params=["colocated", "cluster"])
+def server(request, tiny_llama):
+    """The same API, served by one process or by the disaggregated stages."""
     port = free_port()
+    deployment = ["--colocated"] if request.param == "colocated" else []
     cmd = [
         sys.executable,
         "-m",
@@ -43,6 +45,7 @@ def server(tiny_llama):
         "128",
         "--torch-threads",
         "1",
+        *deployment,
     ]
     proc = subprocess.Popen(
         cmd,
@@ -199,9 +202,30 @@ def test_unknown_model_is_404_and_bad_json_is_400(server):
         )
 
 
+def _total_steps(base: str) -> int:
+    return sum(w["num_steps"] for w in httpx.get(base + "/stats").json()["workers"].values())
+
+
+def assert_all_blocks_free(base: str, timeout: float = 10.0) -> None:
+    """Every worker (or the one engine) ends with nothing running and every block free."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = httpx.get(base + "/stats").json()["workers"]
+        idle = all(
+            w["num_running"] == 0
+            and w["num_waiting"] == 0
+            and w["num_free_blocks"] == w["num_blocks"]
+            for w in workers.values()
+        )
+        if (workers and idle) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert workers and idle, workers
+
+
 def test_client_disconnect_aborts_and_server_keeps_serving(server, client):
     base = server[0]
-    steps_before = httpx.get(base + "/stats").json()["num_steps"]
+    steps_before = _total_steps(base)
     with httpx.stream(
         "POST",
         base + "/v1/completions",
@@ -210,15 +234,9 @@ def test_client_disconnect_aborts_and_server_keeps_serving(server, client):
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 break  # leave after the first chunk: the server must abort the rest
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        stats = httpx.get(base + "/stats").json()
-        if stats["num_running"] == 0 and stats["num_waiting"] == 0:
-            break
-        time.sleep(0.1)
-    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
-    # Aborted: the engine stopped stepping long before the request's 200 tokens.
-    assert stats["num_steps"] - steps_before < 150
+    assert_all_blocks_free(base)
+    # Aborted: the engines stopped stepping long before the request's 200 tokens.
+    assert _total_steps(base) - steps_before < 150
     r = client.completions.create(prompt="still there?", max_tokens=4, model="tiny-llama")
     assert r.choices[0].finish_reason in ("length", "stop")
 

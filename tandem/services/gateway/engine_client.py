@@ -105,11 +105,13 @@ class InProcessEngineClient:
         return self._ready.wait(timeout) and self.error is None
 
     def stats(self) -> dict:
-        """A snapshot of the engine's load (read without a lock: plain ints)."""
+        """A snapshot of the engine's load (read without a lock: plain ints), in the shape
+        the cluster client reports its workers."""
         engine = self.engine
         if engine is None:
-            return {}
-        return {
+            return {"workers": {}}
+        load = {
+            "role": "colocated",
             "num_running": len(engine.scheduler.running),
             "num_waiting": len(engine.scheduler.waiting),
             "num_blocks": engine.runner.info.num_blocks,
@@ -117,6 +119,7 @@ class InProcessEngineClient:
             "num_preemptions": engine.scheduler.num_preemptions,
             "num_steps": engine.num_steps,
         }
+        return {"workers": {"engine": load}}
 
     async def start(self) -> None:
         """The engine loads on its own thread from construction on: nothing to connect."""
