@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--json", default=None, help="write the figures to this file")
     off.add_argument("--torch-threads", type=int, default=None)
     off.set_defaults(func=cmd_bench_offline)
+    from tandem.bench.serve import add_bench_serve_parser
+
+    add_bench_serve_parser(bench)
     return parser
 
 

@@ -1,11 +1,9 @@
-"""`tandem bench serve`: online serving load against running servers, like `vllm bench serve`.
+"""`tandem bench serve`: online serving load, like `vllm bench serve`.
 
-Unless `--url` names a server, it starts each deployment in turn (`tandem serve` as a
-subprocess on a free port: disaggregated, then colocated with `--colocated`), shows where its
-processes sit on the cores, and drives the same load at each: distinct random-token prompts
-over streaming /v1/completions, EOS ignored, so every request yields exactly `--output-len`
-tokens. It reports TTFT, TPOT, ITL and E2E latency, throughput, and the ratio of the two
-deployments' output token throughput.
+Unless `--url` names a server, it starts `tandem serve` disaggregated, then `--colocated`, shows
+where each one's processes sit on the cores, and drives the same load at both: distinct
+random-token prompts, streaming /v1/completions, EOS ignored (exactly `--output-len` tokens
+each). It reports TTFT, TPOT, ITL, E2E, throughput and the ratio of output tok/s.
 """
 
 from __future__ import annotations
@@ -219,13 +217,6 @@ def placement(root: int) -> list[dict]:
     return rows
 
 
-def _serve_knows(flag: str) -> bool:
-    """Whether `tandem serve` accepts `flag` (--colocated is new; older ones are colocated)."""
-    from tandem.cli import build_parser
-
-    return flag not in build_parser().parse_known_args(["serve", flag])[1]
-
-
 def _log_tail(path: Path, num_chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-num_chars:]
 
@@ -264,13 +255,10 @@ def deployment(serve_args: list[str], timeout: float) -> Iterator[tuple[str, int
         log = Path(scratch) / "server.log"
         logger.info("starting %s (log %s)", shlex.join(cmd), log)
         with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=os.environ | {"PYTHONUNBUFFERED": "1"},
-            )
+            # Its own session: stopping it signals its whole process group.
+            env = os.environ | {"PYTHONUNBUFFERED": "1"}
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_healthy(url, proc, log, timeout)
@@ -367,10 +355,8 @@ def print_figures(name: str, f: dict) -> None:
     print(f"output throughput (tok/s):   {f['output_tok_s']:.1f}")
     print(f"{'(ms)':<6} {'mean':>9} {'p50':>9} {'p90':>9} {'p99':>9}")
     for key in ("ttft", "tpot", "itl", "e2e"):
-        s = f[f"{key}_ms"]
-        print(
-            f"{key.upper():<6} " + " ".join(f"{s[k]:>9.2f}" for k in ("mean", "p50", "p90", "p99"))
-        )
+        row = " ".join(f"{v:>9.2f}" for v in f[f"{key}_ms"].values())
+        print(f"{key.upper():<6} {row}")
 
 
 def bench_one(name: str, url: str, pid: int | None, args: argparse.Namespace) -> dict:
@@ -411,10 +397,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         if not names or set(names) - DEPLOYMENT_FLAGS.keys():
             raise ValueError(f"deployments must be among {sorted(DEPLOYMENT_FLAGS)}: {names}")
         for name in names:
-            flags = [f for f in DEPLOYMENT_FLAGS[name] if _serve_knows(f)]
-            if flags != DEPLOYMENT_FLAGS[name]:
-                logger.warning("tandem serve lacks %s; running it plainly", DEPLOYMENT_FLAGS[name])
-            with deployment([*server_args, *flags], args.startup_timeout) as (url, pid):
+            flags = [*server_args, *DEPLOYMENT_FLAGS[name]]
+            with deployment(flags, args.startup_timeout) as (url, pid):
                 runs[name] = bench_one(name, url, pid, args)
     main = runs.get("disaggregated") or next(iter(runs.values()))
     colocated = runs.get("colocated", {}).get("output_tok_s")
@@ -426,10 +410,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         "output_tok_s": main["output_tok_s"],
         "colocated_tok_s": colocated,
         "ratio": ratio,
-        "ttft_p50_ms": main["ttft_ms"]["p50"],
-        "ttft_p99_ms": main["ttft_ms"]["p99"],
-        "itl_p50_ms": main["itl_ms"]["p50"],
-        "itl_p99_ms": main["itl_ms"]["p99"],
+        **{f"{m}_{q}_ms": main[f"{m}_ms"][q] for m in ("ttft", "itl") for q in ("p50", "p99")},
         "deployments": runs,
     }
     if args.json:

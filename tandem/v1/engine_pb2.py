@@ -25,39 +25,39 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/engine.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"8\n\rSubmitRequest\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xbf\x02\n\tHeartbeat\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\x05\x12\x12\n\nblock_size\x18\x07 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\x05\x12\x11\n\ttimestamp\x18\t \x01(\x01\x12\x11\n\tnum_steps\x18\n \x01(\x04\x12\x15\n\rmax_model_len\x18\x0b \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x0c \x01(\x05\x12\x1c\n\x14received_request_ids\x18\r \x03(\t\"{\n\x0eScheduledChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\'\n\x07request\x18\x03 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\"Y\n\x08StepPlan\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12)\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x19.tandem.v1.ScheduledChunk\"\xb2\x01\n\nStepReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1d\n\x15prefilled_request_ids\x18\x03 \x03(\t\x12\x1a\n\x12\x66\x61iled_request_ids\x18\x04 \x03(\t\x12\'\n\theartbeat\x18\x05 \x01(\x0b\x32\x14.tandem.v1.Heartbeat\x12\x1c\n\x14\x66inished_request_ids\x18\x06 \x03(\t\"\x91\x01\n\x0cKVBlockChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\x9b\x01\n\tKVHandoff\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x19\n\x11prefill_worker_id\x18\x05 \x01(\t\"/\n\x0cKVHandoffAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"G\n\tPreempted\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\x12\x11\n\tworker_id\x18\x02 \x01(\t\"\xc6\x01\n\rRequestTokens\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x15\n\rstop_token_id\x18\x05 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x15\n\rreply_subject\x18\x08 \x01(\t\"\\\n\nTokenBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12*\n\x08requests\x18\x03 \x03(\x0b\x32\x18.tandem.v1.RequestTokens\"\xc5\x01\n\tTextDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nerror_code\x18\t \x01(\x05*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/engine.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"8\n\rSubmitRequest\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd8\x02\n\tHeartbeat\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\x05\x12\x12\n\nblock_size\x18\x07 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\x05\x12\x11\n\ttimestamp\x18\t \x01(\x01\x12\x11\n\tnum_steps\x18\n \x01(\x04\x12\x15\n\rmax_model_len\x18\x0b \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x0c \x01(\x05\x12\x1c\n\x14received_request_ids\x18\r \x03(\t\x12\x17\n\x0fnum_preemptions\x18\x0e \x01(\x04\"{\n\x0eScheduledChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\'\n\x07request\x18\x03 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\"Y\n\x08StepPlan\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12)\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x19.tandem.v1.ScheduledChunk\"\xb2\x01\n\nStepReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1d\n\x15prefilled_request_ids\x18\x03 \x03(\t\x12\x1a\n\x12\x66\x61iled_request_ids\x18\x04 \x03(\t\x12\'\n\theartbeat\x18\x05 \x01(\x0b\x32\x14.tandem.v1.Heartbeat\x12\x1c\n\x14\x66inished_request_ids\x18\x06 \x03(\t\"\x91\x01\n\x0cKVBlockChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\x9b\x01\n\tKVHandoff\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x19\n\x11prefill_worker_id\x18\x05 \x01(\t\"/\n\x0cKVHandoffAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"G\n\tPreempted\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\x12\x11\n\tworker_id\x18\x02 \x01(\t\"\xc6\x01\n\rRequestTokens\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x15\n\rstop_token_id\x18\x05 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x15\n\rreply_subject\x18\x08 \x01(\t\"\\\n\nTokenBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12*\n\x08requests\x18\x03 \x03(\x0b\x32\x18.tandem.v1.RequestTokens\"\xc5\x01\n\tTextDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nerror_code\x18\t \x01(\x05*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.engine_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=1813
-  _globals['_WORKERROLE']._serialized_end=1903
+  _globals['_WORKERROLE']._serialized_start=1838
+  _globals['_WORKERROLE']._serialized_end=1928
   _globals['_SUBMITREQUEST']._serialized_start=61
   _globals['_SUBMITREQUEST']._serialized_end=117
   _globals['_ABORTREQUEST']._serialized_start=119
   _globals['_ABORTREQUEST']._serialized_end=169
   _globals['_HEARTBEAT']._serialized_start=172
-  _globals['_HEARTBEAT']._serialized_end=491
-  _globals['_SCHEDULEDCHUNK']._serialized_start=493
-  _globals['_SCHEDULEDCHUNK']._serialized_end=616
-  _globals['_STEPPLAN']._serialized_start=618
-  _globals['_STEPPLAN']._serialized_end=707
-  _globals['_STEPREPORT']._serialized_start=710
-  _globals['_STEPREPORT']._serialized_end=888
-  _globals['_KVBLOCKCHUNK']._serialized_start=891
-  _globals['_KVBLOCKCHUNK']._serialized_end=1036
-  _globals['_KVHANDOFF']._serialized_start=1039
-  _globals['_KVHANDOFF']._serialized_end=1194
-  _globals['_KVHANDOFFACK']._serialized_start=1196
-  _globals['_KVHANDOFFACK']._serialized_end=1243
-  _globals['_PREEMPTED']._serialized_start=1245
-  _globals['_PREEMPTED']._serialized_end=1316
-  _globals['_REQUESTTOKENS']._serialized_start=1319
-  _globals['_REQUESTTOKENS']._serialized_end=1517
-  _globals['_TOKENBATCH']._serialized_start=1519
-  _globals['_TOKENBATCH']._serialized_end=1611
-  _globals['_TEXTDELTA']._serialized_start=1614
-  _globals['_TEXTDELTA']._serialized_end=1811
+  _globals['_HEARTBEAT']._serialized_end=516
+  _globals['_SCHEDULEDCHUNK']._serialized_start=518
+  _globals['_SCHEDULEDCHUNK']._serialized_end=641
+  _globals['_STEPPLAN']._serialized_start=643
+  _globals['_STEPPLAN']._serialized_end=732
+  _globals['_STEPREPORT']._serialized_start=735
+  _globals['_STEPREPORT']._serialized_end=913
+  _globals['_KVBLOCKCHUNK']._serialized_start=916
+  _globals['_KVBLOCKCHUNK']._serialized_end=1061
+  _globals['_KVHANDOFF']._serialized_start=1064
+  _globals['_KVHANDOFF']._serialized_end=1219
+  _globals['_KVHANDOFFACK']._serialized_start=1221
+  _globals['_KVHANDOFFACK']._serialized_end=1268
+  _globals['_PREEMPTED']._serialized_start=1270
+  _globals['_PREEMPTED']._serialized_end=1341
+  _globals['_REQUESTTOKENS']._serialized_start=1344
+  _globals['_REQUESTTOKENS']._serialized_end=1542
+  _globals['_TOKENBATCH']._serialized_start=1544
+  _globals['_TOKENBATCH']._serialized_end=1636
+  _globals['_TEXTDELTA']._serialized_start=1639
+  _globals['_TEXTDELTA']._serialized_end=1836
 # @@protoc_insertion_point(module_scope)

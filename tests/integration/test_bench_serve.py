@@ -13,13 +13,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_bench_serve_colocated_writes_figures(default_model, tmp_path, capsys):
+def test_bench_serve_compares_disaggregated_with_colocated(default_model, tmp_path, capsys):
     out = tmp_path / "serve.json"
     args = _parse(
         [
             "serve",
-            "--deployments",
-            "colocated",
             "--model",
             default_model,
             "--num-prompts",
@@ -40,10 +38,14 @@ def test_bench_serve_colocated_writes_figures(default_model, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["output_tok_s"] > 0
     assert report["ttft_p50_ms"] > 0 and report["itl_p50_ms"] > 0
-    run = report["deployments"]["colocated"]
-    assert (run["completed"], run["failed"]) == (4, 0)
-    assert run["output_lens"] == [8] * 4
-    assert run["output_tok_s"] == report["output_tok_s"]
-    assert any(p["name"] == "serve" for p in run["placement"])
+    for name in ("disaggregated", "colocated"):
+        run = report["deployments"][name]
+        assert (run["completed"], run["failed"]) == (4, 0)
+        assert run["output_lens"] == [8] * 4
+    assert report["deployments"]["disaggregated"]["output_tok_s"] == report["output_tok_s"]
+    assert report["deployments"]["colocated"]["output_tok_s"] == report["colocated_tok_s"]
+    assert report["ratio"] == report["output_tok_s"] / report["colocated_tok_s"]
+    stages = {p["name"] for p in report["deployments"]["disaggregated"]["placement"]}
+    assert {"gateway", "tokenizer", "scheduler", "prefill", "decode", "nats-server"} <= stages
     printed = capsys.readouterr().out
     assert "placement of colocated" in printed and "TTFT" in printed

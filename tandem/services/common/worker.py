@@ -76,6 +76,7 @@ def heartbeat(
         max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
         timestamp=time.time(),
         num_steps=engine.num_steps,
+        num_preemptions=engine.scheduler.num_preemptions,
     )
 
 

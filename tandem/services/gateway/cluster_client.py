@@ -89,6 +89,7 @@ class ClusterEngineClient:
                     "num_running": hb.num_running,
                     "num_waiting": hb.num_waiting,
                     "num_steps": hb.num_steps,
+                    "num_preemptions": hb.num_preemptions,
                 }
                 for hb in self._live()
             }
