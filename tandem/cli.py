@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--prefill-workers", type=int, default=1)
     serve.add_argument("--decode-workers", type=int, default=1)
+    serve.add_argument(
+        "--worker-placement",
+        default="shared",
+        choices=["shared", "pinned"],
+        help="pinned: each worker on its own cores; shared: every worker on every core",
+    )
     serve.set_defaults(func=cmd_serve)
 
     nats_url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")

@@ -29,13 +29,21 @@ class Stage:
     proc: subprocess.Popen | None = None
 
 
-def place_workers(cores: list[int], num_workers: int) -> list[tuple[list[int], int]]:
-    """(cores, torch threads) per worker: disjoint slices of the cores when there are at
-    least as many cores as workers, else every worker unpinned with a fair share of threads."""
-    if num_workers <= len(cores):
+def place_workers(
+    cores: list[int], num_workers: int, placement: str
+) -> list[tuple[list[int], int]]:
+    """(cores, torch threads) per worker. "pinned": disjoint slices of the cores, one thread
+    per core (needs at least as many cores as workers), so a prefill burst never slows a decode
+    step. "shared": no pinning, every worker may use every core (the most throughput when
+    the workers outnumber the machine's spare cores; the OS arbitrates bursts)."""
+    if placement == "pinned":
+        if num_workers > len(cores):
+            raise ValueError(
+                f"--worker-placement pinned needs {num_workers} cores, not {len(cores)}"
+            )
         per = len(cores) // num_workers
         return [(cores[i * per : (i + 1) * per], per) for i in range(num_workers)]
-    return [([], 1)] * num_workers
+    return [([], len(cores))] * num_workers
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
@@ -71,7 +79,7 @@ def plan_stages(args: argparse.Namespace, nats_url: str, tokenizer_port: int) ->
     ]  # fmt: skip
     roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
     cores = sorted(os.sched_getaffinity(0))
-    placements = place_workers(cores, len(roles))
+    placements = place_workers(cores, len(roles), args.worker_placement)
     for i, (role, (worker_cores, threads)) in enumerate(zip(roles, placements)):
         index = i if role == "prefill" else i - args.prefill_workers
         worker_id = f"{role}-{index}"

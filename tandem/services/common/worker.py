@@ -8,6 +8,8 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore, StepOutput
 from tandem.v1 import engine_pb2
@@ -25,7 +27,13 @@ class EngineThread:
     keeps moving messages (KV chunks, plans, aborts) while a step computes."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        # torch's intra-op thread count is per thread: a new thread would use every core.
+        self._pool = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="engine",
+            initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
+        )
         self.config = config
         self.engine: EngineCore | None = None
 

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from tandem.engine.config import EngineConfig
 from tandem.engine.request import Request, RequestStatus, SamplingParams
 
@@ -94,6 +96,7 @@ class InProcessEngineClient:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._subs: dict[str, _Sub] = {}
         self._ready = threading.Event()
+        self._num_threads = torch.get_num_threads()  # per thread in torch: set it there too
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -195,6 +198,7 @@ class InProcessEngineClient:
     # -- engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        torch.set_num_threads(self._num_threads)
         try:
             from tandem.engine.core import EngineCore
             from tandem.engine.tokenizer import load_tokenizer

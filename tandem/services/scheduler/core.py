@@ -223,10 +223,10 @@ class ClusterScheduler:
         requests' next chunks first, then new requests, under its token budget."""
         plans = []
         for worker in sorted(self._live(Role.PREFILL), key=lambda w: w.plans_in_flight):
-            if worker.plans_in_flight >= self.plans_ahead:
-                continue
-            plan = self._plan_for(worker)
-            if plan.chunks:
+            while worker.plans_in_flight < self.plans_ahead:
+                plan = self._plan_for(worker)
+                if not plan.chunks:
+                    break
                 worker.plans_in_flight += 1
                 worker.next_step_id += 1
                 plans.append(plan)

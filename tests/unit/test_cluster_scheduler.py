@@ -1,0 +1,152 @@
+"""The central scheduler's pure core: plans under budget, one step ahead, placement within
+the decode workers' capacity, re-queueing, aborts and dead workers. No NATS, fake clock."""
+
+from __future__ import annotations
+
+from tandem.engine.config import SchedulingPolicy
+from tandem.services.scheduler.core import ClusterScheduler, PendingRequest, Role
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(policy=SchedulingPolicy.FCFS, budget=100, decode_seqs=8, num_decode=1):
+    clock = Clock()
+    core = ClusterScheduler(policy, worker_timeout=5.0, clock=clock)
+    core.on_heartbeat(
+        "p0", Role.PREFILL, num_blocks=1000, num_free_blocks=1000, block_size=16,
+        max_num_seqs=64, max_model_len=2048, max_num_batched_tokens=budget,
+    )  # fmt: skip
+    for i in range(num_decode):
+        core.on_heartbeat(
+            f"d{i}", Role.DECODE, num_blocks=1000, num_free_blocks=1000, block_size=16,
+            max_num_seqs=decode_seqs, max_model_len=2048,
+        )  # fmt: skip
+    return core, clock
+
+
+def req(rid: str, num_tokens: int, priority: int = 0, arrival: float = 0.0) -> PendingRequest:
+    return PendingRequest(rid, num_tokens, priority, arrival, payload=rid)
+
+
+def chunks(plan):
+    return [(c.request.request_id, c.num_tokens, c.is_first) for c in plan.chunks]
+
+
+def test_long_prompt_is_chunked_under_the_budget_one_plan_ahead():
+    core, _ = make(budget=100)
+    core.add_request(req("a", 250))
+    first, second = core.schedule()
+    assert chunks(first) == [("a", 100, True)] and chunks(second) == [("a", 100, False)]
+    assert core.schedule() == []  # two plans in flight: the worker has its next one already
+    core.on_report("p0")
+    (third,) = core.schedule()
+    assert chunks(third) == [("a", 50, False)]
+    assert [p.step_id for p in (first, second, third)] == [0, 1, 2]
+
+
+def test_plans_fill_the_budget_with_several_requests():
+    core, _ = make(budget=100)
+    for rid, n in [("a", 30), ("b", 50), ("c", 40)]:
+        core.add_request(req(rid, n))
+    plans = core.schedule()
+    assert chunks(plans[0]) == [("a", 30, True), ("b", 50, True), ("c", 20, True)]
+    assert chunks(plans[1]) == [("c", 20, False)]
+    assert all(sum(c.num_tokens for c in p.chunks) <= 100 for p in plans)
+
+
+def test_decode_capacity_holds_requests_in_the_queue():
+    core, _ = make(budget=1000, decode_seqs=2)
+    for rid in "abc":
+        core.add_request(req(rid, 10))
+    (plan,) = core.schedule()
+    assert [c.request.request_id for c in plan.chunks] == ["a", "b"]
+    assert len(core.waiting) == 1
+    core.on_report("p0", prefilled_ids=["a", "b"])
+    assert core.schedule() == []  # a and b are still on their way to d0
+    core.on_heartbeat("d0", Role.DECODE, received_ids=["a", "b"], num_running=1)
+    (plan,) = core.schedule()  # one finished: room for c
+    assert chunks(plan) == [("c", 10, True)]
+
+
+def test_least_loaded_decode_worker_is_chosen():
+    core, _ = make(budget=1000, num_decode=2)
+    core.on_heartbeat("d0", Role.DECODE, num_running=3)
+    core.add_request(req("a", 10))
+    core.add_request(req("b", 10))
+    (plan,) = core.schedule()
+    assert [c.request.decode_worker_id for c in plan.chunks] == ["d1", "d1"]
+    core.add_request(req("c", 10))
+    core.add_request(req("d", 10))
+    (plan,) = core.schedule()
+    assert [c.request.decode_worker_id for c in plan.chunks] == ["d1", "d0"]
+
+
+def test_failed_request_is_requeued_first_and_sent_with_its_spec_again():
+    core, _ = make(budget=100)
+    core.add_request(req("a", 150))
+    core.add_request(req("b", 10))
+    first, second = core.schedule()
+    core.on_report("p0", failed_ids=["a"])
+    assert core.waiting.peek().request_id == "a"
+    core.on_report("p0")
+    again = core.schedule()
+    assert chunks(again[0]) == [("a", 100, True)] and chunks(again[1]) == [("a", 50, False)]
+    assert core.workers["d0"].in_transit.get("b") is not None  # b still placed
+
+
+def test_finished_on_prefill_leaves_no_transit_behind():
+    core, _ = make()
+    core.add_request(req("a", 10))
+    core.schedule()
+    assert "a" in core.workers["d0"].in_transit
+    core.on_report("p0", finished_ids=["a"])
+    assert core.workers["d0"].in_transit == {} and core.prefilling == {}
+
+
+def test_abort_forgets_the_request_wherever_it_is():
+    core, _ = make(budget=10)
+    core.add_request(req("a", 10))
+    core.add_request(req("b", 10))
+    core.add_request(req("c", 10))
+    core.schedule()  # a and b placed, c waits
+    assert core.abort("a") and core.abort("c")
+    assert not core.abort("zzz")
+    assert set(core.prefilling) == {"b"} and len(core.waiting) == 0
+    assert set(core.workers["d0"].in_transit) == {"b"}
+
+
+def test_silent_prefill_worker_is_dropped_and_its_requests_wait_again():
+    core, clock = make()
+    core.add_request(req("a", 10))
+    core.schedule()
+    clock.now += 3
+    core.on_heartbeat("d0", Role.DECODE, max_num_seqs=8)
+    clock.now += 3
+    assert core.expire() == ["p0"]
+    assert core.prefilling == {} and core.waiting.peek().request_id == "a"
+    assert core.schedule() == []  # no prefill worker left: the request waits
+
+
+def test_priority_policy_places_the_most_urgent_first():
+    core, _ = make(policy=SchedulingPolicy.PRIORITY, budget=10)
+    core.add_request(req("low", 10, priority=5, arrival=1.0))
+    core.add_request(req("high", 10, priority=-1, arrival=2.0))
+    core.add_request(req("mid", 10, priority=0, arrival=0.5))
+    plans = core.schedule()
+    assert [p.chunks[0].request.request_id for p in plans] == ["high", "mid"]
+
+
+def test_prompt_no_worker_can_hold_is_refused():
+    core, _ = make()
+    try:
+        core.add_request(req("a", 2048))
+    except ValueError as e:
+        assert "max_model_len" in str(e)
+    else:
+        raise AssertionError("a prompt at max_model_len was queued")
