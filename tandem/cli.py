@@ -187,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument(
         "--worker-placement",
-        default="shared",
-        choices=["shared", "pinned"],
-        help="pinned: each worker on its own cores; shared: every worker on every core",
+        default="auto",
+        choices=["auto", "pinned", "shared"],
+        help="pinned: each worker on its own cores; shared: every worker on every core; "
+        "auto: pinned when there are as many cores as workers",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -49,7 +48,6 @@ class DecodeWorker:
         self.received_ids: list[str] = []  # since the last heartbeat
         self.aborted = Tombstones()
         self.wake = asyncio.Event()
-        self.last_heartbeat = 0.0
 
     async def start(self) -> None:
         self.engine = await self.thread.start()
@@ -91,18 +89,25 @@ class DecodeWorker:
 
     async def run(self) -> None:
         """Admit arrivals while they fit, step while anything runs, heartbeat throughout."""
+        beats = asyncio.create_task(self._heartbeats())
+        try:
+            while True:
+                if self.arrivals:
+                    await self.thread.call(self._admit)
+                if self.engine.has_unfinished:
+                    await self._step()
+                else:
+                    self.wake.clear()
+                    await self.wake.wait()
+                if self.received_ids:  # tell the scheduler soon: they stop being in transit
+                    await self._heartbeat()
+        finally:
+            beats.cancel()
+
+    async def _heartbeats(self) -> None:
         while True:
-            if self.arrivals:
-                await self.thread.call(self._admit)
-            if self.engine.has_unfinished:
-                await self._step()
-            else:
-                self.wake.clear()
-                try:
-                    await asyncio.wait_for(self.wake.wait(), HEARTBEAT_INTERVAL)
-                except TimeoutError:
-                    pass
-            await self._maybe_heartbeat()
+            await self._heartbeat()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     def _admit(self) -> None:
         """On the engine thread: move arrivals into the batch in order while they fit."""
@@ -132,11 +137,7 @@ class DecodeWorker:
         outputs = self.engine.step()
         return outputs, self.engine.take_preempted()
 
-    async def _maybe_heartbeat(self) -> None:
-        now = time.monotonic()
-        if not self.received_ids and now - self.last_heartbeat < HEARTBEAT_INTERVAL / 5:
-            return
-        self.last_heartbeat = now
+    async def _heartbeat(self) -> None:
         msg = heartbeat(self.engine, self.worker_id, ROLE, num_waiting=len(self.arrivals))
         msg.received_request_ids.extend(self.received_ids)
         self.received_ids.clear()

@@ -57,14 +57,18 @@ class PrefillWorker:
         await self.thread.call(self.engine.abort, msg.request_id)
 
     async def run(self) -> None:
-        """Run plans in the order they were sent; heartbeat when idle."""
+        """Run plans in the order they were sent; heartbeat throughout, even mid-step."""
+        beats = asyncio.create_task(self._heartbeats())
+        try:
+            while True:
+                await self._run_plan(await self.plans.get())
+        finally:
+            beats.cancel()
+
+    async def _heartbeats(self) -> None:
         while True:
-            try:
-                plan = await asyncio.wait_for(self.plans.get(), HEARTBEAT_INTERVAL)
-            except TimeoutError:
-                await self.bus.publish(subject("heartbeat"), self._heartbeat())
-                continue
-            await self._run_plan(plan)
+            await self.bus.publish(subject("heartbeat"), self._heartbeat())
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     def _heartbeat(self) -> engine_pb2.Heartbeat:
         return heartbeat(self.engine, self.worker_id, ROLE)
