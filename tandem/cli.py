@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C reaches every stage of `tandem serve`: a quiet exit
+        return 0
 
 
 if __name__ == "__main__":

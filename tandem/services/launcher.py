@@ -192,5 +192,8 @@ def serve_cluster(args: argparse.Namespace) -> int:
         return cluster.wait()
     except KeyboardInterrupt:
         return 0
+    except RuntimeError as e:  # a stage or server failed to start: say which, stop the rest
+        logger.error("%s", e)
+        return 1
     finally:
         cluster.stop()
