@@ -15,7 +15,13 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from tandem.services.common.servers import LocalServer, free_port, start_nats, start_redis
+from tandem.services.common.servers import (
+    LocalServer,
+    free_port,
+    pinned_to,
+    start_nats,
+    start_redis,
+)
 
 logger = logging.getLogger(__name__)
 DEFAULT_KV_SPACE_GIB = 4.0  # shared by all workers unless --cpu-kv-cache-space is given
@@ -72,18 +78,29 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def plan_stages(args: argparse.Namespace, nats_url: str, tokenizer_port: int) -> list[Stage]:
+def service_cores(roles: list[str], placements: list[tuple[list[int], int]]) -> list[int]:
+    """Where the light stages (gateway, tokenizer, scheduler, NATS, Redis) run: on the prefill
+    workers' cores when the workers are pinned, so the token stream they carry right after
+    each decode step never takes the decode cores; unpinned otherwise."""
+    if not all(cores for cores, _ in placements):
+        return []
+    return sorted(
+        {c for role, (cores, _) in zip(roles, placements) if role == "prefill" for c in cores}
+    )
+
+
+def plan_stages(
+    args: argparse.Namespace, nats_url: str, tokenizer_port: int, placements, light_cores
+) -> list[Stage]:
     tandem = [sys.executable, "-m", "tandem.cli"]
     nats = ["--nats-url", nats_url]
     stages = [
         Stage("tokenizer", [*tandem, "tokenizer", "--model", args.model,
-                            "--port", str(tokenizer_port), *nats]),
+                            "--port", str(tokenizer_port), *nats], light_cores),
         Stage("scheduler", [*tandem, "scheduler", *nats,
-                            "--scheduling-policy", args.scheduling_policy]),
+                            "--scheduling-policy", args.scheduling_policy], light_cores),
     ]  # fmt: skip
-    roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
-    cores = sorted(os.sched_getaffinity(0))
-    placements = place_workers(cores, len(roles), args.worker_placement)
+    roles = worker_roles(args)
     for i, (role, (worker_cores, threads)) in enumerate(zip(roles, placements)):
         index = i if role == "prefill" else i - args.prefill_workers
         worker_id = f"{role}-{index}"
@@ -96,18 +113,16 @@ def plan_stages(args: argparse.Namespace, nats_url: str, tokenizer_port: int) ->
                "--model", args.model, "--host", args.host, "--port", str(args.port)]  # fmt: skip
     if args.served_model_name:
         gateway += ["--served-model-name", args.served_model_name]
-    stages.append(Stage("gateway", gateway))
+    stages.append(Stage("gateway", gateway, light_cores))
     return stages
 
 
+def worker_roles(args: argparse.Namespace) -> list[str]:
+    return ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
+
+
 def _start(stage: Stage) -> None:
-    cores = stage.cores
-
-    def pin() -> None:
-        if cores:
-            os.sched_setaffinity(0, cores)
-
-    stage.proc = subprocess.Popen(stage.argv, preexec_fn=pin)
+    stage.proc = subprocess.Popen(stage.argv, preexec_fn=pinned_to(stage.cores))
 
 
 def _healthy(url: str) -> bool:
@@ -127,16 +142,20 @@ class Cluster:
         self.stages: list[Stage] = []
 
     def start(self, timeout: float = 300.0) -> str:
+        roles = worker_roles(self.args)
+        cores = sorted(os.sched_getaffinity(0))
+        placements = place_workers(cores, len(roles), self.args.worker_placement)
+        light_cores = service_cores(roles, placements)
         nats_url = os.environ.get("NATS_URL")
         if not nats_url:
-            self.servers.append(start_nats())
+            self.servers.append(start_nats(cores=light_cores))
             nats_url = self.servers[-1].url
         redis_url = os.environ.get("REDIS_URL")
         if not redis_url:
-            self.servers.append(start_redis())
+            self.servers.append(start_redis(cores=light_cores))
             redis_url = self.servers[-1].url
         os.environ["REDIS_URL"] = redis_url  # the stages' prefix-cache index
-        self.stages = plan_stages(self.args, nats_url, free_port())
+        self.stages = plan_stages(self.args, nats_url, free_port(), placements, light_cores)
         for stage in self.stages:
             _start(stage)
         url = f"http://{self.args.host}:{self.args.port}"

@@ -5,6 +5,7 @@ output equals the in-process engine's (and so Hugging Face's)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,8 +46,20 @@ def stop_cluster(proc: subprocess.Popen) -> None:
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def group_is_gone(pgid: int, timeout: float = 10.0) -> bool:
+    """True once no process of the launcher's group (every stage, NATS, Redis) is left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +72,7 @@ def cluster(default_model):
     yield base
     stop_cluster(proc)
     assert proc.returncode == 0, "tandem serve did not stop cleanly"
+    assert group_is_gone(proc.pid), "a stage or server outlived tandem serve"
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +193,16 @@ def test_decode_preemption_goes_back_through_the_scheduler(tiny_llama):
         assert_all_blocks_free(base)
     finally:
         stop_cluster(proc)
+
+
+def test_a_stage_that_cannot_start_stops_the_whole_cluster(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # not a model
+    cmd = [sys.executable, "-m", "tandem.cli", "serve", "--model", str(tmp_path),
+           "--port", str(free_port())]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    assert "exited during start-up" in out
+    assert group_is_gone(proc.pid), "NATS, Redis or a stage was left running"

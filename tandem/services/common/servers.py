@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,14 +105,30 @@ class LocalServer:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
+def pinned_to(cores: Sequence[int]) -> Callable[[], None] | None:
+    """A preexec_fn that pins the child to `cores` (None when there is nothing to pin)."""
+    if not cores:
+        return None
+    return lambda: os.sched_setaffinity(0, cores)
+
+
 def _launch(
-    name: str, cmd: list[str], port: int, url: str, scratch: Path, timeout: float
+    name: str,
+    cmd: list[str],
+    port: int,
+    url: str,
+    scratch: Path,
+    timeout: float,
+    cores: Sequence[int] = (),
 ) -> LocalServer:
-    """Start `cmd` and wait until it listens on `port`; on failure leave nothing behind."""
+    """Start `cmd` (on `cores`, when given) and wait until it listens on `port`; on failure
+    leave nothing behind."""
     # Its log goes to a file: a pipe nobody reads would fill and stall the server.
     log_path = scratch / f"{name}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pinned_to(cores)
+        )
     server = LocalServer(name, url, proc, scratch)
     try:
         _wait_for_port(proc, port, log_path, name, timeout)
@@ -121,18 +138,23 @@ def _launch(
     return server
 
 
-def start_nats(port: int | None = None, timeout: float = 15.0) -> LocalServer:
+def start_nats(
+    port: int | None = None, timeout: float = 15.0, cores: Sequence[int] = ()
+) -> LocalServer:
     """nats-server on loopback with JetStream, its store in a temporary directory."""
     port = _claim(port, "nats-server")
     store = Path(tempfile.mkdtemp(prefix="tandem-nats-"))
     cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
-    return _launch("nats-server", cmd, port, f"nats://127.0.0.1:{port}", store, timeout)
+    return _launch("nats-server", cmd, port, f"nats://127.0.0.1:{port}", store, timeout, cores)
 
 
-def start_redis(port: int | None = None, timeout: float = 15.0) -> LocalServer:
+def start_redis(
+    port: int | None = None, timeout: float = 15.0, cores: Sequence[int] = ()
+) -> LocalServer:
     """redis-server on loopback, no persistence, its working directory temporary."""
     port = _claim(port, "redis-server")
     scratch = Path(tempfile.mkdtemp(prefix="tandem-redis-"))
     cmd = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
            "--appendonly", "no", "--dir", str(scratch), "--protected-mode", "yes"]  # fmt: skip
-    return _launch("redis-server", cmd, port, f"redis://127.0.0.1:{port}/0", scratch, timeout)
+    url = f"redis://127.0.0.1:{port}/0"
+    return _launch("redis-server", cmd, port, url, scratch, timeout, cores)
