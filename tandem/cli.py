@@ -131,15 +131,15 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from tandem.services.common.worker import worker_id_for
+    from tandem.services.common.worker import run_worker, worker_id_for
 
     args.model = resolve_model(args.model)
     if args.command == "prefill":
-        from tandem.services.prefill.service import serve
+        from tandem.services.prefill.service import PrefillWorker as worker_cls
     else:
-        from tandem.services.decode.service import serve
+        from tandem.services.decode.service import DecodeWorker as worker_cls
     worker_id = worker_id_for(args.command, args.worker_id)
-    asyncio.run(serve(engine_config(args), args.nats_url, worker_id))
+    asyncio.run(run_worker(worker_cls, engine_config(args), args.nats_url, worker_id))
     return 0
 
 

@@ -103,3 +103,15 @@ def request_tokens(out: StepOutput) -> engine_pb2.RequestTokens:
     elif stop:
         msg.stop_reason = stop
     return msg
+
+
+async def run_worker(worker_cls, config: EngineConfig, nats_url: str, worker_id: str) -> None:
+    """Connect, start, run until cancelled, shut down: the prefill and decode entry points."""
+    from tandem.services.common.bus import Bus
+
+    worker = worker_cls(config, await Bus.connect(nats_url, worker_id), worker_id)
+    await worker.start()
+    try:
+        await worker.run()
+    finally:
+        await worker.shutdown()

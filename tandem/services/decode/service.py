@@ -146,13 +146,3 @@ class DecodeWorker:
     async def shutdown(self) -> None:
         self.thread.shutdown()
         await self.bus.close()
-
-
-async def serve(config: EngineConfig, nats_url: str, worker_id: str) -> None:
-    """Run a decode worker until cancelled (the `tandem decode` entry point)."""
-    worker = DecodeWorker(config, await Bus.connect(nats_url, worker_id), worker_id)
-    await worker.start()
-    try:
-        await worker.run()
-    finally:
-        await worker.shutdown()

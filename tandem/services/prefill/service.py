@@ -167,13 +167,3 @@ class PrefillWorker:
             task.cancel()
         self.thread.shutdown()
         await self.bus.close()
-
-
-async def serve(config: EngineConfig, nats_url: str, worker_id: str) -> None:
-    """Run a prefill worker until cancelled (the `tandem prefill` entry point)."""
-    worker = PrefillWorker(config, await Bus.connect(nats_url, worker_id), worker_id)
-    await worker.start()
-    try:
-        await worker.run()
-    finally:
-        await worker.shutdown()
