@@ -3,6 +3,8 @@ process boundary: no pickle, no ad-hoc dicts."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from tandem.engine.request import Request, SamplingParams
@@ -114,5 +116,7 @@ def kv_to_chunks(
 def kv_from_chunk(chunk: engine_pb2.KVBlockChunk, tile_shape: tuple[int, ...]) -> torch.Tensor:
     """One chunk -> (chunk.num_blocks, *tile_shape) tensor in the chunk's dtype."""
     dtype = _DTYPES[chunk.dtype]
-    flat = torch.frombuffer(bytearray(chunk.data), dtype=torch.uint8)
+    with warnings.catch_warnings():  # read-only is fine: callers copy the tiles into a cache
+        warnings.filterwarnings("ignore", "The given buffer is not writable")
+        flat = torch.frombuffer(chunk.data, dtype=torch.uint8)
     return flat.view(dtype).view(chunk.num_blocks, *tile_shape)
