@@ -37,3 +37,11 @@ def test_seeded_rows_do_not_depend_on_batch_neighbours():
         ),
     )
     assert alone.tolist()[0] == batch.tolist()[0]
+
+
+def test_greedy_ties_take_the_first_maximum_like_argmax():
+    logits = torch.zeros(4, 4096)
+    for row, cols in enumerate([(2, 5), (0, 4095), (17, 18, 3000), (4095,)]):
+        logits[row, list(cols)] = 7.0
+    got = sample(logits, _st([SamplingParams(temperature=0.0)] * 4, vocab=4096)).tolist()
+    assert got == [2, 0, 17, 4095] == logits.argmax(dim=-1).tolist()
