@@ -8,10 +8,12 @@ evicted (hash dropped) lazily, only when the queue hands them out again.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 NONE_HASH = 0  # the parent hash of a request's first block when it has no salt
 
@@ -42,6 +44,21 @@ def extend_block_hashes(
     for i in range(len(block_hashes), num_full):
         parent = hash_block_tokens(parent, token_ids[i * block_size : (i + 1) * block_size])
         block_hashes.append(parent)
+
+
+class KVEventKind(enum.Enum):
+    STORED = "stored"  # a full block entered the prefix cache
+    REMOVED = "removed"  # it was evicted
+    CLEARED = "cleared"  # the whole prefix cache was reset
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheEvent:
+    """A change to the prefix cache, for the cluster-wide index."""
+
+    kind: KVEventKind
+    block_hash: int = 0
+    parent_hash: int = 0
 
 
 class Block:
@@ -75,6 +92,18 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, Block] = {}
         self.num_evicted = 0
+        self.events: list[KVCacheEvent] | None = None  # None: nobody listens
+
+    def enable_events(self) -> None:
+        """Record KVCacheEvents from now on (a worker publishes them; see take_events)."""
+        self.events = []
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """The events recorded since the last call."""
+        if not self.events:
+            return []
+        events, self.events = self.events, []
+        return events
 
     @property
     def num_free_blocks(self) -> int:
@@ -122,7 +151,7 @@ class BlockPool:
                     self._evict(block)
                 self.free_queue[block.block_id] = None
 
-    def cache_full_block(self, block: Block, block_hash: int) -> None:
+    def cache_full_block(self, block: Block, block_hash: int, parent_hash: int = 0) -> None:
         """Record that `block` holds the full block `block_hash` (first writer wins)."""
         if not self.enable_caching or block.block_hash is not None:
             return
@@ -130,6 +159,8 @@ class BlockPool:
             return  # another block already holds these tokens; keep that one canonical
         block.block_hash = block_hash
         self.cached[block_hash] = block
+        if self.events is not None:
+            self.events.append(KVCacheEvent(KVEventKind.STORED, block_hash, parent_hash))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash. Refused (False) while any block is in use."""
@@ -138,6 +169,8 @@ class BlockPool:
         for block in self.blocks:
             block.block_hash = None
         self.cached.clear()
+        if self.events is not None:
+            self.events.append(KVCacheEvent(KVEventKind.CLEARED))
         return True
 
     def _evict(self, block: Block) -> None:
@@ -145,6 +178,8 @@ class BlockPool:
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
                 self.num_evicted += 1
+                if self.events is not None:
+                    self.events.append(KVCacheEvent(KVEventKind.REMOVED, block.block_hash))
             block.block_hash = None
 
     def check_integrity(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem.engine.block_pool import Block, BlockPool, extend_block_hashes
+from tandem.engine.block_pool import Block, BlockPool, extend_block_hashes, root_hash
 from tandem.engine.request import Request
 
 
@@ -83,8 +83,10 @@ class KVCacheManager:
             request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt
         )
         blocks = self.req_to_blocks[request.request_id]
+        hashes = request.block_hashes
         for i in range(start, num_full):
-            self.pool.cache_full_block(blocks[i], request.block_hashes[i])
+            parent = hashes[i - 1] if i else root_hash(request.cache_salt)
+            self.pool.cache_full_block(blocks[i], hashes[i], parent)
         self.num_cached_blocks[request.request_id] = num_full
 
     def free(self, request: Request) -> None:

@@ -25,39 +25,57 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/engine.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"8\n\rSubmitRequest\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd8\x02\n\tHeartbeat\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\x05\x12\x12\n\nblock_size\x18\x07 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\x05\x12\x11\n\ttimestamp\x18\t \x01(\x01\x12\x11\n\tnum_steps\x18\n \x01(\x04\x12\x15\n\rmax_model_len\x18\x0b \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x0c \x01(\x05\x12\x1c\n\x14received_request_ids\x18\r \x03(\t\x12\x17\n\x0fnum_preemptions\x18\x0e \x01(\x04\"{\n\x0eScheduledChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\'\n\x07request\x18\x03 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\"Y\n\x08StepPlan\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12)\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x19.tandem.v1.ScheduledChunk\"\xb2\x01\n\nStepReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1d\n\x15prefilled_request_ids\x18\x03 \x03(\t\x12\x1a\n\x12\x66\x61iled_request_ids\x18\x04 \x03(\t\x12\'\n\theartbeat\x18\x05 \x01(\x0b\x32\x14.tandem.v1.Heartbeat\x12\x1c\n\x14\x66inished_request_ids\x18\x06 \x03(\t\"\x91\x01\n\x0cKVBlockChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\x9b\x01\n\tKVHandoff\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x19\n\x11prefill_worker_id\x18\x05 \x01(\t\"/\n\x0cKVHandoffAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"G\n\tPreempted\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\x12\x11\n\tworker_id\x18\x02 \x01(\t\"\xc6\x01\n\rRequestTokens\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x15\n\rstop_token_id\x18\x05 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x15\n\rreply_subject\x18\x08 \x01(\t\"\\\n\nTokenBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12*\n\x08requests\x18\x03 \x03(\x0b\x32\x18.tandem.v1.RequestTokens\"\xc5\x01\n\tTextDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nerror_code\x18\t \x01(\x05*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/engine.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"8\n\rSubmitRequest\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xb1\x03\n\tHeartbeat\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\x05\x12\x12\n\nblock_size\x18\x07 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\x05\x12\x11\n\ttimestamp\x18\t \x01(\x01\x12\x11\n\tnum_steps\x18\n \x01(\x04\x12\x15\n\rmax_model_len\x18\x0b \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x0c \x01(\x05\x12\x1c\n\x14received_request_ids\x18\r \x03(\t\x12\x17\n\x0fnum_preemptions\x18\x0e \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x0f \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x10 \x01(\x04\x12\x1e\n\x16num_kv_blocks_received\x18\x11 \x01(\x04\"{\n\x0eScheduledChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\'\n\x07request\x18\x03 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\"Y\n\x08StepPlan\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12)\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x19.tandem.v1.ScheduledChunk\"\xb2\x01\n\nStepReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1d\n\x15prefilled_request_ids\x18\x03 \x03(\t\x12\x1a\n\x12\x66\x61iled_request_ids\x18\x04 \x03(\t\x12\'\n\theartbeat\x18\x05 \x01(\x0b\x32\x14.tandem.v1.Heartbeat\x12\x1c\n\x14\x66inished_request_ids\x18\x06 \x03(\t\"\x91\x01\n\x0cKVBlockChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\xb6\x01\n\tKVHandoff\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x19\n\x11prefill_worker_id\x18\x05 \x01(\t\x12\x19\n\x11num_reused_blocks\x18\x06 \x01(\r\"2\n\x07KVProbe\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\")\n\x0cKVProbeReply\x12\x19\n\x11num_cached_blocks\x18\x01 \x01(\r\"\x98\x01\n\x07KVEvent\x12(\n\x06stored\x18\x01 \x01(\x0b\x32\x16.tandem.v1.BlockStoredH\x00\x12*\n\x07removed\x18\x02 \x01(\x0b\x32\x17.tandem.v1.BlockRemovedH\x00\x12.\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1b.tandem.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"R\n\x0b\x42lockStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12\x19\n\x11parent_block_hash\x18\x02 \x01(\x04\x12\x12\n\nblock_size\x18\x03 \x01(\r\"$\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"\x12\n\x10\x41llBlocksCleared\"g\n\x0cKVEventBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\"\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x12.tandem.v1.KVEvent\x12\x13\n\x0b\x66ull_resync\x18\x04 \x01(\x08\"$\n\x0fKVResyncRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x12\n\x10ResetPrefixCache\"/\n\x0cKVHandoffAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"G\n\tPreempted\x12\'\n\x07request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.RequestSpec\x12\x11\n\tworker_id\x18\x02 \x01(\t\"\xc6\x01\n\rRequestTokens\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x15\n\rstop_token_id\x18\x05 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x15\n\rreply_subject\x18\x08 \x01(\t\"\\\n\nTokenBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12*\n\x08requests\x18\x03 \x03(\x0b\x32\x18.tandem.v1.RequestTokens\"\xc5\x01\n\tTextDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nerror_code\x18\t \x01(\x05*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.engine_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=1838
-  _globals['_WORKERROLE']._serialized_end=1928
+  _globals['_WORKERROLE']._serialized_start=2509
+  _globals['_WORKERROLE']._serialized_end=2599
   _globals['_SUBMITREQUEST']._serialized_start=61
   _globals['_SUBMITREQUEST']._serialized_end=117
   _globals['_ABORTREQUEST']._serialized_start=119
   _globals['_ABORTREQUEST']._serialized_end=169
   _globals['_HEARTBEAT']._serialized_start=172
-  _globals['_HEARTBEAT']._serialized_end=516
-  _globals['_SCHEDULEDCHUNK']._serialized_start=518
-  _globals['_SCHEDULEDCHUNK']._serialized_end=641
-  _globals['_STEPPLAN']._serialized_start=643
-  _globals['_STEPPLAN']._serialized_end=732
-  _globals['_STEPREPORT']._serialized_start=735
-  _globals['_STEPREPORT']._serialized_end=913
-  _globals['_KVBLOCKCHUNK']._serialized_start=916
-  _globals['_KVBLOCKCHUNK']._serialized_end=1061
-  _globals['_KVHANDOFF']._serialized_start=1064
-  _globals['_KVHANDOFF']._serialized_end=1219
-  _globals['_KVHANDOFFACK']._serialized_start=1221
-  _globals['_KVHANDOFFACK']._serialized_end=1268
-  _globals['_PREEMPTED']._serialized_start=1270
-  _globals['_PREEMPTED']._serialized_end=1341
-  _globals['_REQUESTTOKENS']._serialized_start=1344
-  _globals['_REQUESTTOKENS']._serialized_end=1542
-  _globals['_TOKENBATCH']._serialized_start=1544
-  _globals['_TOKENBATCH']._serialized_end=1636
-  _globals['_TEXTDELTA']._serialized_start=1639
-  _globals['_TEXTDELTA']._serialized_end=1836
+  _globals['_HEARTBEAT']._serialized_end=605
+  _globals['_SCHEDULEDCHUNK']._serialized_start=607
+  _globals['_SCHEDULEDCHUNK']._serialized_end=730
+  _globals['_STEPPLAN']._serialized_start=732
+  _globals['_STEPPLAN']._serialized_end=821
+  _globals['_STEPREPORT']._serialized_start=824
+  _globals['_STEPREPORT']._serialized_end=1002
+  _globals['_KVBLOCKCHUNK']._serialized_start=1005
+  _globals['_KVBLOCKCHUNK']._serialized_end=1150
+  _globals['_KVHANDOFF']._serialized_start=1153
+  _globals['_KVHANDOFF']._serialized_end=1335
+  _globals['_KVPROBE']._serialized_start=1337
+  _globals['_KVPROBE']._serialized_end=1387
+  _globals['_KVPROBEREPLY']._serialized_start=1389
+  _globals['_KVPROBEREPLY']._serialized_end=1430
+  _globals['_KVEVENT']._serialized_start=1433
+  _globals['_KVEVENT']._serialized_end=1585
+  _globals['_BLOCKSTORED']._serialized_start=1587
+  _globals['_BLOCKSTORED']._serialized_end=1669
+  _globals['_BLOCKREMOVED']._serialized_start=1671
+  _globals['_BLOCKREMOVED']._serialized_end=1707
+  _globals['_ALLBLOCKSCLEARED']._serialized_start=1709
+  _globals['_ALLBLOCKSCLEARED']._serialized_end=1727
+  _globals['_KVEVENTBATCH']._serialized_start=1729
+  _globals['_KVEVENTBATCH']._serialized_end=1832
+  _globals['_KVRESYNCREQUEST']._serialized_start=1834
+  _globals['_KVRESYNCREQUEST']._serialized_end=1870
+  _globals['_RESETPREFIXCACHE']._serialized_start=1872
+  _globals['_RESETPREFIXCACHE']._serialized_end=1890
+  _globals['_KVHANDOFFACK']._serialized_start=1892
+  _globals['_KVHANDOFFACK']._serialized_end=1939
+  _globals['_PREEMPTED']._serialized_start=1941
+  _globals['_PREEMPTED']._serialized_end=2012
+  _globals['_REQUESTTOKENS']._serialized_start=2015
+  _globals['_REQUESTTOKENS']._serialized_end=2213
+  _globals['_TOKENBATCH']._serialized_start=2215
+  _globals['_TOKENBATCH']._serialized_end=2307
+  _globals['_TEXTDELTA']._serialized_start=2310
+  _globals['_TEXTDELTA']._serialized_end=2507
 # @@protoc_insertion_point(module_scope)

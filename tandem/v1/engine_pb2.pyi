@@ -32,7 +32,7 @@ class AbortRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "block_size", "max_num_seqs", "timestamp", "num_steps", "max_model_len", "max_num_batched_tokens", "received_request_ids", "num_preemptions")
+    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "block_size", "max_num_seqs", "timestamp", "num_steps", "max_model_len", "max_num_batched_tokens", "received_request_ids", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "num_kv_blocks_received")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,9 @@ class Heartbeat(_message.Message):
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_BLOCKS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     num_blocks: int
@@ -61,7 +64,10 @@ class Heartbeat(_message.Message):
     max_num_batched_tokens: int
     received_request_ids: _containers.RepeatedScalarFieldContainer[str]
     num_preemptions: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., timestamp: _Optional[float] = ..., num_steps: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., received_request_ids: _Optional[_Iterable[str]] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_kv_blocks_received: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., timestamp: _Optional[float] = ..., num_steps: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., received_request_ids: _Optional[_Iterable[str]] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_kv_blocks_received: _Optional[int] = ...) -> None: ...
 
 class ScheduledChunk(_message.Message):
     __slots__ = ("request_id", "num_tokens", "request", "decode_worker_id")
@@ -120,18 +126,84 @@ class KVBlockChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., num_chunks: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class KVHandoff(_message.Message):
-    __slots__ = ("request", "num_computed_tokens", "num_chunks", "num_cached_tokens", "prefill_worker_id")
+    __slots__ = ("request", "num_computed_tokens", "num_chunks", "num_cached_tokens", "prefill_worker_id", "num_reused_blocks")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_REUSED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     request: _common_pb2.RequestSpec
     num_computed_tokens: int
     num_chunks: int
     num_cached_tokens: int
     prefill_worker_id: str
-    def __init__(self, request: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ...) -> None: ...
+    num_reused_blocks: int
+    def __init__(self, request: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ..., num_reused_blocks: _Optional[int] = ...) -> None: ...
+
+class KVProbe(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: _common_pb2.RequestSpec
+    def __init__(self, request: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ...) -> None: ...
+
+class KVProbeReply(_message.Message):
+    __slots__ = ("num_cached_blocks",)
+    NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    num_cached_blocks: int
+    def __init__(self, num_cached_blocks: _Optional[int] = ...) -> None: ...
+
+class KVEvent(_message.Message):
+    __slots__ = ("stored", "removed", "cleared")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    stored: BlockStored
+    removed: BlockRemoved
+    cleared: AllBlocksCleared
+    def __init__(self, stored: _Optional[_Union[BlockStored, _Mapping]] = ..., removed: _Optional[_Union[BlockRemoved, _Mapping]] = ..., cleared: _Optional[_Union[AllBlocksCleared, _Mapping]] = ...) -> None: ...
+
+class BlockStored(_message.Message):
+    __slots__ = ("block_hashes", "parent_block_hash", "block_size")
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PARENT_BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    parent_block_hash: int
+    block_size: int
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ..., parent_block_hash: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class BlockRemoved(_message.Message):
+    __slots__ = ("block_hashes",)
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AllBlocksCleared(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KVEventBatch(_message.Message):
+    __slots__ = ("worker_id", "seq", "events", "full_resync")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    FULL_RESYNC_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    seq: int
+    events: _containers.RepeatedCompositeFieldContainer[KVEvent]
+    full_resync: bool
+    def __init__(self, worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., events: _Optional[_Iterable[_Union[KVEvent, _Mapping]]] = ..., full_resync: _Optional[bool] = ...) -> None: ...
+
+class KVResyncRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class ResetPrefixCache(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class KVHandoffAck(_message.Message):
     __slots__ = ("accepted", "error")

@@ -116,3 +116,26 @@ def test_extend_block_hashes_only_full_blocks():
     assert len(hashes) == 2
     extend_block_hashes(hashes, list(range(12)), 4, None)
     assert len(hashes) == 3
+
+
+def test_kv_events_report_stores_evictions_and_resets():
+    from tandem.engine.block_pool import KVCacheEvent, KVEventKind
+
+    pool = BlockPool(2)
+    assert pool.take_events() == []  # off until enabled
+    pool.enable_events()
+    a, b = pool.allocate(2)
+    pool.cache_full_block(a, 11, parent_hash=0)
+    pool.cache_full_block(b, 22, parent_hash=11)
+    pool.cache_full_block(b, 33)  # already hashed: no event
+    assert pool.take_events() == [
+        KVCacheEvent(KVEventKind.STORED, 11, 0),
+        KVCacheEvent(KVEventKind.STORED, 22, 11),
+    ]
+    pool.free([b, a])
+    (c,) = pool.allocate(1)  # evicts the least recent: b
+    assert pool.take_events() == [KVCacheEvent(KVEventKind.REMOVED, 22)]
+    pool.free([c])
+    assert pool.reset_prefix_cache()
+    assert pool.take_events() == [KVCacheEvent(KVEventKind.CLEARED)]
+    pool.check_integrity()
