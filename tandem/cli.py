@@ -58,6 +58,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--router",
+        default="kv-aware",
+        choices=["kv-aware", "least-loaded", "round-robin"],
+        help="how the scheduler picks workers: kv-aware weighs cached prefix against load",
+    )
+    p.add_argument(
+        "--kv-overlap-weight",
+        type=float,
+        default=1.0,
+        help="kv-aware: how many tokens of load one cached prompt token is worth",
+    )
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(args.model, args.dtype, args.max_model_len, args.seed),
@@ -123,10 +138,21 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
+    from tandem.services.scheduler.core import Router
     from tandem.services.scheduler.service import serve
 
     policy = SchedulingPolicy(args.scheduling_policy)
-    asyncio.run(serve(args.nats_url, policy, args.worker_timeout))
+    router = Router(args.router)
+    asyncio.run(
+        serve(
+            args.nats_url,
+            args.redis_url,
+            policy,
+            args.worker_timeout,
+            router,
+            args.kv_overlap_weight,
+        )
+    )
     return 0
 
 
@@ -183,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one process: the gateway with the engine in it (no NATS, no Redis)",
     )
+    add_router_args(serve)
     serve.add_argument("--prefill-workers", type=int, default=1)
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument(
@@ -216,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--nats-url", default=nats_url)
     sched.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     sched.add_argument("--worker-timeout", type=float, default=5.0, help="seconds")
+    sched.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL"), help="the prefix-cache index"
+    )
+    add_router_args(sched)
     sched.set_defaults(func=cmd_scheduler)
 
     for role in ("prefill", "decode"):

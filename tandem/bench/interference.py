@@ -51,12 +51,7 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
 
 def gaps_within(streams: list[list[float]], start: float, end: float) -> list[float]:
     """Inter-token gaps, per stream of token times, whose both tokens lie in [start, end]."""
-    return [
-        b - a
-        for times in streams
-        for a, b in zip(times, times[1:])
-        if start <= a and b <= end
-    ]
+    return [b - a for times in streams for a, b in zip(times, times[1:]) if start <= a and b <= end]
 
 
 def first_output_lens(num_decoders: int, output_len: int) -> list[int]:
@@ -225,8 +220,10 @@ def print_figures(name: str, f: dict, args: argparse.Namespace) -> None:
     r = f["itl_p99_ratio"]
     print(f"ITL p99 ratio B/A: {r:.2f}x" if r is not None else "ITL p99 ratio B/A: n/a")
     lp, ttft = f["long_prompts"], f["long_prompts"]["ttft_ms"]
-    print(f"long prompts: {lp['sent']} sent, {lp['completed']} ok, {lp['failed']} failed; "
-          f"TTFT p50 {ttft['p50']:.1f} ms, p99 {ttft['p99']:.1f} ms")
+    print(
+        f"long prompts: {lp['sent']} sent, {lp['completed']} ok, {lp['failed']} failed; "
+        f"TTFT p50 {ttft['p50']:.1f} ms, p99 {ttft['p99']:.1f} ms"
+    )
     d = f["decoders"]
     print(f"decoder requests finished: {d['completed']} ok, {d['failed']} failed")
     for error in lp["errors"] + d["errors"]:
@@ -265,4 +262,3 @@ def report(runs: dict[str, dict], args: argparse.Namespace) -> tuple[dict, bool]
     ok = all(f["long_prompts"]["failed"] == 0 and f["decoders"]["failed"] == 0
              for f in runs.values())  # fmt: skip
     return result, ok
-

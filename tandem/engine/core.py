@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.engine.block_pool import Block
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.model_runner import ModelRunner
@@ -63,18 +64,27 @@ class EngineCore:
         self.scheduler.add_request(request)
 
     def add_prefilled_request(
-        self, request: Request, kv: torch.Tensor, num_computed_tokens: int
+        self,
+        request: Request,
+        kv: torch.Tensor,
+        num_computed_tokens: int,
+        reused: list[Block] = (),
     ) -> bool:
-        """Admit a request prefilled by another engine, with the KV tiles of its first
-        `num_computed_tokens` tokens ((blocks, layers, 2, Hkv, block_size, D), as
-        `hand_off` returns). False when it does not fit now; nothing changed then."""
+        """Admit a request prefilled by another engine. Its first `num_computed_tokens`
+        tokens have their KV in `reused` (leading blocks of this engine's prefix cache, on
+        which the caller holds a reference) followed by the tiles `kv` ((blocks, layers, 2,
+        Hkv, block_size, D), as `hand_off` returns). False when it does not fit now; nothing
+        changed then. On True the caller's references on `reused` pass to the request."""
         if request.eos_token_id is None:
             request.eos_token_id = self.eos_token_id
-        if kv.shape[0] != -(-num_computed_tokens // self.kv.block_size):
-            raise ValueError(f"{kv.shape[0]} KV blocks do not hold {num_computed_tokens} tokens")
-        if not self.scheduler.add_computed_request(request, num_computed_tokens):
+        num_blocks = len(reused) + kv.shape[0]
+        if num_blocks != -(-num_computed_tokens // self.kv.block_size):
+            raise ValueError(f"{num_blocks} KV blocks do not hold {num_computed_tokens} tokens")
+        if not self.scheduler.add_computed_request(request, num_computed_tokens, list(reused)):
             return False
-        self.runner.write_blocks(self.kv.block_ids(request.request_id)[: kv.shape[0]], kv)
+        self.kv.pool.free(reversed(reused))  # the request holds its own references now
+        block_ids = self.kv.block_ids(request.request_id)
+        self.runner.write_blocks(block_ids[len(reused) : num_blocks], kv)
         return True
 
     def hand_off(self, request_id: str) -> tuple[Request, torch.Tensor]:

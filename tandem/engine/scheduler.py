@@ -112,11 +112,14 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.add(request)
 
-    def add_computed_request(self, request: Request, num_computed_tokens: int) -> bool:
+    def add_computed_request(
+        self, request: Request, num_computed_tokens: int, cached_blocks: list = ()
+    ) -> bool:
         """Admit a request whose first `num_computed_tokens` tokens have their KV computed
-        elsewhere (a prefill worker) straight into running. False, changing nothing, when it
-        would exceed max_num_seqs or its blocks do not fit; on True the caller writes the KV
-        into the request's blocks before the next step."""
+        elsewhere (a prefill worker) straight into running; its leading `cached_blocks`
+        (prefix-cache hits here) hold part of it already. False, changing nothing, when it
+        would exceed max_num_seqs or its blocks do not fit; on True the caller writes the
+        rest of the KV into the request's blocks before the next step."""
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request_id {request.request_id!r}")
         if not 0 < num_computed_tokens < request.num_tokens:
@@ -124,7 +127,8 @@ class Scheduler:
         if len(self.running) >= self.config.max_num_seqs:
             return False
         request.num_computed_tokens = 0
-        if self.kv.allocate_slots(request, num_computed_tokens) is None:
+        num_new = num_computed_tokens - len(cached_blocks) * self.kv.block_size
+        if self.kv.allocate_slots(request, num_new, cached_blocks) is None:
             return False
         request.num_computed_tokens = num_computed_tokens
         request.arrival_time = request.arrival_time or self.clock()

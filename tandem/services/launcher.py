@@ -90,15 +90,22 @@ def service_cores(roles: list[str], placements: list[tuple[list[int], int]]) -> 
 
 
 def plan_stages(
-    args: argparse.Namespace, nats_url: str, tokenizer_port: int, placements, light_cores
+    args: argparse.Namespace,
+    nats_url: str,
+    redis_url: str,
+    tokenizer_port: int,
+    placements,
+    light_cores,
 ) -> list[Stage]:
     tandem = [sys.executable, "-m", "tandem.cli"]
     nats = ["--nats-url", nats_url]
     stages = [
         Stage("tokenizer", [*tandem, "tokenizer", "--model", args.model,
                             "--port", str(tokenizer_port), *nats], light_cores),
-        Stage("scheduler", [*tandem, "scheduler", *nats,
-                            "--scheduling-policy", args.scheduling_policy], light_cores),
+        Stage("scheduler", [*tandem, "scheduler", *nats, "--redis-url", redis_url,
+                            "--scheduling-policy", args.scheduling_policy,
+                            "--router", args.router,
+                            "--kv-overlap-weight", str(args.kv_overlap_weight)], light_cores),
     ]  # fmt: skip
     roles = worker_roles(args)
     for i, (role, (worker_cores, threads)) in enumerate(zip(roles, placements)):
@@ -154,8 +161,9 @@ class Cluster:
         if not redis_url:
             self.servers.append(start_redis(cores=light_cores))
             redis_url = self.servers[-1].url
-        os.environ["REDIS_URL"] = redis_url  # the stages' prefix-cache index
-        self.stages = plan_stages(self.args, nats_url, free_port(), placements, light_cores)
+        self.stages = plan_stages(
+            self.args, nats_url, redis_url, free_port(), placements, light_cores
+        )
         for stage in self.stages:
             _start(stage)
         url = f"http://{self.args.host}:{self.args.port}"

@@ -4,17 +4,16 @@ import math
 
 import pytest
 
-from tandem.bench.serve import (
+from tandem.bench.deploy import format_cpus, short_name
+from tandem.bench.load import (
     SSE_DONE,
     RequestResult,
     arrival_offsets,
-    format_cpus,
     parse_sse_line,
     percentile,
     poisson_gaps,
     random_prompts,
     result_from_events,
-    short_name,
     stats_ms,
     summarize,
 )

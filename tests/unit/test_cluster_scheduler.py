@@ -150,3 +150,57 @@ def test_prompt_no_worker_can_hold_is_refused():
         assert "max_model_len" in str(e)
     else:
         raise AssertionError("a prompt at max_model_len was queued")
+
+
+def make_two_prefill(router):
+    clock = Clock()
+    core = ClusterScheduler(worker_timeout=5.0, router=router, clock=clock)
+    for wid in ("p0", "p1"):
+        core.on_heartbeat(
+            wid, Role.PREFILL, num_blocks=1000, num_free_blocks=1000, block_size=16,
+            max_num_seqs=64, max_model_len=4096, max_num_batched_tokens=2048,
+        )  # fmt: skip
+    core.on_heartbeat(
+        "d0", Role.DECODE, num_blocks=1000, num_free_blocks=1000, block_size=16,
+        max_num_seqs=64, max_model_len=4096,
+    )  # fmt: skip
+    return core
+
+
+def test_kv_aware_router_sends_a_request_to_the_worker_holding_its_prefix():
+    from tandem.services.scheduler.core import Router
+
+    core = make_two_prefill(Router.KV_AWARE)
+    core.add_request(req("busy", 300))  # lands on one worker and loads it
+    core.schedule()
+    busy = core.prefilling["busy"].prefill_worker_id
+    other = "p1" if busy == "p0" else "p0"
+    hit = req("hit", 1100)
+    hit.overlap = {busy: 60}  # 960 cached tokens outweigh 300 queued ones
+    core.add_request(hit)
+    cold = req("cold", 1100)
+    core.add_request(cold)
+    core.schedule()
+    assert core.prefilling["hit"].prefill_worker_id == busy
+    assert core.prefilling["cold"].prefill_worker_id == other
+
+
+def test_round_robin_and_least_loaded_ignore_the_cache():
+    from tandem.services.scheduler.core import Router
+
+    core = make_two_prefill(Router.ROUND_ROBIN)
+    for i in range(4):
+        r = req(f"r{i}", 10)
+        r.overlap = {"p0": 1}
+        core.add_request(r)
+    core.schedule()
+    assert sorted(r.prefill_worker_id for r in core.prefilling.values()) == ["p0", "p0", "p1", "p1"]
+
+    core = make_two_prefill(Router.LEAST_LOADED)
+    core.add_request(req("big", 1000))
+    core.schedule()
+    r = req("small", 10)
+    r.overlap = {core.prefilling["big"].prefill_worker_id: 60}
+    core.add_request(r)
+    core.schedule()
+    assert core.prefilling["small"].prefill_worker_id != core.prefilling["big"].prefill_worker_id

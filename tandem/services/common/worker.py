@@ -4,16 +4,20 @@ heartbeat and token messages they publish, and the memory of recent aborts."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from tandem.engine.block_pool import KVCacheEvent, KVEventKind
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore, StepOutput
+from tandem.services.common.bus import subject
 from tandem.v1 import engine_pb2
 
+logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 0.5  # seconds between heartbeats of an idle worker
 
 
@@ -85,6 +89,8 @@ def heartbeat(
         timestamp=time.time(),
         num_steps=engine.num_steps,
         num_preemptions=engine.scheduler.num_preemptions,
+        prefix_cache_queries=engine.kv.prefix_queries,
+        prefix_cache_hits=engine.kv.prefix_hits,
     )
 
 
@@ -103,6 +109,128 @@ def request_tokens(out: StepOutput) -> engine_pb2.RequestTokens:
     elif stop:
         msg.stop_reason = stop
     return msg
+
+
+class WorkerShell:
+    """What both worker kinds do around their own loop: the engine on its thread, aborts,
+    heartbeats (on a timer, even mid-step), and the prefix-cache events that keep the
+    cluster's index true (with a full restatement on request and on start, and a reset).
+
+    Lifecycle: start (load the engine, subscribe, announce) -> run -> shutdown. Subclasses
+    give `role`, `subscribe()`, `loop()`, and optionally `forget()` and `num_waiting()`."""
+
+    role: engine_pb2.WorkerRole
+
+    def __init__(self, config: EngineConfig, bus, worker_id: str) -> None:
+        self.bus = bus
+        self.worker_id = worker_id
+        self.thread = EngineThread(config)
+        self.aborted = Tombstones()
+        self.kv_seq = 0
+
+    async def start(self) -> None:
+        self.engine = await self.thread.start()
+        self.engine.kv.pool.enable_events()
+        await self.subscribe()
+        subs = [
+            (subject("abort"), engine_pb2.AbortRequest, self._on_abort),
+            (subject("kv", "resync", self.worker_id), engine_pb2.KVResyncRequest, self._resync),
+            (subject("reset_prefix_cache"), engine_pb2.ResetPrefixCache, self._on_reset),
+        ]
+        for subj, msg_type, handler in subs:
+            await self.bus.subscribe(subj, msg_type, handler)
+        await self.bus.flush()
+        await self._resync(None, None)  # whatever the index held for this id is stale
+        logger.info("%s ready", self.worker_id)
+
+    async def subscribe(self) -> None:
+        """Subscribe to this kind's own subjects."""
+
+    async def loop(self) -> None:
+        raise NotImplementedError
+
+    def forget(self, request_id: str) -> None:
+        """Drop this shell's own state of an aborted request."""
+
+    def num_waiting(self) -> int:
+        return 0
+
+    async def run(self) -> None:
+        beats = asyncio.create_task(self._heartbeats())
+        try:
+            await self.loop()
+        finally:
+            beats.cancel()
+
+    async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
+        self.aborted.add(msg.request_id)
+        self.forget(msg.request_id)
+        await self.thread.call(self.engine.abort, msg.request_id)
+
+    def heartbeat(self) -> engine_pb2.Heartbeat:
+        return heartbeat(self.engine, self.worker_id, self.role, self.num_waiting())
+
+    async def send_heartbeat(self) -> None:
+        await self.bus.publish(subject("heartbeat"), self.heartbeat())
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await self.send_heartbeat()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def flush_kv_events(self) -> None:
+        """Publish the prefix-cache changes since the last flush (taken on the engine
+        thread, which is the only one that changes the pool)."""
+        await self._publish_kv(await self.thread.call(self.engine.kv.pool.take_events))
+
+    async def _publish_kv(self, events: list[KVCacheEvent], full_resync: bool = False) -> None:
+        if not events and not full_resync:
+            return
+        batch = kv_event_batch(self.worker_id, self.kv_seq, events, full_resync)
+        self.kv_seq += 1
+        await self.bus.publish(subject("kv", "events"), batch)
+
+    async def _resync(self, msg, raw) -> None:
+        await self._publish_kv(await self.thread.call(self._cache_snapshot), full_resync=True)
+
+    def _cache_snapshot(self) -> list[KVCacheEvent]:
+        """On the engine thread: the whole prefix cache as STORED events (pending events are
+        subsumed by it)."""
+        pool = self.engine.kv.pool
+        pool.take_events()
+        return [KVCacheEvent(KVEventKind.STORED, h) for h in pool.cached]
+
+    async def _on_reset(self, msg, raw) -> None:
+        if not await self.thread.call(self.engine.reset_prefix_cache):
+            logger.warning("prefix cache not reset: requests are running")
+        await self.flush_kv_events()
+
+    async def shutdown(self) -> None:
+        self.thread.shutdown()
+        await self.bus.close()
+
+
+def kv_event_batch(
+    worker_id: str, seq: int, events: list[KVCacheEvent], full_resync: bool = False
+) -> engine_pb2.KVEventBatch:
+    """Events as one message; runs of the same kind share one entry."""
+    batch = engine_pb2.KVEventBatch(worker_id=worker_id, seq=seq, full_resync=full_resync)
+    last = None
+    for event in events:
+        if event.kind is KVEventKind.CLEARED:
+            batch.events.add(cleared=engine_pb2.AllBlocksCleared())
+            last = None
+        elif event.kind is KVEventKind.STORED:
+            if last is None or not last.HasField("stored"):
+                last = batch.events.add()
+                last.stored.parent_block_hash = event.parent_hash
+            last.stored.block_hashes.append(event.block_hash)
+        else:
+            if last is None or not last.HasField("removed"):
+                last = batch.events.add()
+                last.removed.SetInParent()
+            last.removed.block_hashes.append(event.block_hash)
+    return batch
 
 
 async def run_worker(worker_cls, config: EngineConfig, nats_url: str, worker_id: str) -> None:

@@ -1,6 +1,10 @@
 """The decode worker: receives prefilled requests and their KV blocks from prefill workers,
 runs continuous batching over them, and publishes one token batch per step. Out of blocks,
-it preempts by recompute: the request goes back to the central scheduler with its tokens."""
+it preempts by recompute: the request goes back to the central scheduler with its tokens.
+
+Before a prefill worker sends a request's KV, it asks (KVProbe) which leading blocks this
+worker's prefix cache holds already; they are reserved for the request until it arrives,
+and only the rest crosses the wire."""
 
 from __future__ import annotations
 
@@ -11,21 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.engine.block_pool import Block
 from tandem.engine.config import EngineConfig
 from tandem.engine.request import Request
 from tandem.services.common import codec
 from tandem.services.common.bus import Bus, KVAssembler, subject
-from tandem.services.common.worker import (
-    HEARTBEAT_INTERVAL,
-    EngineThread,
-    Tombstones,
-    heartbeat,
-    request_tokens,
-)
+from tandem.services.common.worker import WorkerShell, request_tokens
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
-ROLE = engine_pb2.WORKER_ROLE_DECODE
 
 
 @dataclass(slots=True)
@@ -33,31 +31,52 @@ class Arrival:
     """A handed-off request waiting for room in this worker's batch."""
 
     request: Request
-    kv: torch.Tensor
+    kv: torch.Tensor  # the blocks that came over the wire (after the reused ones)
     num_computed_tokens: int
+    reused: list[Block]
 
 
-class DecodeWorker:
-    """Lifecycle: start (load the engine, subscribe, announce) -> decode loop -> shutdown."""
+class DecodeWorker(WorkerShell):
+    """Admits arrivals while they fit, steps while anything runs."""
+
+    role = engine_pb2.WORKER_ROLE_DECODE
 
     def __init__(self, config: EngineConfig, bus: Bus, worker_id: str) -> None:
-        self.bus = bus
-        self.worker_id = worker_id
-        self.thread = EngineThread(config)
+        super().__init__(config, bus, worker_id)
         self.arrivals: deque[Arrival] = deque()
+        self.reserved: dict[str, list[Block]] = {}  # probed, not arrived yet
         self.received_ids: list[str] = []  # since the last heartbeat
-        self.aborted = Tombstones()
+        self.num_kv_blocks_received = 0
         self.wake = asyncio.Event()
 
-    async def start(self) -> None:
-        self.engine = await self.thread.start()
+    async def subscribe(self) -> None:
         self.assembler = KVAssembler(self.engine.runner.kv_tile_shape)
         base = subject("decode", self.worker_id)
+        await self.bus.subscribe(f"{base}.probe", engine_pb2.KVProbe, self._on_probe)
         await self.bus.subscribe(f"{base}.kv", engine_pb2.KVBlockChunk, self._on_chunk)
         await self.bus.subscribe(f"{base}.handoff", engine_pb2.KVHandoff, self._on_handoff)
-        await self.bus.subscribe(subject("abort"), engine_pb2.AbortRequest, self._on_abort)
-        await self.bus.flush()
-        logger.info("decode worker %s ready", self.worker_id)
+
+    async def _on_probe(self, probe: engine_pb2.KVProbe, raw) -> None:
+        num_cached = 0
+        if probe.request.request_id not in self.aborted:
+            num_cached = await self.thread.call(self._reserve, probe.request)
+        await raw.respond(engine_pb2.KVProbeReply(num_cached_blocks=num_cached).SerializeToString())
+
+    def _reserve(self, spec) -> int:
+        """On the engine thread: take a reference on the cached prefix of a request that is
+        about to arrive, so it cannot be evicted before then."""
+        request = codec.request_from_spec(spec)
+        hits, _ = self.engine.kv.get_computed_blocks(request)
+        self.engine.kv.pool.touch(hits)
+        self._release(request.request_id)  # a second probe replaces the first
+        self.reserved[request.request_id] = hits
+        return len(hits)
+
+    def _release(self, request_id: str) -> None:
+        """On the engine thread: drop a reservation that will not be used."""
+        blocks = self.reserved.pop(request_id, None)
+        if blocks:
+            self.engine.kv.pool.free(reversed(blocks))
 
     async def _on_chunk(self, chunk: engine_pb2.KVBlockChunk, raw) -> None:
         if chunk.request_id not in self.aborted:
@@ -67,47 +86,60 @@ class DecodeWorker:
     async def _on_handoff(self, handoff: engine_pb2.KVHandoff, raw) -> None:
         request_id = handoff.request.request_id
         ack = engine_pb2.KVHandoffAck(accepted=True)
-        if request_id in self.aborted:
+        reused = self.reserved.pop(request_id, [])
+        if request_id in self.aborted or len(reused) != handoff.num_reused_blocks:
             self.assembler.drop(request_id)
+            await self.thread.call(self.engine.kv.pool.free, reversed(reused))
+            if request_id not in self.aborted:
+                ack = engine_pb2.KVHandoffAck(accepted=False, error="reserved blocks differ")
         elif not self.assembler.complete(request_id, handoff.num_chunks):
             self.assembler.drop(request_id)
+            await self.thread.call(self.engine.kv.pool.free, reversed(reused))
             ack = engine_pb2.KVHandoffAck(accepted=False, error="KV chunks missing")
         else:
             request = codec.request_from_spec(handoff.request)
             request.num_cached_tokens = handoff.num_cached_tokens
-            kv = self.assembler.take(request_id)
-            self.arrivals.append(Arrival(request, kv, handoff.num_computed_tokens))
+            kv = self._take_kv(request_id, handoff.num_chunks)
+            self.num_kv_blocks_received += kv.shape[0]
+            self.arrivals.append(Arrival(request, kv, handoff.num_computed_tokens, reused))
             self.wake.set()
         self.received_ids.append(request_id)
         await raw.respond(ack.SerializeToString())
 
+    def _take_kv(self, request_id: str, num_chunks: int) -> torch.Tensor:
+        if num_chunks == 0:  # every block was reused
+            return torch.empty(0, *self.assembler.tile_shape)
+        return self.assembler.take(request_id)
+
+    def forget(self, request_id: str) -> None:
+        self.assembler.drop(request_id)  # its arrival, if any, is dropped by _admit
+
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
-        self.aborted.add(msg.request_id)
-        self.assembler.drop(msg.request_id)
-        self.arrivals = deque(a for a in self.arrivals if a.request.request_id != msg.request_id)
-        await self.thread.call(self.engine.abort, msg.request_id)
+        await super()._on_abort(msg, raw)
+        await self.thread.call(self._release, msg.request_id)
 
-    async def run(self) -> None:
-        """Admit arrivals while they fit, step while anything runs, heartbeat throughout."""
-        beats = asyncio.create_task(self._heartbeats())
-        try:
-            while True:
-                if self.arrivals:
-                    await self.thread.call(self._admit)
-                if self.engine.has_unfinished:
-                    await self._step()
-                else:
-                    self.wake.clear()
-                    await self.wake.wait()
-                if self.received_ids:  # tell the scheduler soon: they stop being in transit
-                    await self._heartbeat()
-        finally:
-            beats.cancel()
+    def num_waiting(self) -> int:
+        return len(self.arrivals)
 
-    async def _heartbeats(self) -> None:
+    def heartbeat(self) -> engine_pb2.Heartbeat:
+        msg = super().heartbeat()
+        msg.received_request_ids.extend(self.received_ids)
+        msg.num_kv_blocks_received = self.num_kv_blocks_received
+        self.received_ids.clear()
+        return msg
+
+    async def loop(self) -> None:
         while True:
-            await self._heartbeat()
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            if self.arrivals:
+                await self.thread.call(self._admit)
+            if self.engine.has_unfinished:
+                await self._step()
+            else:
+                self.wake.clear()
+                await self.wake.wait()
+            if self.received_ids:  # tell the scheduler soon: they stop being in transit
+                await self.send_heartbeat()
+            await self.flush_kv_events()
 
     def _admit(self) -> None:
         """On the engine thread: move arrivals into the batch in order while they fit."""
@@ -115,8 +147,11 @@ class DecodeWorker:
             a = self.arrivals[0]
             if a.request.request_id in self.aborted:
                 self.arrivals.popleft()
+                self.engine.kv.pool.free(reversed(a.reused))
                 continue
-            if not self.engine.add_prefilled_request(a.request, a.kv, a.num_computed_tokens):
+            if not self.engine.add_prefilled_request(
+                a.request, a.kv, a.num_computed_tokens, a.reused
+            ):
                 return
             self.arrivals.popleft()
 
@@ -136,13 +171,3 @@ class DecodeWorker:
     def _step_on_thread(self):
         outputs = self.engine.step()
         return outputs, self.engine.take_preempted()
-
-    async def _heartbeat(self) -> None:
-        msg = heartbeat(self.engine, self.worker_id, ROLE, num_waiting=len(self.arrivals))
-        msg.received_request_ids.extend(self.received_ids)
-        self.received_ids.clear()
-        await self.bus.publish(subject("heartbeat"), msg)
-
-    async def shutdown(self) -> None:
-        self.thread.shutdown()
-        await self.bus.close()

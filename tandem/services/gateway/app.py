@@ -133,6 +133,10 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
         check_model(body.model)
         if body.n != 1:
             raise APIError(400, "n must be 1", "BadRequestError", "n")
+        if body.cache_salt is not None and not body.cache_salt:
+            raise APIError(
+                400, "cache_salt must be a non-empty string", "BadRequestError", "cache_salt"
+            )
 
     def sampling_params(body: GenerateRequest, default_max_tokens: int = 16) -> SamplingParams:
         try:
@@ -176,7 +180,7 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             check_prompt(ids, "prompt")
         base_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
         streams = [
-            client.generate(f"{base_id}-{i}", ids, params, body.priority)
+            client.generate(f"{base_id}-{i}", ids, params, body.priority, body.cache_salt)
             for i, ids in enumerate(prompts)
         ]
         meta = dict(
@@ -207,7 +211,7 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
         # Without max_tokens, the reply may fill the rest of the context.
         params = sampling_params(body, client.max_model_len - len(ids))
         base_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
-        streams = [client.generate(f"{base_id}-0", ids, params, body.priority)]
+        streams = [client.generate(f"{base_id}-0", ids, params, body.priority, body.cache_salt)]
         meta = dict(
             id=base_id,
             object="chat.completion",
@@ -235,6 +239,12 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             "stop_reason": last[0].stop_reason if last[0] else None,
         }
         return dict(meta, choices=[choice], usage=_usage(len(ids), completion_tokens))
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> JSONResponse:
+        check_ready()
+        await client.reset_prefix_cache()
+        return JSONResponse({"status": "ok"})
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

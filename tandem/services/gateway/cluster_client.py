@@ -90,6 +90,9 @@ class ClusterEngineClient:
                     "num_waiting": hb.num_waiting,
                     "num_steps": hb.num_steps,
                     "num_preemptions": hb.num_preemptions,
+                    "prefix_cache_queries": hb.prefix_cache_queries,
+                    "prefix_cache_hits": hb.prefix_cache_hits,
+                    "num_kv_blocks_received": hb.num_kv_blocks_received,
                 }
                 for hb in self._live()
             }
@@ -118,8 +121,11 @@ class ClusterEngineClient:
         prompt_token_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        request = Request(request_id, prompt_token_ids, params, priority=priority)
+        request = Request(
+            request_id, prompt_token_ids, params, priority=priority, cache_salt=cache_salt
+        )
         request.arrival_time = time.time()
         spec = codec.request_to_spec(request, reply_subject=self.reply_subject)
         queue: asyncio.Queue = asyncio.Queue()
@@ -150,6 +156,10 @@ class ClusterEngineClient:
     async def abort(self, request_id: str) -> None:
         msg = engine_pb2.AbortRequest(request_id=request_id, reason="client")
         await self.bus.publish(subject("abort"), msg)
+
+    async def reset_prefix_cache(self) -> None:
+        """Every worker resets; their AllBlocksCleared events clear the index."""
+        await self.bus.publish(subject("reset_prefix_cache"), engine_pb2.ResetPrefixCache())
 
     async def shutdown(self) -> None:
         if self.bus is not None:

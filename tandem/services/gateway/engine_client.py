@@ -66,9 +66,14 @@ class EngineClient(Protocol):
         prompt_token_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[GenerationChunk]: ...
 
     async def abort(self, request_id: str) -> None: ...
+
+    async def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (on every worker, and in the cluster's index)."""
+        ...
 
     async def shutdown(self) -> None: ...
 
@@ -160,10 +165,13 @@ class InProcessEngineClient:
         prompt_token_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         from tandem.engine.tokenizer import IncrementalDetokenizer
 
-        request = Request(request_id, prompt_token_ids, params, priority=priority)
+        request = Request(
+            request_id, prompt_token_ids, params, priority=priority, cache_salt=cache_salt
+        )
         # Validate here, on the caller's side, so bad input raises before any streaming.
         if request.num_prompt_tokens >= self.max_model_len:
             raise ValueError(
@@ -191,6 +199,9 @@ class InProcessEngineClient:
 
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    async def reset_prefix_cache(self) -> None:
+        self._inbox.put(("reset", None))
 
     async def shutdown(self) -> None:
         self._inbox.put(("stop", None))
@@ -230,6 +241,10 @@ class InProcessEngineClient:
     def _handle(self, kind: str, payload) -> None:
         if kind == "abort":
             self.engine.abort(payload)
+            return
+        if kind == "reset":
+            if not self.engine.reset_prefix_cache():
+                logger.warning("prefix cache not reset: requests are running")
             return
         request: Request = payload
         sub = self._subs.get(request.request_id)

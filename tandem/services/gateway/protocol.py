@@ -38,6 +38,7 @@ class GenerateRequest(BaseModel):
     include_stop_str_in_output: bool = False
     priority: int = 0
     request_id: str | None = None
+    cache_salt: str | None = None  # enters the first block's hash: tenants share no cache
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

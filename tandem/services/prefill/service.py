@@ -14,64 +14,38 @@ from tandem.engine.core import StepOutput
 from tandem.engine.request import Request
 from tandem.services.common import codec
 from tandem.services.common.bus import Bus, send_kv, subject
-from tandem.services.common.worker import (
-    HEARTBEAT_INTERVAL,
-    EngineThread,
-    Tombstones,
-    heartbeat,
-    request_tokens,
-)
+from tandem.services.common.worker import WorkerShell, request_tokens
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
-ROLE = engine_pb2.WORKER_ROLE_PREFILL
 
 
-class PrefillWorker:
-    """Lifecycle: start (load the engine, subscribe, announce) -> run plans -> shutdown."""
+class PrefillWorker(WorkerShell):
+    """Runs the plans sent to it, in order; hands each prefilled request to its decode
+    worker, sending only the KV blocks that worker does not hold yet."""
+
+    role = engine_pb2.WORKER_ROLE_PREFILL
 
     def __init__(self, config: EngineConfig, bus: Bus, worker_id: str) -> None:
-        self.bus = bus
-        self.worker_id = worker_id
-        self.thread = EngineThread(config)
+        super().__init__(config, bus, worker_id)
         self.plans: asyncio.Queue[engine_pb2.StepPlan] = asyncio.Queue()
-        self.aborted = Tombstones()
         self.decode_of: dict[str, str] = {}  # request id -> its decode worker
         self.transfers: set[asyncio.Task] = set()
 
-    async def start(self) -> None:
-        self.engine = await self.thread.start()
+    async def subscribe(self) -> None:
         await self.bus.subscribe(
             subject("prefill", self.worker_id, "plan"), engine_pb2.StepPlan, self._on_plan
         )
-        await self.bus.subscribe(subject("abort"), engine_pb2.AbortRequest, self._on_abort)
-        await self.bus.flush()
-        logger.info("prefill worker %s ready", self.worker_id)
 
     async def _on_plan(self, plan: engine_pb2.StepPlan, raw) -> None:
         self.plans.put_nowait(plan)
 
-    async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
-        self.aborted.add(msg.request_id)
-        self.decode_of.pop(msg.request_id, None)
-        await self.thread.call(self.engine.abort, msg.request_id)
+    def forget(self, request_id: str) -> None:
+        self.decode_of.pop(request_id, None)
 
-    async def run(self) -> None:
-        """Run plans in the order they were sent; heartbeat throughout, even mid-step."""
-        beats = asyncio.create_task(self._heartbeats())
-        try:
-            while True:
-                await self._run_plan(await self.plans.get())
-        finally:
-            beats.cancel()
-
-    async def _heartbeats(self) -> None:
+    async def loop(self) -> None:
         while True:
-            await self.bus.publish(subject("heartbeat"), self._heartbeat())
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
-
-    def _heartbeat(self) -> engine_pb2.Heartbeat:
-        return heartbeat(self.engine, self.worker_id, ROLE)
+            await self._run_plan(await self.plans.get())
 
     async def _run_plan(self, plan: engine_pb2.StepPlan) -> None:
         report = engine_pb2.StepReport(worker_id=self.worker_id, step_id=plan.step_id)
@@ -106,8 +80,9 @@ class PrefillWorker:
             task = asyncio.create_task(self._hand_off(request, kv))
             self.transfers.add(task)
             task.add_done_callback(self.transfers.discard)
-        report.heartbeat.CopyFrom(self._heartbeat())
+        report.heartbeat.CopyFrom(self.heartbeat())
         await self.bus.publish(subject("scheduler", "report"), report)
+        await self.flush_kv_events()
 
     def _step(
         self, new: list[Request], budget: dict[str, int]
@@ -132,14 +107,25 @@ class PrefillWorker:
         decode_id = self.decode_of.pop(request_id, None)
         if decode_id is None or request_id in self.aborted:
             return
+        spec = codec.request_to_spec(request)
         try:
-            num_chunks = await send_kv(self.bus, subject("decode", decode_id, "kv"), request_id, kv)
+            probe = await self.bus.request(
+                subject("decode", decode_id, "probe"),
+                engine_pb2.KVProbe(request=spec),
+                engine_pb2.KVProbeReply,
+                timeout=30.0,
+            )
+            num_reused = probe.num_cached_blocks  # the decode worker holds these already
+            num_chunks = await send_kv(
+                self.bus, subject("decode", decode_id, "kv"), request_id, kv[num_reused:]
+            )
             handoff = engine_pb2.KVHandoff(
-                request=codec.request_to_spec(request),
+                request=spec,
                 num_computed_tokens=request.num_computed_tokens,
                 num_chunks=num_chunks,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
                 prefill_worker_id=self.worker_id,
+                num_reused_blocks=num_reused,
             )
             ack = await self.bus.request(
                 subject("decode", decode_id, "handoff"),
@@ -165,5 +151,4 @@ class PrefillWorker:
     async def shutdown(self) -> None:
         for task in list(self.transfers):
             task.cancel()
-        self.thread.shutdown()
-        await self.bus.close()
+        await super().shutdown()

@@ -14,12 +14,19 @@ request that fits no decode worker waits: that is admission control.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tandem.engine.config import SchedulingPolicy
 from tandem.engine.scheduler import WaitingQueue
+
+
+class Router(enum.Enum):
+    ROUND_ROBIN = "round-robin"
+    LEAST_LOADED = "least-loaded"
+    KV_AWARE = "kv-aware"
 
 
 class Role(enum.Enum):
@@ -59,6 +66,7 @@ class PendingRequest:
     prefill_worker_id: str = ""
     decode_worker_id: str = ""
     num_planned: int = 0
+    overlap: dict[str, int] = field(default_factory=dict)  # worker -> leading blocks cached
 
 
 @dataclass(slots=True)
@@ -85,8 +93,13 @@ class ClusterScheduler:
         worker_timeout: float = 5.0,
         plans_ahead: int = 2,
         transit_timeout: float = 60.0,
+        router: Router = Router.KV_AWARE,
+        overlap_weight: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.router = router
+        self.overlap_weight = overlap_weight
+        self._turns = {Role.PREFILL: itertools.count(), Role.DECODE: itertools.count()}
         self.waiting = WaitingQueue(policy)
         self.workers: dict[str, WorkerState] = {}
         self.prefilling: dict[str, PendingRequest] = {}  # placed on a prefill worker
@@ -199,19 +212,65 @@ class ClusterScheduler:
                 del worker.in_transit[request_id]
         return [w.worker_id for w in dead]
 
+    def _decode_load(self, worker: WorkerState) -> int:
+        return worker.num_running + worker.num_waiting + len(worker.in_transit)
+
     def _pick_decode(self, request: PendingRequest) -> WorkerState | None:
-        best, best_load = None, None
+        """The decode worker for a request: among those under max_num_seqs with room for its
+        blocks, the least loaded, or (kv-aware) the best by cached overlap against load."""
+        candidates = []
         for worker in self._live(Role.DECODE):
-            load = worker.num_running + worker.num_waiting + len(worker.in_transit)
+            load = self._decode_load(worker)
             blocks_in_transit = sum(b for b, _ in worker.in_transit.values())
             blocks_needed = -(-(request.num_tokens + 1) // max(worker.block_size, 1))
             if load >= worker.max_num_seqs:
                 continue
             if worker.num_free_blocks - blocks_in_transit < blocks_needed and load > 0:
                 continue  # an idle worker always takes one: it cannot do better later
-            if best_load is None or load < best_load:
-                best, best_load = worker, load
-        return best
+            candidates.append(worker)
+        return self._route(request, candidates, self._decode_load, Role.DECODE)
+
+    def _prefill_queue(self, worker: WorkerState) -> list[PendingRequest]:
+        return [r for r in self.prefilling.values() if r.prefill_worker_id == worker.worker_id]
+
+    def _queued_tokens(self, worker: WorkerState) -> int:
+        """Prompt tokens placed on a prefill worker and not yet planned."""
+        return sum(r.num_tokens - r.num_planned for r in self._prefill_queue(worker))
+
+    def _pick_prefill(self, request: PendingRequest) -> WorkerState | None:
+        """The prefill worker for a request, among those with less than `plans_ahead` steps
+        of work queued (the rest waits here, so placement binds late) and room for its
+        blocks."""
+        candidates = []
+        for worker in self._live(Role.PREFILL):
+            queue = self._prefill_queue(worker)
+            if len(queue) >= worker.max_num_seqs:
+                continue
+            if self._queued_tokens(worker) >= self.plans_ahead * worker.max_num_batched_tokens:
+                continue
+            blocks = -(-request.num_tokens // max(worker.block_size, 1))
+            if queue and blocks > self._prefill_room(worker, queue):
+                continue  # wait for this worker's blocks to come back
+            candidates.append(worker)
+        return self._route(request, candidates, self._queued_tokens, Role.PREFILL)
+
+    def _route(
+        self, request: PendingRequest, candidates: list[WorkerState], load, role: Role
+    ) -> WorkerState | None:
+        """Pick among candidates by the router: round-robin, least load, or cached overlap
+        (in tokens, times `overlap_weight`) minus load."""
+        if not candidates:
+            return None
+        if self.router is Router.ROUND_ROBIN:
+            return candidates[next(self._turns[role]) % len(candidates)]
+        if self.router is Router.LEAST_LOADED:
+            return min(candidates, key=load)
+
+        def score(worker: WorkerState) -> float:
+            overlap = request.overlap.get(worker.worker_id, 0) * worker.block_size
+            return self.overlap_weight * overlap - load(worker)
+
+        return max(candidates, key=score)
 
     def _prefill_room(self, worker: WorkerState, placed: list[PendingRequest]) -> int:
         """Blocks the worker can still give to new requests, counting those placed on it."""
@@ -219,8 +278,23 @@ class ClusterScheduler:
         return worker.num_free_blocks - used
 
     def schedule(self) -> list[Plan]:
-        """One plan for each prefill worker with a free slot and work to do: its placed
-        requests' next chunks first, then new requests, under its token budget."""
+        """Place waiting requests (in queue order, while a prefill and a decode worker take
+        them), then make one plan for each prefill worker with a free slot and work to do."""
+        while len(self.waiting):
+            request = self.waiting.peek()
+            decode = self._pick_decode(request)
+            prefill = self._pick_prefill(request) if decode is not None else None
+            if prefill is None:
+                break
+            self.waiting.pop()
+            request.prefill_worker_id, request.decode_worker_id = (
+                prefill.worker_id,
+                decode.worker_id,
+            )
+            request.num_planned = 0
+            self.prefilling[request.request_id] = request
+            blocks = -(-(request.num_tokens + 1) // max(decode.block_size, 1))
+            decode.in_transit[request.request_id] = (blocks, self.clock())
         plans = []
         for worker in sorted(self._live(Role.PREFILL), key=lambda w: w.plans_in_flight):
             while worker.plans_in_flight < self.plans_ahead:
@@ -233,35 +307,15 @@ class ClusterScheduler:
         return plans
 
     def _plan_for(self, worker: WorkerState) -> Plan:
+        """The next chunks of the requests placed on `worker`, in order, under its budget."""
         budget = worker.max_num_batched_tokens
         chunks: list[PlannedChunk] = []
-        placed = [r for r in self.prefilling.values() if r.prefill_worker_id == worker.worker_id]
-        for request in placed:
+        for request in self._prefill_queue(worker):
             num = min(request.num_tokens - request.num_planned, budget)
             if num > 0:
-                chunks.append(PlannedChunk(request, num, is_first=False))
+                chunks.append(PlannedChunk(request, num, is_first=request.num_planned == 0))
                 request.num_planned += num
                 budget -= num
-        room = self._prefill_room(worker, placed)
-        while budget > 0 and len(self.waiting) and len(placed) < worker.max_num_seqs:
-            request = self.waiting.peek()
-            blocks = -(-request.num_tokens // max(worker.block_size, 1))
-            if blocks > room and placed:
-                break  # wait for this worker's blocks to come back
-            decode = self._pick_decode(request)
-            if decode is None:
-                break
-            self.waiting.pop()
-            request.prefill_worker_id, request.decode_worker_id = worker.worker_id, decode.worker_id
-            num = min(request.num_tokens, budget)
-            request.num_planned = num
-            chunks.append(PlannedChunk(request, num, is_first=True))
-            self.prefilling[request.request_id] = request
-            placed.append(request)
-            # Count it on the decode worker now, so the next placement sees it.
-            decode.in_transit[request.request_id] = (blocks + 1, self.clock())
-            room -= blocks
-            budget -= num
         return Plan(worker.worker_id, worker.next_step_id, chunks)
 
     def stats(self) -> dict:

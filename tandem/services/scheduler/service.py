@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from tandem.engine.block_pool import KVEventKind, extend_block_hashes
 from tandem.engine.config import SchedulingPolicy
 from tandem.services.common.bus import Bus, subject
-from tandem.services.scheduler.core import ClusterScheduler, PendingRequest, Plan, Role
+from tandem.services.common.prefix_index import PrefixIndex
+from tandem.services.scheduler.core import ClusterScheduler, PendingRequest, Plan, Role, Router
 from tandem.v1 import common_pb2, engine_pb2
 
 logger = logging.getLogger(__name__)
@@ -23,9 +25,15 @@ def _pending(spec: common_pb2.RequestSpec) -> PendingRequest:
 
 
 class SchedulerService:
-    def __init__(self, bus: Bus, core: ClusterScheduler) -> None:
+    """Also the prefix index's writer: it applies the workers' KV events to Redis, asks a
+    worker for its whole cache when its events show a gap (or Redis came back), and looks
+    up each new request's cached prefix per worker for KV-aware routing."""
+
+    def __init__(self, bus: Bus, core: ClusterScheduler, index: PrefixIndex | None) -> None:
         self.bus = bus
         self.core = core
+        self.index = index
+        self.next_seq: dict[str, int] = {}  # per worker: the KV event batch expected next
 
     async def start(self) -> None:
         subs = [
@@ -34,6 +42,7 @@ class SchedulerService:
             (subject("scheduler", "report"), engine_pb2.StepReport, self._on_report),
             (subject("scheduler", "preempted"), engine_pb2.Preempted, self._on_preempted),
             (subject("abort"), engine_pb2.AbortRequest, self._on_abort),
+            (subject("kv", "events"), engine_pb2.KVEventBatch, self._on_kv_events),
         ]
         for subj, msg_type, handler in subs:
             await self.bus.subscribe(subj, msg_type, handler)
@@ -48,8 +57,10 @@ class SchedulerService:
         await self._add(msg.request, front=True)
 
     async def _add(self, spec: common_pb2.RequestSpec, front: bool) -> None:
+        request = _pending(spec)
+        request.overlap = await self._overlap(spec)
         try:
-            self.core.add_request(_pending(spec), front=front)
+            self.core.add_request(request, front=front)
         except ValueError as e:
             delta = engine_pb2.TextDelta(request_id=spec.request_id, error=str(e), error_code=400)
             await self.bus.publish(spec.reply_subject, delta)
@@ -92,17 +103,62 @@ class SchedulerService:
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         self.core.abort(msg.request_id)
 
+    async def _overlap(self, spec: common_pb2.RequestSpec) -> dict[str, int]:
+        """Per worker, how many leading blocks of this request it holds (from the index)."""
+        block_size = next((w.block_size for w in self.core.workers.values()), 0)
+        if self.index is None or not block_size or self.core.router is not Router.KV_AWARE:
+            return {}
+        hashes: list[int] = []
+        tokens = [*spec.prompt_token_ids, *spec.output_token_ids]
+        extend_block_hashes(hashes, tokens, block_size, spec.cache_salt or None)
+        return await self.index.lookup(hashes)
+
+    async def _on_kv_events(self, batch: engine_pb2.KVEventBatch, raw) -> None:
+        if self.index is None:
+            return
+        expected = self.next_seq.get(batch.worker_id)
+        if not batch.full_resync and batch.seq != expected:
+            await self._resync(batch.worker_id)  # a gap, or a worker new to this index
+            return
+        self.next_seq[batch.worker_id] = batch.seq + 1
+        await self.index.apply(batch.worker_id, _events(batch), full_resync=batch.full_resync)
+
+    async def _resync(self, worker_id: str) -> None:
+        self.next_seq.pop(worker_id, None)
+        msg = engine_pb2.KVResyncRequest(worker_id=worker_id)
+        await self.bus.publish(subject("kv", "resync", worker_id), msg)
+
     async def _send_plans(self) -> None:
         for plan in self.core.schedule():
             await self.bus.publish(subject("prefill", plan.worker_id, "plan"), _plan_proto(plan))
 
     async def run(self) -> None:
-        """Expire silent workers now and then; everything else happens on messages."""
+        """Expire silent workers now and then, and rebuild the index when Redis returns;
+        everything else happens on messages."""
         while True:
             await asyncio.sleep(EXPIRE_INTERVAL)
             for worker_id in self.core.expire():
                 logger.warning("worker %s stopped sending heartbeats: dropped", worker_id)
+                self.next_seq.pop(worker_id, None)
+                if self.index is not None:
+                    await self.index.drop_worker(worker_id)
+            if self.index is not None and not self.index.available and await self.index.ping():
+                for worker_id in list(self.core.workers):
+                    await self._resync(worker_id)
             await self._send_plans()
+
+
+def _events(batch: engine_pb2.KVEventBatch) -> list[tuple[KVEventKind, int]]:
+    out: list[tuple[KVEventKind, int]] = []
+    for event in batch.events:
+        kind = event.WhichOneof("event")
+        if kind == "stored":
+            out += [(KVEventKind.STORED, h) for h in event.stored.block_hashes]
+        elif kind == "removed":
+            out += [(KVEventKind.REMOVED, h) for h in event.removed.block_hashes]
+        elif kind == "cleared":
+            out.append((KVEventKind.CLEARED, 0))
+    return out
 
 
 def _plan_proto(plan: Plan) -> engine_pb2.StepPlan:
@@ -118,12 +174,25 @@ def _plan_proto(plan: Plan) -> engine_pb2.StepPlan:
     return msg
 
 
-async def serve(nats_url: str, policy: SchedulingPolicy, worker_timeout: float) -> None:
+async def serve(
+    nats_url: str,
+    redis_url: str | None,
+    policy: SchedulingPolicy,
+    worker_timeout: float,
+    router: Router = Router.KV_AWARE,
+    overlap_weight: float = 1.0,
+) -> None:
     """Run the scheduler until cancelled (the `tandem scheduler` entry point)."""
     bus = await Bus.connect(nats_url, "scheduler")
-    service = SchedulerService(bus, ClusterScheduler(policy, worker_timeout=worker_timeout))
+    core = ClusterScheduler(
+        policy, worker_timeout=worker_timeout, router=router, overlap_weight=overlap_weight
+    )
+    index = PrefixIndex(redis_url) if redis_url else None
+    service = SchedulerService(bus, core, index)
     await service.start()
     try:
         await service.run()
     finally:
         await bus.close()
+        if index is not None:
+            await index.close()
