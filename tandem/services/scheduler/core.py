@@ -233,9 +233,13 @@ class ClusterScheduler:
     def _prefill_queue(self, worker: WorkerState) -> list[PendingRequest]:
         return [r for r in self.prefilling.values() if r.prefill_worker_id == worker.worker_id]
 
-    def _queued_tokens(self, worker: WorkerState) -> int:
-        """Prompt tokens placed on a prefill worker and not yet planned."""
+    def _unplanned_tokens(self, worker: WorkerState) -> int:
+        """Prompt tokens placed on a prefill worker and not in a plan yet."""
         return sum(r.num_tokens - r.num_planned for r in self._prefill_queue(worker))
+
+    def _prefill_load(self, worker: WorkerState) -> int:
+        """Prompt tokens placed on a prefill worker and not reported prefilled yet."""
+        return sum(r.num_tokens for r in self._prefill_queue(worker))
 
     def _pick_prefill(self, request: PendingRequest) -> WorkerState | None:
         """The prefill worker for a request, among those with less than `plans_ahead` steps
@@ -246,13 +250,13 @@ class ClusterScheduler:
             queue = self._prefill_queue(worker)
             if len(queue) >= worker.max_num_seqs:
                 continue
-            if self._queued_tokens(worker) >= self.plans_ahead * worker.max_num_batched_tokens:
+            if self._unplanned_tokens(worker) >= self.plans_ahead * worker.max_num_batched_tokens:
                 continue
             blocks = -(-request.num_tokens // max(worker.block_size, 1))
             if queue and blocks > self._prefill_room(worker, queue):
                 continue  # wait for this worker's blocks to come back
             candidates.append(worker)
-        return self._route(request, candidates, self._queued_tokens, Role.PREFILL)
+        return self._route(request, candidates, self._prefill_load, Role.PREFILL)
 
     def _route(
         self, request: PendingRequest, candidates: list[WorkerState], load, role: Role
