@@ -22,12 +22,18 @@ from tandem.services.common.servers import free_port
 from tests.integration.test_server import assert_all_blocks_free
 
 
-def start_cluster(model: str, *flags: str, timeout: float = 180.0):
+def start_cluster(model: str, *flags: str, timeout: float = 180.0, env: dict | None = None):
     port = free_port()
     cmd = [sys.executable, "-m", "tandem.cli", "serve", "--model", model, "--port", str(port),
            "--dtype", "float32", "--torch-threads", "1", *flags]  # fmt: skip
     log = open(os.devnull, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=os.environ | (env or {}),
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
