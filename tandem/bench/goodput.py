@@ -184,7 +184,8 @@ def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict
     rates = parse_rates(args.rates)
     lens = (args.min_input_len, args.max_input_len, args.min_output_len, args.max_output_len)
     warm_len, _ = clip_lens(args.max_input_len, 2, info.max_model_len)
-    warm = [random_token_ids(random.Random(-1), n, info.vocab_size) for n in (warm_len, 16)]
+    warm_rng = random.Random(f"{args.seed}:warm-up")  # prompts of their own: no cache hits
+    warm = [random_token_ids(warm_rng, n, info.vocab_size) for n in (warm_len, 16)]
     print(f"{'=' * 20} goodput: {name} {'=' * 20}")
     print(f"SLOs: TTFT <= {args.ttft_slo_ms:g} ms, mean ITL <= {args.itl_slo_ms:g} ms; "
           f"{args.duration_s:g} s per rate; prompts {args.min_input_len}-{args.max_input_len}, "

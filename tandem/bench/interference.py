@@ -121,7 +121,8 @@ async def _drive(url: str, info: ServerInfo, args: argparse.Namespace) -> dict:
     decoded: list[RequestResult] = []  # decoder requests that finished
 
     async with client(url, None) as http:
-        warm = [random_token_ids(random.Random(-1), n, info.vocab_size)
+        warm_rng = random.Random(f"{args.seed}:warm-up")  # prompts of their own: no cache hits
+        warm = [random_token_ids(warm_rng, n, info.vocab_size)
                 for n in (args.decode_input_len, args.long_input_len)]  # fmt: skip
         await warm_up(http, warm, 2)
 

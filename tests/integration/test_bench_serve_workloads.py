@@ -49,7 +49,8 @@ def test_interference_measures_itl_before_and_during_long_prompts(default_model,
     assert report["workload"] == "interference"
     assert report["params"]["num_decoders"] == 2 and report["params"]["arrivals"] == "poisson"
     assert "kv_transfer_share_of_ttft" in report
-    for name, key in (("disaggregated", "itl_p99_ratio_disagg"), ("colocated", "itl_p99_ratio_colocated")):  # fmt: skip
+    keys = {"disaggregated": "itl_p99_ratio_disagg", "colocated": "itl_p99_ratio_colocated"}
+    for name, key in keys.items():
         run = report["deployments"][name]
         assert report[key] == run["itl_p99_ratio"] > 0
         for phase in ("phase_a", "phase_b"):
