@@ -272,3 +272,19 @@ class TextDelta(_message.Message):
     error: str
     error_code: int
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stop_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ...) -> None: ...
+
+class SchedulerStats(_message.Message):
+    __slots__ = ("num_waiting", "num_prefilling", "num_waiting_tokens", "index_available", "index_lookup_p50_ms", "num_index_lookups")
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILLING_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_LOOKUP_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_INDEX_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    num_waiting: int
+    num_prefilling: int
+    num_waiting_tokens: int
+    index_available: bool
+    index_lookup_p50_ms: float
+    num_index_lookups: int
+    def __init__(self, num_waiting: _Optional[int] = ..., num_prefilling: _Optional[int] = ..., num_waiting_tokens: _Optional[int] = ..., index_available: _Optional[bool] = ..., index_lookup_p50_ms: _Optional[float] = ..., num_index_lookups: _Optional[int] = ...) -> None: ...

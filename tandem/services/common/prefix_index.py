@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -61,7 +62,8 @@ class PrefixIndex:
         self.redis = redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._lookup = self.redis.register_script(_LOOKUP)
         self.available = True
-        self.lookup_seconds: list[float] = []  # recent lookup latencies, for the stats
+        self.lookup_seconds: deque[float] = deque(maxlen=1000)  # recent lookups, for stats
+        self.num_lookups = 0
 
     def _down(self, e: Exception) -> None:
         if self.available:
@@ -131,7 +133,8 @@ class PrefixIndex:
         except (RedisError, OSError) as e:
             self._down(e)
             return {}
-        self.lookup_seconds = self.lookup_seconds[-999:] + [time.perf_counter() - start]
+        self.lookup_seconds.append(time.perf_counter() - start)
+        self.num_lookups += 1
         return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def holders(self, block_hash: int) -> set[str]:

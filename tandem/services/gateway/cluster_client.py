@@ -34,6 +34,7 @@ class ClusterEngineClient:
         self.workers: dict[str, engine_pb2.Heartbeat] = {}
         self.seen: dict[str, float] = {}
         self._streams: dict[str, asyncio.Queue] = {}
+        self.scheduler_stats: engine_pb2.SchedulerStats | None = None
         self.bus: Bus | None = None
 
     async def start(self) -> None:
@@ -46,11 +47,17 @@ class ClusterEngineClient:
         await self.bus.subscribe(self.reply_subject, engine_pb2.TextDelta, self._on_delta)
         await self.bus.subscribe(subject("heartbeat"), engine_pb2.Heartbeat, self._on_heartbeat)
         await self.bus.subscribe(subject("scheduler", "report"), engine_pb2.StepReport, self._rep)
+        await self.bus.subscribe(
+            subject("scheduler", "stats"), engine_pb2.SchedulerStats, self._on_scheduler_stats
+        )
         await self.bus.flush()
 
     async def _on_heartbeat(self, hb: engine_pb2.Heartbeat, raw) -> None:
         self.workers[hb.worker_id] = hb
         self.seen[hb.worker_id] = time.monotonic()
+
+    async def _on_scheduler_stats(self, stats: engine_pb2.SchedulerStats, raw) -> None:
+        self.scheduler_stats = stats
 
     async def _rep(self, report: engine_pb2.StepReport, raw) -> None:
         if report.HasField("heartbeat"):
@@ -80,7 +87,19 @@ class ClusterEngineClient:
             engine_pb2.WORKER_ROLE_PREFILL: "prefill",
             engine_pb2.WORKER_ROLE_DECODE: "decode",
         }
+        stats = self.scheduler_stats
+        scheduler = {}
+        if stats is not None:
+            scheduler = {
+                "num_waiting": stats.num_waiting,
+                "num_prefilling": stats.num_prefilling,
+                "num_waiting_tokens": stats.num_waiting_tokens,
+                "index_available": stats.index_available,
+                "index_lookup_p50_ms": stats.index_lookup_p50_ms,
+                "num_index_lookups": stats.num_index_lookups,
+            }
         return {
+            "scheduler": scheduler,
             "workers": {
                 hb.worker_id: {
                     "role": role_names.get(hb.role, "unknown"),
@@ -95,7 +114,7 @@ class ClusterEngineClient:
                     "num_kv_blocks_received": hb.num_kv_blocks_received,
                 }
                 for hb in self._live()
-            }
+            },
         }
 
     async def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 
 from tandem.engine.block_pool import KVEventKind, extend_block_hashes
 from tandem.engine.config import SchedulingPolicy
@@ -146,6 +147,21 @@ class SchedulerService:
                 for worker_id in list(self.core.workers):
                     await self._resync(worker_id)
             await self._send_plans()
+            await self.bus.publish(subject("scheduler", "stats"), self._stats())
+
+    def _stats(self) -> engine_pb2.SchedulerStats:
+        core = self.core
+        msg = engine_pb2.SchedulerStats(
+            num_waiting=len(core.waiting),
+            num_prefilling=len(core.prefilling),
+            num_waiting_tokens=sum(r.num_tokens for r in core.waiting),
+        )
+        if self.index is not None:
+            msg.index_available = self.index.available
+            msg.num_index_lookups = self.index.num_lookups
+            if self.index.lookup_seconds:
+                msg.index_lookup_p50_ms = 1000 * statistics.median(self.index.lookup_seconds)
+        return msg
 
 
 def _events(batch: engine_pb2.KVEventBatch) -> list[tuple[KVEventKind, int]]:
