@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.engine.request import SamplingParams
-from tandem.services.gateway.engine_client import EngineClient, GenerationChunk
+from tandem.services.gateway.engine_client import EngineClient
 from tandem.services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -28,39 +25,19 @@ from tandem.services.gateway.protocol import (
     ModelList,
     TokenizeRequest,
 )
+from tandem.services.gateway.streaming import (
+    APIError,
+    chat_chunk,
+    collect,
+    completion_chunk,
+    error_response,
+    include_usage,
+    param_of,
+    stream_sse,
+    usage_of,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    """An error the client caused (or a refusal), rendered in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str,
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type_,
-            param,
-            code,
-        )
-
-
-def error_response(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
-def _param_of(message: str) -> str | None:
-    match = re.match(r"([a-z_]+) must", message)
-    return match.group(1) if match else None
 
 
 def build_app(client: EngineClient, served_model_name: str, model_path: str) -> FastAPI:
@@ -142,7 +119,7 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
         try:
             return body.sampling_params(default_max_tokens)
         except ValueError as e:
-            raise APIError(400, str(e), "BadRequestError", _param_of(str(e))) from None
+            raise APIError(400, str(e), "BadRequestError", param_of(str(e))) from None
 
     def check_prompt(ids: list[int], param: str) -> None:
         if not ids:
@@ -187,9 +164,9 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             id=base_id, object="text_completion", created=int(time.time()), model=served_model_name
         )
         if body.stream:
-            events = _stream(streams, prompts, meta, _include_usage(body), _completion_chunk)
+            events = stream_sse(streams, prompts, meta, include_usage(body), completion_chunk)
             return StreamingResponse(events, media_type="text/event-stream")
-        texts, last, completion_tokens = await _collect(streams)
+        texts, last, completion_tokens = await collect(streams)
         choices = [
             {
                 "index": i,
@@ -201,7 +178,7 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             for i in range(len(streams))
         ]
         prompt_tokens = sum(len(p) for p in prompts)
-        return dict(meta, choices=choices, usage=_usage(prompt_tokens, completion_tokens))
+        return dict(meta, choices=choices, usage=usage_of(prompt_tokens, completion_tokens))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
@@ -226,11 +203,11 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
                 "logprobs": None,
                 "finish_reason": None,
             }
-            events = _stream(
-                streams, [ids], meta, _include_usage(body), _chat_chunk, preamble=[role]
+            events = stream_sse(
+                streams, [ids], meta, include_usage(body), chat_chunk, preamble=[role]
             )
             return StreamingResponse(events, media_type="text/event-stream")
-        texts, last, completion_tokens = await _collect(streams)
+        texts, last, completion_tokens = await collect(streams)
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": texts[0]},
@@ -238,7 +215,7 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             "finish_reason": last[0].finish_reason if last[0] else None,
             "stop_reason": last[0].stop_reason if last[0] else None,
         }
-        return dict(meta, choices=[choice], usage=_usage(len(ids), completion_tokens))
+        return dict(meta, choices=[choice], usage=usage_of(len(ids), completion_tokens))
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> JSONResponse:
@@ -289,138 +266,3 @@ async def _start_client(client: EngineClient) -> None:
             log = logger.info if attempt % 20 == 0 else logger.debug
             log("engine client not connected yet (%s); retrying", e)
             await asyncio.sleep(0.5)
-
-
-def _include_usage(body: GenerateRequest) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _completion_chunk(i: int, chunk: GenerationChunk) -> dict:
-    choice = {
-        "index": i,
-        "text": chunk.text,
-        "logprobs": None,
-        "finish_reason": chunk.finish_reason,
-    }
-    if chunk.finish_reason is not None:
-        choice["stop_reason"] = chunk.stop_reason
-    return choice
-
-
-def _chat_chunk(i: int, chunk: GenerationChunk) -> dict | None:
-    if not chunk.text and chunk.finish_reason is None:
-        return None  # nothing to say yet (text held back): no empty delta
-    choice = {
-        "index": i,
-        "delta": {"content": chunk.text} if chunk.text else {},
-        "logprobs": None,
-        "finish_reason": chunk.finish_reason,
-    }
-    if chunk.finish_reason is not None:
-        choice["stop_reason"] = chunk.stop_reason
-    return choice
-
-
-async def _collect(
-    streams: list[AsyncIterator[GenerationChunk]],
-) -> tuple[list[str], list[GenerationChunk | None], int]:
-    """Run requests to the end: each one's text, each one's last chunk, and the number of
-    tokens generated in all."""
-    texts: list[list[str]] = [[] for _ in streams]
-    last: list[GenerationChunk | None] = [None] * len(streams)
-    completion_tokens = 0
-    try:
-        async for i, chunk in _merge(streams):
-            texts[i].append(chunk.text)
-            completion_tokens += len(chunk.token_ids)
-            last[i] = chunk
-    except ValueError as e:
-        raise APIError(400, str(e), "BadRequestError", _param_of(str(e))) from None
-    except RuntimeError as e:  # the engine side failed the request; the server goes on
-        raise APIError(503, str(e), "ServiceUnavailableError") from None
-    return ["".join(t) for t in texts], last, completion_tokens
-
-
-async def _stream(
-    streams: list[AsyncIterator[GenerationChunk]],
-    prompts: list[list[int]],
-    meta: dict,
-    include_usage: bool,
-    format_choice: Callable[[int, GenerationChunk], dict | None],
-    preamble: Sequence[dict] = (),
-) -> AsyncIterator[str]:
-    """SSE: the preamble's choices, then one event per chunk per choice (as format_choice
-    renders it; None skips the chunk), then usage (when asked), then [DONE]. Closing the
-    response (client gone) aborts whatever is still running."""
-    completion_tokens = 0
-    try:
-        for choice in preamble:
-            yield _sse(dict(meta, choices=[choice]))
-        async for i, chunk in _merge(streams):
-            completion_tokens += len(chunk.token_ids)
-            choice = format_choice(i, chunk)
-            if choice is not None:
-                yield _sse(dict(meta, choices=[choice]))
-        if include_usage:
-            usage = _usage(sum(len(p) for p in prompts), completion_tokens)
-            yield _sse(dict(meta, choices=[], usage=usage))
-        yield "data: [DONE]\n\n"
-    except (ValueError, RuntimeError) as e:
-        bad_input = isinstance(e, ValueError)
-        err = {
-            "error": {
-                "message": str(e),
-                "type": "BadRequestError" if bad_input else "ServiceUnavailableError",
-                "param": _param_of(str(e)) if bad_input else None,
-                "code": 400 if bad_input else 503,
-            }
-        }
-        yield _sse(err)
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-async def _merge(
-    streams: list[AsyncIterator[GenerationChunk]],
-) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    """Interleave several requests' chunks as they arrive. If the consumer stops early
-    (client gone, error), every stream is closed, which aborts its request."""
-    out: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, stream: AsyncIterator[GenerationChunk]) -> None:
-        try:
-            async for chunk in stream:
-                await out.put((i, chunk))
-        except Exception as e:  # surfaced to the consumer below
-            await out.put((i, e))
-        finally:
-            await out.put((i, done))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            i, item = await out.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for stream in streams:
-            await stream.aclose()
