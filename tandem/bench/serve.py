@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from tandem.bench import goodput, interference
+from tandem.bench import goodput, interference, shared_prefix
 from tandem.bench.deploy import DEPLOYMENT_FLAGS, deployment, placement, print_placement
 from tandem.bench.load import ServerInfo, random_prompts, run_load, server_info, summarize
 
@@ -33,6 +33,7 @@ class Workload(NamedTuple):
 
     run: Callable[[str, str, ServerInfo, argparse.Namespace], dict]
     report: Callable[[dict[str, dict], argparse.Namespace], tuple[dict, bool]]
+    deployments: dict[str, list[str]] = DEPLOYMENT_FLAGS  # name -> `tandem serve` flags
 
 
 # -- throughput ------------------------------------------------------------------------------
@@ -87,6 +88,7 @@ WORKLOADS = {
     "throughput": Workload(run_throughput, report_throughput),
     "interference": Workload(interference.run, interference.report),
     "goodput": Workload(goodput.run, goodput.report),
+    "shared-prefix": Workload(shared_prefix.run, shared_prefix.report, shared_prefix.DEPLOYMENTS),
 }
 
 
@@ -113,11 +115,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if args.url:
         runs["server"] = bench_one("server", args.url.rstrip("/"), None, args)
     else:
-        names = [n.strip() for n in args.deployments.split(",") if n.strip()]
-        if not names or set(names) - DEPLOYMENT_FLAGS.keys():
-            raise ValueError(f"deployments must be among {sorted(DEPLOYMENT_FLAGS)}: {names}")
+        known = WORKLOADS[args.workload].deployments
+        names = [n.strip() for n in (args.deployments or ",".join(known)).split(",") if n.strip()]
+        if not names or set(names) - known.keys():
+            raise ValueError(f"deployments must be among {sorted(known)}: {names}")
         for name in names:
-            flags = [*server_args, *DEPLOYMENT_FLAGS[name]]
+            flags = [*server_args, *known[name]]
             with deployment(flags, args.startup_timeout) as (url, pid):
                 runs[name] = bench_one(name, url, pid, args)
     report, ok = WORKLOADS[args.workload].report(runs, args)
@@ -138,7 +141,7 @@ def add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--server-args", default="", help='flags for both servers, e.g. "--dtype float32"'
     )
-    p.add_argument("--deployments", default="disaggregated,colocated", help=argparse.SUPPRESS)
+    p.add_argument("--deployments", default=None, help=argparse.SUPPRESS)
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument(
         "--duration-s", type=float, default=60.0,
@@ -152,4 +155,5 @@ def add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     g.add_argument("--output-len", type=int, default=128)
     interference.add_arguments(p.add_argument_group("interference workload"))
     goodput.add_arguments(p.add_argument_group("goodput workload"))
+    shared_prefix.add_arguments(p.add_argument_group("shared-prefix workload"))
     p.set_defaults(func=cmd_bench_serve)
