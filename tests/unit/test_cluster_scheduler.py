@@ -204,3 +204,18 @@ def test_round_robin_and_least_loaded_ignore_the_cache():
     core.add_request(r)
     core.schedule()
     assert core.prefilling["small"].prefill_worker_id != core.prefilling["big"].prefill_worker_id
+
+
+def test_a_new_prefix_follows_the_request_that_brought_it_before_the_index_knows():
+    from tandem.services.scheduler.core import Router
+
+    core = make_two_prefill(Router.KV_AWARE)
+    first, second, other = req("first", 1100), req("second", 1100), req("other", 1100)
+    first.block_hashes = list(range(100, 168))  # 68 full blocks, none in the index yet
+    second.block_hashes = list(range(100, 160)) + [999] * 8  # shares 60 of them
+    other.block_hashes = list(range(500, 568))
+    for r in (first, second, other):
+        core.add_request(r)
+    core.schedule()
+    assert core.prefilling["second"].prefill_worker_id == core.prefilling["first"].prefill_worker_id
+    assert core.prefilling["other"].prefill_worker_id != core.prefilling["first"].prefill_worker_id

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from tandem.engine.config import SchedulingPolicy
 from tandem.engine.scheduler import WaitingQueue
 
+PLACED_TTL = 10.0  # seconds a placement stands in for the index
+
 
 class Router(enum.Enum):
     ROUND_ROBIN = "round-robin"
@@ -67,6 +69,7 @@ class PendingRequest:
     decode_worker_id: str = ""
     num_planned: int = 0
     overlap: dict[str, int] = field(default_factory=dict)  # worker -> leading blocks cached
+    block_hashes: list[int] = field(default_factory=list)  # its full blocks' chained hashes
 
 
 @dataclass(slots=True)
@@ -99,6 +102,10 @@ class ClusterScheduler:
     ) -> None:
         self.router = router
         self.overlap_weight = overlap_weight
+        # Blocks of requests placed lately, per worker: the index learns of them only once
+        # the worker computed them, and a request with the same new prefix arriving in
+        # between should follow the first one rather than compute it a second time.
+        self.placed_blocks: dict[str, dict[int, float]] = {}
         self._turns = {Role.PREFILL: itertools.count(), Role.DECODE: itertools.count()}
         self.waiting = WaitingQueue(policy)
         self.workers: dict[str, WorkerState] = {}
@@ -210,6 +217,13 @@ class ClusterScheduler:
             ]
             for request_id in stale:
                 del worker.in_transit[request_id]
+        for worker_id in list(self.placed_blocks):
+            if worker_id not in self.workers:
+                del self.placed_blocks[worker_id]
+                continue
+            placed = self.placed_blocks[worker_id]  # the index knows them by now
+            for block_hash in [h for h, t in placed.items() if now - t > PLACED_TTL]:
+                del placed[block_hash]
         return [w.worker_id for w in dead]
 
     def _decode_load(self, worker: WorkerState) -> int:
@@ -238,8 +252,31 @@ class ClusterScheduler:
         return sum(r.num_tokens - r.num_planned for r in self._prefill_queue(worker))
 
     def _prefill_load(self, worker: WorkerState) -> int:
-        """Prompt tokens placed on a prefill worker and not reported prefilled yet."""
-        return sum(r.num_tokens for r in self._prefill_queue(worker))
+        """Prompt tokens placed on a prefill worker, not reported prefilled yet and not
+        expected to be found in its cache: the work it has queued."""
+        size = worker.block_size
+        return sum(
+            r.num_tokens - self._overlap(r, worker.worker_id) * size
+            for r in self._prefill_queue(worker)
+        )
+
+    def _overlap(self, request: PendingRequest, worker_id: str) -> int:
+        """Leading blocks of the request the worker holds: per the index, or because a
+        request placed there lately had them (whichever is longer)."""
+        placed = self.placed_blocks.get(worker_id, {})
+        num_placed = 0
+        for block_hash in request.block_hashes:
+            if block_hash not in placed:
+                break
+            num_placed += 1
+        return max(request.overlap.get(worker_id, 0), num_placed)
+
+    def _remember(self, request: PendingRequest, *workers: WorkerState) -> None:
+        now = self.clock()
+        for worker in workers:
+            placed = self.placed_blocks.setdefault(worker.worker_id, {})
+            for block_hash in request.block_hashes:
+                placed[block_hash] = now
 
     def _pick_prefill(self, request: PendingRequest) -> WorkerState | None:
         """The prefill worker for a request, among those with less than `plans_ahead` steps
@@ -271,7 +308,7 @@ class ClusterScheduler:
             return min(candidates, key=load)
 
         def score(worker: WorkerState) -> float:
-            overlap = request.overlap.get(worker.worker_id, 0) * worker.block_size
+            overlap = self._overlap(request, worker.worker_id) * worker.block_size
             return self.overlap_weight * overlap - load(worker)
 
         return max(candidates, key=score)
@@ -297,6 +334,7 @@ class ClusterScheduler:
             )
             request.num_planned = 0
             self.prefilling[request.request_id] = request
+            self._remember(request, prefill, decode)
             blocks = -(-(request.num_tokens + 1) // max(decode.block_size, 1))
             decode.in_transit[request.request_id] = (blocks, self.clock())
         plans = []

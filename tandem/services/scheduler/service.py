@@ -59,7 +59,8 @@ class SchedulerService:
 
     async def _add(self, spec: common_pb2.RequestSpec, front: bool) -> None:
         request = _pending(spec)
-        request.overlap = await self._overlap(spec)
+        request.block_hashes = self._block_hashes(spec)
+        request.overlap = await self._overlap(request.block_hashes)
         try:
             self.core.add_request(request, front=front)
         except ValueError as e:
@@ -104,15 +105,21 @@ class SchedulerService:
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         self.core.abort(msg.request_id)
 
-    async def _overlap(self, spec: common_pb2.RequestSpec) -> dict[str, int]:
-        """Per worker, how many leading blocks of this request it holds (from the index)."""
+    def _block_hashes(self, spec: common_pb2.RequestSpec) -> list[int]:
+        """The request's full blocks' chained hashes, as the workers compute them."""
         block_size = next((w.block_size for w in self.core.workers.values()), 0)
-        if self.index is None or not block_size or self.core.router is not Router.KV_AWARE:
-            return {}
+        if not block_size or self.core.router is not Router.KV_AWARE:
+            return []
         hashes: list[int] = []
         tokens = [*spec.prompt_token_ids, *spec.output_token_ids]
         extend_block_hashes(hashes, tokens, block_size, spec.cache_salt or None)
-        return await self.index.lookup(hashes)
+        return hashes
+
+    async def _overlap(self, block_hashes: list[int]) -> dict[str, int]:
+        """Per worker, how many leading blocks of this request it holds (from the index)."""
+        if self.index is None or not block_hashes:
+            return {}
+        return await self.index.lookup(block_hashes)
 
     async def _on_kv_events(self, batch: engine_pb2.KVEventBatch, raw) -> None:
         if self.index is None:
