@@ -16,6 +16,8 @@ import random
 import time
 from typing import Any
 
+import httpx
+
 from tandem.bench.load import (
     RequestResult,
     ServerInfo,
@@ -73,6 +75,18 @@ def phase_figures(streams: list[list[float]], start: float, end: float) -> dict:
     }
 
 
+def step_rates(before: dict, after: dict, seconds: float) -> dict[str, dict]:
+    """Each worker's engine steps per second between two `/stats` snapshots: whether the
+    workers slowed down, or only the path that relays their tokens to the client."""
+    then = before.get("workers", {})
+    rates = {}
+    for worker_id, now in after.get("workers", {}).items():
+        if worker_id in then and seconds > 0:
+            steps = now.get("num_steps", 0) - then[worker_id].get("num_steps", 0)
+            rates[worker_id] = {"role": now.get("role"), "steps_per_s": steps / seconds}
+    return rates
+
+
 def find_key(obj: Any, key: str) -> Any:
     """The value under `key` anywhere in nested dicts and lists, or None."""
     if isinstance(obj, dict):
@@ -108,6 +122,10 @@ def ratio(b: float, a: float) -> float | None:
 
 
 # -- the load --------------------------------------------------------------------------------
+
+
+async def _stats(http: httpx.AsyncClient) -> dict:
+    return (await http.get("/stats")).raise_for_status().json()
 
 
 async def _drive(url: str, info: ServerInfo, args: argparse.Namespace) -> dict:
@@ -146,9 +164,9 @@ async def _drive(url: str, info: ServerInfo, args: argparse.Namespace) -> dict:
                     raise RuntimeError(f"decoders not all decoding: {decoded[-1:]}")
                 await asyncio.sleep(0.05)
             await asyncio.sleep(args.warmup_s)
-            a_start = time.perf_counter()
+            a_start, stats_a = time.perf_counter(), await _stats(http)
             await asyncio.sleep(args.baseline_s)
-            b_start = time.perf_counter()
+            b_start, stats_b = time.perf_counter(), await _stats(http)
 
             async def long_prompt(offset: float, prompt: list[int]) -> RequestResult:
                 await asyncio.sleep(max(0.0, b_start + offset - time.perf_counter()))
@@ -156,15 +174,17 @@ async def _drive(url: str, info: ServerInfo, args: argparse.Namespace) -> dict:
 
             longs = [asyncio.create_task(long_prompt(o, p)) for o, p in zip(offsets, long_prompts)]
             await asyncio.sleep(max(0.0, b_start + args.duration_s - time.perf_counter()))
-            b_end = time.perf_counter()
+            b_end, stats_end = time.perf_counter(), await _stats(http)
             long_results = await asyncio.gather(*longs)  # each sent before b_end
-            stats = (await http.get("/stats")).raise_for_status().json()
+            stats = await _stats(http)
         finally:
             for task in slots:
                 task.cancel()
             await asyncio.gather(*slots, return_exceptions=True)
     return {"streams": [content_times(s) for s in streams], "decoded": decoded,
-            "long": long_results, "stats": stats, "phases": (a_start, b_start, b_end)}  # fmt: skip
+            "long": long_results, "stats": stats, "phases": (a_start, b_start, b_end),
+            "steps": {"phase_a": step_rates(stats_a, stats_b, b_start - a_start),
+                      "phase_b": step_rates(stats_b, stats_end, b_end - b_start)}}  # fmt: skip
 
 
 def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict:
@@ -196,6 +216,7 @@ def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict
             "failed": sum(not r.ok for r in decoded),
             "errors": sorted({r.error for r in decoded if r.error})[:10],
         },
+        "worker_steps_per_s": raw["steps"],
         "kv_transfer": kv_transfer,
         "kv_transfer_share_of_ttft": kv_transfer_share(kv_transfer, ttft_ms["mean"]),
     }
@@ -225,6 +246,10 @@ def print_figures(name: str, f: dict, args: argparse.Namespace) -> None:
         f"long prompts: {lp['sent']} sent, {lp['completed']} ok, {lp['failed']} failed; "
         f"TTFT p50 {ttft['p50']:.1f} ms, p99 {ttft['p99']:.1f} ms"
     )
+    steps_a, steps_b = f["worker_steps_per_s"]["phase_a"], f["worker_steps_per_s"]["phase_b"]
+    for worker_id, b in steps_b.items():
+        a = steps_a.get(worker_id, {}).get("steps_per_s", 0.0)
+        print(f"{b['role']} worker {worker_id}: {a:.1f} -> {b['steps_per_s']:.1f} steps/s (A -> B)")
     d = f["decoders"]
     print(f"decoder requests finished: {d['completed']} ok, {d['failed']} failed")
     for error in lp["errors"] + d["errors"]:

@@ -21,6 +21,7 @@ from tandem.bench.interference import (
     gaps_within,
     kv_transfer_share,
     phase_figures,
+    step_rates,
 )
 from tandem.bench.load import RequestResult, ServerInfo, arrivals_within, tpot
 
@@ -50,6 +51,14 @@ def test_first_output_lens_stagger_up_to_the_full_length():
     assert first_output_lens(4, 512) == [128, 256, 384, 512]
     assert first_output_lens(3, 2) == [1, 1, 2]
     assert first_output_lens(1, 7) == [7]
+
+
+def test_step_rates_per_worker_between_two_stats_snapshots():
+    before = {"workers": {"d0": {"role": "decode", "num_steps": 100}, "gone": {"num_steps": 1}}}
+    after = {"workers": {"d0": {"role": "decode", "num_steps": 150}, "new": {"num_steps": 9}}}
+    assert step_rates(before, after, 5.0) == {"d0": {"role": "decode", "steps_per_s": 10.0}}
+    assert step_rates(before, after, 0.0) == {}
+    assert step_rates({}, after, 5.0) == {}
 
 
 def test_kv_transfer_share_reads_the_stats_entry_or_is_none():
