@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from tandem.engine.config import (
     SchedulerConfig,
     SchedulingPolicy,
 )
+from tandem.services.common.logs import setup_logging
+from tandem.services.common.tracing import setup_tracing, shutdown_tracing
 
 logger = logging.getLogger("tandem")
 
@@ -71,6 +74,20 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="kv-aware: how many tokens of load one cached prompt token is worth",
     )
+
+
+def add_observability_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--otlp-traces-endpoint",
+        default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        help="export every request's trace over OTLP/HTTP (e.g. http://localhost:4318/v1/traces)",
+    )
+    p.add_argument(
+        "--trace-file",
+        default=os.environ.get("TANDEM_TRACE_FILE"),
+        help="append every stage's spans to this file, one OTLP JSON line per span",
+    )
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -210,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one process: the gateway with the engine in it (no NATS, no Redis)",
     )
     add_router_args(serve)
+    add_observability_args(serve)
     serve.add_argument("--prefill-workers", type=int, default=1)
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument(
@@ -230,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--nats-url", default=nats_url)
     gateway.add_argument("--tokenizer-url", default="127.0.0.1:50051", help="host:port (gRPC)")
     gateway.add_argument("--uvicorn-log-level", default="warning")
+    add_observability_args(gateway)
     gateway.set_defaults(func=cmd_gateway)
 
     tok = sub.add_parser("tokenizer", help="the tokenizer stage (gRPC, and the text stream)")
@@ -237,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--host", default="127.0.0.1")
     tok.add_argument("--port", type=int, default=50051)
     tok.add_argument("--nats-url", default=nats_url)
+    add_observability_args(tok)
     tok.set_defaults(func=cmd_tokenizer)
 
     sched = sub.add_parser("scheduler", help="the central scheduler")
@@ -247,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url", default=os.environ.get("REDIS_URL"), help="the prefix-cache index"
     )
     add_router_args(sched)
+    add_observability_args(sched)
     sched.set_defaults(func=cmd_scheduler)
 
     for role in ("prefill", "decode"):
@@ -254,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(worker)
         worker.add_argument("--nats-url", default=nats_url)
         worker.add_argument("--worker-id", default=None)
+        add_observability_args(worker)
         worker.set_defaults(func=cmd_worker)
 
     model = sub.add_parser("model", help="model files").add_subparsers(dest="action", required=True)
@@ -279,13 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stage_name(args: argparse.Namespace) -> str:
+    """The process's `service.name` in traces and `stage` in JSON logs."""
+    if args.command == "serve":
+        return "gateway" if args.colocated else "launcher"
+    return args.command
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    stage = _stage_name(args)
+    setup_logging(getattr(args, "log_format", "text"), stage)
     threads = getattr(args, "torch_threads", None) or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    traced = False
+    if stage != "launcher" and hasattr(args, "trace_file"):
+        traced = setup_tracing(stage, args.otlp_traces_endpoint, args.trace_file)
+        signal.signal(signal.SIGTERM, _interrupt)  # exit through `finally`: spans flushed
     try:
         return args.func(args)
     except ValueError as e:
@@ -293,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C reaches every stage of `tandem serve`: a quiet exit
         return 0
+    finally:
+        if traced:
+            shutdown_tracing()
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, info.max_model_len)
         self.num_steps = 0
+        self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed, all steps
+        self.last_batch_size = 0  # requests in the latest step
 
     def add_request(self, request: Request) -> None:
         """Validate against the engine's limits and queue. Raises ValueError on bad input."""
@@ -136,6 +138,10 @@ class EngineCore:
         if plan.is_empty:
             return []
         num_scheduled = [plan.num_scheduled_tokens[r.request_id] for r in plan.requests]
+        self.last_batch_size = len(plan.requests)
+        for r, n in zip(plan.requests, num_scheduled):  # all but a decode's one new token
+            last = r.num_computed_tokens + n == r.num_tokens and r.num_output_tokens > 0
+            self.num_prefill_tokens += n - last
         tables = [self.kv.block_ids(r.request_id) for r in plan.requests]
         sampled = self.runner.execute(plan.requests, num_scheduled, tables)
         finished = self.scheduler.update_from_output(plan, sampled)

@@ -98,7 +98,7 @@ def plan_stages(
     light_cores,
 ) -> list[Stage]:
     tandem = [sys.executable, "-m", "tandem.cli"]
-    nats = ["--nats-url", nats_url]
+    nats = ["--nats-url", nats_url, *observability_argv(args)]
     stages = [
         Stage("tokenizer", [*tandem, "tokenizer", "--model", args.model,
                             "--port", str(tokenizer_port), *nats], light_cores),
@@ -122,6 +122,16 @@ def plan_stages(
         gateway += ["--served-model-name", args.served_model_name]
     stages.append(Stage("gateway", gateway, light_cores))
     return stages
+
+
+def observability_argv(args: argparse.Namespace) -> list[str]:
+    """The tracing and logging flags, passed on to every stage."""
+    argv = ["--log-format", args.log_format]
+    if args.trace_file:
+        argv += ["--trace-file", args.trace_file]
+    if args.otlp_traces_endpoint:
+        argv += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
+    return argv
 
 
 def worker_roles(args: argparse.Namespace) -> list[str]:

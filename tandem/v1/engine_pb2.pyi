@@ -242,17 +242,19 @@ class RequestTokens(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stop_reason: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., reply_subject: _Optional[str] = ...) -> None: ...
 
 class TokenBatch(_message.Message):
-    __slots__ = ("worker_id", "step_id", "requests")
+    __slots__ = ("worker_id", "step_id", "requests", "timestamp")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step_id: int
     requests: _containers.RepeatedCompositeFieldContainer[RequestTokens]
-    def __init__(self, worker_id: _Optional[str] = ..., step_id: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ...) -> None: ...
+    timestamp: float
+    def __init__(self, worker_id: _Optional[str] = ..., step_id: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., timestamp: _Optional[float] = ...) -> None: ...
 
 class TextDelta(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "stop_reason", "num_prompt_tokens", "num_cached_tokens", "error", "error_code")
+    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "stop_reason", "num_prompt_tokens", "num_cached_tokens", "error", "error_code", "produced_at")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +264,7 @@ class TextDelta(_message.Message):
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    PRODUCED_AT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -271,7 +274,8 @@ class TextDelta(_message.Message):
     num_cached_tokens: int
     error: str
     error_code: int
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stop_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ...) -> None: ...
+    produced_at: float
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stop_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., produced_at: _Optional[float] = ...) -> None: ...
 
 class SchedulerStats(_message.Message):
     __slots__ = ("num_waiting", "num_prefilling", "num_waiting_tokens", "index_available", "index_lookup_p50_ms", "num_index_lookups")
@@ -288,3 +292,15 @@ class SchedulerStats(_message.Message):
     index_lookup_p50_ms: float
     num_index_lookups: int
     def __init__(self, num_waiting: _Optional[int] = ..., num_prefilling: _Optional[int] = ..., num_waiting_tokens: _Optional[int] = ..., index_available: _Optional[bool] = ..., index_lookup_p50_ms: _Optional[float] = ..., num_index_lookups: _Optional[int] = ...) -> None: ...
+
+class MetricsSnapshot(_message.Message):
+    __slots__ = ("instance", "stage", "timestamp", "exposition")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    EXPOSITION_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    stage: str
+    timestamp: float
+    exposition: str
+    def __init__(self, instance: _Optional[str] = ..., stage: _Optional[str] = ..., timestamp: _Optional[float] = ..., exposition: _Optional[str] = ...) -> None: ...

@@ -54,11 +54,21 @@ class Bus:
     def max_payload(self) -> int:
         return self.nc.max_payload
 
-    async def publish(self, subj: str, msg: Message) -> None:
-        await self.nc.publish(subj, msg.SerializeToString())
+    async def publish(self, subj: str, msg: Message, headers: dict | None = None) -> None:
+        """`headers`: NATS headers (a request's W3C trace context), when not empty."""
+        await self.nc.publish(subj, msg.SerializeToString(), headers=headers or None)
 
-    async def request(self, subj: str, msg: Message, reply_type: type[M], timeout: float) -> M:
-        reply = await self.nc.request(subj, msg.SerializeToString(), timeout=timeout)
+    async def request(
+        self,
+        subj: str,
+        msg: Message,
+        reply_type: type[M],
+        timeout: float,
+        headers: dict | None = None,
+    ) -> M:
+        reply = await self.nc.request(
+            subj, msg.SerializeToString(), timeout=timeout, headers=headers or None
+        )
         return reply_type.FromString(reply.data)
 
     async def subscribe(

@@ -12,6 +12,7 @@ from tandem.v1 import common_pb2, engine_pb2
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+ROLE_NAMES = {engine_pb2.WORKER_ROLE_PREFILL: "prefill", engine_pb2.WORKER_ROLE_DECODE: "decode"}
 
 
 def sampling_params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:

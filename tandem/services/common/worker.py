@@ -10,11 +10,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from tandem.engine.block_pool import KVCacheEvent, KVEventKind
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore, StepOutput
+from tandem.services.common import codec
 from tandem.services.common.bus import subject
+from tandem.services.common.metrics import (
+    EngineCollector,
+    MetricsPublisher,
+    WorkerMetrics,
+    engine_stats,
+)
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
@@ -127,6 +135,15 @@ class WorkerShell:
         self.thread = EngineThread(config)
         self.aborted = Tombstones()
         self.kv_seq = 0
+        self.engine: EngineCore | None = None
+        self.registry = CollectorRegistry()
+        role = codec.ROLE_NAMES[self.role]
+        labels = {"worker": worker_id, "role": role}
+        self.registry.register(
+            EngineCollector(lambda: engine_stats(self.engine, self.num_waiting()), labels)
+        )
+        self.metrics = WorkerMetrics(self.registry, worker_id, role)
+        self.publisher = MetricsPublisher(bus, self.registry, worker_id, role)
 
     async def start(self) -> None:
         self.engine = await self.thread.start()
@@ -157,10 +174,30 @@ class WorkerShell:
 
     async def run(self) -> None:
         beats = asyncio.create_task(self._heartbeats())
+        self.publisher.start()
         try:
             await self.loop()
         finally:
             beats.cancel()
+            self.publisher.stop()
+
+    async def timed_step(self, fn, *args):
+        """Run `fn` on the engine thread as one engine step, into the step metrics.
+        Returns (result, start_ns, end_ns)."""
+        start = time.time_ns()
+        result = await self.thread.call(fn, *args)
+        end = time.time_ns()
+        self.metrics.step_seconds.observe((end - start) / 1e9)
+        self.metrics.batch_size.observe(self.engine.last_batch_size)
+        return result, start, end
+
+    async def publish_tokens(self, outputs: list[StepOutput], step_id: int) -> None:
+        """One step's new tokens of all its requests, stamped for the stream-lag metric."""
+        batch = engine_pb2.TokenBatch(
+            worker_id=self.worker_id, step_id=step_id, timestamp=time.time()
+        )
+        batch.requests.extend(request_tokens(o) for o in outputs)
+        await self.bus.publish(subject("tokens"), batch)
 
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         self.aborted.add(msg.request_id)

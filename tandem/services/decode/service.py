@@ -18,9 +18,9 @@ import torch
 from tandem.engine.block_pool import Block
 from tandem.engine.config import EngineConfig
 from tandem.engine.request import Request
-from tandem.services.common import codec
+from tandem.services.common import codec, tracing
 from tandem.services.common.bus import Bus, KVAssembler, subject
-from tandem.services.common.worker import WorkerShell, request_tokens
+from tandem.services.common.worker import WorkerShell
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class DecodeWorker(WorkerShell):
         self.received_ids: list[str] = []  # since the last heartbeat
         self.num_kv_blocks_received = 0
         self.wake = asyncio.Event()
+        # request id -> (its decode span, its trace context), for traced requests only
+        self.spans: dict[str, tuple[object, dict[str, str]]] = {}
 
     async def subscribe(self) -> None:
         self.assembler = KVAssembler(self.engine.runner.kv_tile_shape)
@@ -101,6 +103,19 @@ class DecodeWorker(WorkerShell):
             request.num_cached_tokens = handoff.num_cached_tokens
             kv = self._take_kv(request_id, handoff.num_chunks)
             self.num_kv_blocks_received += kv.shape[0]
+            self.metrics.kv_bytes_received.inc(kv.numel() * kv.element_size())
+            carrier = dict(raw.headers or handoff.request.trace_context or {})
+            parent = tracing.extract(carrier)
+            if parent is not None:
+                attributes = {
+                    "gen_ai.request.id": request_id,
+                    "tandem.worker": self.worker_id,
+                    "tandem.prefill_worker": handoff.prefill_worker_id,
+                    "tandem.kv_blocks_received": kv.shape[0],
+                    "tandem.kv_blocks_reused": len(reused),
+                }
+                span = tracing.start_span("decode", parent, attributes)
+                self.spans[request_id] = (span, carrier)
             self.arrivals.append(Arrival(request, kv, handoff.num_computed_tokens, reused))
             self.wake.set()
         self.received_ids.append(request_id)
@@ -113,6 +128,19 @@ class DecodeWorker(WorkerShell):
 
     def forget(self, request_id: str) -> None:
         self.assembler.drop(request_id)  # its arrival, if any, is dropped by _admit
+        self._end_span(request_id, error="aborted")
+
+    def _end_span(self, request_id: str, request: Request | None = None, error=None):
+        """End a request's decode span; returns its trace context (None: not traced)."""
+        span, carrier = self.spans.pop(request_id, (None, None))
+        if span is None:
+            return None
+        if request is not None:
+            span.set_attribute("gen_ai.usage.completion_tokens", request.num_output_tokens)
+            reason = request.status.finish_reason or "preempted"
+            span.set_attribute("gen_ai.response.finish_reasons", [reason])
+        tracing.end_span(span, error)
+        return carrier
 
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         await super()._on_abort(msg, raw)
@@ -156,17 +184,21 @@ class DecodeWorker(WorkerShell):
             self.arrivals.popleft()
 
     async def _step(self) -> None:
-        outputs, preempted = await self.thread.call(self._step_on_thread)
+        (outputs, preempted), _, _ = await self.timed_step(self._step_on_thread)
         if outputs:
-            batch = engine_pb2.TokenBatch(worker_id=self.worker_id, step_id=self.engine.num_steps)
-            batch.requests.extend(request_tokens(o) for o in outputs)
-            await self.bus.publish(subject("tokens"), batch)
+            await self.publish_tokens(outputs, self.engine.num_steps)
+            if self.spans:
+                for out in outputs:
+                    if out.finished:
+                        self._end_span(out.request.request_id, out.request)
         for request in preempted:
             logger.info("preempted %s: back to the scheduler", request.request_id)
+            carrier = self._end_span(request.request_id, request)
             msg = engine_pb2.Preempted(
-                request=codec.request_to_spec(request), worker_id=self.worker_id
+                request=codec.request_to_spec(request, trace_context=carrier),
+                worker_id=self.worker_id,
             )
-            await self.bus.publish(subject("scheduler", "preempted"), msg)
+            await self.bus.publish(subject("scheduler", "preempted"), msg, headers=carrier)
 
     def _step_on_thread(self):
         outputs = self.engine.step()

@@ -11,7 +11,8 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.engine.request import SamplingParams
@@ -36,6 +37,7 @@ from tandem.services.gateway.streaming import (
     stream_sse,
     usage_of,
 )
+from tandem.services.gateway.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             await client.shutdown()
 
     app = FastAPI(title="Tandem", version="0.1.0", lifespan=lifespan)
+    telemetry = Telemetry(served_model_name)
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -76,6 +79,10 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
         if not client.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(telemetry.exposition(client.metrics()), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/stats")
     async def stats() -> JSONResponse:
@@ -150,14 +157,29 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
     async def completions(body: CompletionRequest):
         check_request(body)
         params = sampling_params(body)
-        prompts = [
-            await client.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()
-        ]
-        for ids in prompts:
-            check_prompt(ids, "prompt")
         base_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
+        api = telemetry.observe("/v1/completions", base_id, params)
+        with api.failing():
+            with api.active():
+                prompts = [
+                    await client.encode(p) if isinstance(p, str) else list(p)
+                    for p in body.prompts()
+                ]
+            for ids in prompts:
+                check_prompt(ids, "prompt")
         streams = [
-            client.generate(f"{base_id}-{i}", ids, params, body.priority, body.cache_salt)
+            api.watch(
+                f"{base_id}-{i}",
+                len(ids),
+                client.generate(
+                    f"{base_id}-{i}",
+                    ids,
+                    params,
+                    body.priority,
+                    body.cache_salt,
+                    api.trace_context,
+                ),
+            )
             for i, ids in enumerate(prompts)
         ]
         meta = dict(
@@ -183,12 +205,18 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         check_request(body)
-        ids = await chat_prompt(body.template_messages(), body.add_generation_prompt)
-        check_prompt(ids, "messages")
-        # Without max_tokens, the reply may fill the rest of the context.
-        params = sampling_params(body, client.max_model_len - len(ids))
         base_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
-        streams = [client.generate(f"{base_id}-0", ids, params, body.priority, body.cache_salt)]
+        api = telemetry.observe("/v1/chat/completions", base_id, sampling_params(body))
+        with api.failing():
+            with api.active():
+                ids = await chat_prompt(body.template_messages(), body.add_generation_prompt)
+            check_prompt(ids, "messages")
+            # Without max_tokens, the reply may fill the rest of the context.
+            params = sampling_params(body, client.max_model_len - len(ids))
+        stream = client.generate(
+            f"{base_id}-0", ids, params, body.priority, body.cache_salt, api.trace_context
+        )
+        streams = [api.watch(f"{base_id}-0", len(ids), stream)]
         meta = dict(
             id=base_id,
             object="chat.completion",

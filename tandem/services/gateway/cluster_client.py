@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from tandem.engine.request import Request, SamplingParams
 from tandem.services.common import codec
 from tandem.services.common.bus import Bus, subject
+from tandem.services.common.metrics import SnapshotStore
 from tandem.services.gateway.engine_client import GenerationChunk
 from tandem.services.tokenizer.service import TokenizerClient
 from tandem.v1 import engine_pb2
@@ -36,6 +37,7 @@ class ClusterEngineClient:
         self._streams: dict[str, asyncio.Queue] = {}
         self.scheduler_stats: engine_pb2.SchedulerStats | None = None
         self.bus: Bus | None = None
+        self.snapshots = SnapshotStore()
 
     async def start(self) -> None:
         """Connect; retried by the caller while the stages start."""
@@ -50,11 +52,18 @@ class ClusterEngineClient:
         await self.bus.subscribe(
             subject("scheduler", "stats"), engine_pb2.SchedulerStats, self._on_scheduler_stats
         )
+        await self.bus.subscribe(subject("metrics"), engine_pb2.MetricsSnapshot, self._on_metrics)
         await self.bus.flush()
 
     async def _on_heartbeat(self, hb: engine_pb2.Heartbeat, raw) -> None:
         self.workers[hb.worker_id] = hb
         self.seen[hb.worker_id] = time.monotonic()
+
+    async def _on_metrics(self, snapshot: engine_pb2.MetricsSnapshot, raw) -> None:
+        self.snapshots.add(snapshot)
+
+    def metrics(self) -> list[str]:
+        return self.snapshots.texts()
 
     async def _on_scheduler_stats(self, stats: engine_pb2.SchedulerStats, raw) -> None:
         self.scheduler_stats = stats
@@ -83,10 +92,6 @@ class ClusterEngineClient:
 
     def stats(self) -> dict:
         """Each live worker's load, from its heartbeats."""
-        role_names = {
-            engine_pb2.WORKER_ROLE_PREFILL: "prefill",
-            engine_pb2.WORKER_ROLE_DECODE: "decode",
-        }
         stats = self.scheduler_stats
         scheduler = {}
         if stats is not None:
@@ -102,7 +107,7 @@ class ClusterEngineClient:
             "scheduler": scheduler,
             "workers": {
                 hb.worker_id: {
-                    "role": role_names.get(hb.role, "unknown"),
+                    "role": codec.ROLE_NAMES.get(hb.role, "unknown"),
                     "num_blocks": hb.num_blocks,
                     "num_free_blocks": hb.num_free_blocks,
                     "num_running": hb.num_running,
@@ -141,17 +146,19 @@ class ClusterEngineClient:
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         request = Request(
             request_id, prompt_token_ids, params, priority=priority, cache_salt=cache_salt
         )
         request.arrival_time = time.time()
-        spec = codec.request_to_spec(request, reply_subject=self.reply_subject)
+        spec = codec.request_to_spec(request, self.reply_subject, trace_context)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         finished = False
         try:
-            await self.bus.publish(subject("submit"), engine_pb2.SubmitRequest(request=spec))
+            submit = engine_pb2.SubmitRequest(request=spec)
+            await self.bus.publish(subject("submit"), submit, headers=trace_context)
             while not finished:
                 delta: engine_pb2.TextDelta = await queue.get()
                 if delta.error:
@@ -166,6 +173,7 @@ class ClusterEngineClient:
                     delta.stop_reason or None,
                     delta.num_prompt_tokens,
                     delta.num_cached_tokens,
+                    delta.produced_at,
                 )
         finally:
             self._streams.pop(request_id, None)

@@ -10,14 +10,17 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from prometheus_client import CollectorRegistry, generate_latest
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.request import Request, RequestStatus, SamplingParams
+from tandem.services.common.metrics import EngineCollector, WorkerMetrics, engine_stats
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ class GenerationChunk:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    produced_at: float = 0.0  # wall clock of the step that made the tokens (0: unknown)
 
 
 class EngineClient(Protocol):
@@ -44,6 +48,10 @@ class EngineClient(Protocol):
     def ready(self) -> bool: ...
 
     def stats(self) -> dict: ...
+
+    def metrics(self) -> list[str]:
+        """The engine side's metrics, as Prometheus text expositions (one per process)."""
+        ...
 
     async def start(self) -> None:
         """Connect to the engine (called once at start-up, retried until it succeeds)."""
@@ -67,7 +75,11 @@ class EngineClient(Protocol):
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
-    ) -> AsyncIterator[GenerationChunk]: ...
+        trace_context: dict[str, str] | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
+        """Run a request; `trace_context` (W3C) makes the engine's spans part of the
+        caller's trace."""
+        ...
 
     async def abort(self, request_id: str) -> None: ...
 
@@ -102,6 +114,10 @@ class InProcessEngineClient:
         self._subs: dict[str, _Sub] = {}
         self._ready = threading.Event()
         self._num_threads = torch.get_num_threads()  # per thread in torch: set it there too
+        self.registry = CollectorRegistry()
+        labels = {"worker": "engine", "role": "colocated"}
+        self.registry.register(EngineCollector(lambda: engine_stats(self.engine), labels))
+        self.worker_metrics = WorkerMetrics(self.registry, "engine", "colocated")
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -128,6 +144,9 @@ class InProcessEngineClient:
             "num_steps": engine.num_steps,
         }
         return {"workers": {"engine": load}}
+
+    def metrics(self) -> list[str]:
+        return [generate_latest(self.registry).decode()]
 
     async def start(self) -> None:
         """The engine loads on its own thread from construction on: nothing to connect."""
@@ -166,6 +185,7 @@ class InProcessEngineClient:
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         from tandem.engine.tokenizer import IncrementalDetokenizer
 
@@ -256,7 +276,12 @@ class InProcessEngineClient:
             sub.loop.call_soon_threadsafe(sub.out.put_nowait, e)
 
     def _step(self) -> None:
-        for out in self.engine.step():
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        self.worker_metrics.step_seconds.observe(time.perf_counter() - start)
+        self.worker_metrics.batch_size.observe(self.engine.last_batch_size)
+        now = time.time()
+        for out in outputs:
             req = out.request
             sub = self._subs.get(req.request_id)
             if sub is None:
@@ -274,5 +299,6 @@ class InProcessEngineClient:
                 req.stop_reason,
                 req.num_prompt_tokens,
                 max(req.num_cached_tokens, 0),
+                now,
             )
             sub.loop.call_soon_threadsafe(sub.out.put_nowait, chunk)

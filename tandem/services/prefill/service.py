@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import torch
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import StepOutput
 from tandem.engine.request import Request
-from tandem.services.common import codec
+from tandem.services.common import codec, tracing
 from tandem.services.common.bus import Bus, send_kv, subject
-from tandem.services.common.worker import WorkerShell, request_tokens
+from tandem.services.common.worker import WorkerShell
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class PrefillWorker(WorkerShell):
         super().__init__(config, bus, worker_id)
         self.plans: asyncio.Queue[engine_pb2.StepPlan] = asyncio.Queue()
         self.decode_of: dict[str, str] = {}  # request id -> its decode worker
+        self.trace_of: dict[str, dict[str, str]] = {}  # request id -> W3C context, traced
         self.transfers: set[asyncio.Task] = set()
 
     async def subscribe(self) -> None:
@@ -42,6 +44,7 @@ class PrefillWorker(WorkerShell):
 
     def forget(self, request_id: str) -> None:
         self.decode_of.pop(request_id, None)
+        self.trace_of.pop(request_id, None)
 
     async def loop(self) -> None:
         while True:
@@ -62,19 +65,24 @@ class PrefillWorker(WorkerShell):
                     report.finished_request_ids.append(chunk.request_id)
                     continue
                 self.decode_of[chunk.request_id] = chunk.decode_worker_id
+                if chunk.request.trace_context and tracing.enabled():
+                    self.trace_of[chunk.request_id] = dict(chunk.request.trace_context)
             budget[chunk.request_id] = chunk.num_tokens
-        outputs, failed, handoffs = await self.thread.call(self._step, new, budget)
+        planned = dict(budget)
+        (outputs, failed, handoffs), start_ns, end_ns = await self.timed_step(
+            self._step, new, budget
+        )
         report.failed_request_ids.extend(failed)
         for request_id in failed:
-            self.decode_of.pop(request_id, None)
+            self.forget(request_id)
+        if self.trace_of:
+            self._trace_step(plan.step_id, planned, set(failed), start_ns, end_ns)
         if outputs:
-            batch = engine_pb2.TokenBatch(worker_id=self.worker_id, step_id=plan.step_id)
-            batch.requests.extend(request_tokens(o) for o in outputs)
-            await self.bus.publish(subject("tokens"), batch)  # the first tokens: TTFT
+            await self.publish_tokens(outputs, plan.step_id)  # the first tokens: TTFT
         for out in outputs:
             if out.finished:
                 report.finished_request_ids.append(out.request.request_id)
-                self.decode_of.pop(out.request.request_id, None)
+                self.forget(out.request.request_id)
         for request, kv in handoffs:
             report.prefilled_request_ids.append(request.request_id)
             task = asyncio.create_task(self._hand_off(request, kv))
@@ -83,6 +91,24 @@ class PrefillWorker(WorkerShell):
         report.heartbeat.CopyFrom(self.heartbeat())
         await self.bus.publish(subject("scheduler", "report"), report)
         await self.flush_kv_events()
+
+    def _trace_step(
+        self, step_id: int, planned: dict[str, int], failed: set[str], start_ns, end_ns
+    ) -> None:
+        """Each traced request's share of the step: one span each."""
+        batch_tokens = sum(planned.values())
+        for request_id, num_tokens in planned.items():
+            carrier = self.trace_of.get(request_id)
+            if carrier is None or request_id in failed:
+                continue
+            attributes = {
+                "gen_ai.request.id": request_id,
+                "tandem.worker": self.worker_id,
+                "tandem.step_id": step_id,
+                "tandem.num_tokens": num_tokens,
+                "tandem.batch_tokens": batch_tokens,
+            }
+            tracing.record_span("prefill", tracing.extract(carrier), start_ns, end_ns, attributes)
 
     def _step(
         self, new: list[Request], budget: dict[str, int]
@@ -105,9 +131,16 @@ class PrefillWorker(WorkerShell):
         """Send the KV in acked chunks, then the request itself, to its decode worker."""
         request_id = request.request_id
         decode_id = self.decode_of.pop(request_id, None)
+        carrier = self.trace_of.pop(request_id, None)
         if decode_id is None or request_id in self.aborted:
             return
-        spec = codec.request_to_spec(request)
+        spec = codec.request_to_spec(request, trace_context=carrier)
+        span = None
+        if carrier is not None:
+            attributes = {"gen_ai.request.id": request_id, "tandem.decode_worker": decode_id}
+            span = tracing.start_span("kv_transfer", tracing.extract(carrier), attributes)
+        start = time.perf_counter()
+        error = None
         try:
             probe = await self.bus.request(
                 subject("decode", decode_id, "probe"),
@@ -116,9 +149,17 @@ class PrefillWorker(WorkerShell):
                 timeout=30.0,
             )
             num_reused = probe.num_cached_blocks  # the decode worker holds these already
+            sent = kv[num_reused:]
             num_chunks = await send_kv(
-                self.bus, subject("decode", decode_id, "kv"), request_id, kv[num_reused:]
+                self.bus, subject("decode", decode_id, "kv"), request_id, sent
             )
+            num_bytes = sent.numel() * sent.element_size()
+            self.metrics.kv_bytes_sent.inc(num_bytes)
+            self.metrics.kv_blocks_reused.inc(num_reused)
+            if span is not None:
+                span.set_attribute("tandem.kv_blocks_sent", sent.shape[0])
+                span.set_attribute("tandem.kv_blocks_reused", num_reused)
+                span.set_attribute("tandem.kv_bytes", num_bytes)
             handoff = engine_pb2.KVHandoff(
                 request=spec,
                 num_computed_tokens=request.num_computed_tokens,
@@ -132,12 +173,18 @@ class PrefillWorker(WorkerShell):
                 handoff,
                 engine_pb2.KVHandoffAck,
                 timeout=30.0,
+                headers=carrier,
             )
             if not ack.accepted:
                 raise RuntimeError(ack.error)
+            self.metrics.kv_transfer_seconds.observe(time.perf_counter() - start)
         except Exception as e:
             logger.error("hand-off of %s to %s failed: %s", request_id, decode_id, e)
-            await self._fail(request, f"hand-off to decode worker failed: {e}")
+            error = f"hand-off to decode worker failed: {e}"
+            await self._fail(request, error)
+        finally:
+            if span is not None:
+                tracing.end_span(span, error)
 
     async def _fail(self, request: Request, error: str) -> None:
         """End a request that cannot go on, telling the client (through the tokenizer)."""

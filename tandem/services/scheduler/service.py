@@ -6,12 +6,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import statistics
+import time
+
+from prometheus_client import CollectorRegistry
 
 from tandem.engine.block_pool import KVEventKind, extend_block_hashes
 from tandem.engine.config import SchedulingPolicy
+from tandem.services.common import tracing
 from tandem.services.common.bus import Bus, subject
+from tandem.services.common.metrics import MetricsPublisher, SchedulerMetrics
 from tandem.services.common.prefix_index import PrefixIndex
-from tandem.services.scheduler.core import ClusterScheduler, PendingRequest, Plan, Role, Router
+from tandem.services.scheduler.core import (
+    ClusterScheduler,
+    PendingRequest,
+    Plan,
+    PlannedChunk,
+    Role,
+    Router,
+)
 from tandem.v1 import common_pb2, engine_pb2
 
 logger = logging.getLogger(__name__)
@@ -35,6 +47,9 @@ class SchedulerService:
         self.core = core
         self.index = index
         self.next_seq: dict[str, int] = {}  # per worker: the KV event batch expected next
+        self.queued: dict[str, tuple[float, object]] = {}  # id -> (since, queue span)
+        self.registry = CollectorRegistry()
+        self.metrics = SchedulerMetrics(self.registry)
 
     async def start(self) -> None:
         subs = [
@@ -51,19 +66,21 @@ class SchedulerService:
         logger.info("scheduler ready")
 
     async def _on_submit(self, msg: engine_pb2.SubmitRequest, raw) -> None:
-        await self._add(msg.request, front=False)
+        await self._add(msg.request, front=False, headers=raw.headers)
 
     async def _on_preempted(self, msg: engine_pb2.Preempted, raw) -> None:
         self.core.abort(msg.request.request_id)  # no longer in transit anywhere
-        await self._add(msg.request, front=True)
+        await self._add(msg.request, front=True, headers=raw.headers)
 
-    async def _add(self, spec: common_pb2.RequestSpec, front: bool) -> None:
+    async def _add(self, spec: common_pb2.RequestSpec, front: bool, headers=None) -> None:
+        self._queued(spec, headers, requeued=front)
         request = _pending(spec)
         request.block_hashes = self._block_hashes(spec)
         request.overlap = await self._overlap(request.block_hashes)
         try:
             self.core.add_request(request, front=front)
         except ValueError as e:
+            self._dequeued(spec.request_id, error=str(e))
             delta = engine_pb2.TextDelta(request_id=spec.request_id, error=str(e), error_code=400)
             await self.bus.publish(spec.reply_subject, delta)
             return
@@ -104,6 +121,37 @@ class SchedulerService:
 
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         self.core.abort(msg.request_id)
+        self._dequeued(msg.request_id, error=f"aborted ({msg.reason})")
+
+    def _queued(self, spec: common_pb2.RequestSpec, headers, requeued: bool) -> None:
+        """A request enters the queue: its clock starts (and its queue span, when tracing).
+        The spec carries its trace context on, inside the plans made for it."""
+        span = None
+        if tracing.enabled():
+            parent = tracing.extract(headers, spec.trace_context)
+            if parent is not None and not spec.trace_context:
+                spec.trace_context.update(headers)
+            attributes = {"gen_ai.request.id": spec.request_id, "tandem.requeued": requeued}
+            span = tracing.start_span("queue", parent, attributes)
+        self.queued[spec.request_id] = (time.monotonic(), span)
+
+    def _dequeued(
+        self, request_id: str, error: str | None = None, chunk: PlannedChunk | None = None
+    ) -> None:
+        """A request leaves the queue: placed (its first chunk planned) or gone."""
+        entry = self.queued.pop(request_id, None)
+        if entry is None:
+            return
+        start, span = entry
+        waited = time.monotonic() - start
+        if error is None:
+            self.metrics.queue_time.observe(waited)
+        if span is not None:
+            span.set_attribute("gen_ai.latency.time_in_queue", waited)
+            if chunk is not None:
+                span.set_attribute("tandem.prefill_worker", chunk.request.prefill_worker_id)
+                span.set_attribute("tandem.decode_worker", chunk.request.decode_worker_id)
+            tracing.end_span(span, error)
 
     def _block_hashes(self, spec: common_pb2.RequestSpec) -> list[int]:
         """The request's full blocks' chained hashes, as the workers compute them."""
@@ -119,7 +167,11 @@ class SchedulerService:
         """Per worker, how many leading blocks of this request it holds (from the index)."""
         if self.index is None or not block_hashes:
             return {}
-        return await self.index.lookup(block_hashes)
+        start = time.perf_counter()
+        overlap = await self.index.lookup(block_hashes)
+        if self.index.available:
+            self.metrics.index_lookup.observe(time.perf_counter() - start)
+        return overlap
 
     async def _on_kv_events(self, batch: engine_pb2.KVEventBatch, raw) -> None:
         if self.index is None:
@@ -139,6 +191,9 @@ class SchedulerService:
     async def _send_plans(self) -> None:
         for plan in self.core.schedule():
             await self.bus.publish(subject("prefill", plan.worker_id, "plan"), _plan_proto(plan))
+            for chunk in plan.chunks:
+                if chunk.is_first:
+                    self._dequeued(chunk.request.request_id, chunk=chunk)
 
     async def run(self) -> None:
         """Expire silent workers now and then, and rebuild the index when Redis returns;
@@ -155,6 +210,19 @@ class SchedulerService:
                     await self._resync(worker_id)
             await self._send_plans()
             await self.bus.publish(subject("scheduler", "stats"), self._stats())
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        core, m = self.core, self.metrics
+        m.queue_depth.set(len(core.waiting))
+        m.waiting_tokens.set(sum(r.num_tokens for r in core.waiting))
+        m.prefilling.set(len(core.prefilling))
+        for role in Role:
+            m.workers.labels(role=role.value).set(
+                sum(w.role is role for w in core.workers.values())
+            )
+        if self.index is not None:
+            m.index_available.set(1 if self.index.available else 0)
 
     def _stats(self) -> engine_pb2.SchedulerStats:
         core = self.core
@@ -213,9 +281,12 @@ async def serve(
     index = PrefixIndex(redis_url) if redis_url else None
     service = SchedulerService(bus, core, index)
     await service.start()
+    publisher = MetricsPublisher(bus, service.registry, "scheduler", "scheduler")
+    publisher.start()
     try:
         await service.run()
     finally:
+        publisher.stop()
         await bus.close()
         if index is not None:
             await index.close()

@@ -3,10 +3,15 @@ and encodes. Bad input is INVALID_ARGUMENT with the core's message."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 
 import grpc
+from prometheus_client import CollectorRegistry
 
+from tandem.services.common import tracing
+from tandem.services.common.metrics import MetricsPublisher, TokenizerMetrics, instance_name
 from tandem.services.tokenizer.core import TokenizerCore
 from tandem.v1 import tokenizer_pb2 as pb
 from tandem.v1 import tokenizer_pb2_grpc as pb_grpc
@@ -15,24 +20,36 @@ logger = logging.getLogger(__name__)
 
 
 class TokenizerService(pb_grpc.TokenizerServicer):
-    def __init__(self, core: TokenizerCore) -> None:
+    def __init__(self, core: TokenizerCore, metrics: TokenizerMetrics) -> None:
         self.core = core
+        self.metrics = metrics
+
+    @contextlib.contextmanager
+    def _observed(self, name: str, context):
+        """The call's span (under the caller's trace, from gRPC metadata) and its time."""
+        start = time.perf_counter()
+        with tracing.server_span(name, context.invocation_metadata()):
+            yield
+        self.metrics.call_seconds.labels(method=name).observe(time.perf_counter() - start)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        ids = self.core.tokenize(request.text, request.add_special_tokens)
+        with self._observed("tokenize", context):
+            ids = self.core.tokenize(request.text, request.add_special_tokens)
         return pb.TokenizeResponse(token_ids=ids, prompt=request.text)
 
     async def ApplyChatTemplate(self, request: pb.ChatTemplateRequest, context):
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         try:
-            text, ids = self.core.apply_chat_template(messages, request.add_generation_prompt)
+            with self._observed("tokenize", context):
+                text, ids = self.core.apply_chat_template(messages, request.add_generation_prompt)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(token_ids=ids, prompt=text)
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context):
         try:
-            text = self.core.detokenize(list(request.token_ids), request.skip_special_tokens)
+            with self._observed("detokenize", context):
+                text = self.core.detokenize(list(request.token_ids), request.skip_special_tokens)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.DetokenizeResponse(text=text)
@@ -44,10 +61,13 @@ class TokenizerService(pb_grpc.TokenizerServicer):
         return info
 
 
-async def start_server(core: TokenizerCore, address: str) -> tuple[grpc.aio.Server, int]:
+async def start_server(
+    core: TokenizerCore, address: str, metrics: TokenizerMetrics | None = None
+) -> tuple[grpc.aio.Server, int]:
     """Serve on `address` ("127.0.0.1:0" picks a port); returns the server and its port."""
     server = grpc.aio.server()
-    pb_grpc.add_TokenizerServicer_to_server(TokenizerService(core), server)
+    metrics = metrics or TokenizerMetrics(CollectorRegistry())
+    pb_grpc.add_TokenizerServicer_to_server(TokenizerService(core, metrics), server)
     port = server.add_insecure_port(address)
     await server.start()
     return server, port
@@ -61,16 +81,22 @@ async def serve(model_dir: str, address: str, nats_url: str | None = None) -> No
     from tandem.services.tokenizer.stream import StreamRelay
 
     core = TokenizerCore(model_dir)
-    bus = None
+    registry = CollectorRegistry()
+    metrics = TokenizerMetrics(registry)
+    bus = publisher = None
     if nats_url:
         bus = await Bus.connect(nats_url, "tokenizer")
-        await StreamRelay(bus, DetokenizerHub(core)).start()
-    server, port = await start_server(core, address)
+        await StreamRelay(bus, DetokenizerHub(core), metrics).start()
+        publisher = MetricsPublisher(bus, registry, instance_name("tokenizer"), "tokenizer")
+        publisher.start()
+    server, port = await start_server(core, address, metrics)
     logger.info("tokenizer for %s on port %d", model_dir, port)
     try:
         await server.wait_for_termination()
     finally:
         await server.stop(grace=1)
+        if publisher is not None:
+            publisher.stop()
         if bus is not None:
             await bus.close()
 
@@ -84,7 +110,7 @@ class TokenizerClient:
 
     async def _call(self, method, request):
         try:
-            return await method(request)
+            return await method(request, metadata=tracing.grpc_metadata())
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ValueError(e.details()) from None

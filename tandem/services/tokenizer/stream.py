@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import time
 
+from tandem.services.common import tracing
 from tandem.services.common.bus import Bus, subject
+from tandem.services.common.metrics import TokenizerMetrics
 from tandem.services.common.worker import Tombstones
 from tandem.services.tokenizer.core import DetokenizerHub
 from tandem.v1 import engine_pb2
@@ -21,10 +23,14 @@ class StreamRelay:
     Tokens can overtake their submission (they come from another publisher), so tokens of
     a request not seen yet wait briefly and are replayed when it arrives."""
 
-    def __init__(self, bus: Bus, hub: DetokenizerHub) -> None:
+    def __init__(self, bus: Bus, hub: DetokenizerHub, metrics: TokenizerMetrics) -> None:
         self.bus = bus
         self.hub = hub
-        self.early: dict[str, tuple[float, list[engine_pb2.RequestTokens]]] = {}
+        self.metrics = metrics
+        self.trace_of: dict[str, dict[str, str]] = {}  # request id -> context, until tokens
+        self.spans: dict[str, tuple[object, int]] = {}  # request id -> (span, num tokens)
+        # request id -> (since, [(tokens, produced_at)])
+        self.early: dict[str, tuple[float, list[tuple[engine_pb2.RequestTokens, float]]]] = {}
         self.ended = Tombstones()  # stopped here or aborted: later tokens are dropped
 
     async def start(self) -> None:
@@ -35,35 +41,70 @@ class StreamRelay:
 
     async def _on_submit(self, msg: engine_pb2.SubmitRequest, raw) -> None:
         self.hub.open(msg.request)
+        if tracing.enabled():
+            carrier = dict(raw.headers or msg.request.trace_context or {})
+            if carrier:
+                self.trace_of[msg.request.request_id] = carrier
         _, waiting = self.early.pop(msg.request.request_id, (0.0, []))
-        for tokens in waiting:
-            await self._relay(tokens)
+        for tokens, produced_at in waiting:
+            await self._relay(tokens, produced_at)
 
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         self.hub.close(msg.request_id)
         self.early.pop(msg.request_id, None)
         self.ended.add(msg.request_id)
+        self.trace_of.pop(msg.request_id, None)
+        self._end_span(msg.request_id, error=f"aborted ({msg.reason})")
 
     async def _on_tokens(self, batch: engine_pb2.TokenBatch, raw) -> None:
+        start = time.perf_counter()
         for tokens in batch.requests:
-            await self._relay(tokens)
+            await self._relay(tokens, batch.timestamp)
+        self.metrics.detokenize_seconds.observe(time.perf_counter() - start)
 
-    async def _relay(self, tokens: engine_pb2.RequestTokens) -> None:
-        if tokens.request_id not in self.hub.streams:
-            if tokens.request_id not in self.ended:
-                self._hold(tokens)
+    async def _relay(self, tokens: engine_pb2.RequestTokens, produced_at: float = 0.0) -> None:
+        request_id = tokens.request_id
+        if request_id not in self.hub.streams:
+            if request_id not in self.ended:
+                self._hold(tokens, produced_at)
             return
         reply_subject, delta, stopped_here = self.hub.on_tokens(tokens)
+        delta.produced_at = produced_at
         if tokens.finish_reason == "abort" and tokens.stop_reason:
             delta.error, delta.error_code = tokens.stop_reason, 500  # a worker gave up on it
+        if self.trace_of or self.spans:
+            self._trace(request_id, len(tokens.token_ids), delta)
         await self.bus.publish(reply_subject, delta)
         if stopped_here:
             self.ended.add(tokens.request_id)
             abort = engine_pb2.AbortRequest(request_id=tokens.request_id, reason="stop_string")
             await self.bus.publish(subject("abort"), abort)
 
-    def _hold(self, tokens: engine_pb2.RequestTokens) -> None:
+    def _trace(self, request_id: str, num_tokens: int, delta: engine_pb2.TextDelta) -> None:
+        """The request's detokenize span: from its first tokens here to its last."""
+        carrier = self.trace_of.pop(request_id, None)
+        if carrier is not None:
+            attributes = {"gen_ai.request.id": request_id}
+            self.spans[request_id] = (
+                tracing.start_span("detokenize", tracing.extract(carrier), attributes),
+                0,
+            )
+        if request_id in self.spans:
+            span, count = self.spans[request_id]
+            self.spans[request_id] = (span, count + num_tokens)
+            if delta.finish_reason or delta.error:
+                self._end_span(request_id, delta.error or None, delta.finish_reason)
+
+    def _end_span(self, request_id: str, error=None, finish_reason: str = "") -> None:
+        span, count = self.spans.pop(request_id, (None, 0))
+        if span is not None:
+            span.set_attribute("gen_ai.usage.completion_tokens", count)
+            if finish_reason:
+                span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
+            tracing.end_span(span, error)
+
+    def _hold(self, tokens: engine_pb2.RequestTokens, produced_at: float) -> None:
         now = time.monotonic()
         if len(self.early) > 1024:  # requests that never came
             self.early = {k: v for k, v in self.early.items() if now - v[0] < EARLY_TTL}
-        self.early.setdefault(tokens.request_id, (now, []))[1].append(tokens)
+        self.early.setdefault(tokens.request_id, (now, []))[1].append((tokens, produced_at))
