@@ -211,6 +211,17 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from tandem.services.common.tracing import read_spans, request_trace, waterfall
+
+    spans = request_trace(read_spans(args.trace_file), args.request_id)
+    if not spans:
+        print(f"no spans of request {args.request_id} in {args.trace_file}", file=sys.stderr)
+        return 1
+    print(waterfall(spans))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_observability_args(worker)
         worker.set_defaults(func=cmd_worker)
 
+    tr = sub.add_parser("trace", help="print one request's spans as a waterfall")
+    tr.add_argument("request_id", help="the id the API returned (cmpl-..., chatcmpl-...)")
+    tr.add_argument("--trace-file", required=True, help="the file given to `tandem serve`")
+    tr.set_defaults(func=cmd_trace)
+
     model = sub.add_parser("model", help="model files").add_subparsers(dest="action", required=True)
     prep = model.add_parser("prepare", help="convert the packaged default model once")
     prep.add_argument("--force", action="store_true")
@@ -319,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = getattr(args, "torch_threads", None) or os.cpu_count() or 1
     torch.set_num_threads(threads)
     traced = False
-    if stage != "launcher" and hasattr(args, "trace_file"):
+    if stage in ("gateway", "tokenizer", "scheduler", "prefill", "decode"):
         traced = setup_tracing(stage, args.otlp_traces_endpoint, args.trace_file)
         signal.signal(signal.SIGTERM, _interrupt)  # exit through `finally`: spans flushed
     try:

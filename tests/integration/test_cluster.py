@@ -22,11 +22,18 @@ from tandem.services.common.servers import free_port
 from tests.integration.test_server import assert_all_blocks_free
 
 
-def start_cluster(model: str, *flags: str, timeout: float = 180.0, env: dict | None = None):
+def start_cluster(
+    model: str,
+    *flags: str,
+    timeout: float = 180.0,
+    env: dict | None = None,
+    log_path=None,
+):
+    """`tandem serve` with these flags; its output goes to `log_path` (default: nowhere)."""
     port = free_port()
     cmd = [sys.executable, "-m", "tandem.cli", "serve", "--model", model, "--port", str(port),
            "--dtype", "float32", "--torch-threads", "1", *flags]  # fmt: skip
-    log = open(os.devnull, "wb")
+    log = open(log_path or os.devnull, "wb")
     proc = subprocess.Popen(
         cmd,
         stdout=log,

@@ -257,3 +257,54 @@ def _plain(attrs) -> dict:
         ((kind, value),) = a["value"].items()
         out[a["key"]] = int(value) if kind == "intValue" else value
     return out
+
+
+def request_trace(spans: list[dict], request_id: str) -> list[dict]:
+    """The spans of the trace of an API request id (as the API returned it; the engine's
+    ids `<id>-<i>` of its prompts match too), parents before children, by start time."""
+    trace_ids = {
+        s["trace_id"]
+        for s in spans
+        if str(s["attributes"].get("gen_ai.request.id", "")) == request_id
+    }
+    if not trace_ids:
+        trace_ids = {
+            s["trace_id"]
+            for s in spans
+            if str(s["attributes"].get("gen_ai.request.id", "")).startswith(request_id + "-")
+        }
+    chosen = [s for s in spans if s["trace_id"] in trace_ids]
+    children: dict[str | None, list[dict]] = {}
+    ids = {s["span_id"] for s in chosen}
+    for s in sorted(chosen, key=lambda s: s["start_ns"]):
+        parent = s["parent_id"] if s["parent_id"] in ids else None
+        children.setdefault(parent, []).append(s)
+    ordered: list[dict] = []
+
+    def walk(parent, depth):
+        for s in children.get(parent, ()):
+            ordered.append(dict(s, depth=depth))
+            walk(s["span_id"], depth + 1)
+
+    walk(None, 0)
+    return ordered
+
+
+def waterfall(spans: list[dict], width: int = 48) -> str:
+    """Spans (from request_trace) as text: offset and duration in ms, stage, name, a bar."""
+    if not spans:
+        return "no spans"
+    t0 = min(s["start_ns"] for s in spans)
+    total = max(max(s["end_ns"] for s in spans) - t0, 1)
+    lines = [f"trace {spans[0]['trace_id']}  ({total / 1e6:.1f} ms)"]
+    lines.append(f"{'start ms':>9} {'dur ms':>9}  {'stage':<10} {'span':<28} timeline")
+    for s in spans:
+        begin = int(width * (s["start_ns"] - t0) / total)
+        length = max(1, int(width * (s["end_ns"] - s["start_ns"]) / total))
+        bar = " " * begin + "#" * min(length, width - begin)
+        name = "  " * s.get("depth", 0) + s["name"]
+        lines.append(
+            f"{(s['start_ns'] - t0) / 1e6:9.1f} {(s['end_ns'] - s['start_ns']) / 1e6:9.1f}  "
+            f"{s['service']:<10} {name:<28} |{bar:<{width}}|"
+        )
+    return "\n".join(lines)

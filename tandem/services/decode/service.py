@@ -186,11 +186,11 @@ class DecodeWorker(WorkerShell):
     async def _step(self) -> None:
         (outputs, preempted), _, _ = await self.timed_step(self._step_on_thread)
         if outputs:
-            await self.publish_tokens(outputs, self.engine.num_steps)
-            if self.spans:
+            if self.spans:  # ended first: the client may see the last token at once
                 for out in outputs:
                     if out.finished:
                         self._end_span(out.request.request_id, out.request)
+            await self.publish_tokens(outputs, self.engine.num_steps)
         for request in preempted:
             logger.info("preempted %s: back to the scheduler", request.request_id)
             carrier = self._end_span(request.request_id, request)

@@ -52,7 +52,10 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             starter.cancel()
             await client.shutdown()
 
-    app = FastAPI(title="Tandem", version="0.1.0", lifespan=lifespan)
+    # FastAPI's own spans (three per call, health checks included) are off: the gateway
+    # opens one span per generation request itself, the root of the request's trace.
+    off = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(title="Tandem", version="0.1.0", lifespan=lifespan, telemetry=off)
     telemetry = Telemetry(served_model_name)
     created = int(time.time())
 
