@@ -22,9 +22,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module", params=["colocated", "cluster"])
-def server(request, tiny_llama):
+def server(request, tiny_llama, tmp_path_factory):
     """The same API, served by one process or by the disaggregated stages."""
     port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
     deployment = ["--colocated"] if request.param == "colocated" else []
     cmd = [
         sys.executable,
@@ -47,9 +48,10 @@ def server(request, tiny_llama):
         "1",
         *deployment,
     ]
+    log = open(log_path, "wb")  # a file, not a pipe: nobody reads it while tests run
     proc = subprocess.Popen(
         cmd,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         env=os.environ | {"PYTHONUNBUFFERED": "1"},
     )
@@ -58,7 +60,7 @@ def server(request, tiny_llama):
     deadline = time.monotonic() + 120
     try:
         while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
+            assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "server did not become ready"
             try:
                 r = httpx.get(f"{base}/health", timeout=2)
@@ -75,6 +77,7 @@ def server(request, tiny_llama):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -348,3 +351,37 @@ def test_tokenize_detokenize_round_trip(server):
     _error(httpx.post(base + "/tokenize", json={}), 400, "prompt")
     _error(httpx.post(base + "/tokenize", json={"messages": []}), 400, "messages")
     _error(httpx.post(base + "/tokenize", json={"prompt": "x", "model": "nope"}), 404, "model")
+
+
+def test_metrics_with_vllms_names_on_both_deployments(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base, _ = server
+    client.completions.create(model="tiny-llama", prompt=[5, 6, 7], max_tokens=3)
+
+    def scrape() -> dict:
+        r = httpx.get(base + "/metrics", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+    families = scrape()
+    for name, kind in [
+        ("vllm:time_to_first_token_seconds", "histogram"),
+        ("vllm:inter_token_latency_seconds", "histogram"),
+        ("vllm:e2e_request_latency_seconds", "histogram"),
+        ("vllm:request_success", "counter"),
+        ("vllm:prompt_tokens", "counter"),
+        ("vllm:generation_tokens", "counter"),
+    ]:
+        assert families[name].type == kind, name
+        for sample in families[name].samples:
+            assert sample.labels["model_name"] == "tiny-llama"
+    deadline = time.monotonic() + 10
+    while "vllm:num_requests_running" not in families:  # the stages push once a second
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        families = scrape()
+    for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                 "vllm:prefix_cache_queries", "vllm:num_preemptions"):  # fmt: skip
+        workers = {s.labels["worker"] for s in families[name].samples}
+        assert workers, name
