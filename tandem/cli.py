@@ -87,6 +87,12 @@ def add_observability_args(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("TANDEM_TRACE_FILE"),
         help="append every stage's spans to this file, one OTLP JSON line per span",
     )
+    p.add_argument(
+        "--trace-sample-ratio",
+        type=float,
+        default=1.0,
+        help="fraction of requests traced (the gateway decides for every stage)",
+    )
     p.add_argument("--log-format", default="text", choices=["text", "json"])
 
 
@@ -336,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     traced = False
     if stage in ("gateway", "tokenizer", "scheduler", "prefill", "decode"):
-        traced = setup_tracing(stage, args.otlp_traces_endpoint, args.trace_file)
+        traced = setup_tracing(
+            stage, args.otlp_traces_endpoint, args.trace_file, args.trace_sample_ratio
+        )
         signal.signal(signal.SIGTERM, _interrupt)  # exit through `finally`: spans flushed
     try:
         return args.func(args)

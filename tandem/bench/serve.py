@@ -8,6 +8,8 @@ where each one's processes sit on the cores, and drives the same workload at bot
   the ratio of output tok/s.
 - interference: how much long prompts slow down requests that are decoding (interference.py).
 - goodput: the highest request rate served within TTFT and ITL SLOs (goodput.py).
+- shared-prefix: cluster-wide prefix caching and KV-aware routing (shared_prefix.py).
+- tracing: throughput with every request traced against tracing off (tracing_cost.py).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import logging
 import math
 import shlex
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
-from tandem.bench import goodput, interference, shared_prefix
+from tandem.bench import goodput, interference, shared_prefix, tracing_cost
 from tandem.bench.deploy import DEPLOYMENT_FLAGS, deployment, placement, print_placement
 from tandem.bench.load import ServerInfo, random_prompts, run_load, server_info, summarize
 
@@ -34,6 +37,9 @@ class Workload(NamedTuple):
     run: Callable[[str, str, ServerInfo, argparse.Namespace], dict]
     report: Callable[[dict[str, dict], argparse.Namespace], tuple[dict, bool]]
     deployments: dict[str, list[str]] = DEPLOYMENT_FLAGS  # name -> `tandem serve` flags
+    # every deployment started at once, the runs interleaved (`args.rounds` of each);
+    # `report` then gets a list of figures per deployment
+    interleaved: bool = False
 
 
 # -- throughput ------------------------------------------------------------------------------
@@ -89,6 +95,7 @@ WORKLOADS = {
     "interference": Workload(interference.run, interference.report),
     "goodput": Workload(goodput.run, goodput.report),
     "shared-prefix": Workload(shared_prefix.run, shared_prefix.report, shared_prefix.DEPLOYMENTS),
+    "tracing": Workload(run_throughput, tracing_cost.report, tracing_cost.DEPLOYMENTS, True),
 }
 
 
@@ -105,6 +112,24 @@ def bench_one(name: str, url: str, pid: int | None, args: argparse.Namespace) ->
     return figures | {"url": url, "placement": rows}
 
 
+def bench_interleaved(names, known, server_args, args) -> dict[str, list[dict]]:
+    """Start every deployment, then run the workload on each in turn, `args.rounds` times."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    with ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(
+                deployment([*server_args, *known[name]], args.startup_timeout)
+            )
+            for name in names
+        }
+        for round_ in range(args.rounds):
+            for name in names:
+                url, pid = servers[name]
+                label = f"{name} (round {round_ + 1} of {args.rounds})"
+                runs[name].append(bench_one(label, url, pid if round_ == 0 else None, args))
+    return runs
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 when every request succeeded, 1 otherwise."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
@@ -119,10 +144,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         names = [n.strip() for n in (args.deployments or ",".join(known)).split(",") if n.strip()]
         if not names or set(names) - known.keys():
             raise ValueError(f"deployments must be among {sorted(known)}: {names}")
-        for name in names:
-            flags = [*server_args, *known[name]]
-            with deployment(flags, args.startup_timeout) as (url, pid):
-                runs[name] = bench_one(name, url, pid, args)
+        if WORKLOADS[args.workload].interleaved:
+            runs = bench_interleaved(names, known, server_args, args)
+        else:
+            for name in names:
+                flags = [*server_args, *known[name]]
+                with deployment(flags, args.startup_timeout) as (url, pid):
+                    runs[name] = bench_one(name, url, pid, args)
     report, ok = WORKLOADS[args.workload].report(runs, args)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -156,4 +184,5 @@ def add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     interference.add_arguments(p.add_argument_group("interference workload"))
     goodput.add_arguments(p.add_argument_group("goodput workload"))
     shared_prefix.add_arguments(p.add_argument_group("shared-prefix workload"))
+    tracing_cost.add_arguments(p.add_argument_group("tracing workload"))
     p.set_defaults(func=cmd_bench_serve)

@@ -126,7 +126,7 @@ def plan_stages(
 
 def observability_argv(args: argparse.Namespace) -> list[str]:
     """The tracing and logging flags, passed on to every stage."""
-    argv = ["--log-format", args.log_format]
+    argv = ["--log-format", args.log_format, "--trace-sample-ratio", str(args.trace_sample_ratio)]
     if args.trace_file:
         argv += ["--trace-file", args.trace_file]
     if args.otlp_traces_endpoint:

@@ -148,3 +148,41 @@ def test_log_event_attaches_fields(caplog):
     with caplog.at_level(logging.INFO):
         log_event(logging.getLogger("tandem.t"), "hello", a=1)
     assert caplog.records[-1].tandem_fields == {"a": 1}
+
+
+def _exported_names() -> set[str]:
+    """Every sample name the stages export (from their registries, as Prometheus sees them)."""
+    from tandem.services.common.metrics import (
+        SchedulerMetrics,
+        TokenizerMetrics,
+        WorkerMetrics,
+    )
+
+    registry = CollectorRegistry()
+    RequestMetrics(registry).success.labels(finished_reason="stop")
+    SchedulerMetrics(registry).workers.labels(role="prefill").set(1)
+    TokenizerMetrics(registry).call_seconds.labels(method="tokenize")
+    WorkerMetrics(registry, "w", "decode")
+    stats = dict.fromkeys(["num_running", "num_waiting", "num_blocks", "num_free_blocks",
+                           "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
+                           "num_steps", "num_prefill_tokens"], 1)  # fmt: skip
+    registry.register(EngineCollector(lambda: stats, {"worker": "w"}))
+    text = generate_latest(registry).decode()
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_the_grafana_dashboard_queries_only_exported_metrics():
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "tandem.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
+    assert len(exprs) > 20
+    used = {m for e in exprs for m in re.findall(r"\b((?:vllm|tandem):[a-z0-9_:]+)", e)}
+    exported = _exported_names()
+    assert used - exported == set()
+    # the families an autoscaler reads are all on it
+    for name in ("tandem:scheduler_waiting_tokens", "vllm:num_requests_running",
+                 "vllm:kv_cache_usage_perc", "tandem:requests_received_total"):  # fmt: skip
+        assert name in used

@@ -34,18 +34,26 @@ _enabled = False
 
 
 def setup_tracing(
-    service_name: str, otlp_endpoint: str | None = None, trace_file: str | None = None
+    service_name: str,
+    otlp_endpoint: str | None = None,
+    trace_file: str | None = None,
+    sample_ratio: float = 1.0,
 ) -> bool:
     """Install a tracer provider exporting to the given sinks; nothing when none is given.
-    Returns whether tracing is on."""
+    `sample_ratio` of new traces are kept (the gateway decides; the other stages follow the
+    decision carried in the context). Returns whether tracing is on."""
     global _enabled
     if not otlp_endpoint and not trace_file:
         return False
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name}),
+        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+    )
     if trace_file:
         provider.add_span_processor(
             BatchSpanProcessor(JsonLinesSpanExporter(trace_file), schedule_delay_millis=200)
