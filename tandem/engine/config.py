@@ -19,12 +19,16 @@ class ModelConfig:
     dtype: str = "auto"  # auto | bfloat16 | float32
     max_model_len: int | None = None  # None: the model's own max_position_embeddings
     seed: int = 0
+    logprobs_mode: str = "raw_logprobs"  # see sampler.LogprobsMode
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ValueError(
                 f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}"
             )
+        modes = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")
+        if self.logprobs_mode not in modes:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(modes)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -17,6 +17,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.request import Request, RequestStatus
+from tandem.engine.sampler import TokenLogprobs
 from tandem.engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -24,11 +25,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class StepOutput:
-    """One request's news from a step: its new token (if any) and whether it finished."""
+    """One request's news from a step: its new token (if any) and whether it finished, with
+    the token's logprobs when the request asks for them."""
 
     request: Request
     new_token_ids: list[int]
     finished: bool
+    logprobs: list[TokenLogprobs] | None = None
 
 
 class EngineCore:
@@ -63,6 +66,7 @@ class EngineCore:
         vocab = self.runner.info.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        request.sampling_params.check_vocab(vocab)
         self.scheduler.add_request(request)
 
     def add_prefilled_request(
@@ -143,14 +147,14 @@ class EngineCore:
             last = r.num_computed_tokens + n == r.num_tokens and r.num_output_tokens > 0
             self.num_prefill_tokens += n - last
         tables = [self.kv.block_ids(r.request_id) for r in plan.requests]
-        sampled = self.runner.execute(plan.requests, num_scheduled, tables)
+        sampled, logprobs = self.runner.execute(plan.requests, num_scheduled, tables)
         finished = self.scheduler.update_from_output(plan, sampled)
         if finished:
             self.runner.release([r.request_id for r in finished])
         self.num_steps += 1
         return [
-            StepOutput(req, [tok], req.is_finished)
-            for req, tok in zip(plan.requests, sampled)
+            StepOutput(req, [tok], req.is_finished, None if lp is None else [lp])
+            for req, tok, lp in zip(plan.requests, sampled, logprobs)
             if tok is not None
         ]
 

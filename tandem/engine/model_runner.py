@@ -11,7 +11,7 @@ from tandem.engine.attention import build_attn_metadata
 from tandem.engine.config import CacheConfig, ModelConfig
 from tandem.engine.loader import load_model, read_hf_config
 from tandem.engine.request import Request
-from tandem.engine.sampler import SamplingTensors, sample
+from tandem.engine.sampler import LogprobsMode, SamplingTensors, TokenLogprobs, sample
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class ModelRunner:
             for _ in range(a.num_layers)
         ]
         self.generators: dict[str, torch.Generator] = {}
+        self.logprobs_mode = LogprobsMode(model_config.logprobs_mode)
         logger.info(
             "model %s on %s in %s: %d KV blocks of %d tokens (%.2f GiB)",
             model_config.model,
@@ -115,9 +116,12 @@ class ModelRunner:
         return max(int(budget // block_bytes), 1)
 
     @torch.inference_mode()
-    def execute(self, requests: list[Request], num_scheduled: list[int], block_tables) -> list:
-        """Run one step. Returns, per request (in the given order), the sampled token id, or
-        None for a prefill chunk that does not reach the end of its tokens."""
+    def execute(
+        self, requests: list[Request], num_scheduled: list[int], block_tables
+    ) -> tuple[list[int | None], list[TokenLogprobs | None]]:
+        """Run one step. Returns, per request (in the given order), the sampled token id (None
+        for a prefill chunk that does not reach the end of its tokens) and its logprobs (None
+        unless the request asks for them)."""
         # Decodes first: they share one batched attention call.
         order = sorted(range(len(requests)), key=lambda i: num_scheduled[i] != 1)
         input_ids: list[int] = []
@@ -143,15 +147,19 @@ class ModelRunner:
             self.kv_caches,
         )
         results: list[int | None] = [None] * len(requests)
+        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if not sample_reqs:
-            return results
+            return results, logprobs
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        params = [requests[i].sampling_params for i in sample_reqs]
-        gens = [self._generator(requests[i]) for i in sample_reqs]
-        st = SamplingTensors.build(params, gens, self.info.vocab_size, dev)
-        for i, token in zip(sample_reqs, sample(logits, st).tolist()):  # the one host sync
+        sampling = [requests[i] for i in sample_reqs]
+        gens = [self._generator(r) for r in sampling]
+        st = SamplingTensors.build(sampling, gens, self.info.vocab_size, dev)
+        token_ids, row_logprobs = sample(logits, st, self.logprobs_mode)
+        for row, (i, token) in enumerate(zip(sample_reqs, token_ids.tolist())):  # one sync
             results[i] = token
-        return results
+            if row_logprobs is not None:
+                logprobs[i] = row_logprobs[row]
+        return results, logprobs
 
     def _generator(self, request: Request) -> torch.Generator | None:
         seed = request.sampling_params.seed

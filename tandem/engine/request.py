@@ -38,9 +38,14 @@ _FINISH_REASON = {
 }
 
 
+MAX_LOGPROBS = 20  # the most alternatives a request may ask for, as OpenAI allows
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to sample a request's tokens. Invalid values raise ValueError naming the parameter."""
+    """How to sample a request's tokens, with vLLM's names and meanings. Invalid values
+    raise ValueError naming the parameter (token ids are checked against the vocabulary by
+    the engine, which knows it)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -51,14 +56,30 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    allowed_token_ids: tuple[int, ...] | None = None  # only these may be sampled
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()  # sequences never completed
+    logprobs: int | None = None  # the sampled token's logprob and this many alternatives
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        bad = tuple(tuple(w) for w in self.bad_words_token_ids)
+        object.__setattr__(self, "bad_words_token_ids", bad)
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", ">= 1")
         _check(_finite(self.temperature) and self.temperature >= 0, "temperature", ">= 0")
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
@@ -73,10 +94,60 @@ class SamplingParams:
             "non-negative integers",
         )
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_finite(value) and -2 <= value <= 2, name, "in [-2, 2]")
+        _check(
+            _finite(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            "> 0",
+        )
+        _check(
+            all(t >= 0 and math.isfinite(b) and -100 <= b <= 100 for t, b in self.logit_bias),
+            "logit_bias",
+            "token ids mapped to biases in [-100, 100]",
+        )
+        _check(
+            self.allowed_token_ids is None
+            or (
+                len(self.allowed_token_ids) > 0
+                and all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)
+            ),
+            "allowed_token_ids",
+            "a non-empty list of token ids",
+        )
+        _check(
+            all(w and all(isinstance(t, int) and t >= 0 for t in w) for w in bad),
+            "bad_words",
+            "non-empty words",
+        )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(
+                value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
+                name,
+                f"in [0, {MAX_LOGPROBS}]",
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """ValueError naming the parameter when a token id it names is not in the vocab."""
+        named = {
+            "logit_bias": [t for t, _ in self.logit_bias],
+            "allowed_token_ids": self.allowed_token_ids or (),
+            "bad_words": [t for w in self.bad_words_token_ids for t in w],
+        }
+        for name, ids in named.items():
+            _check(all(t < vocab_size for t in ids), name, f"token ids in [0, {vocab_size})")
 
 
 def _finite(x: float) -> bool:

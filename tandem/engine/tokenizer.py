@@ -15,6 +15,11 @@ def load_tokenizer(model_dir: str | Path):
     return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
 
 
+def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
+    """Each token's own text (as logprobs show them), in one call."""
+    return tokenizer.backend_tokenizer.decode_batch([[t] for t in token_ids], False)
+
+
 @dataclass(slots=True)
 class IncrementalDetokenizer:
     """Turns one request's token stream into text deltas.

@@ -24,19 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/common.proto\x12\ttandem.v1\"\xf4\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x12\n\nmin_tokens\x18\x07 \x01(\x05\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0b \x01(\x08\x42\x07\n\x05_seed\"\xf5\x02\n\x0bRequestSpec\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x14\n\x0c\x61rrival_time\x18\x05 \x01(\x01\x12\x15\n\rreply_subject\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12\x19\n\x0c\x65os_token_id\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x10output_token_ids\x18\t \x03(\x05\x12?\n\rtrace_context\x18\n \x03(\x0b\x32(.tandem.v1.RequestSpec.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\r_eos_token_idb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/common.proto\x12\ttandem.v1\"\xb7\x05\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x12\n\nmin_tokens\x18\x07 \x01(\x05\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0b \x01(\x08\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x0e \x01(\x01\x12<\n\nlogit_bias\x18\x0f \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x10 \x03(\x05\x12\x1b\n\x13restrict_to_allowed\x18\x11 \x01(\x08\x12+\n\tbad_words\x18\x12 \x03(\x0b\x32\x18.tandem.v1.TokenSequence\x12\x15\n\x08logprobs\x18\x13 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x13keep_special_tokens\x18\x15 \x01(\x08\x12(\n no_spaces_between_special_tokens\x18\x16 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\"\n\rTokenSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x8a\x01\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0f\n\x07top_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x01\x12\r\n\x05token\x18\x06 \x01(\t\x12\x12\n\ntop_tokens\x18\x07 \x03(\t\"\xf5\x02\n\x0bRequestSpec\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x14\n\x0c\x61rrival_time\x18\x05 \x01(\x01\x12\x15\n\rreply_subject\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12\x19\n\x0c\x65os_token_id\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x10output_token_ids\x18\t \x03(\x05\x12?\n\rtrace_context\x18\n \x03(\x0b\x32(.tandem.v1.RequestSpec.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\r_eos_token_idb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_REQUESTSPEC_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_REQUESTSPEC_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=38
-  _globals['_SAMPLINGPARAMS']._serialized_end=282
-  _globals['_REQUESTSPEC']._serialized_start=285
-  _globals['_REQUESTSPEC']._serialized_end=658
-  _globals['_REQUESTSPEC_TRACECONTEXTENTRY']._serialized_start=590
-  _globals['_REQUESTSPEC_TRACECONTEXTENTRY']._serialized_end=641
+  _globals['_SAMPLINGPARAMS']._serialized_end=733
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=643
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=691
+  _globals['_TOKENSEQUENCE']._serialized_start=735
+  _globals['_TOKENSEQUENCE']._serialized_end=769
+  _globals['_TOKENLOGPROBS']._serialized_start=772
+  _globals['_TOKENLOGPROBS']._serialized_end=910
+  _globals['_REQUESTSPEC']._serialized_start=913
+  _globals['_REQUESTSPEC']._serialized_end=1286
+  _globals['_REQUESTSPEC_TRACECONTEXTENTRY']._serialized_start=1218
+  _globals['_REQUESTSPEC_TRACECONTEXTENTRY']._serialized_end=1269
 # @@protoc_insertion_point(module_scope)

@@ -1,11 +1,26 @@
 import torch
 
-from tandem.engine.request import SamplingParams
-from tandem.engine.sampler import SamplingTensors, apply_top_k_top_p, sample
+from tandem.engine.request import Request, SamplingParams
+from tandem.engine.sampler import SamplingTensors, apply_top_k_top_p
+from tandem.engine.sampler import sample as sample_with_logprobs
 
 
-def _st(params, gens=None, vocab=8):
-    return SamplingTensors.build(params, gens or [None] * len(params), vocab, torch.device("cpu"))
+def _st(params, gens=None, vocab=8, prompts=None, outputs=None):
+    requests = [
+        Request(
+            f"r{i}",
+            prompts[i] if prompts else [0],
+            p,
+            eos_token_id=1,
+            output_token_ids=outputs[i] if outputs else [],
+        )
+        for i, p in enumerate(params)
+    ]
+    return SamplingTensors.build(requests, gens or [None] * len(params), vocab, torch.device("cpu"))
+
+
+def sample(logits, st):
+    return sample_with_logprobs(logits, st)[0]
 
 
 def test_top_k_and_top_p_keep_expected_sets():
@@ -45,3 +60,117 @@ def test_greedy_ties_take_the_first_maximum_like_argmax():
         logits[row, list(cols)] = 7.0
     got = sample(logits, _st([SamplingParams(temperature=0.0)] * 4, vocab=4096)).tolist()
     assert got == [2, 0, 17, 4095] == logits.argmax(dim=-1).tolist()
+
+
+# -- penalties, bans and biases against a plain reference ------------------------------------
+
+
+def _reference(logits: list[float], p: SamplingParams, prompt, output, eos=1) -> list[float]:
+    """vLLM's semantics, one row, in plain Python."""
+    out = list(logits)
+    if p.allowed_token_ids is not None:
+        out = [x if t in p.allowed_token_ids else float("-inf") for t, x in enumerate(out)]
+    for word in p.bad_words_token_ids:
+        if len(word) == 1 or tuple(output[-(len(word) - 1) :]) == tuple(word[:-1]):
+            out[word[-1]] = float("-inf")
+    if len(output) < p.min_tokens:
+        for t in [*p.stop_token_ids, *([] if p.ignore_eos else [eos])]:
+            out[t] = float("-inf")
+    for t, b in p.logit_bias:
+        out[t] += b
+    for t in range(len(out)):
+        if t in prompt or t in output:
+            r = p.repetition_penalty
+            out[t] = out[t] / r if out[t] > 0 else out[t] * r
+        count = output.count(t)
+        out[t] -= p.frequency_penalty * count + p.presence_penalty * (count > 0)
+    return out
+
+
+CASES = [
+    SamplingParams(temperature=0, repetition_penalty=1.7),
+    SamplingParams(temperature=0, repetition_penalty=0.6),
+    SamplingParams(temperature=0, frequency_penalty=0.9),
+    SamplingParams(temperature=0, presence_penalty=-1.3),
+    SamplingParams(
+        temperature=0, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.2
+    ),  # fmt: skip
+    SamplingParams(temperature=0, logit_bias={3: 5.0, 7: -100.0}),
+    SamplingParams(temperature=0, allowed_token_ids=[2, 4, 6]),
+    SamplingParams(temperature=0, bad_words_token_ids=[(5,), (3, 4, 9), (0, 8)]),
+    SamplingParams(temperature=0, min_tokens=5, stop_token_ids=[6]),
+    SamplingParams(temperature=0, min_tokens=5, ignore_eos=True, max_tokens=8),
+    SamplingParams(temperature=0),
+]
+
+
+def test_each_penalty_ban_and_bias_matches_the_reference_in_one_batch():
+    from tandem.engine.sampler import process_logits
+
+    torch.manual_seed(3)
+    vocab = 10
+    logits = torch.randn(len(CASES), vocab) * 3
+    prompts = [[2, 3, 3, 7]] * len(CASES)
+    outputs = [[3, 4, 4, 9, 0]] * len(CASES)
+    outputs[7] = [1, 3, 4]  # the bad word (3, 4, 9) is one token from completion
+    st = _st(CASES, vocab=vocab, prompts=prompts, outputs=outputs)
+    got = process_logits(logits.clone(), st)
+    for i, p in enumerate(CASES):
+        want = _reference(logits[i].tolist(), p, prompts[i], outputs[i])
+        assert torch.allclose(got[i], torch.tensor(want), atol=1e-5), (i, p)
+    # the greedy choice follows the processed logits
+    ids = sample(logits.clone(), st)
+    assert ids.tolist() == got.argmax(dim=-1).tolist()
+
+
+def test_min_tokens_bans_eos_and_stop_tokens_only_until_reached():
+    logits = torch.zeros(2, 8)
+    logits[:, 1] = 10.0  # EOS (id 1) is by far the most likely
+    p = SamplingParams(temperature=0, min_tokens=3)
+    before = _st([p, p], vocab=8, outputs=[[5, 5], [5, 5, 5]])
+    assert sample(logits.clone(), before).tolist() == [0, 1]
+
+
+def test_logprobs_raw_and_processed():
+    from tandem.engine.sampler import LogprobsMode
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 30)
+    params = [SamplingParams(temperature=0, logprobs=3, logit_bias={5: 50.0}),
+              SamplingParams(temperature=0)]  # fmt: skip
+    st = _st(params, vocab=30)
+    ids, lps = sample_with_logprobs(logits.clone(), st, LogprobsMode.RAW_LOGPROBS)
+    assert ids.tolist()[0] == 5 and lps[1] is None
+    raw = logits[0].log_softmax(-1)
+    lp = lps[0]
+    assert lp.token_id == 5 and abs(lp.logprob - raw[5].item()) < 1e-6
+    assert lp.rank == int((raw > raw[5]).sum()) + 1
+    assert lp.top_ids == raw.topk(3).indices.tolist()
+    assert torch.allclose(torch.tensor(lp.top_logprobs), raw.topk(3).values)
+    _, lps = sample_with_logprobs(logits.clone(), _st(params, vocab=30),
+                                  LogprobsMode.PROCESSED_LOGPROBS)  # fmt: skip
+    assert lps[0].rank == 1 and lps[0].top_ids[0] == 5 and lps[0].logprob > -1e-3
+    _, lps = sample_with_logprobs(logits.clone(), _st(params, vocab=30), LogprobsMode.RAW_LOGITS)
+    assert abs(lps[0].logprob - logits[0, 5].item()) < 1e-6
+
+
+def test_out_of_range_parameters_name_themselves():
+    import pytest
+
+    bad = {
+        "presence_penalty": dict(presence_penalty=2.5),
+        "frequency_penalty": dict(frequency_penalty=-3),
+        "repetition_penalty": dict(repetition_penalty=0),
+        "logit_bias": dict(logit_bias={1: 101}),
+        "allowed_token_ids": dict(allowed_token_ids=[]),
+        "logprobs": dict(logprobs=21),
+        "prompt_logprobs": dict(prompt_logprobs=-1),
+        "top_k": dict(top_k=-2),
+        "min_p": dict(min_p=1.5),
+    }
+    for name, kwargs in bad.items():
+        with pytest.raises(ValueError, match=f"^{name} must"):
+            SamplingParams(**kwargs)
+    p = SamplingParams(logit_bias={40: 1.0})
+    with pytest.raises(ValueError, match="^logit_bias must"):
+        p.check_vocab(32)

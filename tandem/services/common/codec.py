@@ -27,9 +27,22 @@ def sampling_params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         stop_token_ids=list(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
         include_stop_str_in_output=p.include_stop_str_in_output,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        logit_bias=dict(p.logit_bias),
+        allowed_token_ids=list(p.allowed_token_ids or ()),
+        restrict_to_allowed=p.allowed_token_ids is not None,
+        bad_words=[common_pb2.TokenSequence(token_ids=list(w)) for w in p.bad_words_token_ids],
+        keep_special_tokens=not p.skip_special_tokens,
+        no_spaces_between_special_tokens=not p.spaces_between_special_tokens,
     )
     if p.seed is not None:
         msg.seed = p.seed
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
+    if p.prompt_logprobs is not None:
+        msg.prompt_logprobs = p.prompt_logprobs
     return msg
 
 
@@ -47,6 +60,27 @@ def sampling_params_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=m.ignore_eos,
         min_tokens=m.min_tokens,
         include_stop_str_in_output=m.include_stop_str_in_output,
+        presence_penalty=m.presence_penalty,
+        frequency_penalty=m.frequency_penalty,
+        repetition_penalty=m.repetition_penalty or 1.0,
+        logit_bias=tuple(sorted(m.logit_bias.items())),
+        allowed_token_ids=tuple(m.allowed_token_ids) if m.restrict_to_allowed else None,
+        bad_words_token_ids=tuple(tuple(w.token_ids) for w in m.bad_words),
+        logprobs=m.logprobs if m.HasField("logprobs") else None,
+        prompt_logprobs=m.prompt_logprobs if m.HasField("prompt_logprobs") else None,
+        skip_special_tokens=not m.keep_special_tokens,
+        spaces_between_special_tokens=not m.no_spaces_between_special_tokens,
+    )
+
+
+def logprobs_to_proto(lp) -> common_pb2.TokenLogprobs:
+    """An engine TokenLogprobs as its message (token texts are the tokenizer stage's)."""
+    return common_pb2.TokenLogprobs(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        rank=lp.rank,
+        top_ids=lp.top_ids,
+        top_logprobs=lp.top_logprobs,
     )
 
 

@@ -116,6 +116,8 @@ def request_tokens(out: StepOutput) -> engine_pb2.RequestTokens:
         msg.stop_token_id = stop
     elif stop:
         msg.stop_reason = stop
+    if out.logprobs:
+        msg.logprobs.extend(codec.logprobs_to_proto(lp) for lp in out.logprobs)
     return msg
 
 

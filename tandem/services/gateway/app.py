@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -28,9 +29,12 @@ from tandem.services.gateway.protocol import (
 )
 from tandem.services.gateway.streaming import (
     APIError,
+    Choice,
     chat_chunk,
+    chat_logprobs,
     collect,
     completion_chunk,
+    completion_logprobs,
     error_response,
     include_usage,
     param_of,
@@ -118,18 +122,53 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
     def check_request(body: GenerateRequest) -> None:
         check_ready()
         check_model(body.model)
-        if body.n != 1:
-            raise APIError(400, "n must be 1", "BadRequestError", "n")
         if body.cache_salt is not None and not body.cache_salt:
             raise APIError(
                 400, "cache_salt must be a non-empty string", "BadRequestError", "cache_salt"
             )
 
-    def sampling_params(body: GenerateRequest, default_max_tokens: int = 16) -> SamplingParams:
+    def sampling_params(
+        body: GenerateRequest, default_max_tokens: int = 16, bad_words=()
+    ) -> SamplingParams:
         try:
-            return body.sampling_params(default_max_tokens)
+            params = body.sampling_params(default_max_tokens, bad_words)
+            params.check_vocab(client.vocab_size)
+            return params
         except ValueError as e:
             raise APIError(400, str(e), "BadRequestError", param_of(str(e))) from None
+
+    async def bad_words_ids(words: list[str] | None) -> tuple[tuple[int, ...], ...]:
+        """Each bad word as token sequences, alone and after a space (as vLLM does)."""
+        out: list[tuple[int, ...]] = []
+        for word in words or ():
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tuple(await client.encode(text, add_special_tokens=False))
+                if ids and ids not in out:
+                    out.append(ids)
+        return tuple(out)
+
+    def truncated(ids: list[int], body: GenerateRequest) -> list[int]:
+        k = body.truncate_prompt_tokens
+        return ids[-k:] if k is not None else ids
+
+    def fan_out(api, base_id: str, prompts, params, body, prefixes=None):
+        """`n` requests per prompt (choice index = prompt * n + j; a seeded request's j-th
+        sample uses seed + j, as vLLM does): their watched streams and their choices."""
+        streams, choices = [], []
+        for i, ids in enumerate(prompts):
+            for j in range(body.n):
+                index = i * body.n + j
+                child = params
+                if j and params.seed is not None:
+                    child = dataclasses.replace(params, seed=params.seed + j)
+                rid = f"{base_id}-{index}"
+                gen = client.generate(
+                    rid, ids, child, body.priority, body.cache_salt, api.trace_context
+                )
+                streams.append(api.watch(rid, len(ids), gen))
+                prompt_ids = ids if body.return_token_ids else None
+                choices.append(Choice(index, prefixes[i] if prefixes else "", prompt_ids))
+        return streams, choices
 
     def check_prompt(ids: list[int], param: str) -> None:
         if not ids:
@@ -159,51 +198,49 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         check_request(body)
-        params = sampling_params(body)
         base_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
-        api = telemetry.observe("/v1/completions", base_id, params)
+        api = telemetry.observe("/v1/completions", base_id, sampling_params(body))
         with api.failing():
             with api.active():
                 prompts = [
                     await client.encode(p) if isinstance(p, str) else list(p)
                     for p in body.prompts()
                 ]
+                bad_words = await bad_words_ids(body.bad_words)
+            prompts = [truncated(ids, body) for ids in prompts]
             for ids in prompts:
                 check_prompt(ids, "prompt")
-        streams = [
-            api.watch(
-                f"{base_id}-{i}",
-                len(ids),
-                client.generate(
-                    f"{base_id}-{i}",
-                    ids,
-                    params,
-                    body.priority,
-                    body.cache_salt,
-                    api.trace_context,
-                ),
-            )
-            for i, ids in enumerate(prompts)
-        ]
+            params = sampling_params(body, 16, bad_words)
+            prefixes = None
+            if body.echo:
+                prefixes = [
+                    p if isinstance(p, str) and body.truncate_prompt_tokens is None
+                    else await client.decode(ids)
+                    for p, ids in zip(body.prompts(), prompts)
+                ]
+        streams, choices = fan_out(api, base_id, prompts, params, body, prefixes)
         meta = dict(
             id=base_id, object="text_completion", created=int(time.time()), model=served_model_name
         )
+        num_prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
-            events = stream_sse(streams, prompts, meta, include_usage(body), completion_chunk)
+            events = stream_sse(
+                streams, choices, num_prompt_tokens, meta, include_usage(body), completion_chunk
+            )
             return StreamingResponse(events, media_type="text/event-stream")
-        texts, last, completion_tokens = await collect(streams)
-        choices = [
+        completion_tokens = await collect(streams, choices)
+        rendered = [
             {
-                "index": i,
-                "text": texts[i],
-                "logprobs": None,
-                "finish_reason": last[i].finish_reason if last[i] else None,
-                "stop_reason": last[i].stop_reason if last[i] else None,
+                "index": c.index,
+                "text": c.text,
+                "logprobs": completion_logprobs(c.logprobs, len(c.prefix)),
+                **c.finish(),
             }
-            for i in range(len(streams))
+            for c in choices
         ]
-        prompt_tokens = sum(len(p) for p in prompts)
-        return dict(meta, choices=choices, usage=usage_of(prompt_tokens, completion_tokens))
+        return dict(
+            meta, choices=rendered, usage=usage_of(num_prompt_tokens, completion_tokens)
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
@@ -213,13 +250,12 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
         with api.failing():
             with api.active():
                 ids = await chat_prompt(body.template_messages(), body.add_generation_prompt)
+                bad_words = await bad_words_ids(body.bad_words)
+            ids = truncated(ids, body)
             check_prompt(ids, "messages")
             # Without max_tokens, the reply may fill the rest of the context.
-            params = sampling_params(body, client.max_model_len - len(ids))
-        stream = client.generate(
-            f"{base_id}-0", ids, params, body.priority, body.cache_salt, api.trace_context
-        )
-        streams = [api.watch(f"{base_id}-0", len(ids), stream)]
+            params = sampling_params(body, client.max_model_len - len(ids), bad_words)
+        streams, choices = fan_out(api, base_id, [ids], params, body)
         meta = dict(
             id=base_id,
             object="chat.completion",
@@ -228,25 +264,30 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
         )
         if body.stream:
             meta["object"] = "chat.completion.chunk"
-            role = {
-                "index": 0,
-                "delta": {"role": "assistant", "content": ""},
-                "logprobs": None,
-                "finish_reason": None,
-            }
+            roles = [
+                {
+                    "index": c.index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                for c in choices
+            ]
             events = stream_sse(
-                streams, [ids], meta, include_usage(body), chat_chunk, preamble=[role]
+                streams, choices, len(ids), meta, include_usage(body), chat_chunk, roles
             )
             return StreamingResponse(events, media_type="text/event-stream")
-        texts, last, completion_tokens = await collect(streams)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": texts[0]},
-            "logprobs": None,
-            "finish_reason": last[0].finish_reason if last[0] else None,
-            "stop_reason": last[0].stop_reason if last[0] else None,
-        }
-        return dict(meta, choices=[choice], usage=usage_of(len(ids), completion_tokens))
+        completion_tokens = await collect(streams, choices)
+        rendered = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c.logprobs),
+                **c.finish(),
+            }
+            for c in choices
+        ]
+        return dict(meta, choices=rendered, usage=usage_of(len(ids), completion_tokens))
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> JSONResponse:

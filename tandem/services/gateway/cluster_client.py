@@ -13,7 +13,7 @@ from tandem.engine.request import Request, SamplingParams
 from tandem.services.common import codec
 from tandem.services.common.bus import Bus, subject
 from tandem.services.common.metrics import SnapshotStore
-from tandem.services.gateway.engine_client import GenerationChunk
+from tandem.services.gateway.engine_client import GenerationChunk, LogprobEntry
 from tandem.services.tokenizer.service import TokenizerClient
 from tandem.v1 import engine_pb2
 
@@ -174,6 +174,16 @@ class ClusterEngineClient:
                     delta.num_prompt_tokens,
                     delta.num_cached_tokens,
                     delta.produced_at,
+                    [
+                        LogprobEntry(
+                            lp.token_id,
+                            lp.token,
+                            lp.logprob,
+                            list(zip(lp.top_ids, lp.top_tokens, lp.top_logprobs)),
+                        )
+                        for lp in delta.logprobs
+                    ]
+                    or None,
                 )
         finally:
             self._streams.pop(request_id, None)

@@ -26,6 +26,31 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
+class LogprobEntry:
+    """One generated token's logprob with its text, and the top alternatives
+    (token id, text, logprob), most likely first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]
+
+
+def logprob_entries(tokenizer, logprobs) -> list[LogprobEntry] | None:
+    """Engine TokenLogprobs (or their messages) with each token's text looked up."""
+    if not logprobs:
+        return None
+    from tandem.engine.tokenizer import token_texts
+
+    out = []
+    for lp in logprobs:
+        texts = token_texts(tokenizer, [lp.token_id, *lp.top_ids])
+        top = list(zip(lp.top_ids, texts[1:], lp.top_logprobs))
+        out.append(LogprobEntry(lp.token_id, texts[0], lp.logprob, top))
+    return out
+
+
+@dataclass(slots=True)
 class GenerationChunk:
     """What a request produced since the last chunk."""
 
@@ -36,6 +61,7 @@ class GenerationChunk:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     produced_at: float = 0.0  # wall clock of the step that made the tokens (0: unknown)
+    logprobs: list[LogprobEntry] | None = None  # one per token, when asked for
 
 
 class EngineClient(Protocol):
@@ -199,7 +225,10 @@ class InProcessEngineClient:
                 f"{self.max_model_len} and at least one token must be generated"
             )
         detok = IncrementalDetokenizer(
-            self.tokenizer, params.stop, params.include_stop_str_in_output
+            self.tokenizer,
+            params.stop,
+            params.include_stop_str_in_output,
+            skip_special_tokens=params.skip_special_tokens,
         )
         sub = _Sub(asyncio.get_running_loop(), asyncio.Queue(), detok)
         self._subs[request_id] = sub
@@ -300,5 +329,6 @@ class InProcessEngineClient:
                 req.num_prompt_tokens,
                 max(req.num_cached_tokens, 0),
                 now,
+                logprob_entries(self.tokenizer, out.logprobs),
             )
             sub.loop.call_soon_threadsafe(sub.out.put_nowait, chunk)

@@ -29,13 +29,26 @@ class GenerateRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None  # refused, as vLLM V1 does
     # vLLM's extras
     top_k: int | None = None
     min_p: float | None = None
+    repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    return_token_ids: bool = False
+    logits_processors: Any = None  # per-request processors: refused, as vLLM V1 does
     priority: int = 0
     request_id: str | None = None
     cache_salt: str | None = None  # enters the first block's hash: tenants share no cache
@@ -43,8 +56,36 @@ class GenerateRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def sampling_params(self, default_max_tokens: int = 16) -> SamplingParams:
+    def num_logprobs(self) -> int | None:
+        """How many alternatives per sampled token (None: no logprobs)."""
+        return None
+
+    def check(self) -> None:
+        """What the engine cannot check: ValueError naming the parameter."""
+        if self.n < 1:
+            raise ValueError("n must be >= 1")
+        if self.n > 128:
+            raise ValueError("n must be <= 128")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of must not be set: it is not supported (use n)")
+        if self.logits_processors is not None:
+            raise ValueError(
+                "logits_processors must not be set per request: they are global "
+                "(--logits-processors at start-up), as in vLLM V1"
+            )
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise ValueError("truncate_prompt_tokens must be >= 1")
+        for token in self.logit_bias or {}:
+            try:
+                int(token)
+            except ValueError:
+                raise ValueError("logit_bias must map token ids to biases") from None
+
+    def sampling_params(
+        self, default_max_tokens: int = 16, bad_words_token_ids=()
+    ) -> SamplingParams:
         """The engine's parameters; ValueError (naming the parameter) when one is invalid."""
+        self.check()
         stop = self.stop if self.stop is not None else ()
         max_tokens = self.requested_max_tokens()
         return SamplingParams(
@@ -59,6 +100,16 @@ class GenerateRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias={int(t): b for t, b in (self.logit_bias or {}).items()},
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words_token_ids=bad_words_token_ids,
+            logprobs=self.num_logprobs(),
+            prompt_logprobs=self.prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
         )
 
 
@@ -66,6 +117,11 @@ class CompletionRequest(GenerateRequest):
     """POST /v1/completions."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None  # alternatives per token, in the legacy completions shape
+    echo: bool = False
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -127,8 +183,8 @@ class ChatCompletionRequest(GenerateRequest):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    logprobs: bool = False
+    top_logprobs: int | None = None
     # vLLM's extras
     add_generation_prompt: bool = True
 
@@ -139,15 +195,30 @@ class ChatCompletionRequest(GenerateRequest):
             return self.max_completion_tokens
         return self.max_tokens
 
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def check(self) -> None:
+        super().check()
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise ValueError("max_completion_tokens must not differ from max_tokens")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs must come with logprobs: true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise ValueError("top_logprobs must be in [0, 20]")
+
     def template_messages(self) -> list[dict]:
         return [m.to_template() for m in self.messages]
 
-    def sampling_params(self, default_max_tokens: int = 16) -> SamplingParams:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise ValueError(f"{name} must be 0 (penalties are not supported)")
+    def sampling_params(
+        self, default_max_tokens: int = 16, bad_words_token_ids=()
+    ) -> SamplingParams:
         try:
-            return super().sampling_params(default_max_tokens)
+            return super().sampling_params(default_max_tokens, bad_words_token_ids)
         except ValueError as e:
             if self.max_completion_tokens is not None and str(e).startswith("max_tokens "):
                 raise ValueError(f"max_completion_tokens{str(e)[len('max_tokens') :]}") from None

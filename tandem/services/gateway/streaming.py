@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi.responses import JSONResponse
 
-from tandem.services.gateway.engine_client import GenerationChunk
+from tandem.services.gateway.engine_client import GenerationChunk, LogprobEntry
 from tandem.services.gateway.protocol import GenerateRequest
 
 
@@ -57,58 +57,128 @@ def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def completion_chunk(i: int, chunk: GenerationChunk) -> dict:
-    choice = {
-        "index": i,
-        "text": chunk.text,
-        "logprobs": None,
+def completion_logprobs(entries: list[LogprobEntry] | None, offset: int) -> dict | None:
+    """OpenAI's legacy completions shape; `offset`: characters of the choice's text before
+    these tokens."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{text: lp for _, text, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list[LogprobEntry] | None) -> dict | None:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    if entries is None:
+        return None
+
+    def one(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    content = [
+        dict(one(e.token, e.logprob), top_logprobs=[one(t, lp) for _, t, lp in e.top])
+        for e in entries
+    ]
+    return {"content": content}
+
+
+class Choice:
+    """One choice's state while its request streams: text so far and what SSE needs."""
+
+    def __init__(self, index: int, prefix: str = "", prompt_token_ids=None) -> None:
+        self.index = index
+        self.prefix = prefix  # echo: the prompt's text comes first
+        self.prompt_token_ids = prompt_token_ids  # return_token_ids: the prompt's ids
+        self.parts: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[LogprobEntry] | None = None
+        self.last: GenerationChunk | None = None
+        self.sent = 0  # characters streamed so far
+
+    @property
+    def text(self) -> str:
+        return self.prefix + "".join(self.parts)
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self.parts.append(chunk.text)
+        self.token_ids += chunk.token_ids
+        if chunk.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + chunk.logprobs
+        self.last = chunk
+
+    def finish(self) -> dict:
+        """finish_reason, stop_reason (and the token ids when asked), for the last chunk."""
+        last = self.last
+        out = {
+            "finish_reason": last.finish_reason if last else None,
+            "stop_reason": last.stop_reason if last else None,
+        }
+        if self.prompt_token_ids is not None:
+            out["prompt_token_ids"] = self.prompt_token_ids
+            out["token_ids"] = self.token_ids
+        return out
+
+
+def completion_chunk(choice: Choice, chunk: GenerationChunk) -> dict:
+    text = chunk.text
+    if choice.sent == 0 and choice.prefix:
+        text = choice.prefix + text
+    out = {
+        "index": choice.index,
+        "text": text,
+        "logprobs": completion_logprobs(chunk.logprobs, choice.sent),
         "finish_reason": chunk.finish_reason,
     }
+    choice.sent += len(text)
     if chunk.finish_reason is not None:
-        choice["stop_reason"] = chunk.stop_reason
-    return choice
+        out.update(choice.finish())
+    return out
 
 
-def chat_chunk(i: int, chunk: GenerationChunk) -> dict | None:
-    if not chunk.text and chunk.finish_reason is None:
+def chat_chunk(choice: Choice, chunk: GenerationChunk) -> dict | None:
+    if not chunk.text and chunk.finish_reason is None and chunk.logprobs is None:
         return None  # nothing to say yet (text held back): no empty delta
-    choice = {
-        "index": i,
+    out = {
+        "index": choice.index,
         "delta": {"content": chunk.text} if chunk.text else {},
-        "logprobs": None,
+        "logprobs": chat_logprobs(chunk.logprobs),
         "finish_reason": chunk.finish_reason,
     }
     if chunk.finish_reason is not None:
-        choice["stop_reason"] = chunk.stop_reason
-    return choice
+        out.update(choice.finish())
+    return out
 
 
 async def collect(
-    streams: list[AsyncIterator[GenerationChunk]],
-) -> tuple[list[str], list[GenerationChunk | None], int]:
-    """Run requests to the end: each one's text, each one's last chunk, and the number of
-    tokens generated in all."""
-    texts: list[list[str]] = [[] for _ in streams]
-    last: list[GenerationChunk | None] = [None] * len(streams)
+    streams: list[AsyncIterator[GenerationChunk]], choices: list[Choice]
+) -> int:
+    """Run requests to the end, into their choices. Returns the tokens generated in all."""
     completion_tokens = 0
     try:
         async for i, chunk in merge(streams):
-            texts[i].append(chunk.text)
+            choices[i].add(chunk)
             completion_tokens += len(chunk.token_ids)
-            last[i] = chunk
     except ValueError as e:
         raise APIError(400, str(e), "BadRequestError", param_of(str(e))) from None
     except RuntimeError as e:  # the engine side failed the request; the server goes on
         raise APIError(503, str(e), "ServiceUnavailableError") from None
-    return ["".join(t) for t in texts], last, completion_tokens
+    return completion_tokens
 
 
 async def stream_sse(
     streams: list[AsyncIterator[GenerationChunk]],
-    prompts: list[list[int]],
+    choices: list[Choice],
+    num_prompt_tokens: int,
     meta: dict,
     include_usage: bool,
-    format_choice: Callable[[int, GenerationChunk], dict | None],
+    format_choice: Callable[[Choice, GenerationChunk], dict | None],
     preamble: Sequence[dict] = (),
 ) -> AsyncIterator[str]:
     """SSE: the preamble's choices, then one event per chunk per choice (as format_choice
@@ -120,11 +190,13 @@ async def stream_sse(
             yield sse(dict(meta, choices=[choice]))
         async for i, chunk in merge(streams):
             completion_tokens += len(chunk.token_ids)
-            choice = format_choice(i, chunk)
-            if choice is not None:
-                yield sse(dict(meta, choices=[choice]))
+            choices[i].token_ids += chunk.token_ids
+            choices[i].last = chunk
+            rendered = format_choice(choices[i], chunk)
+            if rendered is not None:
+                yield sse(dict(meta, choices=[rendered]))
         if include_usage:
-            usage = usage_of(sum(len(p) for p in prompts), completion_tokens)
+            usage = usage_of(num_prompt_tokens, completion_tokens)
             yield sse(dict(meta, choices=[], usage=usage))
         yield "data: [DONE]\n\n"
     except (ValueError, RuntimeError) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandem.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from tandem.engine.tokenizer import IncrementalDetokenizer, load_tokenizer, token_texts
 from tandem.v1 import common_pb2, engine_pb2
 
 
@@ -56,7 +56,10 @@ class DetokenizerHub:
 
     def open(self, spec: common_pb2.RequestSpec) -> None:
         detok = IncrementalDetokenizer(
-            self.core.tokenizer, tuple(spec.params.stop), spec.params.include_stop_str_in_output
+            self.core.tokenizer,
+            tuple(spec.params.stop),
+            spec.params.include_stop_str_in_output,
+            skip_special_tokens=not spec.params.keep_special_tokens,
         )
         self.streams[spec.request_id] = _Stream(spec.reply_subject, detok)
 
@@ -77,6 +80,12 @@ class DetokenizerHub:
             num_prompt_tokens=tokens.num_prompt_tokens,
             num_cached_tokens=tokens.num_cached_tokens,
         )
+        for lp in tokens.logprobs:
+            texts = token_texts(self.core.tokenizer, [lp.token_id, *lp.top_ids])
+            entry = delta.logprobs.add()
+            entry.CopyFrom(lp)
+            entry.token = texts[0]
+            entry.top_tokens.extend(texts[1:])
         stopped_here = stream.detok.stopped_on is not None and not finished
         if stopped_here:
             delta.finish_reason, delta.stop_reason = "stop", stream.detok.stopped_on
