@@ -32,6 +32,8 @@ class StepOutput:
     new_token_ids: list[int]
     finished: bool
     logprobs: list[TokenLogprobs] | None = None
+    # with the first token of a request asking for them: each prompt token's after the first
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 class EngineCore:
@@ -153,7 +155,13 @@ class EngineCore:
             self.runner.release([r.request_id for r in finished])
         self.num_steps += 1
         return [
-            StepOutput(req, [tok], req.is_finished, None if lp is None else [lp])
+            StepOutput(
+                req,
+                [tok],
+                req.is_finished,
+                None if lp is None else [lp],
+                req.prompt_logprobs if req.num_output_tokens == 1 and req.prompt_logprobs else None,
+            )
             for req, tok, lp in zip(plan.requests, sampled, logprobs)
             if tok is not None
         ]

@@ -26,8 +26,9 @@ class KVCacheManager:
         """Longest cached prefix of a new request: (blocks, number of tokens they hold).
 
         At least one token is always left to compute, since its logits give the next token.
+        A request asking for prompt logprobs computes its whole prompt (as in vLLM).
         """
-        if not self.enable_caching:
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         extend_block_hashes(
             request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt

@@ -67,7 +67,7 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("sampling_params must be one per prompt")
-        order, detoks, texts = [], {}, {}
+        order, detoks, texts, logprobs = [], {}, {}, {}
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             text = prompt if isinstance(prompt, str) else None
@@ -78,21 +78,38 @@ class LLM:
             order.append(req)
             texts[req.request_id] = text
             detoks[req.request_id] = IncrementalDetokenizer(
-                self.tokenizer, params.stop, params.include_stop_str_in_output
+                self.tokenizer,
+                params.stop,
+                params.include_stop_str_in_output,
+                skip_special_tokens=params.skip_special_tokens,
             )
+            if params.logprobs is not None:
+                logprobs[req.request_id] = []
         while self.engine.has_unfinished:
             for out in self.engine.step():
                 detok = detoks[out.request.request_id]
                 detok.add_tokens(out.new_token_ids, out.finished)
+                if out.logprobs:
+                    logprobs[out.request.request_id] += out.logprobs
                 if detok.stopped_on is not None and not out.finished:
                     out.request.stop_reason = detok.stopped_on
                     self.engine.finish(out.request.request_id, RequestStatus.FINISHED_STOPPED)
-        return [self._output(r, detoks[r.request_id], texts[r.request_id]) for r in order]
+        return [
+            self._output(r, detoks[r.request_id], texts[r.request_id], logprobs.get(r.request_id))
+            for r in order
+        ]
 
     @staticmethod
-    def _output(req: Request, detok: IncrementalDetokenizer, prompt: str | None) -> RequestOutput:
+    def _output(
+        req: Request, detok: IncrementalDetokenizer, prompt: str | None, logprobs
+    ) -> RequestOutput:
         completion = CompletionOutput(
-            0, detok.text, list(req.output_token_ids), req.status.finish_reason, req.stop_reason
+            0,
+            detok.text,
+            list(req.output_token_ids),
+            req.status.finish_reason,
+            req.stop_reason,
+            logprobs,
         )
         return RequestOutput(
             req.request_id,
@@ -101,4 +118,7 @@ class LLM:
             True,
             max(req.num_cached_tokens, 0),
             prompt,
+            [None, *req.prompt_logprobs]
+            if req.sampling_params.prompt_logprobs is not None
+            else None,
         )

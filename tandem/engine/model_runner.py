@@ -11,7 +11,13 @@ from tandem.engine.attention import build_attn_metadata
 from tandem.engine.config import CacheConfig, ModelConfig
 from tandem.engine.loader import load_model, read_hf_config
 from tandem.engine.request import Request
-from tandem.engine.sampler import LogprobsMode, SamplingTensors, TokenLogprobs, sample
+from tandem.engine.sampler import (
+    LogprobsMode,
+    SamplingTensors,
+    TokenLogprobs,
+    gather_logprobs,
+    sample,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +133,15 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens, context_lens, tables, sample_rows, sample_reqs = [], [], [], [], []
+        prompt_rows: list[tuple[Request, int, int, int]] = []  # request, row, first, end
         for i in order:
             req, n = requests[i], num_scheduled[i]
             start = req.num_computed_tokens
+            if req.sampling_params.prompt_logprobs is not None:
+                first = max(start, len(req.prompt_logprobs))  # positions not done before
+                end = min(start + n, req.num_prompt_tokens - 1)
+                if first < end:
+                    prompt_rows.append((req, len(input_ids) + first - start, first, end))
             input_ids.extend(req.all_token_ids[start : start + n])
             positions.extend(range(start, start + n))
             query_lens.append(n)
@@ -146,6 +158,8 @@ class ModelRunner:
             meta,
             self.kv_caches,
         )
+        for req, row, first, end in prompt_rows:
+            self._prompt_logprobs(req, hidden[row : row + end - first], first)
         results: list[int | None] = [None] * len(requests)
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if not sample_reqs:
@@ -160,6 +174,17 @@ class ModelRunner:
             if row_logprobs is not None:
                 logprobs[i] = row_logprobs[row]
         return results, logprobs
+
+    def _prompt_logprobs(self, req: Request, hidden: torch.Tensor, first: int) -> None:
+        """Logprobs of prompt tokens first+1 .. first+len(hidden), from the hidden states of
+        the positions before them (raw logprobs, in slices to bound the logits' memory)."""
+        k = req.sampling_params.prompt_logprobs
+        targets = req.prompt_token_ids[first + 1 : first + 1 + hidden.shape[0]]
+        for lo in range(0, hidden.shape[0], 256):
+            logits = self.model.compute_logits(hidden[lo : lo + 256]).float()
+            ids = torch.tensor(targets[lo : lo + 256], device=self.device)
+            values = logits.log_softmax(dim=-1)
+            req.prompt_logprobs += gather_logprobs(values, ids, [k] * len(ids))
 
     def _generator(self, request: Request) -> torch.Generator | None:
         seed = request.sampling_params.seed

@@ -182,6 +182,8 @@ class Request:
     num_preemptions: int = 0
     block_hashes: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None
+    # prompt_logprobs asked for: one sampler.TokenLogprobs per prompt token after the first
+    prompt_logprobs: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -218,6 +220,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    logprobs: list | None = None  # one sampler.TokenLogprobs per token, when asked for
 
 
 @dataclass(slots=True)
@@ -230,3 +233,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     prompt: str | None = None
+    prompt_logprobs: list | None = None  # when asked for: None, then one per prompt token

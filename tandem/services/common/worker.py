@@ -118,6 +118,8 @@ def request_tokens(out: StepOutput) -> engine_pb2.RequestTokens:
         msg.stop_reason = stop
     if out.logprobs:
         msg.logprobs.extend(codec.logprobs_to_proto(lp) for lp in out.logprobs)
+    if out.prompt_logprobs:
+        msg.prompt_logprobs.extend(codec.logprobs_to_proto(lp) for lp in out.prompt_logprobs)
     return msg
 
 

@@ -167,7 +167,9 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
                 )
                 streams.append(api.watch(rid, len(ids), gen))
                 prompt_ids = ids if body.return_token_ids else None
-                choices.append(Choice(index, prefixes[i] if prefixes else "", prompt_ids))
+                choice = Choice(index, prefixes[i] if prefixes else "", prompt_ids)
+                choice.wants_prompt_logprobs = params.prompt_logprobs is not None
+                choices.append(choice)
         return streams, choices
 
     def check_prompt(ids: list[int], param: str) -> None:
@@ -214,7 +216,8 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             prefixes = None
             if body.echo:
                 prefixes = [
-                    p if isinstance(p, str) and body.truncate_prompt_tokens is None
+                    p
+                    if isinstance(p, str) and body.truncate_prompt_tokens is None
                     else await client.decode(ids)
                     for p, ids in zip(body.prompts(), prompts)
                 ]
@@ -238,9 +241,7 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
             }
             for c in choices
         ]
-        return dict(
-            meta, choices=rendered, usage=usage_of(num_prompt_tokens, completion_tokens)
-        )
+        return dict(meta, choices=rendered, usage=usage_of(num_prompt_tokens, completion_tokens))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):

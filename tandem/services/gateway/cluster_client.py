@@ -174,16 +174,8 @@ class ClusterEngineClient:
                     delta.num_prompt_tokens,
                     delta.num_cached_tokens,
                     delta.produced_at,
-                    [
-                        LogprobEntry(
-                            lp.token_id,
-                            lp.token,
-                            lp.logprob,
-                            list(zip(lp.top_ids, lp.top_tokens, lp.top_logprobs)),
-                        )
-                        for lp in delta.logprobs
-                    ]
-                    or None,
+                    _entries(delta.logprobs),
+                    _entries(delta.prompt_logprobs),
                 )
         finally:
             self._streams.pop(request_id, None)
@@ -203,3 +195,17 @@ class ClusterEngineClient:
             await self.bus.close()
         if self.tokenizer is not None:
             await self.tokenizer.close()
+
+
+def _entries(logprobs) -> list[LogprobEntry] | None:
+    """TokenLogprobs messages (texts filled in by the tokenizer stage) for the gateway."""
+    return [
+        LogprobEntry(
+            lp.token_id,
+            lp.token,
+            lp.logprob,
+            list(zip(lp.top_ids, lp.top_tokens, lp.top_logprobs)),
+            lp.rank,
+        )
+        for lp in logprobs
+    ] or None

@@ -34,6 +34,7 @@ class LogprobEntry:
     token: str
     logprob: float
     top: list[tuple[int, str, float]]
+    rank: int = 0
 
 
 def logprob_entries(tokenizer, logprobs) -> list[LogprobEntry] | None:
@@ -46,7 +47,7 @@ def logprob_entries(tokenizer, logprobs) -> list[LogprobEntry] | None:
     for lp in logprobs:
         texts = token_texts(tokenizer, [lp.token_id, *lp.top_ids])
         top = list(zip(lp.top_ids, texts[1:], lp.top_logprobs))
-        out.append(LogprobEntry(lp.token_id, texts[0], lp.logprob, top))
+        out.append(LogprobEntry(lp.token_id, texts[0], lp.logprob, top, lp.rank))
     return out
 
 
@@ -62,6 +63,7 @@ class GenerationChunk:
     num_cached_tokens: int = 0
     produced_at: float = 0.0  # wall clock of the step that made the tokens (0: unknown)
     logprobs: list[LogprobEntry] | None = None  # one per token, when asked for
+    prompt_logprobs: list[LogprobEntry] | None = None  # with the first token, when asked for
 
 
 class EngineClient(Protocol):
@@ -330,5 +332,6 @@ class InProcessEngineClient:
                 max(req.num_cached_tokens, 0),
                 now,
                 logprob_entries(self.tokenizer, out.logprobs),
+                logprob_entries(self.tokenizer, out.prompt_logprobs),
             )
             sub.loop.call_soon_threadsafe(sub.out.put_nowait, chunk)

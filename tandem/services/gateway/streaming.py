@@ -69,9 +69,17 @@ def completion_logprobs(entries: list[LogprobEntry] | None, offset: int) -> dict
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{text: lp for _, text, lp in e.top} for e in entries],
+        "top_logprobs": [_by_text(e.top) for e in entries],
         "text_offset": offsets,
     }
+
+
+def _by_text(top: list[tuple[int, str, float]]) -> dict[str, float]:
+    """Alternatives keyed by text; tokens that render alike keep the likelier one."""
+    out: dict[str, float] = {}
+    for _, text, lp in top:
+        out.setdefault(text, lp)
+    return out
 
 
 def chat_logprobs(entries: list[LogprobEntry] | None) -> dict | None:
@@ -89,6 +97,22 @@ def chat_logprobs(entries: list[LogprobEntry] | None) -> dict | None:
     return {"content": content}
 
 
+def prompt_logprobs_of(entries: list[LogprobEntry] | None, num_prompt_tokens: int):
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per position the
+    prompt token and the top alternatives, {token id: {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return [None] if num_prompt_tokens else None
+    out: list[dict | None] = [None]
+    for e in entries:
+        position = {str(e.token_id): {"logprob": e.logprob, "rank": e.rank,
+                                      "decoded_token": e.token}}  # fmt: skip
+        for rank, (token_id, text, lp) in enumerate(e.top, 1):
+            position.setdefault(str(token_id), {"logprob": lp, "rank": rank,
+                                                "decoded_token": text})  # fmt: skip
+        out.append(position)
+    return out
+
+
 class Choice:
     """One choice's state while its request streams: text so far and what SSE needs."""
 
@@ -99,6 +123,8 @@ class Choice:
         self.parts: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list[LogprobEntry] | None = None
+        self.prompt_logprobs: list[LogprobEntry] | None = None
+        self.wants_prompt_logprobs = False
         self.last: GenerationChunk | None = None
         self.sent = 0  # characters streamed so far
 
@@ -111,6 +137,8 @@ class Choice:
         self.token_ids += chunk.token_ids
         if chunk.logprobs is not None:
             self.logprobs = (self.logprobs or []) + chunk.logprobs
+        if chunk.prompt_logprobs is not None:
+            self.prompt_logprobs = chunk.prompt_logprobs
         self.last = chunk
 
     def finish(self) -> dict:
@@ -123,6 +151,8 @@ class Choice:
         if self.prompt_token_ids is not None:
             out["prompt_token_ids"] = self.prompt_token_ids
             out["token_ids"] = self.token_ids
+        if self.wants_prompt_logprobs:
+            out["prompt_logprobs"] = prompt_logprobs_of(self.prompt_logprobs, 1)
         return out
 
 
@@ -156,9 +186,7 @@ def chat_chunk(choice: Choice, chunk: GenerationChunk) -> dict | None:
     return out
 
 
-async def collect(
-    streams: list[AsyncIterator[GenerationChunk]], choices: list[Choice]
-) -> int:
+async def collect(streams: list[AsyncIterator[GenerationChunk]], choices: list[Choice]) -> int:
     """Run requests to the end, into their choices. Returns the tokens generated in all."""
     completion_tokens = 0
     try:
@@ -192,6 +220,8 @@ async def stream_sse(
             completion_tokens += len(chunk.token_ids)
             choices[i].token_ids += chunk.token_ids
             choices[i].last = chunk
+            if chunk.prompt_logprobs is not None:
+                choices[i].prompt_logprobs = chunk.prompt_logprobs
             rendered = format_choice(choices[i], chunk)
             if rendered is not None:
                 yield sse(dict(meta, choices=[rendered]))

@@ -80,12 +80,14 @@ class DetokenizerHub:
             num_prompt_tokens=tokens.num_prompt_tokens,
             num_cached_tokens=tokens.num_cached_tokens,
         )
-        for lp in tokens.logprobs:
-            texts = token_texts(self.core.tokenizer, [lp.token_id, *lp.top_ids])
-            entry = delta.logprobs.add()
-            entry.CopyFrom(lp)
-            entry.token = texts[0]
-            entry.top_tokens.extend(texts[1:])
+        for source, into in ((tokens.logprobs, delta.logprobs),
+                             (tokens.prompt_logprobs, delta.prompt_logprobs)):  # fmt: skip
+            for lp in source:
+                texts = token_texts(self.core.tokenizer, [lp.token_id, *lp.top_ids])
+                entry = into.add()
+                entry.CopyFrom(lp)
+                entry.token = texts[0]
+                entry.top_tokens.extend(texts[1:])
         stopped_here = stream.detok.stopped_on is not None and not finished
         if stopped_here:
             delta.finish_reason, delta.stop_reason = "stop", stream.detok.stopped_on

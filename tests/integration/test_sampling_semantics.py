@@ -1,0 +1,190 @@
+"""Request semantics as in vLLM V1, end to end: logprobs and prompt logprobs against Hugging
+Face in fp32 (with and without a prefix-cache hit), seeded sampling that does not depend on
+the batch or the deployment, n, echo, token ids, bans and biases, through both deployments."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+
+import httpx
+import pytest
+import torch
+
+from tandem.engine.llm import LLM
+from tandem.engine.request import SamplingParams
+from tests.integration.test_server import hf_llama, server  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return LLM(tiny_llama, dtype="float32", num_gpu_blocks_override=128, max_model_len=256)
+
+
+def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """(len(ids), vocab) log_softmax of Hugging Face's logits after each position."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return logits.log_softmax(dim=-1)
+
+
+PROMPT = [5, 9, 33, 71, 2, 18, 101, 7, 64, 200, 13, 44, 81, 90, 6, 12, 150, 3, 77]  # > a block
+
+
+def _check_against(ref: torch.Tensor, position: int, token: int, lp: float, top: dict):
+    """One position's logprob and alternatives ({token id: logprob}) against the reference."""
+    row = ref[position]
+    assert abs(lp - row[token].item()) < 1e-4
+    best = row.topk(len(top))
+    assert set(top) == set(best.indices.tolist())
+    for token_id, value in top.items():
+        assert abs(value - row[token_id].item()) < 1e-4
+
+
+def test_engine_logprobs_and_prompt_logprobs_match_hf(llm, hf_llama):  # noqa: F811
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=3, prompt_logprobs=2)
+    for _ in range(2):  # the second run's prompt is in the prefix cache
+        (out,) = llm.generate([PROMPT], params)
+        completion = out.outputs[0]
+        ref = hf_logprobs(hf_llama, PROMPT + completion.token_ids)
+        for i, (token, lp) in enumerate(zip(completion.token_ids, completion.logprobs)):
+            pos = len(PROMPT) - 1 + i
+            assert lp.token_id == token and lp.rank == 1  # greedy
+            _check_against(ref, pos, token, lp.logprob, dict(zip(lp.top_ids, lp.top_logprobs)))
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(PROMPT)
+        for p, lp in enumerate(out.prompt_logprobs[1:], 1):
+            assert lp.token_id == PROMPT[p]
+            assert lp.rank == int((ref[p - 1] > ref[p - 1, PROMPT[p]]).sum()) + 1
+            _check_against(
+                ref, p - 1, PROMPT[p], lp.logprob, dict(zip(lp.top_ids, lp.top_logprobs))
+            )
+        assert out.num_cached_tokens == 0  # prompt logprobs recompute the cached prefix
+    # without prompt logprobs the same prompt does hit the cache
+    (out,) = llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0))
+    assert out.num_cached_tokens == 16
+
+
+def test_api_logprobs_match_hf_on_both_deployments(server, hf_llama):  # noqa: F811
+    base = server[0]
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 2,
+            "prompt_logprobs": 1, "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+    choice = httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    tokens = choice["token_ids"]
+    assert choice["prompt_token_ids"] == PROMPT and len(tokens) == 6
+    ref = hf_logprobs(hf_llama, PROMPT + tokens)
+    lps = choice["logprobs"]
+    assert len(lps["tokens"]) == len(lps["token_logprobs"]) == len(lps["top_logprobs"]) == 6
+    assert lps["text_offset"][0] == 0
+    for i, token in enumerate(tokens):
+        pos = len(PROMPT) - 1 + i
+        assert abs(lps["token_logprobs"][i] - ref[pos, token].item()) < 1e-4
+        top = lps["top_logprobs"][i]
+        # (a dict by token text: byte tokens that render alike collapse, as with OpenAI's)
+        assert 1 <= len(top) <= 2
+        assert max(top.values()) == pytest.approx(ref[pos].max().item(), abs=1e-4)
+    prompt_lps = choice["prompt_logprobs"]
+    assert prompt_lps[0] is None and len(prompt_lps) == len(PROMPT)
+    for p in range(1, len(PROMPT)):
+        entry = prompt_lps[p][str(PROMPT[p])]
+        assert abs(entry["logprob"] - ref[p - 1, PROMPT[p]].item()) < 1e-4
+        assert entry["rank"] >= 1 and "decoded_token" in entry
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    got = httpx.post(base + "/v1/chat/completions", json=chat, timeout=60).json()
+    content = got["choices"][0]["logprobs"]["content"]
+    assert 1 <= len(content) <= 3
+    for entry in content:
+        assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2
+        assert entry["top_logprobs"][0]["logprob"] >= entry["top_logprobs"][1]["logprob"]
+        assert entry["bytes"] == list(entry["token"].encode())
+
+
+def test_seeded_sampling_ignores_the_batch_and_the_deployment(server, llm):  # noqa: F811
+    base = server[0]
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "top_k": 50, "seed": 1234,
+            "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+    expected = (
+        llm.generate(
+            [PROMPT],
+            SamplingParams(max_tokens=12, temperature=1.0, top_k=50, seed=1234, ignore_eos=True),
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
+
+    def post(b):
+        return httpx.post(base + "/v1/completions", json=b, timeout=60).json()
+
+    alone = post(body)["choices"][0]["token_ids"]
+    others = [dict(body, seed=None, prompt=PROMPT[: 5 + i]) for i in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        futures = [pool.submit(post, b) for b in [*others[:3], body, *others[3:]]]
+        crowded = futures[3].result()["choices"][0]["token_ids"]
+        for f in futures:
+            f.result()
+    assert alone == crowded == expected
+
+
+def test_n_echo_bias_and_bans(server, llm):  # noqa: F811
+    base = server[0]
+
+    def post(**b):
+        r = httpx.post(base + "/v1/completions", json={"prompt": PROMPT, **b}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    # n: one choice per sample, a seeded request's j-th sample uses seed + j
+    got = post(n=3, max_tokens=5, temperature=1.0, seed=7, return_token_ids=True,
+               ignore_eos=True)  # fmt: skip
+    assert [c["index"] for c in got["choices"]] == [0, 1, 2]
+    assert got["usage"]["completion_tokens"] == 15 and got["usage"]["prompt_tokens"] == 19
+    for j, choice in enumerate(got["choices"]):
+        want = llm.generate([PROMPT], SamplingParams(max_tokens=5, temperature=1.0, seed=7 + j,
+                                                     ignore_eos=True))  # fmt: skip
+        assert choice["token_ids"] == want[0].outputs[0].token_ids
+    # echo: the prompt's text first
+    prompt_text = httpx.post(base + "/detokenize", json={"tokens": PROMPT}).json()["prompt"]
+    echoed = post(echo=True, max_tokens=3, temperature=0)["choices"][0]["text"]
+    assert echoed.startswith(prompt_text) and len(echoed) > len(prompt_text)
+    # a large bias forces a token; allowed_token_ids restricts every token
+    forced = post(max_tokens=4, temperature=0, logit_bias={"42": 100}, return_token_ids=True)
+    assert forced["choices"][0]["token_ids"] == [42] * 4
+    allowed = post(max_tokens=6, temperature=1.0, seed=3, allowed_token_ids=[10, 11, 12],
+                   return_token_ids=True, ignore_eos=True)  # fmt: skip
+    assert set(allowed["choices"][0]["token_ids"]) <= {10, 11, 12}
+    # penalties change a greedy continuation (and stay greedy-deterministic)
+    plain = post(max_tokens=16, temperature=0, ignore_eos=True, return_token_ids=True)
+    penalized = post(max_tokens=16, temperature=0, ignore_eos=True, return_token_ids=True,
+                     frequency_penalty=2.0, repetition_penalty=1.5)  # fmt: skip
+    want = llm.generate(
+        [PROMPT],
+        SamplingParams(
+            max_tokens=16,
+            temperature=0,
+            ignore_eos=True,
+            frequency_penalty=2.0,
+            repetition_penalty=1.5,
+        ),
+    )
+    assert penalized["choices"][0]["token_ids"] == want[0].outputs[0].token_ids
+    assert penalized["choices"][0]["token_ids"] != plain["choices"][0]["token_ids"]
+    # min_tokens: EOS is never sampled before it (the bias makes EOS, id 2, the favourite)
+    short = post(max_tokens=8, temperature=0, logit_bias={"2": 100}, min_tokens=5,
+                 return_token_ids=True)  # fmt: skip
+    ids = short["choices"][0]["token_ids"]
+    assert len(ids) == 6 and 2 not in ids[:5] and ids[5] == 2
+    assert short["choices"][0]["finish_reason"] == "stop"
+    # truncate_prompt_tokens keeps the last k prompt tokens
+    cut = post(max_tokens=1, truncate_prompt_tokens=4, return_token_ids=True)
+    assert cut["choices"][0]["prompt_token_ids"] == PROMPT[-4:]
+    assert cut["usage"]["prompt_tokens"] == 4
+
+
+def test_logprob_values_are_finite_and_sorted(server):  # noqa: F811
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0.8, "seed": 1, "logprobs": 5}
+    got = httpx.post(server[0] + "/v1/completions", json=body, timeout=60).json()
+    for top in got["choices"][0]["logprobs"]["top_logprobs"]:
+        values = list(top.values())
+        assert values == sorted(values, reverse=True) and all(math.isfinite(v) for v in values)
