@@ -54,6 +54,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--logprobs-mode",
+        default="raw_logprobs",
+        choices=["raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits"],
+        help="what logprobs report: the model's (raw) or what was sampled from (processed)",
+    )
+    p.add_argument(
+        "--logits-processors",
+        nargs="+",
+        default=None,
+        metavar="MODULE:CLASS",
+        help="global logits processors applied to every batch, e.g. "
+        "tandem.engine.logits_processors:NoRepeatNGramLogitsProcessor",
+    )
+    p.add_argument(
         "--torch-threads",
         type=int,
         default=None,
@@ -98,7 +112,14 @@ def add_observability_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(args.model, args.dtype, args.max_model_len, args.seed),
+        model=ModelConfig(
+            args.model,
+            args.dtype,
+            args.max_model_len,
+            args.seed,
+            args.logprobs_mode,
+            tuple(args.logits_processors or ()),
+        ),
         cache=CacheConfig(
             args.block_size,
             args.num_gpu_blocks_override,

@@ -20,6 +20,7 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's own max_position_embeddings
     seed: int = 0
     logprobs_mode: str = "raw_logprobs"  # see sampler.LogprobsMode
+    logits_processors: tuple[str, ...] = ()  # "module:Class" each (logits_processors.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):

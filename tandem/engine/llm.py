@@ -40,9 +40,13 @@ class LLM:
         enable_prefix_caching: bool = True,
         scheduling_policy: str = "fcfs",
         seed: int = 0,
+        logprobs_mode: str = "raw_logprobs",
+        logits_processors: Sequence[str] = (),
     ) -> None:
         config = EngineConfig(
-            model=ModelConfig(model, dtype, max_model_len, seed),
+            model=ModelConfig(
+                model, dtype, max_model_len, seed, logprobs_mode, tuple(logits_processors)
+            ),
             cache=CacheConfig(
                 block_size, num_gpu_blocks_override, enable_prefix_caching=enable_prefix_caching
             ),

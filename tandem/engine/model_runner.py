@@ -10,6 +10,7 @@ import torch
 from tandem.engine.attention import build_attn_metadata
 from tandem.engine.config import CacheConfig, ModelConfig
 from tandem.engine.loader import load_model, read_hf_config
+from tandem.engine.logits_processors import load_logits_processors
 from tandem.engine.request import Request
 from tandem.engine.sampler import (
     LogprobsMode,
@@ -103,6 +104,9 @@ class ModelRunner:
         ]
         self.generators: dict[str, torch.Generator] = {}
         self.logprobs_mode = LogprobsMode(model_config.logprobs_mode)
+        self.logits_processors = load_logits_processors(
+            model_config.logits_processors, a.vocab_size, self.device
+        )
         logger.info(
             "model %s on %s in %s: %d KV blocks of %d tokens (%.2f GiB)",
             model_config.model,
@@ -168,6 +172,7 @@ class ModelRunner:
         sampling = [requests[i] for i in sample_reqs]
         gens = [self._generator(r) for r in sampling]
         st = SamplingTensors.build(sampling, gens, self.info.vocab_size, dev)
+        st.processors = [(p, sampling) for p in self.logits_processors]
         token_ids, row_logprobs = sample(logits, st, self.logprobs_mode)
         for row, (i, token) in enumerate(zip(sample_reqs, token_ids.tolist())):  # one sync
             results[i] = token

@@ -2,7 +2,8 @@
 
 Per step, on the rows that sample: (1) the raw logprobs, when asked for; (2) bans and
 biases: allowed_token_ids, bad words, EOS and stop tokens before min_tokens, logit_bias;
-(3) penalties: repetition (prompt and output), frequency and presence (output); then greedy
+(3) penalties: repetition (prompt and output), frequency and presence (output), then the
+global logits processors (logits_processors.py); then greedy
 rows take the argmax and random rows apply temperature, top-k, top-p and min-p and sample
 by Gumbel-max (argmax of probs / Exp(1) noise: no sync, no multinomial). A seeded request
 draws its noise from its own generator, so its tokens do not depend on what else shares
@@ -13,7 +14,7 @@ the batch. Everything is a tensor operation over the batch; Python only lists wh
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,6 +60,7 @@ class SamplingTensors:
     allowed_mask: torch.Tensor | None = None  # (len(allowed_rows), vocab) bool
     penalties: _Penalties | None = None
     logprobs: list[int | None] | None = None  # per row: alternatives asked for (None: none)
+    processors: list = field(default_factory=list)  # (global logits processor, requests)
 
     @classmethod
     def build(
@@ -212,6 +214,8 @@ def process_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         logits.index_put_((rows, ids), values, accumulate=True)
     if st.penalties is not None:
         logits = st.penalties.apply(logits)
+    for processor, requests in st.processors:
+        logits = processor.apply(logits, requests)
     return logits
 
 
@@ -220,7 +224,12 @@ def sample(
 ) -> tuple[torch.Tensor, list[TokenLogprobs | None] | None]:
     """(N, vocab) fp32 logits -> (N,) token ids, and each row's logprobs where asked."""
     raw = logits if st.logprobs is not None and mode.name.startswith("RAW") else None
-    if st.allowed_rows is not None or st.additive is not None or st.penalties is not None:
+    if (
+        st.allowed_rows is not None
+        or st.additive is not None
+        or st.penalties is not None
+        or st.processors
+    ):
         logits = process_logits(logits.clone() if raw is not None else logits, st)
     greedy_ids = logits.max(dim=-1).indices  # 3x faster than argmax on CPU; same first-max ties
     if st.all_greedy:

@@ -75,6 +75,9 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--cpu-kv-cache-space", str(space)]
     if not args.enable_prefix_caching:
         argv += ["--no-enable-prefix-caching"]
+    argv += ["--logprobs-mode", args.logprobs_mode]
+    if args.logits_processors:
+        argv += ["--logits-processors", *args.logits_processors]
     return argv
 
 

@@ -188,3 +188,31 @@ def test_logprob_values_are_finite_and_sorted(server):  # noqa: F811
     for top in got["choices"][0]["logprobs"]["top_logprobs"]:
         values = list(top.values())
         assert values == sorted(values, reverse=True) and all(math.isfinite(v) for v in values)
+
+
+def _repeated_ngram(prompt: list[int], output: list[int], n: int = 3) -> bool:
+    """Whether an n-gram that ends in the output occurred earlier in prompt + output."""
+    tokens = prompt + output
+    seen = {tuple(tokens[i : i + n]) for i in range(len(prompt) - n + 1)}
+    for i in range(max(len(prompt) - n + 1, 0), len(tokens) - n + 1):
+        gram = tuple(tokens[i : i + n])
+        if gram in seen:
+            return True
+        seen.add(gram)
+    return False
+
+
+def test_global_logits_processor_applies_to_every_request(tiny_llama, llm):
+    prompts = [PROMPT, PROMPT[:7], [4, 4, 4, 9]]
+    # the bias makes every request repeat token 7 forever, unless something stops it
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, logit_bias={7: 30.0})
+    plain = llm.generate(prompts, params)
+    assert all(_repeated_ngram(p, o.outputs[0].token_ids) for p, o in zip(prompts, plain))
+    name = "tandem.engine.logits_processors:NoRepeatNGramLogitsProcessor"
+    with_processor = LLM(tiny_llama, dtype="float32", num_gpu_blocks_override=128,
+                         logits_processors=[name])  # fmt: skip
+    for p, out in zip(prompts, with_processor.generate(prompts, params)):
+        assert len(out.outputs[0].token_ids) == 30
+        assert not _repeated_ngram(p, out.outputs[0].token_ids)
+    with pytest.raises(ValueError, match="logits_processors"):
+        LLM(tiny_llama, dtype="float32", logits_processors=["no.such.module:Nope"])
