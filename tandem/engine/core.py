@@ -149,12 +149,14 @@ class EngineCore:
             last = r.num_computed_tokens + n == r.num_tokens and r.num_output_tokens > 0
             self.num_prefill_tokens += n - last
         tables = [self.kv.block_ids(r.request_id) for r in plan.requests]
-        sampled, logprobs = self.runner.execute(plan.requests, num_scheduled, tables)
+        forks = self._forks(plan.requests, num_scheduled)
+        sampled, logprobs, forked = self.runner.execute(plan.requests, num_scheduled, tables, forks)
+        children = self._admit_forks(forks, forked)  # before a parent that ended is freed
         finished = self.scheduler.update_from_output(plan, sampled)
         if finished:
             self.runner.release([r.request_id for r in finished])
         self.num_steps += 1
-        return [
+        outputs = [
             StepOutput(
                 req,
                 [tok],
@@ -165,6 +167,46 @@ class EngineCore:
             for req, tok, lp in zip(plan.requests, sampled, logprobs)
             if tok is not None
         ]
+        return outputs + children
+
+    def _forks(self, requests: list[Request], num_scheduled: list[int]) -> dict[int, list]:
+        """Requests (by index) whose prompt completes this step and that fork: their samples
+        2..n, sampled from the same logits row."""
+        forks = {}
+        for i, (r, n) in enumerate(zip(requests, num_scheduled)):
+            if r.fork_ids and r.num_computed_tokens + n == r.num_tokens:
+                forks[i] = [r.fork(fid, j) for j, fid in enumerate(r.fork_ids, 1)]
+        return forks
+
+    def _admit_forks(self, forks: dict[int, list], forked: dict[str, tuple]) -> list[StepOutput]:
+        """Each fork joins the batch with its first token, sharing its parent's full prompt
+        blocks and a copy of the partial last one; with no room for that copy it waits and
+        is recomputed (its prompt then hits the prefix cache)."""
+        outputs = []
+        for children in forks.values():
+            parent = self.scheduler.running_request(children[0].parent_id)
+            parent.fork_ids = ()
+            num_prompt = parent.num_prompt_tokens
+            blocks = self.kv.req_to_blocks[parent.request_id]
+            num_full = num_prompt // self.kv.block_size
+            for child in children:
+                token, lp = forked[child.request_id]
+                child.append_output_token(token)
+                if self.scheduler.add_computed_request(child, num_prompt, blocks[:num_full]):
+                    if num_full < len(blocks) and num_prompt % self.kv.block_size:
+                        src = blocks[num_full].block_id
+                        dst = self.kv.req_to_blocks[child.request_id][num_full].block_id
+                        self.runner.copy_block(src, dst)
+                else:
+                    self.scheduler.add_request(child)
+                status = self.scheduler.check_stop(child, token)
+                if status is not None:
+                    self.scheduler.finish(child, status)
+                    self.runner.release([child.request_id])
+                outputs.append(
+                    StepOutput(child, [token], child.is_finished, None if lp is None else [lp])
+                )
+        return outputs
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()

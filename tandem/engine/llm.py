@@ -75,22 +75,26 @@ class LLM:
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             text = prompt if isinstance(prompt, str) else None
-            req = Request(
-                f"llm-{next(self._ids)}", ids, params, priority=priority[i] if priority else 0
-            )
+            rid = f"llm-{next(self._ids)}"
+            fork_ids = tuple(f"{rid}.{j}" for j in range(1, params.n))
+            req = Request(rid, ids, params, priority=priority[i] if priority else 0)
+            req.fork_ids = fork_ids
             self.engine.add_request(req)
             order.append(req)
             texts[req.request_id] = text
-            detoks[req.request_id] = IncrementalDetokenizer(
-                self.tokenizer,
-                params.stop,
-                params.include_stop_str_in_output,
-                skip_special_tokens=params.skip_special_tokens,
-            )
-            if params.logprobs is not None:
-                logprobs[req.request_id] = []
+            for sample_id in (rid, *fork_ids):
+                detoks[sample_id] = IncrementalDetokenizer(
+                    self.tokenizer,
+                    params.stop,
+                    params.include_stop_str_in_output,
+                    skip_special_tokens=params.skip_special_tokens,
+                )
+                if params.logprobs is not None:
+                    logprobs[sample_id] = []
+        samples: dict[str, Request] = {}
         while self.engine.has_unfinished:
             for out in self.engine.step():
+                samples[out.request.request_id] = out.request
                 detok = detoks[out.request.request_id]
                 detok.add_tokens(out.new_token_ids, out.finished)
                 if out.logprobs:
@@ -98,27 +102,28 @@ class LLM:
                 if detok.stopped_on is not None and not out.finished:
                     out.request.stop_reason = detok.stopped_on
                     self.engine.finish(out.request.request_id, RequestStatus.FINISHED_STOPPED)
-        return [
-            self._output(r, detoks[r.request_id], texts[r.request_id], logprobs.get(r.request_id))
-            for r in order
-        ]
+        return [self._output(r, samples, detoks, texts[r.request_id], logprobs) for r in order]
 
     @staticmethod
     def _output(
-        req: Request, detok: IncrementalDetokenizer, prompt: str | None, logprobs
+        req: Request, samples: dict[str, Request], detoks, prompt: str | None, logprobs
     ) -> RequestOutput:
-        completion = CompletionOutput(
-            0,
-            detok.text,
-            list(req.output_token_ids),
-            req.status.finish_reason,
-            req.stop_reason,
-            logprobs,
-        )
+        ids = [req.request_id, *(f"{req.request_id}.{j}" for j in range(1, req.sampling_params.n))]
+        completions = [
+            CompletionOutput(
+                j,
+                detoks[sid].text,
+                list(samples[sid].output_token_ids),
+                samples[sid].status.finish_reason,
+                samples[sid].stop_reason,
+                logprobs.get(sid),
+            )
+            for j, sid in enumerate(ids)
+        ]
         return RequestOutput(
             req.request_id,
             req.prompt_token_ids,
-            [completion],
+            completions,
             True,
             max(req.num_cached_tokens, 0),
             prompt,

@@ -127,11 +127,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, requests: list[Request], num_scheduled: list[int], block_tables
-    ) -> tuple[list[int | None], list[TokenLogprobs | None]]:
+        self,
+        requests: list[Request],
+        num_scheduled: list[int],
+        block_tables,
+        forks: dict[int, list[Request]] | None = None,
+    ) -> tuple[list[int | None], list[TokenLogprobs | None], dict[str, tuple]]:
         """Run one step. Returns, per request (in the given order), the sampled token id (None
         for a prefill chunk that does not reach the end of its tokens) and its logprobs (None
-        unless the request asks for them)."""
+        unless the request asks for them); and for the forks of requests[i] (`forks[i]`,
+        sampled from requests[i]'s row), {fork id: (token id, logprobs)}."""
+        forks = forks or {}
         # Decodes first: they share one batched attention call.
         order = sorted(range(len(requests)), key=lambda i: num_scheduled[i] != 1)
         input_ids: list[int] = []
@@ -166,19 +172,31 @@ class ModelRunner:
             self._prompt_logprobs(req, hidden[row : row + end - first], first)
         results: list[int | None] = [None] * len(requests)
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
+        forked: dict[str, tuple] = {}
         if not sample_reqs:
-            return results, logprobs
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+            return results, logprobs, forked
         sampling = [requests[i] for i in sample_reqs]
+        for i, children in forks.items():  # the same hidden row again, once per fork
+            sample_rows += [sample_rows[sample_reqs.index(i)]] * len(children)
+            sampling += children
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
         gens = [self._generator(r) for r in sampling]
         st = SamplingTensors.build(sampling, gens, self.info.vocab_size, dev)
         st.processors = [(p, sampling) for p in self.logits_processors]
         token_ids, row_logprobs = sample(logits, st, self.logprobs_mode)
-        for row, (i, token) in enumerate(zip(sample_reqs, token_ids.tolist())):  # one sync
-            results[i] = token
-            if row_logprobs is not None:
-                logprobs[i] = row_logprobs[row]
-        return results, logprobs
+        for row, (req, token) in enumerate(zip(sampling, token_ids.tolist())):  # one sync
+            lp = row_logprobs[row] if row_logprobs is not None else None
+            if row < len(sample_reqs):
+                results[sample_reqs[row]], logprobs[sample_reqs[row]] = token, lp
+            else:
+                forked[req.request_id] = (token, lp)
+        return results, logprobs, forked
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's KV (every layer) into another: a fork's partial last block."""
+        for k, v in self.kv_caches:
+            k[dst].copy_(k[src])
+            v[dst].copy_(v[src])
 
     def _prompt_logprobs(self, req: Request, hidden: torch.Tensor, first: int) -> None:
         """Logprobs of prompt tokens first+1 .. first+len(hidden), from the hidden states of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ _FINISH_REASON = {
 
 
 MAX_LOGPROBS = 20  # the most alternatives a request may ask for, as OpenAI allows
+MAX_N = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    n: int = 1  # samples of the prompt, which is prefilled once (see Request.fork_ids)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +84,7 @@ class SamplingParams:
         bad = tuple(tuple(w) for w in self.bad_words_token_ids)
         object.__setattr__(self, "bad_words_token_ids", bad)
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", ">= 1")
+        _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", f"in [1, {MAX_N}]")
         _check(_finite(self.temperature) and self.temperature >= 0, "temperature", ">= 0")
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
         _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "-1 (off) or >= 0")
@@ -184,6 +188,27 @@ class Request:
     stop_reason: int | str | None = None
     # prompt_logprobs asked for: one sampler.TokenLogprobs per prompt token after the first
     prompt_logprobs: list = field(default_factory=list)
+    # n > 1: the ids of samples 2..n. The prompt is prefilled once; when it is done, each of
+    # them forks off with its own first token, sharing the prompt's KV blocks.
+    fork_ids: tuple[str, ...] = ()
+    parent_id: str | None = None  # the request this one forked from
+
+    def fork(self, request_id: str, index: int) -> Request:
+        """The `index`-th sample (1..n-1) of this request: its seed is seed + index, as in
+        vLLM."""
+        params = self.sampling_params
+        if params.seed is not None:
+            params = dataclasses.replace(params, seed=params.seed + index)
+        return Request(
+            request_id,
+            self.prompt_token_ids,
+            params,
+            eos_token_id=self.eos_token_id,
+            arrival_time=self.arrival_time,
+            priority=self.priority,
+            cache_salt=self.cache_salt,
+            parent_id=self.request_id,
+        )
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

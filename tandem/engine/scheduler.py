@@ -268,13 +268,17 @@ class Scheduler:
             if request.num_computed_tokens < request.num_tokens or token_id is None:
                 continue  # a prefill chunk: its sample is not a token yet
             request.append_output_token(token_id)
-            status = self._check_stop(request, token_id)
+            status = self.check_stop(request, token_id)
             if status is not None:
                 self.finish(request, status)
                 finished.append(request)
         return finished
 
-    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+    def running_request(self, request_id: str) -> Request:
+        return self.requests[request_id]
+
+    def check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        """Whether `token_id`, just appended, ends the request (and how)."""
         params = request.sampling_params
         if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id == request.eos_token_id:

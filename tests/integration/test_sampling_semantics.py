@@ -182,6 +182,36 @@ def test_n_echo_bias_and_bans(server, llm):  # noqa: F811
     assert cut["usage"]["prompt_tokens"] == 4
 
 
+def _prefill_tokens(base: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "tandem:prefill_tokens"
+        for s in f.samples
+    )
+
+
+def test_n_samples_share_one_prefill_on_both_deployments(server):  # noqa: F811
+    import time
+
+    base = server[0]
+    prompt = [100 + i for i in range(37)]  # in no cache yet
+    before = _prefill_tokens(base)
+    body = {"prompt": prompt, "n": 3, "max_tokens": 4, "temperature": 1.0, "seed": 5,
+            "ignore_eos": True}  # fmt: skip
+    got = httpx.post(base + "/v1/completions", json=body, timeout=60).json()
+    assert len(got["choices"]) == 3 and got["usage"]["completion_tokens"] == 12
+    deadline = time.monotonic() + 10
+    while _prefill_tokens(base) - before < len(prompt):  # the stages push once a second
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1.5)  # and nothing more arrives
+    assert _prefill_tokens(base) - before == len(prompt)
+
+
 def test_logprob_values_are_finite_and_sorted(server):  # noqa: F811
     body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0.8, "seed": 1, "logprobs": 5}
     got = httpx.post(server[0] + "/v1/completions", json=body, timeout=60).json()
@@ -216,3 +246,23 @@ def test_global_logits_processor_applies_to_every_request(tiny_llama, llm):
         assert not _repeated_ngram(p, out.outputs[0].token_ids)
     with pytest.raises(ValueError, match="logits_processors"):
         LLM(tiny_llama, dtype="float32", logits_processors=["no.such.module:Nope"])
+
+
+def test_n_samples_fork_after_one_prefill(tiny_llama):
+    for prompt in (PROMPT, PROMPT[:16]):  # a partial last block (copied per fork), or none
+        llm = LLM(tiny_llama, dtype="float32", num_gpu_blocks_override=64)
+        params = SamplingParams(n=3, max_tokens=10, temperature=1.0, seed=11, ignore_eos=True)
+        (out,) = llm.generate([prompt], params)
+        assert [c.index for c in out.outputs] == [0, 1, 2]
+        assert llm.engine.num_prefill_tokens == len(prompt)  # the prompt was computed once
+        fresh = LLM(tiny_llama, dtype="float32", num_gpu_blocks_override=64)
+        for j, completion in enumerate(out.outputs):  # each as its own seeded request
+            one = SamplingParams(max_tokens=10, temperature=1.0, seed=11 + j, ignore_eos=True)
+            assert completion.token_ids == fresh.generate([prompt], one)[0].outputs[0].token_ids
+        assert llm.engine.kv.num_free_blocks == 64
+        llm.engine.kv.check_integrity()
+    # greedy samples are all the same; with max_tokens=1 forks end at once
+    (out,) = llm.generate([PROMPT], SamplingParams(n=4, max_tokens=1, temperature=0))
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 1
+    assert all(c.finish_reason == "length" for c in out.outputs)
+    assert llm.engine.kv.num_free_blocks == 64

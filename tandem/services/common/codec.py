@@ -36,6 +36,7 @@ def sampling_params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         bad_words=[common_pb2.TokenSequence(token_ids=list(w)) for w in p.bad_words_token_ids],
         keep_special_tokens=not p.skip_special_tokens,
         no_spaces_between_special_tokens=not p.spaces_between_special_tokens,
+        n=p.n,
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -70,6 +71,7 @@ def sampling_params_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
         prompt_logprobs=m.prompt_logprobs if m.HasField("prompt_logprobs") else None,
         skip_special_tokens=not m.keep_special_tokens,
         spaces_between_special_tokens=not m.no_spaces_between_special_tokens,
+        n=m.n or 1,
     )
 
 
@@ -97,6 +99,7 @@ def request_to_spec(
         cache_salt=req.cache_salt or "",
         output_token_ids=req.output_token_ids,
         trace_context=trace_context or {},
+        fork_ids=req.fork_ids,
     )
     if req.eos_token_id is not None:
         spec.eos_token_id = req.eos_token_id
@@ -113,6 +116,7 @@ def request_from_spec(spec: common_pb2.RequestSpec) -> Request:
         priority=spec.priority,
         cache_salt=spec.cache_salt or None,
         output_token_ids=list(spec.output_token_ids),
+        fork_ids=tuple(spec.fork_ids),
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import time
@@ -152,22 +151,18 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
         return ids[-k:] if k is not None else ids
 
     def fan_out(api, base_id: str, prompts, params, body, prefixes=None):
-        """`n` requests per prompt (choice index = prompt * n + j; a seeded request's j-th
-        sample uses seed + j, as vLLM does): their watched streams and their choices."""
+        """`n` samples per prompt, prefilled once (choice index = prompt * n + j; a seeded
+        request's j-th sample uses seed + j, as vLLM does): watched streams and choices."""
         streams, choices = [], []
         for i, ids in enumerate(prompts):
-            for j in range(body.n):
-                index = i * body.n + j
-                child = params
-                if j and params.seed is not None:
-                    child = dataclasses.replace(params, seed=params.seed + j)
-                rid = f"{base_id}-{index}"
-                gen = client.generate(
-                    rid, ids, child, body.priority, body.cache_salt, api.trace_context
-                )
+            rids = [f"{base_id}-{i * body.n + j}" for j in range(body.n)]
+            gens = client.generate_many(
+                rids, ids, params, body.priority, body.cache_salt, api.trace_context
+            )
+            for j, (rid, gen) in enumerate(zip(rids, gens)):
                 streams.append(api.watch(rid, len(ids), gen))
                 prompt_ids = ids if body.return_token_ids else None
-                choice = Choice(index, prefixes[i] if prefixes else "", prompt_ids)
+                choice = Choice(i * body.n + j, prefixes[i] if prefixes else "", prompt_ids)
                 choice.wants_prompt_logprobs = params.prompt_logprobs is not None
                 choices.append(choice)
         return streams, choices

@@ -35,6 +35,7 @@ class ClusterEngineClient:
         self.workers: dict[str, engine_pb2.Heartbeat] = {}
         self.seen: dict[str, float] = {}
         self._streams: dict[str, asyncio.Queue] = {}
+        self._forks: dict[str, tuple[str, ...]] = {}  # request id -> its forks' ids (n > 1)
         self.scheduler_stats: engine_pb2.SchedulerStats | None = None
         self.bus: Bus | None = None
         self.snapshots = SnapshotStore()
@@ -138,8 +139,12 @@ class ClusterEngineClient:
         queue = self._streams.get(delta.request_id)
         if queue is not None:
             queue.put_nowait(delta)
+        if delta.error:  # a request that failed before forking fails its forks too
+            for fork_id in self._forks.get(delta.request_id, ()):
+                if fork_id in self._streams:
+                    self._streams[fork_id].put_nowait(delta)
 
-    async def generate(
+    def generate(
         self,
         request_id: str,
         prompt_token_ids: list[int],
@@ -148,17 +153,45 @@ class ClusterEngineClient:
         cache_salt: str | None = None,
         trace_context: dict[str, str] | None = None,
     ) -> AsyncIterator[GenerationChunk]:
+        return self.generate_many(
+            [request_id], prompt_token_ids, params, priority, cache_salt, trace_context
+        )[0]
+
+    def generate_many(
+        self,
+        request_ids: list[str],
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        trace_context: dict[str, str] | None = None,
+    ) -> list[AsyncIterator[GenerationChunk]]:
+        """len(request_ids) samples of one prompt, prefilled once: one stream each. The
+        request goes out when the first stream is read."""
         request = Request(
-            request_id, prompt_token_ids, params, priority=priority, cache_salt=cache_salt
+            request_ids[0], prompt_token_ids, params, priority=priority, cache_salt=cache_salt
         )
+        request.fork_ids = tuple(request_ids[1:])
         request.arrival_time = time.time()
         spec = codec.request_to_spec(request, self.reply_subject, trace_context)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        queues = {rid: asyncio.Queue() for rid in request_ids}
+        self._streams.update(queues)
+        if request.fork_ids:
+            self._forks[request.request_id] = request.fork_ids
+        submitted: list[bool] = []
+
+        async def submit() -> None:
+            if not submitted:
+                submitted.append(True)
+                msg = engine_pb2.SubmitRequest(request=spec)
+                await self.bus.publish(subject("submit"), msg, headers=trace_context)
+
+        return [self._stream(rid, queues[rid], submit) for rid in request_ids]
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue, submit):
         finished = False
         try:
-            submit = engine_pb2.SubmitRequest(request=spec)
-            await self.bus.publish(subject("submit"), submit, headers=trace_context)
+            await submit()
             while not finished:
                 delta: engine_pb2.TextDelta = await queue.get()
                 if delta.error:
@@ -179,6 +212,7 @@ class ClusterEngineClient:
                 )
         finally:
             self._streams.pop(request_id, None)
+            self._forks.pop(request_id, None)
             if not finished:
                 await self.abort(request_id)
 

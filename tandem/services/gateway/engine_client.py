@@ -109,6 +109,19 @@ class EngineClient(Protocol):
         caller's trace."""
         ...
 
+    def generate_many(
+        self,
+        request_ids: list[str],
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        trace_context: dict[str, str] | None = None,
+    ) -> list[AsyncIterator[GenerationChunk]]:
+        """`len(request_ids)` samples of one prompt (n > 1), prefilled once then forked:
+        one stream each."""
+        ...
+
     async def abort(self, request_id: str) -> None: ...
 
     async def reset_prefix_cache(self) -> None:
@@ -206,7 +219,7 @@ class InProcessEngineClient:
     async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    async def generate(
+    def generate(
         self,
         request_id: str,
         prompt_token_ids: list[int],
@@ -215,28 +228,55 @@ class InProcessEngineClient:
         cache_salt: str | None = None,
         trace_context: dict[str, str] | None = None,
     ) -> AsyncIterator[GenerationChunk]:
+        return self.generate_many(
+            [request_id], prompt_token_ids, params, priority, cache_salt, trace_context
+        )[0]
+
+    def generate_many(
+        self,
+        request_ids: list[str],
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        trace_context: dict[str, str] | None = None,
+    ) -> list[AsyncIterator[GenerationChunk]]:
+        """len(request_ids) samples of one prompt, prefilled once: one stream each. The
+        request goes to the engine when the first stream is read."""
         from tandem.engine.tokenizer import IncrementalDetokenizer
 
         request = Request(
-            request_id, prompt_token_ids, params, priority=priority, cache_salt=cache_salt
+            request_ids[0], prompt_token_ids, params, priority=priority, cache_salt=cache_salt
         )
+        request.fork_ids = tuple(request_ids[1:])
         # Validate here, on the caller's side, so bad input raises before any streaming.
         if request.num_prompt_tokens >= self.max_model_len:
             raise ValueError(
                 f"prompt has {request.num_prompt_tokens} tokens; max_model_len is "
                 f"{self.max_model_len} and at least one token must be generated"
             )
-        detok = IncrementalDetokenizer(
-            self.tokenizer,
-            params.stop,
-            params.include_stop_str_in_output,
-            skip_special_tokens=params.skip_special_tokens,
-        )
-        sub = _Sub(asyncio.get_running_loop(), asyncio.Queue(), detok)
-        self._subs[request_id] = sub
-        self._inbox.put(("add", request))
+        loop = asyncio.get_running_loop()
+        for rid in request_ids:
+            detok = IncrementalDetokenizer(
+                self.tokenizer,
+                params.stop,
+                params.include_stop_str_in_output,
+                skip_special_tokens=params.skip_special_tokens,
+            )
+            self._subs[rid] = _Sub(loop, asyncio.Queue(), detok)
+        submitted: list[bool] = []
+
+        def submit() -> None:
+            if not submitted:
+                submitted.append(True)
+                self._inbox.put(("add", request))
+
+        return [self._stream(rid, self._subs[rid], submit) for rid in request_ids]
+
+    async def _stream(self, request_id: str, sub: _Sub, submit) -> AsyncIterator[GenerationChunk]:
         finished = False
         try:
+            submit()
             while not finished:
                 item = await sub.out.get()
                 if isinstance(item, BaseException):
@@ -298,13 +338,15 @@ class InProcessEngineClient:
                 logger.warning("prefix cache not reset: requests are running")
             return
         request: Request = payload
-        sub = self._subs.get(request.request_id)
-        if sub is None:
+        subs = [self._subs.get(rid) for rid in (request.request_id, *request.fork_ids)]
+        if subs[0] is None:
             return  # the client left before the request reached the engine
         try:
             self.engine.add_request(request)
         except ValueError as e:
-            sub.loop.call_soon_threadsafe(sub.out.put_nowait, e)
+            for sub in subs:
+                if sub is not None:
+                    sub.loop.call_soon_threadsafe(sub.out.put_nowait, e)
 
     def _step(self) -> None:
         start = time.perf_counter()

@@ -110,6 +110,7 @@ class GenerateRequest(BaseModel):
             prompt_logprobs=self.prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            n=self.n,
         )
 
 

@@ -79,6 +79,12 @@ class PrefillWorker(WorkerShell):
             self._trace_step(plan.step_id, planned, set(failed), start_ns, end_ns)
         if outputs:
             await self.publish_tokens(outputs, plan.step_id)  # the first tokens: TTFT
+        for out in outputs:  # forks made this step go where their parent goes
+            parent = out.request.parent_id
+            if parent in self.decode_of and out.request.num_output_tokens == 1:
+                self.decode_of[out.request.request_id] = self.decode_of[parent]
+                if parent in self.trace_of:
+                    self.trace_of[out.request.request_id] = self.trace_of[parent]
         for out in outputs:
             if out.finished:
                 report.finished_request_ids.append(out.request.request_id)

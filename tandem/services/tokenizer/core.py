@@ -55,13 +55,15 @@ class DetokenizerHub:
         self.streams: dict[str, _Stream] = {}
 
     def open(self, spec: common_pb2.RequestSpec) -> None:
-        detok = IncrementalDetokenizer(
-            self.core.tokenizer,
-            tuple(spec.params.stop),
-            spec.params.include_stop_str_in_output,
-            skip_special_tokens=not spec.params.keep_special_tokens,
-        )
-        self.streams[spec.request_id] = _Stream(spec.reply_subject, detok)
+        """A stream for the request, and one for each of its forks (n > 1)."""
+        for request_id in (spec.request_id, *spec.fork_ids):
+            detok = IncrementalDetokenizer(
+                self.core.tokenizer,
+                tuple(spec.params.stop),
+                spec.params.include_stop_str_in_output,
+                skip_special_tokens=not spec.params.keep_special_tokens,
+            )
+            self.streams[request_id] = _Stream(spec.reply_subject, detok)
 
     def close(self, request_id: str) -> None:
         self.streams.pop(request_id, None)

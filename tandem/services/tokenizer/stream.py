@@ -45,9 +45,10 @@ class StreamRelay:
             carrier = dict(raw.headers or msg.request.trace_context or {})
             if carrier:
                 self.trace_of[msg.request.request_id] = carrier
-        _, waiting = self.early.pop(msg.request.request_id, (0.0, []))
-        for tokens, produced_at in waiting:
-            await self._relay(tokens, produced_at)
+        for request_id in (msg.request.request_id, *msg.request.fork_ids):
+            _, waiting = self.early.pop(request_id, (0.0, []))
+            for tokens, produced_at in waiting:
+                await self._relay(tokens, produced_at)
 
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         self.hub.close(msg.request_id)
