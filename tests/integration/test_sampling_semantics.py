@@ -266,3 +266,44 @@ def test_n_samples_fork_after_one_prefill(tiny_llama):
     assert len({tuple(c.token_ids) for c in out.outputs}) == 1
     assert all(c.finish_reason == "length" for c in out.outputs)
     assert llm.engine.kv.num_free_blocks == 64
+
+
+def test_priority_orders_a_full_queue(tiny_llama):
+    """One sequence at a time: while a long request runs, requests queue up; they then start
+    by priority (lower first), not by arrival."""
+    import time
+
+    from tests.integration.test_cluster import start_cluster, stop_cluster
+
+    proc, base = start_cluster(
+        tiny_llama, "--colocated", "--scheduling-policy", "priority", "--max-num-seqs", "1"
+    )
+    try:
+        first_token: dict[int, float] = {}
+        finished: dict[int, float] = {}
+
+        def run(priority: int, max_tokens: int) -> None:
+            body = {"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True,
+                    "priority": priority, "stream": True}  # fmt: skip
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        first_token.setdefault(priority, time.monotonic())
+            finished[priority] = time.monotonic()
+
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            blocker = pool.submit(run, 10, 480)
+            while 10 not in first_token:
+                time.sleep(0.01)
+            queued = []
+            for p in (3, 1, 2, 0):
+                queued.append(pool.submit(run, p, 16))
+                time.sleep(0.02)
+            all_queued = time.monotonic()
+            for f in [blocker, *queued]:
+                f.result()
+        assert finished[10] > all_queued, "the long request ended before the queue filled"
+        assert sorted(first_token, key=first_token.get) == [10, 0, 1, 2, 3]
+    finally:
+        stop_cluster(proc)
