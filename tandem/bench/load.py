@@ -201,11 +201,14 @@ async def send_request(
     prompt: list[int],
     output_len: int,
     events: list[tuple[float, dict]] | None = None,
+    extra_body: dict | None = None,
 ) -> RequestResult:
-    """One streaming completion, timed from send to [DONE]. Pass `events` to watch the
-    stream's (arrival time, event) pairs as they come, even if the request is cancelled."""
+    """One streaming completion (greedy unless `extra_body` says otherwise), timed from send
+    to [DONE]. Pass `events` to watch the stream's (arrival time, event) pairs as they
+    come, even if the request is cancelled."""
     body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body |= extra_body or {}
     events = [] if events is None else events
     done = False
     start = time.perf_counter()
@@ -240,6 +243,7 @@ async def run_load(
     max_concurrency: int,
     rate: float,
     seed: int,
+    extra_body: dict | None = None,
 ) -> tuple[list[RequestResult], float]:
     """Two warm-up requests (prompts[:2]), then the rest at Poisson arrivals, at most
     max_concurrency in flight (<= 0: no cap). Returns the results and the duration."""
@@ -254,7 +258,7 @@ async def run_load(
         async def one(prompt: list[int], offset: float) -> RequestResult:
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
             async with sem:
-                return await send_request(http, prompt, output_len)
+                return await send_request(http, prompt, output_len, extra_body=extra_body)
 
         results = await asyncio.gather(*(one(p, o) for p, o in zip(timed, offsets)))
         return list(results), time.perf_counter() - start

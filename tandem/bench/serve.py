@@ -10,6 +10,7 @@ where each one's processes sit on the cores, and drives the same workload at bot
 - goodput: the highest request rate served within TTFT and ITL SLOs (goodput.py).
 - shared-prefix: cluster-wide prefix caching and KV-aware routing (shared_prefix.py).
 - tracing: throughput with every request traced against tracing off (tracing_cost.py).
+- sampling: throughput with full sampling and every penalty against greedy (sampling_cost.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
-from tandem.bench import goodput, interference, shared_prefix, tracing_cost
+from tandem.bench import goodput, interference, sampling_cost, shared_prefix, tracing_cost
 from tandem.bench.deploy import DEPLOYMENT_FLAGS, deployment, placement, print_placement
 from tandem.bench.load import ServerInfo, random_prompts, run_load, server_info, summarize
 
@@ -96,6 +97,7 @@ WORKLOADS = {
     "goodput": Workload(goodput.run, goodput.report),
     "shared-prefix": Workload(shared_prefix.run, shared_prefix.report, shared_prefix.DEPLOYMENTS),
     "tracing": Workload(run_throughput, tracing_cost.report, tracing_cost.DEPLOYMENTS, True),
+    "sampling": Workload(sampling_cost.run, sampling_cost.report, sampling_cost.DEPLOYMENTS),
 }
 
 

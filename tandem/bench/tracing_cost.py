@@ -23,7 +23,9 @@ DEPLOYMENTS = {"tracing-off": [], "tracing-on": ["--trace-file", TRACE_FILE]}
 
 
 def add_arguments(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--rounds", type=int, default=3, help="tracing: interleaved runs of each")
+    g.add_argument(
+        "--rounds", type=int, default=3, help="tracing, sampling: interleaved runs of each"
+    )
 
 
 def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> tuple[dict, bool]:
