@@ -183,15 +183,24 @@ def test_n_echo_bias_and_bans(server, llm):  # noqa: F811
 
 
 def _prefill_tokens(base: str) -> float:
+    """Prompt tokens computed by the engines so far (waiting for the stages' first push)."""
+    import time
+
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(base + "/metrics", timeout=10).text
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        if f.name == "tandem:prefill_tokens"
-        for s in f.samples
-    )
+    deadline = time.monotonic() + 10
+    while True:
+        text = httpx.get(base + "/metrics", timeout=10).text
+        values = [
+            s.value
+            for f in text_string_to_metric_families(text)
+            if f.name == "tandem:prefill_tokens"
+            for s in f.samples
+        ]
+        if values:
+            return sum(values)
+        assert time.monotonic() < deadline, "no engine pushed its metrics"
+        time.sleep(0.2)
 
 
 def test_n_samples_share_one_prefill_on_both_deployments(server):  # noqa: F811
@@ -200,6 +209,12 @@ def test_n_samples_share_one_prefill_on_both_deployments(server):  # noqa: F811
     base = server[0]
     prompt = [100 + i for i in range(37)]  # in no cache yet
     before = _prefill_tokens(base)
+    while True:  # settled: no earlier request's count still on its way
+        time.sleep(1.2)
+        again = _prefill_tokens(base)
+        if again == before:
+            break
+        before = again
     body = {"prompt": prompt, "n": 3, "max_tokens": 4, "temperature": 1.0, "seed": 5,
             "ignore_eos": True}  # fmt: skip
     got = httpx.post(base + "/v1/completions", json=body, timeout=60).json()

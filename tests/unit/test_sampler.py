@@ -174,3 +174,24 @@ def test_out_of_range_parameters_name_themselves():
     p = SamplingParams(logit_bias={40: 1.0})
     with pytest.raises(ValueError, match="^logit_bias must"):
         p.check_vocab(32)
+
+
+def test_top_k_fast_path_draws_what_the_full_path_draws():
+    from tandem.engine.sampler import _sample_full, _sample_top_k
+
+    torch.manual_seed(0)
+    scaled = torch.randn(6, 1000) * 2
+    top_k = torch.tensor([1, 5, 50, 50, 200, 999])
+    top_p = torch.tensor([1.0, 0.9, 0.5, 1.0, 0.95, 0.8])
+    min_p = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.05, 0.0])
+    for seed in range(30):
+        gens = [torch.Generator().manual_seed(seed * 10 + i) for i in range(6)]
+        fast, _ = _sample_top_k(scaled, top_k, top_p, min_p, gens)
+        gens = [torch.Generator().manual_seed(seed * 10 + i) for i in range(6)]
+        full, _ = _sample_full(scaled, top_k, top_p, min_p, gens)
+        assert fast.tolist() == full.tolist()
+    # unseeded: only top-k candidates are ever drawn
+    for _ in range(20):
+        got, _ = _sample_top_k(scaled, top_k, top_p, min_p, [None] * 6)
+        for row, token in enumerate(got.tolist()):
+            assert token in scaled[row].topk(int(top_k[row])).indices.tolist()
