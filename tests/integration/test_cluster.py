@@ -219,3 +219,26 @@ def test_a_stage_that_cannot_start_stops_the_whole_cluster(tmp_path):
     assert proc.returncode == 1, out
     assert "exited during start-up" in out
     assert group_is_gone(proc.pid), "NATS, Redis or a stage was left running"
+
+
+def test_seeded_and_n_sampling_equal_the_engine_on_two_and_two_workers(cluster, reference):
+    """Seeded requests give the engine's tokens whichever of the workers runs them, and
+    n > 1 forks give the engine's n samples."""
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (7, 30, 55, 90)]
+    sampling = dict(max_tokens=12, temperature=0.9, top_k=40, top_p=0.9, ignore_eos=True,
+                    presence_penalty=0.3, repetition_penalty=1.1)  # fmt: skip
+
+    def run(i: int) -> list[list[int]]:
+        body = {"prompt": prompts[i], "seed": 100 + i, "n": 2, "return_token_ids": True,
+                **sampling}  # fmt: skip
+        r = httpx.post(cluster + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return [c["token_ids"] for c in r.json()["choices"]]
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(run, range(4)))
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(seed=100 + i, n=2, **sampling)
+        want = reference.generate([prompt], params)[0].outputs
+        assert got[i] == [c.token_ids for c in want]

@@ -322,3 +322,32 @@ def test_priority_orders_a_full_queue(tiny_llama):
         assert sorted(first_token, key=first_token.get) == [10, 0, 1, 2, 3]
     finally:
         stop_cluster(proc)
+
+
+def test_stop_token_ids_and_stop_strings_as_in_vllm(server):  # noqa: F811
+    base = server[0]
+
+    def post(**b):
+        r = httpx.post(base + "/v1/completions", json={"prompt": PROMPT, **b}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    forced = post(max_tokens=8, temperature=0, logit_bias={"42": 100}, stop_token_ids=[42],
+                  return_token_ids=True)  # fmt: skip
+    assert forced["finish_reason"] == "stop" and forced["stop_reason"] == 42
+    assert forced["token_ids"] == [42]
+    # the same stop token after min_tokens: it may only end the request from then on
+    late = post(max_tokens=8, temperature=0, logit_bias={"42": 100}, stop_token_ids=[42],
+                min_tokens=3, return_token_ids=True)  # fmt: skip
+    assert late["token_ids"][3] == 42 and len(late["token_ids"]) == 4
+    assert 42 not in late["token_ids"][:3]
+    # stop strings: cut before the string, or kept with include_stop_str_in_output
+    text = post(max_tokens=12, temperature=0, ignore_eos=True)["text"]
+    stop = text[3:6]
+    assert stop and stop in text
+    cut = post(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop])
+    kept = post(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop],
+                include_stop_str_in_output=True)  # fmt: skip
+    assert cut["text"] == text[: text.index(stop)] and cut["stop_reason"] == stop
+    assert kept["text"] == text[: text.index(stop) + len(stop)]
+    assert cut["finish_reason"] == kept["finish_reason"] == "stop"

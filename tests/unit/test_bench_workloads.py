@@ -182,3 +182,28 @@ def test_goodput_report_tables_and_plot(tmp_path, capsys):
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "skipped" in printed and "goodput (req/s)" in printed
+
+
+def test_sampling_and_tracing_reports(tmp_path, capsys, monkeypatch):
+    from tandem.bench import sampling_cost, tracing_cost
+
+    def fig(tok_s, failed=0):
+        return {"output_tok_s": tok_s, "completed": 10, "failed": failed}
+
+    args = argparse.Namespace(num_prompts=8, input_len=16, output_len=16, max_concurrency=4,
+                              rounds=3)  # fmt: skip
+    runs = {"disaggregated": {"greedy": [fig(100), fig(110), fig(90)],
+                              "penalized": [fig(95), fig(99), fig(80)],
+                              "url": "http://x", "placement": [{"pid": 1}]}}  # fmt: skip
+    result, ok = sampling_cost.report(runs, args)
+    assert ok and result["ratio"] == 95 / 100
+    runs["disaggregated"]["penalized"][0]["failed"] = 1
+    assert not sampling_cost.report(runs, args)[1]
+
+    monkeypatch.setattr(tracing_cost, "TRACE_FILE", str(tmp_path / "none.jsonl"))
+    runs = {"tracing-off": [fig(100), fig(120), fig(110)],
+            "tracing-on": [fig(105), fig(100), fig(95)]}  # fmt: skip
+    result, ok = tracing_cost.report(runs, args)
+    assert result["ratio"] == 100 / 110
+    assert not ok  # no traces were written for the traced requests
+    assert "ratio on / off" in capsys.readouterr().out

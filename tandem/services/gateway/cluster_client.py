@@ -203,7 +203,8 @@ class ClusterEngineClient:
                     delta.text,
                     list(delta.token_ids),
                     delta.finish_reason or None,
-                    delta.stop_reason or None,
+                    delta.stop_reason
+                    or (delta.stop_token_id if delta.HasField("stop_token_id") else None),
                     delta.num_prompt_tokens,
                     delta.num_cached_tokens,
                     delta.produced_at,

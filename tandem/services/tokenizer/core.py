@@ -82,6 +82,8 @@ class DetokenizerHub:
             num_prompt_tokens=tokens.num_prompt_tokens,
             num_cached_tokens=tokens.num_cached_tokens,
         )
+        if tokens.HasField("stop_token_id"):
+            delta.stop_token_id = tokens.stop_token_id
         for source, into in ((tokens.logprobs, delta.logprobs),
                              (tokens.prompt_logprobs, delta.prompt_logprobs)):  # fmt: skip
             for lp in source:
