@@ -219,3 +219,39 @@ def test_a_new_prefix_follows_the_request_that_brought_it_before_the_index_knows
     core.schedule()
     assert core.prefilling["second"].prefill_worker_id == core.prefilling["first"].prefill_worker_id
     assert core.prefilling["other"].prefill_worker_id != core.prefilling["first"].prefill_worker_id
+
+
+def test_expected_cache_hits_cost_no_budget_and_no_room():
+    """Requests whose long prefix the worker holds: their first chunks span the cached part
+    but charge only the suffix to the budget, and the worker's cache keeps it a candidate
+    however many such requests it has queued."""
+    from tandem.services.scheduler.core import Router
+
+    core = make_two_prefill(Router.KV_AWARE)
+    core.on_heartbeat("p0", Role.PREFILL, num_free_blocks=300)  # room for ~4 cold prompts
+    shared = list(range(100, 164))  # 64 blocks: a 1,024-token system prompt
+    for i in range(8):
+        r = req(f"r{i}", 1088)
+        r.block_hashes = shared + [1000 + i] * 4
+        r.overlap = {"p0": 64}
+        core.add_request(r)
+    plans = core.schedule()
+    assert {r.prefill_worker_id for r in core.prefilling.values()} == {"p0"}
+    (plan,) = [p for p in plans if p.worker_id == "p0"][:1]
+    # all eight fit one step: 8 x 64 computed tokens, under the 2,048 budget
+    assert chunks(plan) == [(f"r{i}", 1088, True) for i in range(8)]
+
+
+def test_a_stale_expectation_still_plans_the_whole_prompt():
+    from tandem.services.scheduler.core import Router
+
+    core = make_two_prefill(Router.KV_AWARE)
+    r = req("r", 3000)
+    r.overlap = {"p0": 100, "p1": 100}  # 1,600 tokens expected cached
+    core.add_request(r)
+    (plan,) = core.schedule()
+    # one chunk spans the whole prompt (1,400 computed tokens expected): a worker whose cache
+    # no longer holds the prefix computes all 3,000 in that step, and the request is done
+    assert chunks(plan) == [("r", 3000, True)]
+    core.on_report(plan.worker_id)
+    assert core.schedule() == []

@@ -247,17 +247,25 @@ class ClusterScheduler:
     def _prefill_queue(self, worker: WorkerState) -> list[PendingRequest]:
         return [r for r in self.prefilling.values() if r.prefill_worker_id == worker.worker_id]
 
+    def _cached_tokens(self, request: PendingRequest, worker: WorkerState) -> int:
+        """Leading tokens of the request the worker should find in its cache (at least one
+        token is always computed)."""
+        cached = self._overlap(request, worker.worker_id) * worker.block_size
+        return min(cached, request.num_tokens - 1)
+
     def _unplanned_tokens(self, worker: WorkerState) -> int:
-        """Prompt tokens placed on a prefill worker and not in a plan yet."""
-        return sum(r.num_tokens - r.num_planned for r in self._prefill_queue(worker))
+        """Tokens placed on a prefill worker that it will compute and that are in no plan
+        yet (a request's expected cache hits are no work)."""
+        return sum(
+            max(r.num_tokens - max(r.num_planned, self._cached_tokens(r, worker)), 0)
+            for r in self._prefill_queue(worker)
+        )
 
     def _prefill_load(self, worker: WorkerState) -> int:
         """Prompt tokens placed on a prefill worker, not reported prefilled yet and not
         expected to be found in its cache: the work it has queued."""
-        size = worker.block_size
         return sum(
-            r.num_tokens - self._overlap(r, worker.worker_id) * size
-            for r in self._prefill_queue(worker)
+            r.num_tokens - self._cached_tokens(r, worker) for r in self._prefill_queue(worker)
         )
 
     def _overlap(self, request: PendingRequest, worker_id: str) -> int:
@@ -289,8 +297,7 @@ class ClusterScheduler:
                 continue
             if self._unplanned_tokens(worker) >= self.plans_ahead * worker.max_num_batched_tokens:
                 continue
-            blocks = -(-request.num_tokens // max(worker.block_size, 1))
-            if queue and blocks > self._prefill_room(worker, queue):
+            if queue and self._new_blocks(request, worker) > self._prefill_room(worker, queue):
                 continue  # wait for this worker's blocks to come back
             candidates.append(worker)
         return self._route(request, candidates, self._prefill_load, Role.PREFILL)
@@ -313,10 +320,14 @@ class ClusterScheduler:
 
         return max(candidates, key=score)
 
+    def _new_blocks(self, request: PendingRequest, worker: WorkerState) -> int:
+        """Blocks the request takes on the worker beyond the cached ones it will share."""
+        blocks = -(-request.num_tokens // max(worker.block_size, 1))
+        return blocks - self._overlap(request, worker.worker_id)
+
     def _prefill_room(self, worker: WorkerState, placed: list[PendingRequest]) -> int:
         """Blocks the worker can still give to new requests, counting those placed on it."""
-        used = sum(-(-r.num_tokens // max(worker.block_size, 1)) for r in placed)
-        return worker.num_free_blocks - used
+        return worker.num_free_blocks - sum(self._new_blocks(r, worker) for r in placed)
 
     def schedule(self) -> list[Plan]:
         """Place waiting requests (in queue order, while a prefill and a decode worker take
@@ -349,15 +360,23 @@ class ClusterScheduler:
         return plans
 
     def _plan_for(self, worker: WorkerState) -> Plan:
-        """The next chunks of the requests placed on `worker`, in order, under its budget."""
+        """The next chunks of the requests placed on `worker`, in order, under its budget.
+
+        A chunk counts the tokens the worker will compute: a request's first chunk also
+        spans the prefix the worker is expected to hold (it computes min(chunk, what is
+        left after its real cache hits), so a stale expectation costs one larger step,
+        never a request left unfinished)."""
         budget = worker.max_num_batched_tokens
         chunks: list[PlannedChunk] = []
         for request in self._prefill_queue(worker):
-            num = min(request.num_tokens - request.num_planned, budget)
+            if budget <= 0:
+                break
+            free = self._cached_tokens(request, worker) if request.num_planned == 0 else 0
+            num = min(request.num_tokens - request.num_planned, budget + free)
             if num > 0:
                 chunks.append(PlannedChunk(request, num, is_first=request.num_planned == 0))
                 request.num_planned += num
-                budget -= num
+                budget -= max(num - free, 0)
         return Plan(worker.worker_id, worker.next_step_id, chunks)
 
     def stats(self) -> dict:
