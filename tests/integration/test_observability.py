@@ -190,6 +190,8 @@ def test_metrics_count_known_traffic_exactly(traced):
         for name in ("vllm:prefix_cache_queries_total", "vllm:num_preemptions_total"):
             assert any(n == name and ("role", role) in ls for n, ls in after), (name, role)
     assert _total(after, "tandem:workers", role="prefill") == 1
+    kv = httpx.get(base + "/stats", timeout=10).json()["kv_transfer"]  # from the heartbeats
+    assert kv["num_transfers"] >= num and kv["mean_ms"] > 0 and kv["bytes"] > 0
     assert _total(after, "tandem:scheduler_queue_depth") == 0
 
 

@@ -104,8 +104,17 @@ class ClusterEngineClient:
                 "index_lookup_p50_ms": stats.index_lookup_p50_ms,
                 "num_index_lookups": stats.num_index_lookups,
             }
+        live = self._live()
+        transfers = sum(hb.num_kv_transfers for hb in live)
+        seconds = sum(hb.kv_transfer_seconds for hb in live)
+        kv_transfer = {
+            "num_transfers": transfers,
+            "mean_ms": 1000 * seconds / transfers if transfers else None,
+            "bytes": sum(hb.kv_transfer_bytes for hb in live),
+        }
         return {
             "scheduler": scheduler,
+            "kv_transfer": kv_transfer,
             "workers": {
                 hb.worker_id: {
                     "role": codec.ROLE_NAMES.get(hb.role, "unknown"),

@@ -33,11 +33,21 @@ class PrefillWorker(WorkerShell):
         self.decode_of: dict[str, str] = {}  # request id -> its decode worker
         self.trace_of: dict[str, dict[str, str]] = {}  # request id -> W3C context, traced
         self.transfers: set[asyncio.Task] = set()
+        self.num_kv_transfers = 0
+        self.kv_transfer_seconds = 0.0
+        self.kv_transfer_bytes = 0
 
     async def subscribe(self) -> None:
         await self.bus.subscribe(
             subject("prefill", self.worker_id, "plan"), engine_pb2.StepPlan, self._on_plan
         )
+
+    def heartbeat(self) -> engine_pb2.Heartbeat:
+        msg = super().heartbeat()
+        msg.num_kv_transfers = self.num_kv_transfers
+        msg.kv_transfer_seconds = self.kv_transfer_seconds
+        msg.kv_transfer_bytes = self.kv_transfer_bytes
+        return msg
 
     async def _on_plan(self, plan: engine_pb2.StepPlan, raw) -> None:
         self.plans.put_nowait(plan)
@@ -183,7 +193,11 @@ class PrefillWorker(WorkerShell):
             )
             if not ack.accepted:
                 raise RuntimeError(ack.error)
-            self.metrics.kv_transfer_seconds.observe(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            self.metrics.kv_transfer_seconds.observe(elapsed)
+            self.num_kv_transfers += 1
+            self.kv_transfer_seconds += elapsed
+            self.kv_transfer_bytes += num_bytes
         except Exception as e:
             logger.error("hand-off of %s to %s failed: %s", request_id, decode_id, e)
             error = f"hand-off to decode worker failed: {e}"
