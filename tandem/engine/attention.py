@@ -26,14 +26,30 @@ class PrefillSpan:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Decode rows [start, end) of the batch, whose contexts are of similar length: their
+    block tables are padded to the group's longest only."""
+
+    start: int
+    end: int
+    block_tables: torch.Tensor  # (B, max_blocks) int64
+    bias: torch.Tensor  # (B, 1, 1, max_blocks * block_size) 0 / -inf
+
+
+@dataclass(slots=True)
 class AttnMetadata:
     """Where this step's keys go (`slot_mapping`) and what each query may read."""
 
     slot_mapping: torch.Tensor  # (T,) int64, cache slot of each batch token
     num_decodes: int = 0
-    decode_block_tables: torch.Tensor | None = None  # (B, max_blocks) int64
-    decode_bias: torch.Tensor | None = None  # (B, 1, 1, max_blocks * block_size) 0 / -inf
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+# A decode group grows while its longest table is within this factor of its shortest (plus
+# a few blocks): one long context no longer pads every short one in the batch to its length.
+GROUP_SPREAD = 1.5
+GROUP_SLACK_BLOCKS = 4
 
 
 def build_attn_metadata(
@@ -43,7 +59,8 @@ def build_attn_metadata(
     block_size: int,
     device: torch.device,
 ) -> AttnMetadata:
-    """Metadata for a batch whose first requests with query_len == 1 are the decodes.
+    """Metadata for a batch whose first requests with query_len == 1 are the decodes (best
+    sorted by context length, so that similar ones share a group).
 
     `context_lens[i]` counts request i's tokens including this step's (computed + new).
     """
@@ -55,17 +72,21 @@ def build_attn_metadata(
     num_decodes = 0
     while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
         num_decodes += 1
-    if num_decodes:
-        max_blocks = max(len(t) for t in block_tables[:num_decodes])
-        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables[:num_decodes]]
-        lens = torch.tensor(context_lens[:num_decodes], device=device)
-        key_pos = torch.arange(max_blocks * block_size, device=device)
-        meta.num_decodes = num_decodes
-        meta.decode_block_tables = torch.tensor(padded, dtype=torch.int64, device=device)
-        visible = (key_pos[None, :] < lens[:, None]).view(num_decodes, 1, 1, -1)
-        meta.decode_bias = torch.zeros(visible.shape, device=device).masked_fill_(
-            ~visible, float("-inf")
+    meta.num_decodes = num_decodes
+    start = 0
+    while start < num_decodes:
+        lengths = [len(t) for t in block_tables[start:num_decodes]]
+        end, shortest, longest = start + 1, lengths[0], lengths[0]
+        while end < num_decodes:
+            n = lengths[end - start]
+            if max(longest, n) > GROUP_SPREAD * min(shortest, n) + GROUP_SLACK_BLOCKS:
+                break
+            shortest, longest = min(shortest, n), max(longest, n)
+            end += 1
+        meta.decode_groups.append(
+            _decode_group(start, end, context_lens, block_tables, longest, block_size, device)
         )
+        start = end
     start = num_decodes
     for q_len, ctx_len, table in zip(
         query_lens[num_decodes:], context_lens[num_decodes:], block_tables[num_decodes:]
@@ -79,6 +100,16 @@ def build_attn_metadata(
         meta.prefills.append(PrefillSpan(start, start + q_len, ctx_len, ids, mask))
         start += q_len
     return meta
+
+
+def _decode_group(start, end, context_lens, block_tables, max_blocks, block_size, device):
+    padded = [t + [0] * (max_blocks - len(t)) for t in block_tables[start:end]]
+    lens = torch.tensor(context_lens[start:end], device=device)
+    key_pos = torch.arange(max_blocks * block_size, device=device)
+    visible = (key_pos[None, :] < lens[:, None]).view(end - start, 1, 1, -1)
+    bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
+    tables = torch.tensor(padded, dtype=torch.int64, device=device)
+    return DecodeGroup(start, end, tables, bias)
 
 
 def paged_attention(
@@ -102,9 +133,8 @@ def paged_attention(
     k_cache.view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
     v_cache.view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim))
     out = torch.empty_like(q)
-    nd = meta.num_decodes
-    if nd:
-        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
+    for g in meta.decode_groups:
+        out[g.start : g.end] = _decode_attention(q[g.start : g.end], k_cache, v_cache, g, scale)
     for span in meta.prefills:
         qp = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
         if span.mask is None:  # the whole context is this chunk: no cache read needed
@@ -140,7 +170,7 @@ def _gather_context(cache: torch.Tensor, block_ids: torch.Tensor, ctx_len: int) 
     return tiles.transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :ctx_len].unsqueeze(0)
 
 
-def _decode_attention(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+def _decode_attention(q, k_cache, v_cache, rows: DecodeGroup, scale: float) -> torch.Tensor:
     """One query token per request, over the gathered block tiles, block by block.
 
     The query heads of a KV group share their tile (no K/V repeat), and the matmuls run per
@@ -149,7 +179,7 @@ def _decode_attention(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> 
     """
     nd, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
-    tables = meta.decode_block_tables  # (B, n)
+    tables = rows.block_tables  # (B, n)
     n = tables.shape[1]
     kd = k_cache.index_select(0, tables.view(-1)).view(nd, n, num_kv_heads, block_size, head_dim)
     vd = v_cache.index_select(0, tables.view(-1)).view(nd, n, num_kv_heads, block_size, head_dim)
@@ -157,7 +187,7 @@ def _decode_attention(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> 
     qd = q.view(nd, 1, num_kv_heads, group, head_dim).expand(nd, n, num_kv_heads, group, head_dim)
     scores = torch.matmul(qd, kd.transpose(-1, -2))  # (B, n, Hkv, G, bs)
     scores = scores.permute(0, 2, 3, 1, 4).reshape(nd, num_kv_heads, group, n * block_size)
-    probs = (scores.float() * scale + meta.decode_bias).softmax(dim=-1).to(q.dtype)
+    probs = (scores.float() * scale + rows.bias).softmax(dim=-1).to(q.dtype)
     probs = probs.view(nd, num_kv_heads, group, n, block_size).permute(0, 3, 1, 2, 4)
     out = torch.matmul(probs, vd).sum(dim=1)  # (B, Hkv, G, D)
     return out.reshape(nd, num_heads, head_dim)

@@ -138,8 +138,14 @@ class ModelRunner:
         unless the request asks for them); and for the forks of requests[i] (`forks[i]`,
         sampled from requests[i]'s row), {fork id: (token id, logprobs)}."""
         forks = forks or {}
-        # Decodes first: they share one batched attention call.
-        order = sorted(range(len(requests)), key=lambda i: num_scheduled[i] != 1)
+        # Decodes first, shortest context first: similar lengths share an attention call.
+        order = sorted(
+            range(len(requests)),
+            key=lambda i: (
+                num_scheduled[i] != 1,
+                len(block_tables[i]) if num_scheduled[i] == 1 else 0,
+            ),
+        )
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens, context_lens, tables, sample_rows, sample_reqs = [], [], [], [], []

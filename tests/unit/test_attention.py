@@ -1,0 +1,49 @@
+"""Paged attention against plain attention over each request's contiguous keys: decodes
+grouped by context length, prefill chunks over a cached prefix."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tandem.engine.attention import build_attn_metadata, paged_attention
+
+
+def _reference(q, keys, values, scale):
+    """One request: q (T, H, D) over keys/values (ctx, Hkv, D), causal at the end."""
+    t, h, _ = q.shape
+    ctx, hkv, _ = keys.shape
+    k = keys.repeat_interleave(h // hkv, dim=1).transpose(0, 1)  # (H, ctx, D)
+    v = values.repeat_interleave(h // hkv, dim=1).transpose(0, 1)
+    mask = torch.arange(ctx)[None, :] <= torch.arange(ctx - t, ctx)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+def test_decodes_of_very_different_lengths_group_and_match_plain_attention():
+    torch.manual_seed(0)
+    bs, heads, kv_heads, dim, num_blocks = 4, 6, 2, 8, 200
+    k_cache = torch.zeros(num_blocks, kv_heads, bs, dim)
+    v_cache = torch.zeros(num_blocks, kv_heads, bs, dim)
+    # five decodes (short to long) and one prefill chunk of 5 over a cached prefix of 7
+    ctx = [5, 7, 9, 150, 160, 12]
+    q_lens = [1, 1, 1, 1, 1, 5]
+    free = iter(torch.randperm(num_blocks).tolist())
+    tables = [[next(free) for _ in range(-(-c // bs))] for c in ctx]
+    history = [(torch.randn(c, kv_heads, dim), torch.randn(c, kv_heads, dim)) for c in ctx]
+    for (keys, values), table, c, q_len in zip(history, tables, ctx, q_lens):
+        for pos in range(c - q_len):  # what earlier steps cached
+            k_cache[table[pos // bs], :, pos % bs] = keys[pos]
+            v_cache[table[pos // bs], :, pos % bs] = values[pos]
+    meta = build_attn_metadata(q_lens, ctx, tables, bs, torch.device("cpu"))
+    assert [(g.start, g.end) for g in meta.decode_groups] == [(0, 3), (3, 5)]
+    assert meta.decode_groups[0].block_tables.shape[1] == 3  # not padded to 40 blocks
+    q = torch.randn(sum(q_lens), heads, dim)
+    k_new = torch.cat([keys[c - n :] for (keys, _), c, n in zip(history, ctx, q_lens)])
+    v_new = torch.cat([values[c - n :] for (_, values), c, n in zip(history, ctx, q_lens)])
+    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale=dim**-0.5)
+    row = 0
+    for (keys, values), n in zip(history, q_lens):
+        want = _reference(q[row : row + n], keys, values, dim**-0.5)
+        assert torch.allclose(out[row : row + n], want, atol=1e-5)
+        row += n
