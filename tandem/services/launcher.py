@@ -32,7 +32,11 @@ class Stage:
     name: str
     argv: list[str]
     cores: list[int] = field(default_factory=list)  # empty: not pinned
+    nice: int = 0  # added to the process's niceness (lower CPU priority when > 0)
     proc: subprocess.Popen | None = None
+
+
+PREFILL_NICE = 10
 
 
 def place_workers(
@@ -118,7 +122,10 @@ def plan_stages(
             threads = args.torch_threads
         argv = [*tandem, role, *engine_argv(args), *nats, "--worker-id", worker_id,
                 "--torch-threads", str(threads)]  # fmt: skip
-        stages.append(Stage(worker_id, argv, worker_cores))
+        # A prefill worker sharing its cores with the light stages yields to them: they carry
+        # the token stream (latency), its prompts are throughput work.
+        shares = role == "prefill" and bool(set(worker_cores) & set(light_cores))
+        stages.append(Stage(worker_id, argv, worker_cores, PREFILL_NICE if shares else 0))
     gateway = [*tandem, "gateway", *nats, "--tokenizer-url", f"127.0.0.1:{tokenizer_port}",
                "--model", args.model, "--host", args.host, "--port", str(args.port)]  # fmt: skip
     if args.served_model_name:
@@ -142,7 +149,15 @@ def worker_roles(args: argparse.Namespace) -> list[str]:
 
 
 def _start(stage: Stage) -> None:
-    stage.proc = subprocess.Popen(stage.argv, preexec_fn=pinned_to(stage.cores))
+    pin = pinned_to(stage.cores)
+
+    def prepare() -> None:
+        if pin is not None:
+            pin()
+        if stage.nice:
+            os.nice(stage.nice)
+
+    stage.proc = subprocess.Popen(stage.argv, preexec_fn=prepare)
 
 
 def _healthy(url: str) -> bool:
