@@ -19,6 +19,7 @@ from tandem.services.common.worker import WorkerShell
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
+TRANSFERS_PER_DECODE = 2
 
 
 class PrefillWorker(WorkerShell):
@@ -33,6 +34,7 @@ class PrefillWorker(WorkerShell):
         self.decode_of: dict[str, str] = {}  # request id -> its decode worker
         self.trace_of: dict[str, dict[str, str]] = {}  # request id -> W3C context, traced
         self.transfers: set[asyncio.Task] = set()
+        self.lanes: dict[str, asyncio.Semaphore] = {}  # decode worker id -> its KV lane
         self.num_kv_transfers = 0
         self.kv_transfer_seconds = 0.0
         self.kv_transfer_bytes = 0
@@ -158,17 +160,18 @@ class PrefillWorker(WorkerShell):
         start = time.perf_counter()
         error = None
         try:
-            probe = await self.bus.request(
-                subject("decode", decode_id, "probe"),
-                engine_pb2.KVProbe(request=spec),
-                engine_pb2.KVProbeReply,
-                timeout=30.0,
-            )
-            num_reused = probe.num_cached_blocks  # the decode worker holds these already
-            sent = kv[num_reused:]
-            num_chunks = await send_kv(
-                self.bus, subject("decode", decode_id, "kv"), request_id, sent
-            )
+            async with self._lane(decode_id):
+                probe = await self.bus.request(
+                    subject("decode", decode_id, "probe"),
+                    engine_pb2.KVProbe(request=spec),
+                    engine_pb2.KVProbeReply,
+                    timeout=30.0,
+                )
+                num_reused = probe.num_cached_blocks  # the decode worker holds these already
+                sent = kv[num_reused:]
+                num_chunks = await send_kv(
+                    self.bus, subject("decode", decode_id, "kv"), request_id, sent
+                )
             num_bytes = sent.numel() * sent.element_size()
             self.metrics.kv_bytes_sent.inc(num_bytes)
             self.metrics.kv_blocks_reused.inc(num_reused)
@@ -205,6 +208,16 @@ class PrefillWorker(WorkerShell):
         finally:
             if span is not None:
                 tracing.end_span(span, error)
+
+    def _lane(self, decode_id: str) -> asyncio.Semaphore:
+        """At most TRANSFERS_PER_DECODE hand-offs to one decode worker send KV at once, each
+        with at most send_kv's window of chunks unacknowledged: what NATS buffers for a busy
+        decode worker stays far under the server's per-client limit (64 MiB), past which it
+        would cut that worker off as a slow consumer."""
+        lane = self.lanes.get(decode_id)
+        if lane is None:
+            lane = self.lanes[decode_id] = asyncio.Semaphore(TRANSFERS_PER_DECODE)
+        return lane
 
     async def _fail(self, request: Request, error: str) -> None:
         """End a request that cannot go on, telling the client (through the tokenizer)."""
