@@ -161,6 +161,8 @@ class PrefillWorker(WorkerShell):
         error = None
         try:
             async with self._lane(decode_id):
+                if request_id in self.aborted:  # while it waited for the lane
+                    return
                 probe = await self.bus.request(
                     subject("decode", decode_id, "probe"),
                     engine_pb2.KVProbe(request=spec),
