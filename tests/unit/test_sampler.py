@@ -195,3 +195,21 @@ def test_top_k_fast_path_draws_what_the_full_path_draws():
         got, _ = _sample_top_k(scaled, top_k, top_p, min_p, [None] * 6)
         for row, token in enumerate(got.tolist()):
             assert token in scaled[row].topk(int(top_k[row])).indices.tolist()
+
+
+def test_top_p_candidates_path_draws_what_the_full_path_draws(monkeypatch):
+    import tandem.engine.sampler as sampler
+
+    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", 64)
+    torch.manual_seed(1)
+    peaked = torch.randn(3, 2000) * 6  # top 64 hold most of the mass
+    flat = torch.randn(2, 2000) * 0.1  # they do not: these rows take the full path
+    scaled = torch.cat([peaked, flat])
+    top_p = torch.tensor([0.9, 0.5, 0.99, 0.9, 0.5])
+    min_p = torch.tensor([0.0, 0.0, 0.01, 0.0, 0.0])
+    for seed in range(25):
+        gens = [torch.Generator().manual_seed(seed * 7 + i) for i in range(5)]
+        got, _ = sampler._sample_top_p(scaled, None, top_p, min_p, gens)
+        gens = [torch.Generator().manual_seed(seed * 7 + i) for i in range(5)]
+        want, _ = sampler._sample_full(scaled, None, top_p, min_p, gens)
+        assert got.tolist() == want.tolist()
