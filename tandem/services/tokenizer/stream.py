@@ -43,8 +43,9 @@ class StreamRelay:
         self.hub.open(msg.request)
         if tracing.enabled():
             carrier = dict(raw.headers or msg.request.trace_context or {})
-            if carrier:
-                self.trace_of[msg.request.request_id] = carrier
+            if carrier:  # its forks (n > 1) are part of the same trace
+                for request_id in (msg.request.request_id, *msg.request.fork_ids):
+                    self.trace_of[request_id] = carrier
         for request_id in (msg.request.request_id, *msg.request.fork_ids):
             _, waiting = self.early.pop(request_id, (0.0, []))
             for tokens, produced_at in waiting:
