@@ -11,12 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.services.common import tracing
 from tandem.services.common.logs import JsonFormatter, TextFormatter, log_event
-from tandem.services.common.metrics import (
-    EngineCollector,
-    RequestMetrics,
-    RequestTimer,
-    merge_expositions,
-)
+from tandem.services.common.metrics import EngineCollector, RequestMetrics, RequestTimer
+from tandem.services.common.metrics_push import merge_expositions
 
 
 def _samples(text: str) -> dict:

@@ -17,12 +17,8 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore, StepOutput
 from tandem.services.common import codec
 from tandem.services.common.bus import subject
-from tandem.services.common.metrics import (
-    EngineCollector,
-    MetricsPublisher,
-    WorkerMetrics,
-    engine_stats,
-)
+from tandem.services.common.metrics import EngineCollector, WorkerMetrics, engine_stats
+from tandem.services.common.metrics_push import MetricsPublisher
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from tandem.engine.request import Request, SamplingParams
 from tandem.services.common import codec
 from tandem.services.common.bus import Bus, subject
-from tandem.services.common.metrics import SnapshotStore
-from tandem.services.gateway.engine_client import GenerationChunk, LogprobEntry
+from tandem.services.common.metrics_push import SnapshotStore
+from tandem.services.gateway.engine_client import GenerateOne, GenerationChunk, LogprobEntry
 from tandem.services.tokenizer.service import TokenizerClient
 from tandem.v1 import engine_pb2
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 WORKER_TIMEOUT = 5.0  # a worker whose heartbeats stopped this long ago no longer counts
 
 
-class ClusterEngineClient:
+class ClusterEngineClient(GenerateOne):
     """EngineClient over the stages. Ready once the tokenizer answers and at least one
     prefill and one decode worker heartbeat."""
 
@@ -152,19 +152,6 @@ class ClusterEngineClient:
             for fork_id in self._forks.get(delta.request_id, ()):
                 if fork_id in self._streams:
                     self._streams[fork_id].put_nowait(delta)
-
-    def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        trace_context: dict[str, str] | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        return self.generate_many(
-            [request_id], prompt_token_ids, params, priority, cache_salt, trace_context
-        )[0]
 
     def generate_many(
         self,

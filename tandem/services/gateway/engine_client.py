@@ -131,6 +131,23 @@ class EngineClient(Protocol):
     async def shutdown(self) -> None: ...
 
 
+class GenerateOne:
+    """`generate` as the one-sample case of `generate_many` (both clients)."""
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        trace_context: dict[str, str] | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
+        return self.generate_many(
+            [request_id], prompt_token_ids, params, priority, cache_salt, trace_context
+        )[0]
+
+
 @dataclass(slots=True)
 class _Sub:
     loop: asyncio.AbstractEventLoop
@@ -138,7 +155,7 @@ class _Sub:
     detok: object
 
 
-class InProcessEngineClient:
+class InProcessEngineClient(GenerateOne):
     """EngineCore on one thread; requests and aborts reach it through a thread-safe queue.
 
     The model loads on the thread too, so the server answers /health (503) while it loads.
@@ -218,19 +235,6 @@ class InProcessEngineClient:
 
     async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-    def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        trace_context: dict[str, str] | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        return self.generate_many(
-            [request_id], prompt_token_ids, params, priority, cache_salt, trace_context
-        )[0]
 
     def generate_many(
         self,

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from tandem.engine.request import SamplingParams
 from tandem.services.common import tracing
 from tandem.services.common.logs import log_event
-from tandem.services.common.metrics import RequestMetrics, RequestTimer, merge_expositions
+from tandem.services.common.metrics import RequestMetrics, RequestTimer
+from tandem.services.common.metrics_push import merge_expositions
 from tandem.services.gateway.engine_client import GenerationChunk
 
 logger = logging.getLogger("tandem.requests")

@@ -14,7 +14,8 @@ from tandem.engine.block_pool import KVEventKind, extend_block_hashes
 from tandem.engine.config import SchedulingPolicy
 from tandem.services.common import tracing
 from tandem.services.common.bus import Bus, subject
-from tandem.services.common.metrics import MetricsPublisher, SchedulerMetrics
+from tandem.services.common.metrics import SchedulerMetrics
+from tandem.services.common.metrics_push import MetricsPublisher
 from tandem.services.common.prefix_index import PrefixIndex
 from tandem.services.scheduler.core import (
     ClusterScheduler,

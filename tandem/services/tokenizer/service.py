@@ -11,7 +11,8 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from tandem.services.common import tracing
-from tandem.services.common.metrics import MetricsPublisher, TokenizerMetrics, instance_name
+from tandem.services.common.metrics import TokenizerMetrics
+from tandem.services.common.metrics_push import MetricsPublisher, instance_name
 from tandem.services.tokenizer.core import TokenizerCore
 from tandem.v1 import tokenizer_pb2 as pb
 from tandem.v1 import tokenizer_pb2_grpc as pb_grpc
