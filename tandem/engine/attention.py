@@ -34,6 +34,7 @@ class DecodeGroup:
     end: int
     block_tables: torch.Tensor  # (B, max_blocks) int64
     bias: torch.Tensor  # (B, 1, 1, max_blocks * block_size) 0 / -inf
+    tiles: torch.Tensor | None = None  # the cache tiles to gather (see _decode_attention)
 
 
 @dataclass(slots=True)
@@ -171,23 +172,24 @@ def _gather_context(cache: torch.Tensor, block_ids: torch.Tensor, ctx_len: int) 
 
 
 def _decode_attention(q, k_cache, v_cache, rows: DecodeGroup, scale: float) -> torch.Tensor:
-    """One query token per request, over the gathered block tiles, block by block.
+    """One query token per request, over its context gathered per KV head.
 
-    The query heads of a KV group share their tile (no K/V repeat), and the matmuls run per
-    (request, block, kv head) on the tiles as gathered: no transpose copy of the context.
-    Plain matmuls beat SDPA's CPU kernel at this shape.
+    The cache seen as (blocks * Hkv) tiles of (block_size, D): gathering tile
+    `block * Hkv + head` for each request, head and block gives (B, Hkv, ctx, D) in one
+    index_select, contiguous, so scores and outputs are one batched matmul per group of
+    query heads sharing a KV head (no K/V repeat, no transpose copy).
     """
     nd, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
-    tables = rows.block_tables  # (B, n)
-    n = tables.shape[1]
-    kd = k_cache.index_select(0, tables.view(-1)).view(nd, n, num_kv_heads, block_size, head_dim)
-    vd = v_cache.index_select(0, tables.view(-1)).view(nd, n, num_kv_heads, block_size, head_dim)
-    group = num_heads // num_kv_heads
-    qd = q.view(nd, 1, num_kv_heads, group, head_dim).expand(nd, n, num_kv_heads, group, head_dim)
-    scores = torch.matmul(qd, kd.transpose(-1, -2))  # (B, n, Hkv, G, bs)
-    scores = scores.permute(0, 2, 3, 1, 4).reshape(nd, num_kv_heads, group, n * block_size)
+    if rows.tiles is None:  # once per step: every layer gathers the same tiles
+        heads = torch.arange(num_kv_heads, device=q.device)
+        rows.tiles = (rows.block_tables[:, None, :] * num_kv_heads + heads[None, :, None]).view(-1)
+    ctx = rows.block_tables.shape[1] * block_size
+    kd = k_cache.view(-1, block_size, head_dim).index_select(0, rows.tiles)
+    vd = v_cache.view(-1, block_size, head_dim).index_select(0, rows.tiles)
+    kd = kd.view(nd, num_kv_heads, ctx, head_dim)
+    vd = vd.view(nd, num_kv_heads, ctx, head_dim)
+    qd = q.view(nd, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(qd, kd.transpose(-1, -2))  # (B, Hkv, G, ctx)
     probs = (scores.float() * scale + rows.bias).softmax(dim=-1).to(q.dtype)
-    probs = probs.view(nd, num_kv_heads, group, n, block_size).permute(0, 3, 1, 2, 4)
-    out = torch.matmul(probs, vd).sum(dim=1)  # (B, Hkv, G, D)
-    return out.reshape(nd, num_heads, head_dim)
+    return torch.matmul(probs, vd).reshape(nd, num_heads, head_dim)  # (B, Hkv, G, D)
