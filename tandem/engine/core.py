@@ -184,7 +184,7 @@ class EngineCore:
         is recomputed (its prompt then hits the prefix cache)."""
         outputs = []
         for children in forks.values():
-            parent = self.scheduler.running_request(children[0].parent_id)
+            parent = self.scheduler.requests[children[0].parent_id]
             parent.fork_ids = ()
             num_prompt = parent.num_prompt_tokens
             blocks = self.kv.req_to_blocks[parent.request_id]

@@ -316,12 +316,7 @@ def _sample_top_p(scaled, top_k, top_p, min_p, generators):
         before = p.cumsum(dim=-1) - p  # mass of the full distribution before each token
         p = p.masked_fill(before >= top_p[at].unsqueeze(-1), 0.0)
         p = _min_p(p, None if min_p is None else min_p[at])
-        gens = [generators[i] for i in rows]
-        if any(g is not None for g in gens):
-            noise = _noise((len(rows), scaled.shape[-1]), gens, scaled.device).gather(1, cand)
-        else:
-            noise = torch.empty_like(p).exponential_()
-        out[at] = cand.gather(1, p.div_(noise).max(dim=-1, keepdim=True).indices).squeeze(1)
+        out[at] = _draw_candidates(p, cand, [generators[i] for i in rows], scaled.shape[-1])
     rest = [i for i, c in enumerate(covered) if not c]
     if rest:
         at = torch.tensor(rest, device=scaled.device)
@@ -348,11 +343,17 @@ def _sample_top_k(scaled, top_k, top_p, min_p, generators):
         before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(before >= top_p.unsqueeze(-1), 0.0)
     probs = _min_p(probs, min_p)
+    return _draw_candidates(probs, ids, generators, scaled.shape[-1]), None
+
+
+def _draw_candidates(probs, ids, generators, vocab_size: int) -> torch.Tensor:
+    """Gumbel-max over each row's candidate tokens `ids` with their `probs`. A seeded row's
+    noise is drawn vocab-wide and gathered at its candidates: the full path's draws."""
     if any(g is not None for g in generators):
-        noise = _noise(scaled.shape, generators, scaled.device).gather(1, ids)
+        noise = _noise((len(generators), vocab_size), generators, probs.device).gather(1, ids)
     else:
         noise = torch.empty_like(probs).exponential_()
-    return ids.gather(1, probs.div_(noise).max(dim=-1, keepdim=True).indices).squeeze(1), None
+    return ids.gather(1, probs.div_(noise).max(dim=-1, keepdim=True).indices).squeeze(1)
 
 
 def gather_logprobs(

@@ -274,9 +274,6 @@ class Scheduler:
                 finished.append(request)
         return finished
 
-    def running_request(self, request_id: str) -> Request:
-        return self.requests[request_id]
-
     def check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         """Whether `token_id`, just appended, ends the request (and how)."""
         params = request.sampling_params
