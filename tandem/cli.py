@@ -110,6 +110,26 @@ def add_observability_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", default="text", choices=["text", "json"])
 
 
+def add_stage_args(p: argparse.ArgumentParser, drains: bool = False) -> None:
+    """What an orchestrator needs of a stage that has no HTTP port of its own."""
+    port = os.environ.get("TANDEM_HEALTH_PORT")
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=int(port) if port else None,
+        help="serve /health, /ready and /metrics on this port, all interfaces (default: "
+        "$TANDEM_HEALTH_PORT, else none)",
+    )
+    if drains:
+        p.add_argument(
+            "--shutdown-timeout",
+            type=float,
+            default=30.0,
+            help="seconds a SIGTERM'd worker takes to finish its requests before handing the "
+            "rest back to the scheduler",
+        )
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(
@@ -163,7 +183,13 @@ def _run_gateway(args: argparse.Namespace, client) -> int:
     name = args.served_model_name or Path(args.model.rstrip("/")).name
     app = build_app(client, name, args.model)
     logger.info("serving %s as %r on http://%s:%d", args.model, name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.uvicorn_log_level,
+        timeout_graceful_shutdown=getattr(args, "shutdown_timeout", None),
+    )
     return 0
 
 
@@ -177,7 +203,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from tandem.services.tokenizer.service import serve
 
-    asyncio.run(serve(resolve_model(args.model), f"{args.host}:{args.port}", args.nats_url))
+    address = f"{args.host}:{args.port}"
+    asyncio.run(serve(resolve_model(args.model), address, args.nats_url, args.health_port))
     return 0
 
 
@@ -195,6 +222,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
             args.worker_timeout,
             router,
             args.kv_overlap_weight,
+            args.health_port,
         )
     )
     return 0
@@ -209,7 +237,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     else:
         from tandem.services.decode.service import DecodeWorker as worker_cls
     worker_id = worker_id_for(args.command, args.worker_id)
-    asyncio.run(run_worker(worker_cls, engine_config(args), args.nats_url, worker_id))
+    config = engine_config(args)
+    asyncio.run(
+        run_worker(
+            worker_cls,
+            config,
+            args.nats_url,
+            worker_id,
+            args.health_port,
+            args.shutdown_timeout,
+        )
+    )
     return 0
 
 
@@ -286,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--nats-url", default=nats_url)
     gateway.add_argument("--tokenizer-url", default="127.0.0.1:50051", help="host:port (gRPC)")
     gateway.add_argument("--uvicorn-log-level", default="warning")
+    gateway.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a SIGTERM'd gateway waits for open requests",
+    )
     add_observability_args(gateway)
     gateway.set_defaults(func=cmd_gateway)
 
@@ -294,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--host", default="127.0.0.1")
     tok.add_argument("--port", type=int, default=50051)
     tok.add_argument("--nats-url", default=nats_url)
+    add_stage_args(tok)
     add_observability_args(tok)
     tok.set_defaults(func=cmd_tokenizer)
 
@@ -305,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url", default=os.environ.get("REDIS_URL"), help="the prefix-cache index"
     )
     add_router_args(sched)
+    add_stage_args(sched)
     add_observability_args(sched)
     sched.set_defaults(func=cmd_scheduler)
 
@@ -313,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(worker)
         worker.add_argument("--nats-url", default=nats_url)
         worker.add_argument("--worker-id", default=None)
+        add_stage_args(worker, drains=True)
         add_observability_args(worker)
         worker.set_defaults(func=cmd_worker)
 

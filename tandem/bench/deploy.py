@@ -111,9 +111,10 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """SIGTERM to the server's process group, SIGKILL to whatever is left after `timeout`."""
+    """SIGINT to the server's process group (stop now: a SIGTERM'd worker would drain), SIGKILL
+    to whatever is left after `timeout`."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGINT)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
     with contextlib.suppress(ProcessLookupError):

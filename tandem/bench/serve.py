@@ -11,6 +11,7 @@ where each one's processes sit on the cores, and drives the same workload at bot
 - shared-prefix: cluster-wide prefix caching and KV-aware routing (shared_prefix.py).
 - tracing: throughput with every request traced against tracing off (tracing_cost.py).
 - sampling: throughput with full sampling and every penalty against greedy (sampling_cost.py).
+- elastic: a decode worker joins and another drains under the throughput load (elastic.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
-from tandem.bench import goodput, interference, sampling_cost, shared_prefix, tracing_cost
+from tandem.bench import (
+    elastic,
+    goodput,
+    interference,
+    sampling_cost,
+    shared_prefix,
+    tracing_cost,
+)
 from tandem.bench.deploy import DEPLOYMENT_FLAGS, deployment, placement, print_placement
 from tandem.bench.load import ServerInfo, random_prompts, run_load, server_info, summarize
 
@@ -98,6 +106,7 @@ WORKLOADS = {
     "shared-prefix": Workload(shared_prefix.run, shared_prefix.report, shared_prefix.DEPLOYMENTS),
     "tracing": Workload(run_throughput, tracing_cost.report, tracing_cost.DEPLOYMENTS, True),
     "sampling": Workload(sampling_cost.run, sampling_cost.report, sampling_cost.DEPLOYMENTS),
+    "elastic": Workload(elastic.run, elastic.report, elastic.DEPLOYMENTS),
 }
 
 
@@ -187,4 +196,7 @@ def add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     goodput.add_arguments(p.add_argument_group("goodput workload"))
     shared_prefix.add_arguments(p.add_argument_group("shared-prefix workload"))
     tracing_cost.add_arguments(p.add_argument_group("tracing workload"))
+    p.add_argument_group("elastic workload").add_argument(
+        "--join-after", type=float, default=10.0, help="seconds into the load a decode joins"
+    )
     p.set_defaults(func=cmd_bench_serve)

@@ -113,6 +113,12 @@ class EngineCore:
             self.runner.release([r.request_id for r in taken])
         return taken
 
+    def hand_back(self) -> list[Request]:
+        """Take every unfinished request out of this engine, each with its tokens so far and
+        its blocks freed, to continue elsewhere (a decode worker that stops)."""
+        self.scheduler.preempt_all()
+        return self.take_preempted()
+
     def abort(self, request_id: str) -> None:
         if self.scheduler.abort(request_id) is not None:
             self.runner.release([request_id])

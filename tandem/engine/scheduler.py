@@ -238,13 +238,23 @@ class Scheduler:
         if request.request_id in out.num_scheduled_tokens:
             del out.num_scheduled_tokens[request.request_id]
             out.requests.remove(request)
+        self._requeue_preempted(request)
+        out.preempted_ids.append(request.request_id)
+
+    def _requeue_preempted(self, request: Request) -> None:
+        """Free a request's blocks; it keeps its tokens and waits to start over."""
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        out.preempted_ids.append(request.request_id)
         self.waiting.add(request, front=True)
+
+    def preempt_all(self) -> None:
+        """Preempt every running request (a worker that stops hands its work back)."""
+        for request in list(self.running):
+            self.running.remove(request)
+            self._requeue_preempted(request)
 
     def take_preempted(self) -> list[Request]:
         """Remove the preempted requests (their blocks are already free) and return them: a

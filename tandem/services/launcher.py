@@ -210,18 +210,26 @@ class Cluster:
         return url
 
     def wait(self) -> int:
-        """Block until a stage exits by itself (an error) or a signal stops the cluster."""
+        """Block until a stage fails or a signal stops the cluster. A worker that exits
+        cleanly drained (someone sent it SIGTERM): the cluster goes on without it."""
         while True:
-            for stage in self.stages:
-                if stage.proc.poll() is not None:
-                    logger.error("stage %s exited with %s", stage.name, stage.proc.returncode)
-                    return 1
+            for stage in list(self.stages):
+                code = stage.proc.poll()
+                if code is None:
+                    continue
+                if code == 0 and stage.name.startswith(("prefill", "decode")):
+                    logger.info("worker %s drained and left", stage.name)
+                    self.stages.remove(stage)
+                    continue
+                logger.error("stage %s exited with %s", stage.name, code)
+                return 1
             time.sleep(0.5)
 
     def stop(self) -> None:
+        """Stop every stage at once (SIGINT: no draining, the whole cluster is going)."""
         for stage in reversed(self.stages):
             if stage.proc is not None and stage.proc.poll() is None:
-                stage.proc.terminate()
+                stage.proc.send_signal(signal.SIGINT)
         for stage in self.stages:
             if stage.proc is None:
                 continue

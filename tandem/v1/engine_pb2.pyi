@@ -32,7 +32,7 @@ class AbortRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "block_size", "max_num_seqs", "timestamp", "num_steps", "max_model_len", "max_num_batched_tokens", "received_request_ids", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "num_kv_blocks_received", "num_kv_transfers", "kv_transfer_seconds", "kv_transfer_bytes")
+    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "block_size", "max_num_seqs", "timestamp", "num_steps", "max_model_len", "max_num_batched_tokens", "received_request_ids", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "num_kv_blocks_received", "num_kv_transfers", "kv_transfer_seconds", "kv_transfer_bytes", "draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class Heartbeat(_message.Message):
     NUM_KV_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     num_blocks: int
@@ -73,7 +74,8 @@ class Heartbeat(_message.Message):
     num_kv_transfers: int
     kv_transfer_seconds: float
     kv_transfer_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., timestamp: _Optional[float] = ..., num_steps: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., received_request_ids: _Optional[_Iterable[str]] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_kv_blocks_received: _Optional[int] = ..., num_kv_transfers: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ...) -> None: ...
+    draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., timestamp: _Optional[float] = ..., num_steps: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., received_request_ids: _Optional[_Iterable[str]] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_kv_blocks_received: _Optional[int] = ..., num_kv_transfers: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ScheduledChunk(_message.Message):
     __slots__ = ("request_id", "num_tokens", "request", "decode_worker_id")
@@ -226,6 +228,22 @@ class Preempted(_message.Message):
     request: _common_pb2.RequestSpec
     worker_id: str
     def __init__(self, request: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("worker_id", "done")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    done: bool
+    def __init__(self, worker_id: _Optional[str] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class DrainReply(_message.Message):
+    __slots__ = ("known", "num_pending")
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    NUM_PENDING_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    num_pending: int
+    def __init__(self, known: _Optional[bool] = ..., num_pending: _Optional[int] = ...) -> None: ...
 
 class RequestTokens(_message.Message):
     __slots__ = ("request_id", "token_ids", "finish_reason", "stop_reason", "stop_token_id", "num_prompt_tokens", "num_cached_tokens", "reply_subject", "logprobs", "prompt_logprobs")

@@ -255,3 +255,38 @@ def test_a_stale_expectation_still_plans_the_whole_prompt():
     assert chunks(plan) == [("r", 3000, True)]
     core.on_report(plan.worker_id)
     assert core.schedule() == []
+
+
+def test_a_draining_decode_worker_gets_nothing_new_and_counts_what_is_on_its_way():
+    core, _ = make(budget=1000, num_decode=2)
+    core.add_request(req("a", 10))
+    core.schedule()
+    first = core.prefilling["a"].decode_worker_id
+    other = ({"d0", "d1"} - {first}).pop()
+    assert core.drain(first) == 1  # "a" is on its way there: it must wait for it
+    core.add_request(req("b", 10))
+    core.add_request(req("c", 10))
+    core.schedule()
+    assert {core.prefilling[r].decode_worker_id for r in ("b", "c")} == {other}
+    core.on_heartbeat(first, Role.DECODE, received_ids=["a"], draining=True)
+    assert core.drain(first) == 0 and core.drain("nobody") is None
+    assert core.remove_worker(first) and first not in core.workers
+
+
+def test_a_departing_prefill_worker_hands_its_placed_requests_to_another():
+    core, _ = make(budget=10)
+    core.on_heartbeat(
+        "p1", Role.PREFILL, num_blocks=1000, num_free_blocks=1000, block_size=16,
+        max_num_seqs=64, max_model_len=2048, max_num_batched_tokens=10,
+    )  # fmt: skip
+    core.drain("p1")
+    core.add_request(req("a", 30))
+    plans = core.schedule()
+    assert {p.worker_id for p in plans} == {"p0"}  # p1 is leaving: nothing placed there
+    core.workers["p1"].draining = False
+    core.add_request(req("b", 10))
+    core.schedule()
+    assert core.prefilling["b"].prefill_worker_id == "p1"
+    assert core.drain("p1") == 1
+    core.remove_worker("p1")  # gone before it ran b: b waits again, first in line
+    assert core.waiting.peek().request_id == "b" and "b" not in core.prefilling

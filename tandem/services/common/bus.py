@@ -46,9 +46,25 @@ class Bus:
         self.nc = nc
 
     @classmethod
-    async def connect(cls, url: str, name: str) -> Bus:
-        nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
-        return cls(nc)
+    async def connect(cls, url: str, name: str, timeout: float = 60.0) -> Bus:
+        """Connect, retrying for `timeout` seconds while the server is not there yet (a
+        stage may start before NATS does: Kubernetes has no start order); once connected,
+        reconnect forever."""
+
+        async def on_error(e: Exception) -> None:
+            logger.warning("NATS %s: %s", url, e or type(e).__name__)
+
+        connect = nats.connect(
+            url,
+            name=name,
+            max_reconnect_attempts=-1,  # also retries the first connection
+            reconnect_time_wait=0.5,
+            error_cb=on_error,
+        )
+        try:
+            return cls(await asyncio.wait_for(connect, timeout))
+        except TimeoutError:
+            raise RuntimeError(f"NATS at {url} unreachable for {timeout:.0f} s") from None
 
     @property
     def max_payload(self) -> int:

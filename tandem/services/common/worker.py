@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,7 @@ from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 0.5  # seconds between heartbeats of an idle worker
+DRAIN_POLL = 0.25  # seconds between a draining worker's checks
 
 
 def worker_id_for(role: str, given: str | None) -> str:
@@ -135,6 +137,7 @@ class WorkerShell:
         self.thread = EngineThread(config)
         self.aborted = Tombstones()
         self.kv_seq = 0
+        self.draining = False
         self.engine: EngineCore | None = None
         self.registry = CollectorRegistry()
         role = codec.ROLE_NAMES[self.role]
@@ -172,6 +175,46 @@ class WorkerShell:
     def num_waiting(self) -> int:
         return 0
 
+    def idle(self) -> bool:
+        """Nothing in progress here (subclasses add what they hold besides the engine)."""
+        return not self.engine.has_unfinished
+
+    async def hand_back(self) -> None:
+        """Give back what could not finish before the shutdown timeout."""
+
+    async def drain(self, timeout: float) -> None:
+        """Leave the cluster without losing a request (SIGTERM): ask the scheduler to place
+        nothing more here, finish everything placed here (work still on its way included),
+        hand back what is left after `timeout`, then say it is gone."""
+        self.draining = True
+        await self.send_heartbeat()
+        deadline = time.monotonic() + timeout
+        logger.info("%s draining (at most %.0f s)", self.worker_id, timeout)
+        while True:
+            pending = await self._drain_request(done=False)
+            if pending == 0 and self.idle():
+                break
+            if time.monotonic() > deadline:
+                logger.warning("%s: shutdown timeout, handing back what is left", self.worker_id)
+                await self.hand_back()
+                break
+            await asyncio.sleep(DRAIN_POLL)
+        await self._drain_request(done=True)
+        logger.info("%s drained", self.worker_id)
+
+    async def _drain_request(self, done: bool) -> int:
+        """Tell the scheduler; returns how many requests placed here have not arrived yet
+        (0 when the scheduler does not answer: then only this worker's own state counts)."""
+        msg = engine_pb2.DrainRequest(worker_id=self.worker_id, done=done)
+        try:
+            reply = await self.bus.request(
+                subject("scheduler", "drain"), msg, engine_pb2.DrainReply, timeout=2.0
+            )
+        except Exception as e:
+            logger.warning("scheduler did not answer the drain request: %s", e)
+            return 0
+        return reply.num_pending
+
     async def run(self) -> None:
         beats = asyncio.create_task(self._heartbeats())
         self.publisher.start()
@@ -205,7 +248,9 @@ class WorkerShell:
         await self.thread.call(self.engine.abort, msg.request_id)
 
     def heartbeat(self) -> engine_pb2.Heartbeat:
-        return heartbeat(self.engine, self.worker_id, self.role, self.num_waiting())
+        msg = heartbeat(self.engine, self.worker_id, self.role, self.num_waiting())
+        msg.draining = self.draining
+        return msg
 
     async def send_heartbeat(self) -> None:
         await self.bus.publish(subject("heartbeat"), self.heartbeat())
@@ -270,13 +315,43 @@ def kv_event_batch(
     return batch
 
 
-async def run_worker(worker_cls, config: EngineConfig, nats_url: str, worker_id: str) -> None:
-    """Connect, start, run until cancelled, shut down: the prefill and decode entry points."""
+async def run_worker(
+    worker_cls,
+    config: EngineConfig,
+    nats_url: str,
+    worker_id: str,
+    health_port: int | None = None,
+    shutdown_timeout: float = 30.0,
+) -> None:
+    """Connect, start, run until cancelled or SIGTERM (then drain), shut down: the prefill
+    and decode entry points. `/health` on `health_port` when given (503 while loading)."""
     from tandem.services.common.bus import Bus
+    from tandem.services.common.health import HealthServer
 
     worker = worker_cls(config, await Bus.connect(nats_url, worker_id), worker_id)
-    await worker.start()
+    health = HealthServer(health_port, registry=worker.registry) if health_port else None
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
-        await worker.run()
+        if health is not None:
+            await health.start()
+        await worker.start()
+        if health is not None:
+            health.up = True
+        running = asyncio.create_task(worker.run())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if running.done():
+            stopping.cancel()
+            running.result()  # the loop ended by itself: its error is the worker's
+        if stop.is_set():
+            if health is not None:
+                health.draining = True
+            await worker.drain(shutdown_timeout)
+        for task in (running, stopping):
+            task.cancel()
+        await asyncio.gather(running, stopping, return_exceptions=True)
     finally:
+        if health is not None:
+            await health.stop()
         await worker.shutdown()

@@ -149,6 +149,28 @@ class DecodeWorker(WorkerShell):
     def num_waiting(self) -> int:
         return len(self.arrivals)
 
+    def idle(self) -> bool:
+        return super().idle() and not self.arrivals and not self.reserved
+
+    async def hand_back(self) -> None:
+        """Every request here goes back to the scheduler with its tokens (as a preemption
+        does): it continues on another decode worker, its client's stream unbroken."""
+        requests = await self.thread.call(self._hand_back_on_thread)
+        for request in requests:
+            await self._send_back(request)
+        logger.info("handed %d request(s) back to the scheduler", len(requests))
+
+    def _hand_back_on_thread(self) -> list[Request]:
+        for request_id in list(self.reserved):
+            self._release(request_id)
+        arrived = []
+        while self.arrivals:
+            a = self.arrivals.popleft()
+            self.engine.kv.pool.free(reversed(a.reused))
+            if a.request.request_id not in self.aborted:
+                arrived.append(a.request)
+        return self.engine.hand_back() + arrived
+
     def heartbeat(self) -> engine_pb2.Heartbeat:
         msg = super().heartbeat()
         msg.received_request_ids.extend(self.received_ids)
@@ -193,12 +215,16 @@ class DecodeWorker(WorkerShell):
             await self.publish_tokens(outputs, self.engine.num_steps)
         for request in preempted:
             logger.info("preempted %s: back to the scheduler", request.request_id)
-            carrier = self._end_span(request.request_id, request)
-            msg = engine_pb2.Preempted(
-                request=codec.request_to_spec(request, trace_context=carrier),
-                worker_id=self.worker_id,
-            )
-            await self.bus.publish(subject("scheduler", "preempted"), msg, headers=carrier)
+            await self._send_back(request)
+
+    async def _send_back(self, request: Request) -> None:
+        """Re-queue a request at the scheduler, with the tokens it generated here."""
+        carrier = self._end_span(request.request_id, request)
+        msg = engine_pb2.Preempted(
+            request=codec.request_to_spec(request, trace_context=carrier),
+            worker_id=self.worker_id,
+        )
+        await self.bus.publish(subject("scheduler", "preempted"), msg, headers=carrier)
 
     def _step_on_thread(self):
         outputs = self.engine.step()

@@ -84,7 +84,7 @@ class ClusterEngineClient(GenerateOne):
 
     @property
     def ready(self) -> bool:
-        roles = {hb.role for hb in self._live()}
+        roles = {hb.role for hb in self._live() if not hb.draining}
         return (
             self.bus is not None
             and self.vocab_size > 0
@@ -127,6 +127,7 @@ class ClusterEngineClient(GenerateOne):
                     "prefix_cache_queries": hb.prefix_cache_queries,
                     "prefix_cache_hits": hb.prefix_cache_hits,
                     "num_kv_blocks_received": hb.num_kv_blocks_received,
+                    "draining": hb.draining,
                 }
                 for hb in self._live()
             },

@@ -34,6 +34,7 @@ class PrefillWorker(WorkerShell):
         self.decode_of: dict[str, str] = {}  # request id -> its decode worker
         self.trace_of: dict[str, dict[str, str]] = {}  # request id -> W3C context, traced
         self.transfers: set[asyncio.Task] = set()
+        self.busy = False  # a plan is running
         self.lanes: dict[str, asyncio.Semaphore] = {}  # decode worker id -> its KV lane
         self.num_kv_transfers = 0
         self.kv_transfer_seconds = 0.0
@@ -51,6 +52,16 @@ class PrefillWorker(WorkerShell):
         msg.kv_transfer_bytes = self.kv_transfer_bytes
         return msg
 
+    def idle(self) -> bool:
+        return super().idle() and self.plans.empty() and not self.transfers and not self.busy
+
+    async def hand_back(self) -> None:
+        """Requests placed here and not prefilled go back to the queue when the scheduler
+        hears this worker is gone; the hand-offs under way are finished first (each is
+        bounded by its own timeouts), since their requests are no longer queued anywhere."""
+        if self.transfers:
+            await asyncio.wait(list(self.transfers), timeout=60.0)
+
     async def _on_plan(self, plan: engine_pb2.StepPlan, raw) -> None:
         self.plans.put_nowait(plan)
 
@@ -60,7 +71,12 @@ class PrefillWorker(WorkerShell):
 
     async def loop(self) -> None:
         while True:
-            await self._run_plan(await self.plans.get())
+            plan = await self.plans.get()
+            self.busy = True
+            try:
+                await self._run_plan(plan)
+            finally:
+                self.busy = False
 
     async def _run_plan(self, plan: engine_pb2.StepPlan) -> None:
         report = engine_pb2.StepReport(worker_id=self.worker_id, step_id=plan.step_id)

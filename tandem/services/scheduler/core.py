@@ -52,6 +52,7 @@ class WorkerState:
     max_num_batched_tokens: int = 0
     last_seen: float = 0.0
     next_step_id: int = 0
+    draining: bool = False  # leaving: placed no new requests, finishes what it has
     plans_in_flight: int = 0  # prefill: plans sent and not yet reported
     in_transit: dict[str, tuple[int, float]] = field(default_factory=dict)  # decode: id -> blocks
 
@@ -199,18 +200,41 @@ class ClusterScheduler:
             if now - w.last_seen <= self.worker_timeout and (role is None or w.role is role)
         ]
 
+    def _accepting(self, role: Role) -> list[WorkerState]:
+        """Live workers of a role that take new requests (not draining)."""
+        return [w for w in self._live(role) if not w.draining]
+
+    def drain(self, worker_id: str) -> int | None:
+        """A worker is leaving: place nothing more on it. Returns how many requests placed
+        on it have not reached it yet (prefill: not prefilled; decode: in transit), or None
+        for a worker this scheduler does not know."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return None
+        worker.draining = True
+        if worker.role is Role.PREFILL:
+            return len(self._prefill_queue(worker))
+        return len(worker.in_transit)
+
+    def remove_worker(self, worker_id: str) -> bool:
+        """Forget a worker that left (or went silent); requests placed on it as their prefill
+        worker wait again. True when it was known."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return False
+        for request in [r for r in self.prefilling.values() if r.prefill_worker_id == worker_id]:
+            del self.prefilling[request.request_id]
+            self._requeue(request)
+        self.placed_blocks.pop(worker_id, None)
+        return True
+
     def expire(self) -> list[str]:
         """Drop workers whose heartbeats stopped and transfers that never arrived. Requests
         placed on a dropped prefill worker wait again. Returns the dropped worker ids."""
         now = self.clock()
         dead = [w for w in self.workers.values() if now - w.last_seen > self.worker_timeout]
         for worker in dead:
-            del self.workers[worker.worker_id]
-            for request in [
-                r for r in self.prefilling.values() if r.prefill_worker_id == worker.worker_id
-            ]:
-                del self.prefilling[request.request_id]
-                self._requeue(request)
+            self.remove_worker(worker.worker_id)
         for worker in self.workers.values():
             stale = [
                 rid for rid, (_, t) in worker.in_transit.items() if now - t > self.transit_timeout
@@ -233,7 +257,7 @@ class ClusterScheduler:
         """The decode worker for a request: among those under max_num_seqs with room for its
         blocks, the least loaded, or (kv-aware) the best by cached overlap against load."""
         candidates = []
-        for worker in self._live(Role.DECODE):
+        for worker in self._accepting(Role.DECODE):
             load = self._decode_load(worker)
             blocks_in_transit = sum(b for b, _ in worker.in_transit.values())
             blocks_needed = -(-(request.num_tokens + 1) // max(worker.block_size, 1))
@@ -291,7 +315,7 @@ class ClusterScheduler:
         of work queued (the rest waits here, so placement binds late) and room for its
         blocks."""
         candidates = []
-        for worker in self._live(Role.PREFILL):
+        for worker in self._accepting(Role.PREFILL):
             queue = self._prefill_queue(worker)
             if len(queue) >= worker.max_num_seqs:
                 continue

@@ -60,6 +60,7 @@ class SchedulerService:
             (subject("scheduler", "preempted"), engine_pb2.Preempted, self._on_preempted),
             (subject("abort"), engine_pb2.AbortRequest, self._on_abort),
             (subject("kv", "events"), engine_pb2.KVEventBatch, self._on_kv_events),
+            (subject("scheduler", "drain"), engine_pb2.DrainRequest, self._on_drain),
         ]
         for subj, msg_type, handler in subs:
             await self.bus.subscribe(subj, msg_type, handler)
@@ -107,6 +108,7 @@ class SchedulerService:
             max_num_seqs=hb.max_num_seqs,
             max_model_len=hb.max_model_len,
             max_num_batched_tokens=hb.max_num_batched_tokens,
+            draining=hb.draining,
         )
 
     async def _on_report(self, report: engine_pb2.StepReport, raw) -> None:
@@ -119,6 +121,26 @@ class SchedulerService:
             failed_ids=report.failed_request_ids,
         )
         await self._send_plans()
+
+    async def _on_drain(self, msg: engine_pb2.DrainRequest, raw) -> None:
+        """A worker leaving: first it asks to be placed nothing more (and how much placed
+        work is still on its way to it), at last it says it is gone."""
+        if msg.done:
+            known = self.core.remove_worker(msg.worker_id)
+            if known:
+                logger.info("worker %s drained and left", msg.worker_id)
+                await self._forget_worker(msg.worker_id)
+            reply = engine_pb2.DrainReply(known=known)
+        else:
+            pending = self.core.drain(msg.worker_id)
+            reply = engine_pb2.DrainReply(known=pending is not None, num_pending=pending or 0)
+        await raw.respond(reply.SerializeToString())
+        await self._send_plans()  # a departed prefill worker's requests go elsewhere
+
+    async def _forget_worker(self, worker_id: str) -> None:
+        self.next_seq.pop(worker_id, None)
+        if self.index is not None:
+            await self.index.drop_worker(worker_id)
 
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         self.core.abort(msg.request_id)
@@ -203,9 +225,7 @@ class SchedulerService:
             await asyncio.sleep(EXPIRE_INTERVAL)
             for worker_id in self.core.expire():
                 logger.warning("worker %s stopped sending heartbeats: dropped", worker_id)
-                self.next_seq.pop(worker_id, None)
-                if self.index is not None:
-                    await self.index.drop_worker(worker_id)
+                await self._forget_worker(worker_id)
             if self.index is not None and not self.index.available and await self.index.ping():
                 for worker_id in list(self.core.workers):
                     await self._resync(worker_id)
@@ -273,8 +293,12 @@ async def serve(
     worker_timeout: float,
     router: Router = Router.KV_AWARE,
     overlap_weight: float = 1.0,
+    health_port: int | None = None,
 ) -> None:
-    """Run the scheduler until cancelled (the `tandem scheduler` entry point)."""
+    """Run the scheduler until cancelled (the `tandem scheduler` entry point); `/health` on
+    `health_port` when given."""
+    from tandem.services.common.health import HealthServer
+
     bus = await Bus.connect(nats_url, "scheduler")
     core = ClusterScheduler(
         policy, worker_timeout=worker_timeout, router=router, overlap_weight=overlap_weight
@@ -284,9 +308,15 @@ async def serve(
     await service.start()
     publisher = MetricsPublisher(bus, service.registry, "scheduler", "scheduler")
     publisher.start()
+    health = HealthServer(health_port, registry=service.registry) if health_port else None
+    if health is not None:
+        await health.start()
+        health.up = True
     try:
         await service.run()
     finally:
+        if health is not None:
+            await health.stop()
         publisher.stop()
         await bus.close()
         if index is not None:

@@ -74,10 +74,14 @@ async def start_server(
     return server, port
 
 
-async def serve(model_dir: str, address: str, nats_url: str | None = None) -> None:
+async def serve(
+    model_dir: str, address: str, nats_url: str | None = None, health_port: int | None = None
+) -> None:
     """Run the stage until cancelled (the `tandem tokenizer` entry point): gRPC on
-    `address`, and with `nats_url` the detokenizing stream relay too."""
+    `address`, and with `nats_url` the detokenizing stream relay too; `/health` on
+    `health_port` when given."""
     from tandem.services.common.bus import Bus
+    from tandem.services.common.health import HealthServer
     from tandem.services.tokenizer.core import DetokenizerHub
     from tandem.services.tokenizer.stream import StreamRelay
 
@@ -91,10 +95,16 @@ async def serve(model_dir: str, address: str, nats_url: str | None = None) -> No
         publisher = MetricsPublisher(bus, registry, instance_name("tokenizer"), "tokenizer")
         publisher.start()
     server, port = await start_server(core, address, metrics)
+    health = HealthServer(health_port, registry=registry) if health_port else None
+    if health is not None:
+        await health.start()
+        health.up = True
     logger.info("tokenizer for %s on port %d", model_dir, port)
     try:
         await server.wait_for_termination()
     finally:
+        if health is not None:
+            await health.stop()
         await server.stop(grace=1)
         if publisher is not None:
             publisher.stop()
