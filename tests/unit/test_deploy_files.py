@@ -97,7 +97,8 @@ def test_the_image_picks_torch_for_its_device_and_runs_as_non_root():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^USER tandem$", text, re.M)
     assert "cpu)  export TORCH_INDEX_URL=" in text and "cuda) export TORCH_INDEX_URL=" in text
-    assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in (
-        ROOT / "scripts" / "setup.sh"
-    ).read_text()
+    assert (
+        '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}'
+        in (ROOT / "scripts" / "setup.sh").read_text()
+    )
     assert 'ENTRYPOINT ["tandem"]' in text
