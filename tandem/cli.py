@@ -193,6 +193,27 @@ def _run_gateway(args: argparse.Namespace, client) -> int:
     return 0
 
 
+def run_stage(main) -> None:
+    """asyncio.run for a stage's coroutine, with a bounded exit: a task some library leaves
+    running (the NATS client retrying a server that stopped first, as when a whole
+    deployment stops at once) gets 3 s after cancellation, then the process exits anyway."""
+    runner = asyncio.Runner()
+    try:
+        runner.run(main)
+    finally:
+        loop = runner.get_loop()
+        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in tasks:
+            task.cancel()
+        stuck = set()
+        if tasks:
+            _, stuck = loop.run_until_complete(asyncio.wait(tasks, timeout=3.0))
+        if stuck:  # closing the runner would wait for them again
+            logger.warning("%d task(s) did not stop: exiting without them", len(stuck))
+        else:
+            runner.close()
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     from tandem.services.gateway.cluster_client import ClusterEngineClient
 
@@ -204,7 +225,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from tandem.services.tokenizer.service import serve
 
     address = f"{args.host}:{args.port}"
-    asyncio.run(serve(resolve_model(args.model), address, args.nats_url, args.health_port))
+    run_stage(serve(resolve_model(args.model), address, args.nats_url, args.health_port))
     return 0
 
 
@@ -214,7 +235,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
     policy = SchedulingPolicy(args.scheduling_policy)
     router = Router(args.router)
-    asyncio.run(
+    run_stage(
         serve(
             args.nats_url,
             args.redis_url,
@@ -238,7 +259,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from tandem.services.decode.service import DecodeWorker as worker_cls
     worker_id = worker_id_for(args.command, args.worker_id)
     config = engine_config(args)
-    asyncio.run(
+    run_stage(
         run_worker(
             worker_cls,
             config,
@@ -388,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     from tandem.bench.serve import add_bench_serve_parser
 
     add_bench_serve_parser(bench)
+    from tandem.bench.profile import add_bench_profile_parser
+    from tandem.planner import add_plan_parser
+
+    add_bench_profile_parser(bench)
+    add_plan_parser(sub)
     return parser
 
 

@@ -103,12 +103,13 @@ class LocalCompose:
         assert exe, f"{words[0]} is not on this machine"
         return [exe, *words[1:]]
 
-    def start(self, service: str, replica: int = 0) -> subprocess.Popen:
+    def start(self, service: str, replica: int = 0, extra: tuple = ()) -> subprocess.Popen:
+        """Start one replica (`extra`: flags after its command, for tests of them)."""
         spec = self.services[service]
         env = {k: self.rewrite(v, service, replica) for k, v in spec.get("environment", {}).items()}
         log = open(self.scratch / f"{service}-{replica}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            self.argv(service, spec["command"], replica, entrypoint=True),
+            self.argv(service, [*spec["command"], *extra], replica, entrypoint=True),
             env=os.environ | env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -154,7 +155,8 @@ class LocalCompose:
             start(service)
 
     def down(self) -> None:
-        for proc in self.procs.values():
+        """Stop everything, the last started first (as compose does)."""
+        for proc in reversed(self.procs.values()):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGINT)
         for proc in self.procs.values():
@@ -244,3 +246,37 @@ def test_a_decode_replica_joins_and_another_drains_without_losing_a_request(comp
     assert second.poll() is None
     workers = decode_workers(url)
     assert workers[new_id]["num_steps"] > 0 and not workers[new_id]["draining"]
+
+
+def test_a_worker_out_of_shutdown_time_hands_its_requests_back(compose):
+    """SIGTERM with --shutdown-timeout 0: its running requests go back to the scheduler with
+    their tokens and finish on another decode worker, streams unbroken."""
+    url = gateway_url(compose)
+    before = set(decode_workers(url))
+    proc = compose.start("decode", replica=2, extra=("--shutdown-timeout", "0"))
+    compose.wait_healthy("decode", replica=2)
+    deadline = time.monotonic() + 30
+    while len(set(decode_workers(url)) - before) < 1:
+        assert time.monotonic() < deadline, "the new decode worker never joined"
+        time.sleep(0.2)
+    (new_id,) = set(decode_workers(url)) - before
+
+    async def scenario() -> list[dict]:
+        prompts = [f"Write item {i} of a long list of colours:" for i in range(6)]
+        tasks = [asyncio.create_task(_complete(url, p, 64)) for p in prompts]
+        deadline = time.monotonic() + 60
+        while not decode_workers(url)[new_id]["num_running"]:
+            assert time.monotonic() < deadline, "no request reached the new worker"
+            await asyncio.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(scenario())
+    for result in results:
+        assert result["status"] == 200, result
+        assert result["body"]["choices"][0]["finish_reason"] == "length"
+        assert result["body"]["usage"]["completion_tokens"] == 64
+    assert proc.wait(30) == 0
+    assert "handed" in compose.log("decode", 2) and "back to the scheduler" in compose.log(
+        "decode", 2
+    )

@@ -126,8 +126,16 @@ class Bus:
         await self.nc._flush_pending(force_flush=True)
         await self.nc.flush()
 
-    async def close(self) -> None:
-        await self.nc.drain()
+    async def close(self, timeout: float = 5.0) -> None:
+        """Drain (deliver what is pending) when the server is there, else just close: a stage
+        stopping after NATS did must not wait for a reconnect."""
+        if self.nc.is_connected:
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout)
+                return
+            except Exception as e:
+                logger.warning("NATS drain incomplete: %s", e)
+        await self.nc.close()
 
 
 async def send_kv(

@@ -25,6 +25,7 @@ from tandem.v1 import engine_pb2
 logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 0.5  # seconds between heartbeats of an idle worker
 DRAIN_POLL = 0.25  # seconds between a draining worker's checks
+TRANSIT_GRACE = 30.0  # seconds past its shutdown timeout a worker waits for work on its way
 
 
 def worker_id_for(role: str, given: str | None) -> str:
@@ -185,18 +186,26 @@ class WorkerShell:
     async def drain(self, timeout: float) -> None:
         """Leave the cluster without losing a request (SIGTERM): ask the scheduler to place
         nothing more here, finish everything placed here (work still on its way included),
-        hand back what is left after `timeout`, then say it is gone."""
+        after `timeout` hand back what is left (and what still arrives, for at most
+        TRANSIT_GRACE more seconds), then say it is gone."""
         self.draining = True
         await self.send_heartbeat()
         deadline = time.monotonic() + timeout
         logger.info("%s draining (at most %.0f s)", self.worker_id, timeout)
+        handing_back = False
         while True:
             pending = await self._drain_request(done=False)
+            if handing_back:
+                await self.hand_back()
             if pending == 0 and self.idle():
                 break
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if not handing_back and now > deadline:
                 logger.warning("%s: shutdown timeout, handing back what is left", self.worker_id)
-                await self.hand_back()
+                handing_back = True
+                continue
+            if now > deadline + TRANSIT_GRACE:
+                logger.warning("%s: %d hand-off(s) never arrived", self.worker_id, pending)
                 break
             await asyncio.sleep(DRAIN_POLL)
         await self._drain_request(done=True)

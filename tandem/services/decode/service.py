@@ -158,7 +158,8 @@ class DecodeWorker(WorkerShell):
         requests = await self.thread.call(self._hand_back_on_thread)
         for request in requests:
             await self._send_back(request)
-        logger.info("handed %d request(s) back to the scheduler", len(requests))
+        if requests:
+            logger.info("handed %d request(s) back to the scheduler", len(requests))
 
     def _hand_back_on_thread(self) -> list[Request]:
         for request_id in list(self.reserved):

@@ -9,6 +9,7 @@ import logging
 import time
 
 import torch
+from nats.errors import NoRespondersError
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import StepOutput
@@ -219,6 +220,10 @@ class PrefillWorker(WorkerShell):
             self.num_kv_transfers += 1
             self.kv_transfer_seconds += elapsed
             self.kv_transfer_bytes += num_bytes
+        except NoRespondersError:  # the decode worker left: the request is queued again
+            logger.warning("%s gone: %s goes back to the scheduler", decode_id, request_id)
+            msg = engine_pb2.Preempted(request=spec, worker_id=self.worker_id)
+            await self.bus.publish(subject("scheduler", "preempted"), msg, headers=carrier)
         except Exception as e:
             logger.error("hand-off of %s to %s failed: %s", request_id, decode_id, e)
             error = f"hand-off to decode worker failed: {e}"
