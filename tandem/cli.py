@@ -90,6 +90,28 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_queue_args(p: argparse.ArgumentParser) -> None:
+    """The scheduler's queue bounds: past them a new request gets 503 with Retry-After."""
+    p.add_argument("--max-num-queued-requests", type=int, default=None, help="default: no bound")
+    p.add_argument("--max-num-queued-tokens", type=int, default=None, help="default: no bound")
+
+
+def add_api_args(p: argparse.ArgumentParser) -> None:
+    """What guards the REST API."""
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TANDEM_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize and "
+        "/reset_prefix_cache (default: $TANDEM_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=8 << 20,
+        help="larger request bodies get 413",
+    )
+
+
 def add_observability_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--otlp-traces-endpoint",
@@ -172,7 +194,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve_cluster(args)
     from tandem.services.gateway.engine_client import InProcessEngineClient
 
-    return _run_gateway(args, InProcessEngineClient(engine_config(args)))
+    client = InProcessEngineClient(
+        engine_config(args), args.max_num_queued_requests, args.max_num_queued_tokens
+    )
+    return _run_gateway(args, client)
 
 
 def _run_gateway(args: argparse.Namespace, client) -> int:
@@ -181,7 +206,7 @@ def _run_gateway(args: argparse.Namespace, client) -> int:
     from tandem.services.gateway.app import build_app
 
     name = args.served_model_name or Path(args.model.rstrip("/")).name
-    app = build_app(client, name, args.model)
+    app = build_app(client, name, args.model, args.api_key, args.max_request_body_bytes)
     logger.info("serving %s as %r on http://%s:%d", args.model, name, args.host, args.port)
     uvicorn.run(
         app,
@@ -244,6 +269,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
             router,
             args.kv_overlap_weight,
             args.health_port,
+            args.max_num_queued_requests,
+            args.max_num_queued_tokens,
         )
     )
     return 0
@@ -324,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="one process: the gateway with the engine in it (no NATS, no Redis)",
     )
     add_router_args(serve)
+    add_queue_args(serve)
+    add_api_args(serve)
     add_observability_args(serve)
     serve.add_argument("--prefill-workers", type=int, default=1)
     serve.add_argument("--decode-workers", type=int, default=1)
@@ -351,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds a SIGTERM'd gateway waits for open requests",
     )
+    add_api_args(gateway)
     add_observability_args(gateway)
     gateway.set_defaults(func=cmd_gateway)
 
@@ -371,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url", default=os.environ.get("REDIS_URL"), help="the prefix-cache index"
     )
     add_router_args(sched)
+    add_queue_args(sched)
     add_stage_args(sched)
     add_observability_args(sched)
     sched.set_defaults(func=cmd_scheduler)

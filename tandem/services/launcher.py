@@ -33,6 +33,7 @@ class Stage:
     argv: list[str]
     cores: list[int] = field(default_factory=list)  # empty: not pinned
     nice: int = 0  # added to the process's niceness (lower CPU priority when > 0)
+    env: dict[str, str] = field(default_factory=dict)  # on top of the launcher's
     proc: subprocess.Popen | None = None
 
 
@@ -112,7 +113,8 @@ def plan_stages(
         Stage("scheduler", [*tandem, "scheduler", *nats, "--redis-url", redis_url,
                             "--scheduling-policy", args.scheduling_policy,
                             "--router", args.router,
-                            "--kv-overlap-weight", str(args.kv_overlap_weight)], light_cores),
+                            "--kv-overlap-weight", str(args.kv_overlap_weight),
+                            *queue_argv(args)], light_cores),
     ]  # fmt: skip
     roles = worker_roles(args)
     for i, (role, (worker_cores, threads)) in enumerate(zip(roles, placements)):
@@ -130,8 +132,20 @@ def plan_stages(
                "--model", args.model, "--host", args.host, "--port", str(args.port)]  # fmt: skip
     if args.served_model_name:
         gateway += ["--served-model-name", args.served_model_name]
-    stages.append(Stage("gateway", gateway, light_cores))
+    gateway += ["--max-request-body-bytes", str(args.max_request_body_bytes)]
+    # The key goes by environment: a command line is readable by every local user.
+    secrets = {"TANDEM_API_KEY": args.api_key} if args.api_key else {}
+    stages.append(Stage("gateway", gateway, light_cores, env=secrets))
     return stages
+
+
+def queue_argv(args: argparse.Namespace) -> list[str]:
+    argv = []
+    if args.max_num_queued_requests is not None:
+        argv += ["--max-num-queued-requests", str(args.max_num_queued_requests)]
+    if args.max_num_queued_tokens is not None:
+        argv += ["--max-num-queued-tokens", str(args.max_num_queued_tokens)]
+    return argv
 
 
 def observability_argv(args: argparse.Namespace) -> list[str]:
@@ -157,7 +171,8 @@ def _start(stage: Stage) -> None:
         if stage.nice:
             os.nice(stage.nice)
 
-    stage.proc = subprocess.Popen(stage.argv, preexec_fn=prepare)
+    env = os.environ | stage.env if stage.env else None
+    stage.proc = subprocess.Popen(stage.argv, preexec_fn=prepare, env=env)
 
 
 def _healthy(url: str) -> bool:

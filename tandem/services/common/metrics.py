@@ -263,6 +263,11 @@ class SchedulerMetrics:
         self.queue_depth = Gauge(
             "tandem:scheduler_queue_depth", "Requests waiting at the scheduler.", registry=r
         )
+        self.refused = Counter(
+            "tandem:scheduler_refused_requests",
+            "Requests refused with 503: the queue at its bound, or no worker to take them.",
+            registry=r,
+        )
         self.waiting_tokens = Gauge(
             "tandem:scheduler_waiting_tokens",
             "Prompt tokens waiting at the scheduler (queued prefill work).",

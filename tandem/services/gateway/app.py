@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.engine.request import SamplingParams
 from tandem.services.gateway.engine_client import EngineClient
+from tandem.services.gateway.guard import DEFAULT_MAX_BODY_BYTES, Guard
 from tandem.services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -37,6 +38,7 @@ from tandem.services.gateway.streaming import (
     error_response,
     include_usage,
     param_of,
+    started,
     stream_sse,
     usage_of,
 )
@@ -45,7 +47,13 @@ from tandem.services.gateway.telemetry import Telemetry
 logger = logging.getLogger(__name__)
 
 
-def build_app(client: EngineClient, served_model_name: str, model_path: str) -> FastAPI:
+def build_app(
+    client: EngineClient,
+    served_model_name: str,
+    model_path: str,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         starter = asyncio.create_task(_start_client(client))
@@ -59,12 +67,13 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
     # opens one span per generation request itself, the root of the request's trace.
     off = {"tracing": False, "metrics": False, "logs": False}
     app = FastAPI(title="Tandem", version="0.1.0", lifespan=lifespan, telemetry=off)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     telemetry = Telemetry(served_model_name)
     created = int(time.time())
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return error_response(e.status, e.message, e.type, e.param, e.code)
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -222,8 +231,9 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
         )
         num_prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
+            chunks = await started(streams)
             events = stream_sse(
-                streams, choices, num_prompt_tokens, meta, include_usage(body), completion_chunk
+                chunks, choices, num_prompt_tokens, meta, include_usage(body), completion_chunk
             )
             return StreamingResponse(events, media_type="text/event-stream")
         completion_tokens = await collect(streams, choices)
@@ -269,8 +279,9 @@ def build_app(client: EngineClient, served_model_name: str, model_path: str) -> 
                 }
                 for c in choices
             ]
+            chunks = await started(streams)
             events = stream_sse(
-                streams, choices, len(ids), meta, include_usage(body), chat_chunk, roles
+                chunks, choices, len(ids), meta, include_usage(body), chat_chunk, roles
             )
             return StreamingResponse(events, media_type="text/event-stream")
         completion_tokens = await collect(streams, choices)

@@ -13,7 +13,12 @@ from tandem.engine.request import Request, SamplingParams
 from tandem.services.common import codec
 from tandem.services.common.bus import Bus, subject
 from tandem.services.common.metrics_push import SnapshotStore
-from tandem.services.gateway.engine_client import GenerateOne, GenerationChunk, LogprobEntry
+from tandem.services.gateway.engine_client import (
+    EngineOverloaded,
+    GenerateOne,
+    GenerationChunk,
+    LogprobEntry,
+)
 from tandem.services.tokenizer.service import TokenizerClient
 from tandem.v1 import engine_pb2
 
@@ -194,6 +199,8 @@ class ClusterEngineClient(GenerateOne):
                 if delta.error:
                     if delta.error_code == 400:
                         raise ValueError(delta.error)
+                    if delta.error_code == 503:
+                        raise EngineOverloaded(delta.error)
                     raise RuntimeError(delta.error)
                 finished = bool(delta.finish_reason)
                 yield GenerationChunk(

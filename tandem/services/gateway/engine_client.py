@@ -23,6 +23,12 @@ from tandem.engine.request import Request, RequestStatus, SamplingParams
 from tandem.services.common.metrics import EngineCollector, WorkerMetrics, engine_stats
 
 logger = logging.getLogger(__name__)
+RETRY_AFTER_S = 1  # what a refused client is told to wait before trying again
+
+
+class EngineOverloaded(RuntimeError):
+    """The engine refused a request for now (HTTP 503 with Retry-After): its queue is at a
+    bound, or no worker is there to run it."""
 
 
 @dataclass(slots=True)
@@ -161,8 +167,15 @@ class InProcessEngineClient(GenerateOne):
     The model loads on the thread too, so the server answers /health (503) while it loads.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        max_queued_requests: int | None = None,
+        max_queued_tokens: int | None = None,
+    ) -> None:
         self.config = config
+        self.max_queued_requests = max_queued_requests
+        self.max_queued_tokens = max_queued_tokens
         self.max_model_len = config.model.max_model_len or 0
         self.vocab_size = 0
         self.tokenizer = None
@@ -259,6 +272,7 @@ class InProcessEngineClient(GenerateOne):
                 f"prompt has {request.num_prompt_tokens} tokens; max_model_len is "
                 f"{self.max_model_len} and at least one token must be generated"
             )
+        self._admit(request)
         loop = asyncio.get_running_loop()
         for rid in request_ids:
             detok = IncrementalDetokenizer(
@@ -276,6 +290,20 @@ class InProcessEngineClient(GenerateOne):
                 self._inbox.put(("add", request))
 
         return [self._stream(rid, self._subs[rid], submit) for rid in request_ids]
+
+    def _admit(self, request: Request) -> None:
+        """The queue bounds (read without a lock: a snapshot is enough for admission).
+        Requests still in the inbox count as queued."""
+        waiting = list(self.engine.scheduler.waiting)
+        num_queued = len(waiting) + self._inbox.qsize()
+        if self.max_queued_requests is not None and num_queued >= self.max_queued_requests:
+            raise EngineOverloaded(f"the queue holds {num_queued} requests (the maximum)")
+        if self.max_queued_tokens is not None:
+            queued = sum(r.num_tokens for r in waiting)
+            if queued + request.num_tokens > self.max_queued_tokens:
+                raise EngineOverloaded(
+                    f"the queue holds {queued} tokens (at most {self.max_queued_tokens})"
+                )
 
     async def _stream(self, request_id: str, sub: _Sub, submit) -> AsyncIterator[GenerationChunk]:
         finished = False

@@ -15,9 +15,10 @@ class StreamOptions(BaseModel):
 
 class GenerateRequest(BaseModel):
     """The sampling fields /v1/completions and /v1/chat/completions share (OpenAI's names
-    and vLLM's extras). Unknown fields are ignored, as OpenAI's API does."""
+    and vLLM's extras). Strict, as OpenAI's API is: an unknown field or a value of the wrong
+    JSON type (a number in a string, say) is a 400, not silently ignored or converted."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     max_tokens: int | None = 16
@@ -62,6 +63,7 @@ class GenerateRequest(BaseModel):
 
     def check(self) -> None:
         """What the engine cannot check: ValueError naming the parameter."""
+        self._check_int_sizes()
         if self.n < 1:
             raise ValueError("n must be >= 1")
         if self.n > 128:
@@ -80,6 +82,22 @@ class GenerateRequest(BaseModel):
                 int(token)
             except ValueError:
                 raise ValueError("logit_bias must map token ids to biases") from None
+
+    def _check_int_sizes(self) -> None:
+        """Every integer fits the wire's field (32 bits; the seed 64): a larger one is the
+        client's error, not an overflow somewhere inside."""
+        for name, value in self:
+            if name == "seed":
+                bound = 1 << 63
+            elif name == "prompt":
+                continue  # token ids: checked against the vocabulary
+            else:
+                bound = 1 << 31
+            values = value if isinstance(value, list) else [value]
+            if isinstance(value, dict):
+                values = [int(k) for k in value if k.lstrip("-").isdigit()]
+            if any(isinstance(v, int) and not -bound <= v < bound for v in values):
+                raise ValueError(f"{name} must be an integer in [{-bound}, {bound - 1}]")
 
     def sampling_params(
         self, default_max_tokens: int = 16, bad_words_token_ids=()
@@ -229,7 +247,7 @@ class ChatCompletionRequest(GenerateRequest):
 class TokenizeRequest(BaseModel):
     """POST /tokenize: a prompt, or chat messages rendered with the chat template."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     prompt: str | None = None
@@ -243,7 +261,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     """POST /detokenize."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     tokens: list[int]

@@ -10,7 +10,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi.responses import JSONResponse
 
-from tandem.services.gateway.engine_client import GenerationChunk, LogprobEntry
+from tandem.services.gateway.engine_client import (
+    RETRY_AFTER_S,
+    EngineOverloaded,
+    GenerationChunk,
+    LogprobEntry,
+)
 from tandem.services.gateway.protocol import GenerateRequest
 
 
@@ -24,6 +29,7 @@ class APIError(Exception):
         type_: str,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
@@ -33,11 +39,25 @@ class APIError(Exception):
             param,
             code,
         )
+        self.headers = headers
 
 
-def error_response(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
+def engine_error(e: Exception) -> APIError:
+    """What the engine side raised for a request, as the client's HTTP error: its bad input
+    (400), a refusal for now (503 with Retry-After), or a failure on the way (503)."""
+    if isinstance(e, ValueError):
+        return APIError(400, str(e), "BadRequestError", param_of(str(e)))
+    if isinstance(e, EngineOverloaded):
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        return APIError(503, str(e), "ServiceUnavailableError", headers=retry)
+    return APIError(503, str(e), "ServiceUnavailableError")
+
+
+def error_response(
+    status: int, message: str, type_: str, param=None, code=None, headers=None
+) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def param_of(message: str) -> str | None:
@@ -193,15 +213,40 @@ async def collect(streams: list[AsyncIterator[GenerationChunk]], choices: list[C
         async for i, chunk in merge(streams):
             choices[i].add(chunk)
             completion_tokens += len(chunk.token_ids)
-    except ValueError as e:
-        raise APIError(400, str(e), "BadRequestError", param_of(str(e))) from None
-    except RuntimeError as e:  # the engine side failed the request; the server goes on
-        raise APIError(503, str(e), "ServiceUnavailableError") from None
+    except (ValueError, RuntimeError) as e:  # the engine side refused or failed it
+        raise engine_error(e) from None
     return completion_tokens
 
 
-async def stream_sse(
+async def started(
     streams: list[AsyncIterator[GenerationChunk]],
+) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """The streams' merged chunks, once the first is there: a request refused or failed
+    before its first token gets its HTTP status (400, 503), since a streaming response's
+    status goes out with its first byte. Raises APIError."""
+    merged = merge(streams)
+    try:
+        first = await anext(merged)
+    except StopAsyncIteration:
+        first = None
+    except (ValueError, RuntimeError) as e:
+        await merged.aclose()
+        raise engine_error(e) from None
+
+    async def chained() -> AsyncIterator[tuple[int, GenerationChunk]]:
+        try:
+            if first is not None:
+                yield first
+                async for item in merged:
+                    yield item
+        finally:
+            await merged.aclose()
+
+    return chained()
+
+
+async def stream_sse(
+    chunks: AsyncIterator[tuple[int, GenerationChunk]],
     choices: list[Choice],
     num_prompt_tokens: int,
     meta: dict,
@@ -209,14 +254,14 @@ async def stream_sse(
     format_choice: Callable[[Choice, GenerationChunk], dict | None],
     preamble: Sequence[dict] = (),
 ) -> AsyncIterator[str]:
-    """SSE: the preamble's choices, then one event per chunk per choice (as format_choice
-    renders it; None skips the chunk), then usage (when asked), then [DONE]. Closing the
-    response (client gone) aborts whatever is still running."""
+    """SSE of `started` chunks: the preamble's choices, then one event per chunk per choice
+    (as format_choice renders it; None skips the chunk), then usage (when asked), then
+    [DONE]. Closing the response (client gone) aborts whatever is still running."""
     completion_tokens = 0
     try:
         for choice in preamble:
             yield sse(dict(meta, choices=[choice]))
-        async for i, chunk in merge(streams):
+        async for i, chunk in chunks:
             completion_tokens += len(chunk.token_ids)
             choices[i].token_ids += chunk.token_ids
             choices[i].last = chunk
@@ -240,6 +285,8 @@ async def stream_sse(
             }
         }
         yield sse(err)
+    finally:
+        await chunks.aclose()
 
 
 def sse(obj: dict) -> str:

@@ -25,6 +25,11 @@ from tandem.engine.scheduler import WaitingQueue
 PLACED_TTL = 10.0  # seconds a placement stands in for the index
 
 
+class Overloaded(Exception):
+    """A request refused for now (HTTP 503 with Retry-After): the queue is full or no worker
+    of a role is there to take it."""
+
+
 class Router(enum.Enum):
     ROUND_ROBIN = "round-robin"
     LEAST_LOADED = "least-loaded"
@@ -100,8 +105,12 @@ class ClusterScheduler:
         router: Router = Router.KV_AWARE,
         overlap_weight: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        max_queued_requests: int | None = None,
+        max_queued_tokens: int | None = None,
     ) -> None:
         self.router = router
+        self.max_queued_requests = max_queued_requests
+        self.max_queued_tokens = max_queued_tokens
         self.overlap_weight = overlap_weight
         # Blocks of requests placed lately, per worker: the index learns of them only once
         # the worker computed them, and a request with the same new prefix arriving in
@@ -171,7 +180,21 @@ class ClusterScheduler:
                 f"prompt has {request.num_tokens} tokens; max_model_len is {limit} "
                 "and at least one token must be generated"
             )
+        if not front:  # a request coming back was admitted once: it is never refused
+            self._admit(request)
         self.waiting.add(request, front=front)
+
+    def _admit(self, request: PendingRequest) -> None:
+        """Raise Overloaded when the queue is at a bound, or no worker could start it."""
+        if self.max_queued_requests is not None and len(self.waiting) >= self.max_queued_requests:
+            raise Overloaded(f"the queue holds {len(self.waiting)} requests (the maximum)")
+        queued = sum(r.num_tokens for r in self.waiting)
+        limit = self.max_queued_tokens
+        if limit is not None and queued + request.num_tokens > limit:
+            raise Overloaded(f"the queue holds {queued} tokens (at most {limit})")
+        for role in Role:
+            if not self._accepting(role):
+                raise Overloaded(f"no {role.value} worker is available")
 
     def abort(self, request_id: str) -> bool:
         """Forget a request wherever it is here. True when it was known."""
@@ -184,6 +207,16 @@ class ClusterScheduler:
         for worker in self.workers.values():
             found |= worker.in_transit.pop(request_id, None) is not None
         return found
+
+    def stranded(self) -> list[PendingRequest]:
+        """Waiting requests that no worker can take (every worker of a role is gone or
+        leaving): taken out of the queue, to be failed rather than wait forever."""
+        if all(self._accepting(role) for role in Role):
+            return []
+        out = list(self.waiting)
+        for request in out:
+            self.waiting.remove(request)
+        return out
 
     def _requeue(self, request: PendingRequest) -> None:
         request.prefill_worker_id = request.decode_worker_id = ""

@@ -19,6 +19,7 @@ from tandem.services.common.metrics_push import MetricsPublisher
 from tandem.services.common.prefix_index import PrefixIndex
 from tandem.services.scheduler.core import (
     ClusterScheduler,
+    Overloaded,
     PendingRequest,
     Plan,
     PlannedChunk,
@@ -82,11 +83,21 @@ class SchedulerService:
         try:
             self.core.add_request(request, front=front)
         except ValueError as e:
-            self._dequeued(spec.request_id, error=str(e))
-            delta = engine_pb2.TextDelta(request_id=spec.request_id, error=str(e), error_code=400)
-            await self.bus.publish(spec.reply_subject, delta)
+            await self._refuse(spec, str(e), 400)
+            return
+        except Overloaded as e:
+            self.metrics.refused.inc()
+            await self._refuse(spec, str(e), 503)
             return
         await self._send_plans()
+
+    async def _refuse(self, spec: common_pb2.RequestSpec, error: str, code: int) -> None:
+        """End a request here: the gateway answers `code` (400: it can never run; 503: not
+        now) for it and its forks."""
+        self._dequeued(spec.request_id, error=error)
+        for request_id in (spec.request_id, *spec.fork_ids):
+            delta = engine_pb2.TextDelta(request_id=request_id, error=error, error_code=code)
+            await self.bus.publish(spec.reply_subject, delta)
 
     async def _on_heartbeat(self, hb: engine_pb2.Heartbeat, raw) -> None:
         self._heartbeat(hb)
@@ -226,6 +237,8 @@ class SchedulerService:
             for worker_id in self.core.expire():
                 logger.warning("worker %s stopped sending heartbeats: dropped", worker_id)
                 await self._forget_worker(worker_id)
+            for request in self.core.stranded():
+                await self._refuse(request.payload, "no worker is left to run it", 503)
             if self.index is not None and not self.index.available and await self.index.ping():
                 for worker_id in list(self.core.workers):
                     await self._resync(worker_id)
@@ -294,6 +307,8 @@ async def serve(
     router: Router = Router.KV_AWARE,
     overlap_weight: float = 1.0,
     health_port: int | None = None,
+    max_queued_requests: int | None = None,
+    max_queued_tokens: int | None = None,
 ) -> None:
     """Run the scheduler until cancelled (the `tandem scheduler` entry point); `/health` on
     `health_port` when given."""
@@ -301,7 +316,12 @@ async def serve(
 
     bus = await Bus.connect(nats_url, "scheduler")
     core = ClusterScheduler(
-        policy, worker_timeout=worker_timeout, router=router, overlap_weight=overlap_weight
+        policy,
+        worker_timeout=worker_timeout,
+        router=router,
+        overlap_weight=overlap_weight,
+        max_queued_requests=max_queued_requests,
+        max_queued_tokens=max_queued_tokens,
     )
     index = PrefixIndex(redis_url) if redis_url else None
     service = SchedulerService(bus, core, index)
