@@ -140,3 +140,34 @@ def test_plan_entry_that_does_not_fit_fails_and_frees(tiny_llama):
     prefill.hand_off("a")
     assert prefill.kv.num_free_blocks == 24 and not prefill.has_unfinished
     prefill.kv.check_integrity()
+
+
+def test_a_reservation_whose_hand_off_never_comes_is_a_lease_that_expires(tiny_llama, monkeypatch):
+    """A decode worker holds a probed prefix for the hand-off; when its prefill worker dies
+    after probing, the lease runs out and the blocks come back."""
+    import asyncio
+
+    from tandem.engine.request import Request
+    from tandem.services.decode import service
+
+    llm = LLM(
+        tiny_llama, dtype="float32", num_gpu_blocks_override=32, block_size=4, max_model_len=96
+    )
+    prompt = list(range(3, 23))
+    llm.generate([prompt], SamplingParams(max_tokens=1))  # its blocks are now cached
+
+    async def scenario() -> None:
+        worker = service.DecodeWorker(llm.engine.config, bus=None, worker_id="decode-x")
+        worker.engine = llm.engine
+        spec = codec.request_to_spec(Request("r", prompt, SamplingParams(max_tokens=4)))
+        assert worker._reserve(spec) == 4  # full blocks but the last: one token is computed
+        assert llm.engine.kv.num_free_blocks == 32 - 4
+        await worker.tick()  # within the lease: kept
+        assert "r" in worker.reserved
+        monkeypatch.setattr(service, "RESERVE_LEASE", 0.0)
+        await worker.tick()
+        assert not worker.reserved and llm.engine.kv.num_free_blocks == 32
+        llm.engine.kv.check_integrity()
+        worker.thread.shutdown()
+
+    asyncio.run(scenario())

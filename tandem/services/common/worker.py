@@ -267,7 +267,11 @@ class WorkerShell:
     async def _heartbeats(self) -> None:
         while True:
             await self.send_heartbeat()
+            await self.tick()
             await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def tick(self) -> None:
+        """Housekeeping on the heartbeat timer (subclasses: expiring leases)."""
 
     async def flush_kv_events(self) -> None:
         """Publish the prefix-cache changes since the last flush (taken on the engine

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from tandem.services.common.worker import WorkerShell
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
+RESERVE_LEASE = 30.0  # seconds a probe's reserved blocks wait for their hand-off
 
 
 @dataclass(slots=True)
@@ -44,7 +46,8 @@ class DecodeWorker(WorkerShell):
     def __init__(self, config: EngineConfig, bus: Bus, worker_id: str) -> None:
         super().__init__(config, bus, worker_id)
         self.arrivals: deque[Arrival] = deque()
-        self.reserved: dict[str, list[Block]] = {}  # probed, not arrived yet
+        # probed, not arrived yet: id -> (the cached blocks held for it, since when)
+        self.reserved: dict[str, tuple[list[Block], float]] = {}
         self.received_ids: list[str] = []  # since the last heartbeat
         self.num_kv_blocks_received = 0
         self.wake = asyncio.Event()
@@ -71,14 +74,29 @@ class DecodeWorker(WorkerShell):
         hits, _ = self.engine.kv.get_computed_blocks(request)
         self.engine.kv.pool.touch(hits)
         self._release(request.request_id)  # a second probe replaces the first
-        self.reserved[request.request_id] = hits
+        self.reserved[request.request_id] = (hits, time.monotonic())
         return len(hits)
 
     def _release(self, request_id: str) -> None:
         """On the engine thread: drop a reservation that will not be used."""
-        blocks = self.reserved.pop(request_id, None)
+        blocks, _ = self.reserved.pop(request_id, (None, 0.0))
         if blocks:
             self.engine.kv.pool.free(reversed(blocks))
+
+    def _expire_reservations(self) -> list[str]:
+        """On the engine thread: a reservation is a lease; one whose hand-off never came
+        (its prefill worker died after probing) gives its blocks back."""
+        now = time.monotonic()
+        held = list(self.reserved.items())  # one atomic copy: the loop thread pops too
+        stale = [rid for rid, (_, since) in held if now - since > RESERVE_LEASE]
+        for request_id in stale:
+            self._release(request_id)
+        return stale
+
+    async def tick(self) -> None:
+        if self.reserved:
+            for request_id in await self.thread.call(self._expire_reservations):
+                logger.warning("reservation for %s expired: its hand-off never came", request_id)
 
     async def _on_chunk(self, chunk: engine_pb2.KVBlockChunk, raw) -> None:
         if chunk.request_id not in self.aborted:
@@ -88,7 +106,7 @@ class DecodeWorker(WorkerShell):
     async def _on_handoff(self, handoff: engine_pb2.KVHandoff, raw) -> None:
         request_id = handoff.request.request_id
         ack = engine_pb2.KVHandoffAck(accepted=True)
-        reused = self.reserved.pop(request_id, [])
+        reused, _ = self.reserved.pop(request_id, ([], 0.0))
         if request_id in self.aborted or len(reused) != handoff.num_reused_blocks:
             self.assembler.drop(request_id)
             await self.thread.call(self.engine.kv.pool.free, reversed(reused))
