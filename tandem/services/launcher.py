@@ -34,10 +34,13 @@ class Stage:
     cores: list[int] = field(default_factory=list)  # empty: not pinned
     nice: int = 0  # added to the process's niceness (lower CPU priority when > 0)
     env: dict[str, str] = field(default_factory=dict)  # on top of the launcher's
+    restarts: list[float] = field(default_factory=list)  # when it was started again
+    incarnation: int = 0
     proc: subprocess.Popen | None = None
 
 
 PREFILL_NICE = 10
+MAX_RESTARTS, RESTART_WINDOW = 3, 60.0  # a worker dying more often than this stops the cluster
 
 
 def place_workers(
@@ -226,15 +229,30 @@ class Cluster:
 
     def wait(self) -> int:
         """Block until a stage fails or a signal stops the cluster. A worker that exits
-        cleanly drained (someone sent it SIGTERM): the cluster goes on without it."""
+        cleanly drained (someone sent it SIGTERM): the cluster goes on without it. A worker
+        that dies is started again (its requests were re-queued meanwhile), unless it keeps
+        dying; any other stage dying stops the cluster."""
         while True:
             for stage in list(self.stages):
                 code = stage.proc.poll()
                 if code is None:
                     continue
-                if code == 0 and stage.name.startswith(("prefill", "decode")):
+                worker = stage.name.startswith(("prefill", "decode"))
+                if worker and code == 0:
                     logger.info("worker %s drained and left", stage.name)
                     self.stages.remove(stage)
+                    continue
+                now = time.monotonic()
+                stage.restarts = [t for t in stage.restarts if now - t < RESTART_WINDOW]
+                if worker and len(stage.restarts) < MAX_RESTARTS:
+                    logger.error("worker %s died (exit %s): starting it again", stage.name, code)
+                    stage.restarts.append(now)
+                    # A new incarnation gets a new id: the old one's messages are stale.
+                    i = stage.argv.index("--worker-id") + 1
+                    base = stage.argv[i].split(".")[0]
+                    stage.incarnation += 1
+                    stage.argv[i] = f"{base}.{stage.incarnation}"
+                    _start(stage)
                     continue
                 logger.error("stage %s exited with %s", stage.name, code)
                 return 1

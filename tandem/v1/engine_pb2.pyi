@@ -245,6 +245,12 @@ class DrainReply(_message.Message):
     num_pending: int
     def __init__(self, known: _Optional[bool] = ..., num_pending: _Optional[int] = ...) -> None: ...
 
+class WorkerLost(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
 class RequestTokens(_message.Message):
     __slots__ = ("request_id", "token_ids", "finish_reason", "stop_reason", "stop_token_id", "num_prompt_tokens", "num_cached_tokens", "reply_subject", "logprobs", "prompt_logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

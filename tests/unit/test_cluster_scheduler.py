@@ -290,3 +290,17 @@ def test_a_departing_prefill_worker_hands_its_placed_requests_to_another():
     assert core.drain("p1") == 1
     core.remove_worker("p1")  # gone before it ran b: b waits again, first in line
     assert core.waiting.peek().request_id == "b" and "b" not in core.prefilling
+
+
+def test_plans_lost_on_the_way_are_made_again_once_the_worker_says_it_is_idle():
+    core, clock = make(budget=100)
+    core.add_request(req("a", 150))
+    assert [chunks(p) for p in core.schedule()] == [[("a", 100, True)], [("a", 50, False)]]
+    core.on_heartbeat("p0", Role.PREFILL, num_running=0, num_waiting=0)
+    assert core.schedule() == []  # just sent: they may still be on their way
+    clock.now += 4  # NATS restarted meanwhile: the plans never arrived
+    core.on_heartbeat("p0", Role.PREFILL, num_running=0, num_waiting=0)
+    assert [chunks(p) for p in core.schedule()] == [[("a", 100, True)], [("a", 50, False)]]
+    clock.now += 4  # a worker busy with them is left alone
+    core.on_heartbeat("p0", Role.PREFILL, num_running=1, num_waiting=1)
+    assert core.schedule() == []

@@ -8,7 +8,10 @@ Subjects (all under `tandem.`):
   scheduler.report            prefill worker -> scheduler StepReport
   decode.<worker>.kv          prefill -> decode worker    KVBlockChunk (request/reply: acked)
   decode.<worker>.handoff     prefill -> decode worker    KVHandoff (request/reply)
-  scheduler.preempted         decode worker -> scheduler  Preempted
+  scheduler.preempted         decode worker -> scheduler  Preempted (also: a request
+                              handed back, or re-queued after its worker was lost)
+  scheduler.drain             worker -> scheduler         DrainRequest (request/reply)
+  worker.lost                 scheduler -> everyone       WorkerLost
   tokens                      workers -> tokenizer        TokenBatch
   <reply_subject>             tokenizer -> gateway        TextDelta
 """
@@ -46,10 +49,10 @@ class Bus:
         self.nc = nc
 
     @classmethod
-    async def connect(cls, url: str, name: str, timeout: float = 60.0) -> Bus:
+    async def connect(cls, url: str, name: str, timeout: float = 60.0, on_reconnect=None) -> Bus:
         """Connect, retrying for `timeout` seconds while the server is not there yet (a
         stage may start before NATS does: Kubernetes has no start order); once connected,
-        reconnect forever."""
+        reconnect forever, calling the async `on_reconnect()` after each reconnection."""
 
         async def on_error(e: Exception) -> None:
             logger.warning("NATS %s: %s", url, e or type(e).__name__)
@@ -60,6 +63,7 @@ class Bus:
             max_reconnect_attempts=-1,  # also retries the first connection
             reconnect_time_wait=0.5,
             error_cb=on_error,
+            **({"reconnected_cb": on_reconnect} if on_reconnect is not None else {}),
         )
         try:
             return cls(await asyncio.wait_for(connect, timeout))

@@ -51,7 +51,9 @@ class ClusterEngineClient(GenerateOne):
             self.tokenizer = TokenizerClient(self.tokenizer_target)
         info = await self.tokenizer.info()
         self.vocab_size = info.vocab_size
-        self.bus = await Bus.connect(self.nats_url, self.gateway_id)
+        self.bus = await Bus.connect(
+            self.nats_url, self.gateway_id, on_reconnect=self._on_reconnect
+        )
         await self.bus.subscribe(self.reply_subject, engine_pb2.TextDelta, self._on_delta)
         await self.bus.subscribe(subject("heartbeat"), engine_pb2.Heartbeat, self._on_heartbeat)
         await self.bus.subscribe(subject("scheduler", "report"), engine_pb2.StepReport, self._rep)
@@ -64,6 +66,17 @@ class ClusterEngineClient(GenerateOne):
     async def _on_heartbeat(self, hb: engine_pb2.Heartbeat, raw) -> None:
         self.workers[hb.worker_id] = hb
         self.seen[hb.worker_id] = time.monotonic()
+
+    async def _on_reconnect(self) -> None:
+        """NATS was lost and is back: messages of the requests in flight may have been lost
+        meanwhile (a finish among them), so each of them ends now with an explicit error
+        rather than waiting for ever; new requests go through as before."""
+        lost = engine_pb2.TextDelta(
+            error="the cluster's message bus restarted while this request ran", error_code=503
+        )
+        for request_id, queue in list(self._streams.items()):
+            logger.warning("NATS reconnected: request %s ends with an error", request_id)
+            queue.put_nowait(lost)
 
     async def _on_metrics(self, snapshot: engine_pb2.MetricsSnapshot, raw) -> None:
         self.snapshots.add(snapshot)

@@ -21,6 +21,9 @@ from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
 TRANSFERS_PER_DECODE = 2
+# Seconds a hand-off waits for each reply from its decode worker: replies lost (NATS restarted,
+# the worker died) must not hold a lane for long.
+HANDOFF_TIMEOUT = 10.0
 
 
 class PrefillWorker(WorkerShell):
@@ -55,6 +58,10 @@ class PrefillWorker(WorkerShell):
 
     def idle(self) -> bool:
         return super().idle() and self.plans.empty() and not self.transfers and not self.busy
+
+    def num_waiting(self) -> int:
+        """Plans received and not yet run (the one running included)."""
+        return self.plans.qsize() + self.busy
 
     async def hand_back(self) -> None:
         """Requests placed here and not prefilled go back to the queue when the scheduler
@@ -184,12 +191,16 @@ class PrefillWorker(WorkerShell):
                     subject("decode", decode_id, "probe"),
                     engine_pb2.KVProbe(request=spec),
                     engine_pb2.KVProbeReply,
-                    timeout=30.0,
+                    timeout=HANDOFF_TIMEOUT,
                 )
                 num_reused = probe.num_cached_blocks  # the decode worker holds these already
                 sent = kv[num_reused:]
                 num_chunks = await send_kv(
-                    self.bus, subject("decode", decode_id, "kv"), request_id, sent
+                    self.bus,
+                    subject("decode", decode_id, "kv"),
+                    request_id,
+                    sent,
+                    timeout=HANDOFF_TIMEOUT,
                 )
             num_bytes = sent.numel() * sent.element_size()
             self.metrics.kv_bytes_sent.inc(num_bytes)
@@ -210,7 +221,7 @@ class PrefillWorker(WorkerShell):
                 subject("decode", decode_id, "handoff"),
                 handoff,
                 engine_pb2.KVHandoffAck,
-                timeout=30.0,
+                timeout=HANDOFF_TIMEOUT,
                 headers=carrier,
             )
             if not ack.accepted:

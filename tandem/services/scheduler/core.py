@@ -23,6 +23,7 @@ from tandem.engine.config import SchedulingPolicy
 from tandem.engine.scheduler import WaitingQueue
 
 PLACED_TTL = 10.0  # seconds a placement stands in for the index
+PLAN_LOST_AFTER = 3.0  # seconds after its last plan an idle prefill worker's plans are lost
 
 
 class Overloaded(Exception):
@@ -59,6 +60,7 @@ class WorkerState:
     next_step_id: int = 0
     draining: bool = False  # leaving: placed no new requests, finishes what it has
     plans_in_flight: int = 0  # prefill: plans sent and not yet reported
+    last_plan_at: float = 0.0
     in_transit: dict[str, tuple[int, float]] = field(default_factory=dict)  # decode: id -> blocks
 
 
@@ -138,6 +140,23 @@ class ClusterScheduler:
         worker.last_seen = self.clock()
         for request_id in received_ids:
             worker.in_transit.pop(request_id, None)
+        if role is Role.PREFILL:
+            self._recover_lost_plans(worker)
+
+    def _recover_lost_plans(self, worker: WorkerState) -> None:
+        """A prefill worker that says it has nothing to do (no plan queued, nothing
+        unfinished) while plans sent to it long ago are unreported never got them, or its
+        reports were lost (NATS restarted in between): its placed requests are planned
+        again from their start. Idle, it holds nothing of them, so nothing is doubled."""
+        if (
+            worker.plans_in_flight
+            and worker.num_running == 0
+            and worker.num_waiting == 0
+            and self.clock() - worker.last_plan_at > PLAN_LOST_AFTER
+        ):
+            worker.plans_in_flight = 0
+            for request in self._prefill_queue(worker):
+                request.num_planned = 0
 
     def on_report(
         self,
@@ -412,6 +431,7 @@ class ClusterScheduler:
                 if not plan.chunks:
                     break
                 worker.plans_in_flight += 1
+                worker.last_plan_at = self.clock()
                 worker.next_step_id += 1
                 plans.append(plan)
         return plans

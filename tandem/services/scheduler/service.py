@@ -237,6 +237,8 @@ class SchedulerService:
             for worker_id in self.core.expire():
                 logger.warning("worker %s stopped sending heartbeats: dropped", worker_id)
                 await self._forget_worker(worker_id)
+                lost = engine_pb2.WorkerLost(worker_id=worker_id)
+                await self.bus.publish(subject("worker", "lost"), lost)
             for request in self.core.stranded():
                 await self._refuse(request.payload, "no worker is left to run it", 503)
             if self.index is not None and not self.index.available and await self.index.ping():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tandem.engine.tokenizer import IncrementalDetokenizer, load_tokenizer, token_texts
 from tandem.v1 import common_pb2, engine_pb2
@@ -43,6 +43,11 @@ class TokenizerCore:
 class _Stream:
     reply_subject: str
     detok: IncrementalDetokenizer
+    spec: common_pb2.RequestSpec  # this request's own (a fork's: its id and seed)
+    token_ids: list[int] = field(default_factory=list)  # streamed so far
+    producer: str = ""  # the worker whose tokens came last
+    decode_worker: str = ""  # the decode worker holding it, once known
+    lost: set[str] = field(default_factory=set)  # workers given up on: their tokens dropped
 
 
 class DetokenizerHub:
@@ -56,21 +61,58 @@ class DetokenizerHub:
 
     def open(self, spec: common_pb2.RequestSpec) -> None:
         """A stream for the request, and one for each of its forks (n > 1)."""
-        for request_id in (spec.request_id, *spec.fork_ids):
+        for index, request_id in enumerate((spec.request_id, *spec.fork_ids)):
             detok = IncrementalDetokenizer(
                 self.core.tokenizer,
                 tuple(spec.params.stop),
                 spec.params.include_stop_str_in_output,
                 skip_special_tokens=not spec.params.keep_special_tokens,
             )
-            self.streams[request_id] = _Stream(spec.reply_subject, detok)
+            own = common_pb2.RequestSpec()
+            own.CopyFrom(spec)
+            if index:  # a fork: its own id, seed + index (as Request.fork), no forks
+                own.request_id = request_id
+                del own.fork_ids[:]
+                if own.params.HasField("seed"):
+                    own.params.seed += index
+            self.streams[request_id] = _Stream(spec.reply_subject, detok, own)
+
+    def resumable(self, worker_id: str) -> list[common_pb2.RequestSpec]:
+        """The requests a lost worker was producing, each as a spec that carries the tokens
+        streamed so far (so it continues where its client is); their later tokens from that
+        worker are dropped. Requests with no token yet are the scheduler's to re-queue."""
+        out = []
+        for stream in self.streams.values():
+            holder = stream.decode_worker or stream.producer
+            if holder != worker_id or not stream.token_ids:
+                continue
+            stream.lost.add(worker_id)
+            stream.decode_worker = stream.producer = ""
+            spec = common_pb2.RequestSpec()
+            spec.CopyFrom(stream.spec)
+            spec.output_token_ids.extend(stream.token_ids)
+            out.append(spec)
+        return out
+
+    def received(self, request_id: str, worker_id: str) -> None:
+        """A decode worker says the request's hand-off reached it."""
+        stream = self.streams.get(request_id)
+        if stream is not None and worker_id not in stream.lost:
+            stream.decode_worker = worker_id
 
     def close(self, request_id: str) -> None:
         self.streams.pop(request_id, None)
 
-    def on_tokens(self, tokens: engine_pb2.RequestTokens) -> tuple[str, engine_pb2.TextDelta, bool]:
-        """(reply subject, delta, stopped_here). Unknown requests raise KeyError."""
+    def on_tokens(
+        self, tokens: engine_pb2.RequestTokens, worker_id: str = ""
+    ) -> tuple[str, engine_pb2.TextDelta, bool] | None:
+        """(reply subject, delta, stopped_here), or None for tokens of a worker given up on.
+        Unknown requests raise KeyError."""
         stream = self.streams[tokens.request_id]
+        if worker_id and worker_id in stream.lost:
+            return None
+        stream.producer = worker_id or stream.producer
+        stream.token_ids.extend(tokens.token_ids)
         finished = bool(tokens.finish_reason)
         text = stream.detok.add_tokens(list(tokens.token_ids), finished)
         delta = engine_pb2.TextDelta(

@@ -29,15 +29,30 @@ class StreamRelay:
         self.metrics = metrics
         self.trace_of: dict[str, dict[str, str]] = {}  # request id -> context, until tokens
         self.spans: dict[str, tuple[object, int]] = {}  # request id -> (span, num tokens)
-        # request id -> (since, [(tokens, produced_at)])
-        self.early: dict[str, tuple[float, list[tuple[engine_pb2.RequestTokens, float]]]] = {}
+        # request id -> (since, [(tokens, produced_at, worker id)])
+        self.early: dict[str, tuple[float, list[tuple]]] = {}
         self.ended = Tombstones()  # stopped here or aborted: later tokens are dropped
 
     async def start(self) -> None:
         await self.bus.subscribe(subject("submit"), engine_pb2.SubmitRequest, self._on_submit)
         await self.bus.subscribe(subject("tokens"), engine_pb2.TokenBatch, self._on_tokens)
         await self.bus.subscribe(subject("abort"), engine_pb2.AbortRequest, self._on_abort)
+        await self.bus.subscribe(subject("heartbeat"), engine_pb2.Heartbeat, self._on_heartbeat)
+        await self.bus.subscribe(subject("worker", "lost"), engine_pb2.WorkerLost, self._on_lost)
         await self.bus.flush()
+
+    async def _on_heartbeat(self, hb: engine_pb2.Heartbeat, raw) -> None:
+        for request_id in hb.received_request_ids:  # which decode worker holds a request
+            self.hub.received(request_id, hb.worker_id)
+
+    async def _on_lost(self, msg: engine_pb2.WorkerLost, raw) -> None:
+        """A worker died: the requests it was producing go back to the scheduler with the
+        tokens their clients have, and continue elsewhere, streams unbroken."""
+        for spec in self.hub.resumable(msg.worker_id):
+            logger.warning("%s lost: %s re-queued after %d tokens", msg.worker_id,
+                           spec.request_id, len(spec.output_token_ids))  # fmt: skip
+            again = engine_pb2.Preempted(request=spec, worker_id=msg.worker_id)
+            await self.bus.publish(subject("scheduler", "preempted"), again)
 
     async def _on_submit(self, msg: engine_pb2.SubmitRequest, raw) -> None:
         self.hub.open(msg.request)
@@ -48,8 +63,8 @@ class StreamRelay:
                     self.trace_of[request_id] = carrier
         for request_id in (msg.request.request_id, *msg.request.fork_ids):
             _, waiting = self.early.pop(request_id, (0.0, []))
-            for tokens, produced_at in waiting:
-                await self._relay(tokens, produced_at)
+            for tokens, produced_at, worker_id in waiting:
+                await self._relay(tokens, produced_at, worker_id)
 
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         self.hub.close(msg.request_id)
@@ -61,16 +76,21 @@ class StreamRelay:
     async def _on_tokens(self, batch: engine_pb2.TokenBatch, raw) -> None:
         start = time.perf_counter()
         for tokens in batch.requests:
-            await self._relay(tokens, batch.timestamp)
+            await self._relay(tokens, batch.timestamp, batch.worker_id)
         self.metrics.detokenize_seconds.observe(time.perf_counter() - start)
 
-    async def _relay(self, tokens: engine_pb2.RequestTokens, produced_at: float = 0.0) -> None:
+    async def _relay(
+        self, tokens: engine_pb2.RequestTokens, produced_at: float = 0.0, worker_id: str = ""
+    ) -> None:
         request_id = tokens.request_id
         if request_id not in self.hub.streams:
             if request_id not in self.ended:
-                self._hold(tokens, produced_at)
+                self._hold(tokens, produced_at, worker_id)
             return
-        reply_subject, delta, stopped_here = self.hub.on_tokens(tokens)
+        relayed = self.hub.on_tokens(tokens, worker_id)
+        if relayed is None:
+            return
+        reply_subject, delta, stopped_here = relayed
         delta.produced_at = produced_at
         if tokens.finish_reason == "abort" and tokens.stop_reason:
             delta.error, delta.error_code = tokens.stop_reason, 500  # a worker gave up on it
@@ -105,8 +125,9 @@ class StreamRelay:
                 span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
             tracing.end_span(span, error)
 
-    def _hold(self, tokens: engine_pb2.RequestTokens, produced_at: float) -> None:
+    def _hold(self, tokens: engine_pb2.RequestTokens, produced_at: float, worker_id: str) -> None:
         now = time.monotonic()
         if len(self.early) > 1024:  # requests that never came
             self.early = {k: v for k, v in self.early.items() if now - v[0] < EARLY_TTL}
-        self.early.setdefault(tokens.request_id, (now, []))[1].append((tokens, produced_at))
+        entry = (tokens, produced_at, worker_id)
+        self.early.setdefault(tokens.request_id, (now, []))[1].append(entry)
