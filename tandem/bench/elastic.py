@@ -39,6 +39,11 @@ def _argv(pid: int) -> list[str]:
     return [a for a in raw.split("\0") if a]
 
 
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
 def _parent(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[1])
@@ -113,7 +118,9 @@ async def _scenario(url: str, prompts, args: argparse.Namespace) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         try:
             await asyncio.sleep(args.join_after)
-            joiner = subprocess.Popen(argv, start_new_session=True)
+            # its environment too: the servers' URLs (with credentials) travel there
+            env = _environ(workers[leaving].pid)
+            joiner = subprocess.Popen(argv, start_new_session=True, env=env)
             events["started_s"] = time.perf_counter() - start
 
             async def joined() -> bool:

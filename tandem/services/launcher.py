@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from tandem.services.common.servers import (
     LocalServer,
     free_port,
     pinned_to,
+    redact,
     start_nats,
     start_redis,
 )
@@ -109,11 +111,11 @@ def plan_stages(
     light_cores,
 ) -> list[Stage]:
     tandem = [sys.executable, "-m", "tandem.cli"]
-    nats = ["--nats-url", nats_url, *observability_argv(args)]
+    nats = observability_argv(args)  # the servers' URLs go by environment (credentials)
     stages = [
         Stage("tokenizer", [*tandem, "tokenizer", "--model", args.model,
                             "--port", str(tokenizer_port), *nats], light_cores),
-        Stage("scheduler", [*tandem, "scheduler", *nats, "--redis-url", redis_url,
+        Stage("scheduler", [*tandem, "scheduler", *nats,
                             "--scheduling-policy", args.scheduling_policy,
                             "--router", args.router,
                             "--kv-overlap-weight", str(args.kv_overlap_weight),
@@ -139,6 +141,8 @@ def plan_stages(
     # The key goes by environment: a command line is readable by every local user.
     secrets = {"TANDEM_API_KEY": args.api_key} if args.api_key else {}
     stages.append(Stage("gateway", gateway, light_cores, env=secrets))
+    for stage in stages:  # by environment: a command line is readable by every local user
+        stage.env |= {"NATS_URL": nats_url, "REDIS_URL": redis_url}
     return stages
 
 
@@ -200,12 +204,14 @@ class Cluster:
         placements = place_workers(cores, len(roles), self.args.worker_placement)
         light_cores = service_cores(roles, placements)
         nats_url = os.environ.get("NATS_URL")
-        if not nats_url:
-            self.servers.append(start_nats(cores=light_cores))
+        if not nats_url:  # the servers it starts take credentials made up for this run
+            user, password = "tandem", secrets.token_urlsafe(24)
+            self.servers.append(start_nats(cores=light_cores, user=user, password=password))
             nats_url = self.servers[-1].url
         redis_url = os.environ.get("REDIS_URL")
         if not redis_url:
-            self.servers.append(start_redis(cores=light_cores))
+            password = secrets.token_urlsafe(24)
+            self.servers.append(start_redis(cores=light_cores, password=password))
             redis_url = self.servers[-1].url
         self.stages = plan_stages(
             self.args, nats_url, redis_url, free_port(), placements, light_cores
@@ -221,7 +227,7 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the cluster was not healthy within {timeout:.0f} s")
             time.sleep(0.2)
-        logger.info("NATS %s, Redis %s", nats_url, redis_url)
+        logger.info("NATS %s, Redis %s", redact(nats_url), redact(redis_url))
         for stage in self.stages:
             where = f"cores {stage.cores}" if stage.cores else "unpinned"
             logger.info("  %-10s pid %-7d %s", stage.name, stage.proc.pid, where)

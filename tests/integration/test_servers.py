@@ -52,3 +52,34 @@ def test_a_taken_port_is_a_clear_error():
             start_nats(port, timeout=5)
     finally:
         server.stop()
+
+
+def test_servers_started_with_credentials_refuse_clients_without_them():
+    import nats
+    import redis
+
+    from tandem.services.common.servers import redact
+
+    n = start_nats(user="tandem", password="pw-1")
+    r = start_redis(password="pw-2")
+    try:
+        bare_nats = n.url.replace("tandem:pw-1@", "")
+        bare_redis = r.url.replace(":pw-2@", "")
+        assert "pw-1" not in " ".join(n.proc.args) and "pw-2" not in " ".join(r.proc.args)
+        assert redact(n.url) == bare_nats.replace("://", "://tandem:***@")
+
+        async def connect(url: str) -> bool:
+            try:
+                nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0)
+            except Exception:
+                return False
+            await nc.close()
+            return True
+
+        assert asyncio.run(connect(n.url)) and not asyncio.run(connect(bare_nats))
+        assert redis.from_url(r.url).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.from_url(bare_redis).ping()
+    finally:
+        n.stop()
+        r.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -138,23 +140,53 @@ def _launch(
     return server
 
 
+def _secret_file(scratch: Path, name: str, text: str) -> Path:
+    """A config file only its owner reads: a secret on a command line is public."""
+    path = scratch / name
+    path.touch(mode=0o600)
+    path.write_text(text)
+    return path
+
+
 def start_nats(
-    port: int | None = None, timeout: float = 15.0, cores: Sequence[int] = ()
+    port: int | None = None,
+    timeout: float = 15.0,
+    cores: Sequence[int] = (),
+    user: str | None = None,
+    password: str | None = None,
 ) -> LocalServer:
-    """nats-server on loopback with JetStream, its store in a temporary directory."""
+    """nats-server on loopback with JetStream, its store in a temporary directory; with
+    `user` and `password`, clients must give them (they are in the returned URL)."""
     port = _claim(port, "nats-server")
     store = Path(tempfile.mkdtemp(prefix="tandem-nats-"))
     cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
-    return _launch("nats-server", cmd, port, f"nats://127.0.0.1:{port}", store, timeout, cores)
+    url = f"nats://127.0.0.1:{port}"
+    if user and password:
+        auth = f'authorization {{ user: "{user}", password: "{password}" }}\n'
+        cmd += ["-c", str(_secret_file(store, "auth.conf", auth))]
+        url = f"nats://{quote(user)}:{quote(password)}@127.0.0.1:{port}"
+    return _launch("nats-server", cmd, port, url, store, timeout, cores)
 
 
 def start_redis(
-    port: int | None = None, timeout: float = 15.0, cores: Sequence[int] = ()
+    port: int | None = None,
+    timeout: float = 15.0,
+    cores: Sequence[int] = (),
+    password: str | None = None,
 ) -> LocalServer:
-    """redis-server on loopback, no persistence, its working directory temporary."""
+    """redis-server on loopback, no persistence, its working directory temporary; with
+    `password`, clients must give it (it is in the returned URL)."""
     port = _claim(port, "redis-server")
     scratch = Path(tempfile.mkdtemp(prefix="tandem-redis-"))
-    cmd = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-           "--appendonly", "no", "--dir", str(scratch), "--protected-mode", "yes"]  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
+    conf = _secret_file(scratch, "redis.conf", f'requirepass "{password}"\n' if password else "")
+    cmd = [redis_server_binary(), str(conf), "--bind", "127.0.0.1", "--port", str(port),
+           "--save", "", "--appendonly", "no", "--dir", str(scratch),
+           "--protected-mode", "yes"]  # fmt: skip
+    auth = f":{quote(password)}@" if password else ""
+    url = f"redis://{auth}127.0.0.1:{port}/0"
     return _launch("redis-server", cmd, port, url, scratch, timeout, cores)
+
+
+def redact(url: str) -> str:
+    """A server URL fit for a log: its password replaced."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
