@@ -13,8 +13,6 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.cli import build_parser
 
@@ -153,25 +151,9 @@ SCALED_OBJECT_SCHEMA = {
 
 def _exported_metric_names() -> set[str]:
     """Every sample name the stages export, as Prometheus sees it (Counter X is X_total)."""
-    from tandem.services.common.metrics import (
-        EngineCollector,
-        RequestMetrics,
-        SchedulerMetrics,
-        TokenizerMetrics,
-        WorkerMetrics,
-    )
+    from tests.unit.test_telemetry import _exported_names
 
-    registry = CollectorRegistry()
-    RequestMetrics(registry).success.labels(finished_reason="stop")
-    SchedulerMetrics(registry).workers.labels(role="prefill").set(1)
-    TokenizerMetrics(registry).call_seconds.labels(method="tokenize")
-    WorkerMetrics(registry, "w", "decode")
-    stats = dict.fromkeys(["num_running", "num_waiting", "num_blocks", "num_free_blocks",
-                           "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
-                           "num_steps", "num_prefill_tokens"], 1)  # fmt: skip
-    registry.register(EngineCollector(lambda: stats, {"worker": "w", "role": "decode"}))
-    text = generate_latest(registry).decode()
-    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    return _exported_names()
 
 
 def _arg(container: dict, flag: str) -> str | None:
