@@ -12,6 +12,8 @@ where each one's processes sit on the cores, and drives the same workload at bot
 - tracing: throughput with every request traced against tracing off (tracing_cost.py).
 - sampling: throughput with full sampling and every penalty against greedy (sampling_cost.py).
 - elastic: a decode worker joins and another drains under the throughput load (elastic.py).
+- soak: steady mixed load with random client disconnects; failures, leaked blocks and memory
+  growth per process (soak.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tandem.bench import (
     interference,
     sampling_cost,
     shared_prefix,
+    soak,
     tracing_cost,
 )
 from tandem.bench.deploy import DEPLOYMENT_FLAGS, deployment, placement, print_placement
@@ -107,6 +110,7 @@ WORKLOADS = {
     "tracing": Workload(run_throughput, tracing_cost.report, tracing_cost.DEPLOYMENTS, True),
     "sampling": Workload(sampling_cost.run, sampling_cost.report, sampling_cost.DEPLOYMENTS),
     "elastic": Workload(elastic.run, elastic.report, elastic.DEPLOYMENTS),
+    "soak": Workload(soak.run, soak.report, soak.DEPLOYMENTS),
 }
 
 
@@ -196,6 +200,7 @@ def add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     goodput.add_arguments(p.add_argument_group("goodput workload"))
     shared_prefix.add_arguments(p.add_argument_group("shared-prefix workload"))
     tracing_cost.add_arguments(p.add_argument_group("tracing workload"))
+    soak.add_arguments(p.add_argument_group("soak workload"))
     p.add_argument_group("elastic workload").add_argument(
         "--join-after", type=float, default=10.0, help="seconds into the load a decode joins"
     )

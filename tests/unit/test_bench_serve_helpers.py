@@ -140,3 +140,28 @@ def test_format_cpus_collapses_ranges():
 )
 def test_short_name_from_cmdline(argv, comm, name):
     assert short_name(argv, comm) == name
+
+
+def test_soak_reads_the_memory_of_the_server_listening_on_a_port():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tandem.bench.soak import rss_mib, server_processes
+
+    port = "47391"
+    code = "import time; time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code, "--port", port])
+    try:
+        deadline = time.monotonic() + 10
+        while not server_processes(f"http://127.0.0.1:{port}"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert server_processes(f"http://127.0.0.1:{port}") == [proc.pid]
+        (rss,) = rss_mib([proc.pid]).values()
+        assert 1 < rss < 1000
+        assert rss_mib([os.getpid()])  # and any process by pid
+    finally:
+        proc.kill()
+        proc.wait()
