@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 
@@ -54,19 +55,55 @@ def short_name(argv: list[str], comm: str = "") -> str:
     return comm or name
 
 
+def children(pid: int) -> list[int]:
+    """A process's children (those of every one of its threads), in pid order."""
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                kids += [int(k) for k in (task / "children").read_text().split()]
+    return sorted(kids)
+
+
 def process_tree(root: int) -> list[int]:
-    """root and its descendants (every thread's children), depth first."""
+    """root and its descendants, depth first."""
     pids, stack = [], [root]
     while stack:
         pid = stack.pop()
         pids.append(pid)
-        kids: list[int] = []
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                with contextlib.suppress(OSError):
-                    kids += [int(k) for k in (task / "children").read_text().split()]
-        stack.extend(sorted(kids, reverse=True))
+        stack.extend(reversed(children(pid)))
     return pids
+
+
+def proc_argv(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    return [a for a in raw.split("\0") if a]
+
+
+def parent_pid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def flag_value(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv[:-1] else None
+
+
+def server_root(url: str) -> int | None:
+    """The local server answering on `url`: the topmost process started with its `--port`
+    (`tandem serve`'s launcher, whose gateway has the same flag, or a colocated server)."""
+    port = str(urlparse(url).port)
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if flag_value(proc_argv(int(entry.name)), "--port") == port:
+                    found.add(int(entry.name))
+    for pid in found:
+        with contextlib.suppress(OSError):
+            if parent_pid(pid) not in found:
+                return pid
+    return None
 
 
 def placement(root: int) -> list[dict]:

@@ -19,10 +19,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import httpx
 
+from tandem.bench.deploy import children, flag_value, proc_argv, server_root
 from tandem.bench.load import ServerInfo, random_prompts, run_load, summarize
 
 DEPLOYMENTS = {"disaggregated": ["--decode-workers", "2"]}
@@ -34,45 +34,22 @@ class Proc:
     argv: list[str]
 
 
-def _argv(pid: int) -> list[str]:
-    raw = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    return [a for a in raw.split("\0") if a]
-
-
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
     return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
 
 
-def _parent(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def _flag(argv: list[str], name: str) -> str | None:
-    return argv[argv.index(name) + 1] if name in argv[:-1] else None
-
-
 def cluster_workers(url: str) -> dict[str, Proc]:
-    """The workers of the local `tandem serve` whose gateway answers on `url`, by worker id
-    (found from the gateway's process: its launcher's children)."""
-    port = str(urlparse(url).port)
-    procs = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                procs[int(entry.name)] = _argv(int(entry.name))
-    gateway = next(
-        (pid for pid, a in procs.items() if "gateway" in a and _flag(a, "--port") == port), None
-    )
-    if gateway is None:
-        raise RuntimeError(f"no local gateway process serves {url}")
-    launcher = _parent(gateway)
+    """The workers of the local `tandem serve` answering on `url`, by worker id (its
+    launcher's children that have one)."""
+    root = server_root(url)
+    if root is None:
+        raise RuntimeError(f"no local server process serves {url}")
     workers = {}
-    for pid, argv in procs.items():
-        worker_id = _flag(argv, "--worker-id")
+    for pid in children(root):
         with contextlib.suppress(OSError):
-            if worker_id and _parent(pid) == launcher:
+            argv = proc_argv(pid)
+            if worker_id := flag_value(argv, "--worker-id"):
                 workers[worker_id] = Proc(pid, argv)
     return workers
 
@@ -157,7 +134,7 @@ async def _scenario(url: str, prompts, args: argparse.Namespace) -> dict:
         "new_worker": new_id,
         "new_worker_steps": stats.get(new_id, {}).get("num_steps", 0),
         "new_worker_kv_blocks_received": stats.get(new_id, {}).get("num_kv_blocks_received", 0),
-        "launcher_alive": not _gone(_parent(next(iter(workers.values())).pid)),
+        "launcher_alive": not _gone(server_root(url) or 0),
     }
 
 

@@ -16,9 +16,8 @@ import contextlib
 import random
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
-from tandem.bench.deploy import process_tree, short_name
+from tandem.bench.deploy import process_tree, server_root, short_name
 from tandem.bench.load import ServerInfo, client, random_token_ids, send_request, wait_idle
 
 DEPLOYMENTS = {"disaggregated": [], "colocated": ["--colocated"]}
@@ -30,17 +29,10 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
 
 
 def server_processes(url: str) -> list[int]:
-    """The pids of the local server answering on `url`: the gateway's launcher and all it
-    started (disaggregated), or the gateway alone (colocated)."""
-    port = str(urlparse(url).port)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            if "--port" in argv[:-1] and argv[argv.index("--port") + 1] == port:
-                return process_tree(int(entry.name))
-    return []
+    """The pids of the local server answering on `url`: the launcher and all it started
+    (disaggregated), or the one process (colocated)."""
+    root = server_root(url)
+    return process_tree(root) if root is not None else []
 
 
 def rss_mib(pids: list[int]) -> dict[str, float]:

@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 
+from tandem.bench.deploy import children, proc_argv, server_root
 from tandem.bench.elastic import cluster_workers
 from tests.integration.test_cluster import start_cluster, stop_cluster
 from tests.integration.test_server import assert_all_blocks_free
@@ -151,18 +152,4 @@ def test_nats_restarted_new_requests_succeed_within_seconds(cluster):
 
 def cluster_workers_and_servers(base: str) -> list[tuple[int, list[str]]]:
     """(pid, argv) of the launcher's children: its stages, NATS and Redis."""
-    from pathlib import Path
-
-    from tandem.bench.elastic import _argv, _parent
-
-    any_worker = next(iter(cluster_workers(base).values()))
-    launcher = _parent(any_worker.pid)
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if _parent(int(entry.name)) == launcher:
-                    out.append((int(entry.name), _argv(int(entry.name))))
-            except OSError:
-                pass
-    return out
+    return [(pid, proc_argv(pid)) for pid in children(server_root(base))]
