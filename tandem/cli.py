@@ -271,6 +271,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
             args.health_port,
             args.max_num_queued_requests,
             args.max_num_queued_tokens,
+            args.no_worker_timeout,
         )
     )
     return 0
@@ -397,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--nats-url", default=nats_url)
     sched.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     sched.add_argument("--worker-timeout", type=float, default=5.0, help="seconds")
+    sched.add_argument(
+        "--no-worker-timeout",
+        type=float,
+        default=30.0,
+        help="seconds without a prefill or decode worker before queued requests get 503",
+    )
     sched.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL"), help="the prefix-cache index"
     )

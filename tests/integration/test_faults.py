@@ -14,9 +14,12 @@ import time
 
 import httpx
 import pytest
+import redis
+
 
 from tandem.bench.deploy import children, proc_argv, server_root
 from tandem.bench.elastic import cluster_workers
+from tandem.services.common.servers import start_redis
 from tests.integration.test_cluster import start_cluster, stop_cluster
 from tests.integration.test_server import assert_all_blocks_free
 
@@ -24,11 +27,22 @@ MAX_TOKENS = 200
 
 
 @pytest.fixture(scope="module")
-def cluster_and_log(tiny_llama, tmp_path_factory):
+def redis_server():
+    server = start_redis()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_and_log(tiny_llama, tmp_path_factory, redis_server):
+    """The cluster on a Redis of the test's own, so that the index can be read."""
     log = tmp_path_factory.mktemp("faults") / "cluster.log"
     proc, base = start_cluster(
         tiny_llama, "--max-model-len", "256", "--num-gpu-blocks-override", "256",
         "--decode-workers", "2", "--worker-placement", "shared", log_path=log,
+        env={"REDIS_URL": redis_server.url},
     )  # fmt: skip
     try:
         yield base, log
@@ -39,6 +53,23 @@ def cluster_and_log(tiny_llama, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(cluster_and_log):
     return cluster_and_log[0]
+
+
+def indexed_workers(redis_url: str) -> set[str]:
+    """Every worker id the prefix index names, in its per-block sets or its per-worker sets."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        named = {key.removeprefix("tandem:kvw:") for key in r.scan_iter("tandem:kvw:*")}
+        for key in r.scan_iter("tandem:kv:*"):
+            named |= r.smembers(key)
+        return named
+    finally:
+        r.close()
+
+
+def assert_index_names_only_live_workers(base: str, redis_url: str) -> None:
+    _wait_for(lambda: indexed_workers(redis_url) <= set(_stats(base)), 10,
+              "the prefix index names a dead worker")  # fmt: skip
 
 
 def _prompts(tag: str) -> list[str]:
@@ -81,10 +112,13 @@ def _reference(base: str, prompts: list[str]) -> list[list[int]]:
     return [r["body"]["choices"][0]["token_ids"] for r in results]
 
 
-def test_a_decode_worker_killed_mid_stream_loses_no_request_and_no_token(cluster_and_log):
+def test_a_decode_worker_killed_mid_stream_loses_no_request_and_no_token(
+    cluster_and_log, redis_server
+):
     cluster, log = cluster_and_log
     prompts = _prompts("kill9")
     expected = _reference(cluster, prompts)
+    assert indexed_workers(redis_server.url)  # the workers' blocks are in the index
     victim = {}
 
     def kill_a_busy_decode_worker():
@@ -110,9 +144,11 @@ def test_a_decode_worker_killed_mid_stream_loses_no_request_and_no_token(cluster
     _wait_for(lambda: f"{dead}.1" in _stats(cluster), 120, "the worker was not restarted")
     _wait_for(lambda: dead not in cluster_workers(cluster), 10, "the old id lingers")
     assert_all_blocks_free(cluster)
+    assert dead not in indexed_workers(redis_server.url)
+    assert_index_names_only_live_workers(cluster, redis_server.url)
 
 
-def test_the_prefill_worker_killed_mid_plan_loses_no_request(cluster):
+def test_the_prefill_worker_killed_mid_plan_loses_no_request(cluster, redis_server):
     prompts = _prompts("prefill-kill")
     expected = _reference(cluster, prompts)
 
@@ -125,6 +161,7 @@ def test_the_prefill_worker_killed_mid_plan_loses_no_request(cluster):
         assert result["status"] == 200, result
         assert result["body"]["choices"][0]["token_ids"] == tokens
     assert_all_blocks_free(cluster, timeout=60)
+    assert_index_names_only_live_workers(cluster, redis_server.url)
 
 
 def test_nats_restarted_new_requests_succeed_within_seconds(cluster):

@@ -304,3 +304,38 @@ def test_plans_lost_on_the_way_are_made_again_once_the_worker_says_it_is_idle():
     clock.now += 4  # a worker busy with them is left alone
     core.on_heartbeat("p0", Role.PREFILL, num_running=1, num_waiting=1)
     assert core.schedule() == []
+
+
+def test_with_no_worker_of_a_role_the_queue_waits_for_a_restart_then_is_failed():
+    core, clock = make()
+    core.add_request(req("a", 10))
+    clock.now += 6.0  # both workers silent past the timeout
+    assert set(core.expire()) == {"p0", "d0"}
+    assert core.stranded() == []  # a restarted worker may yet join
+    clock.now += core.no_worker_timeout - 1
+    assert core.stranded() == []
+    core.on_heartbeat(
+        "p0.1", Role.PREFILL, num_blocks=1000, num_free_blocks=1000, block_size=16,
+        max_num_seqs=64, max_model_len=2048, max_num_batched_tokens=100,
+    )  # fmt: skip
+    clock.now += 2  # the decode role has now been empty past the grace
+    assert [r.request_id for r in core.stranded()] == ["a"]
+    assert len(core.waiting) == 0
+
+
+def test_a_worker_that_rejoins_within_the_grace_keeps_the_queue():
+    core, clock = make()
+    core.add_request(req("a", 10))
+    clock.now += 6.0
+    core.expire()
+    assert core.stranded() == []
+    for _ in range(int(core.no_worker_timeout)):  # the restarted workers heartbeat on
+        clock.now += 1.0
+        for wid, role in [("p0.1", Role.PREFILL), ("d0.1", Role.DECODE)]:
+            core.on_heartbeat(
+                wid, role, num_blocks=1000, num_free_blocks=1000, block_size=16,
+                max_num_seqs=64, max_model_len=2048, max_num_batched_tokens=100,
+            )  # fmt: skip
+        assert core.stranded() == []
+    (plan, *_) = core.schedule()
+    assert chunks(plan) == [("a", 10, True)]

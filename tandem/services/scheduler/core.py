@@ -109,6 +109,7 @@ class ClusterScheduler:
         clock: Callable[[], float] = time.monotonic,
         max_queued_requests: int | None = None,
         max_queued_tokens: int | None = None,
+        no_worker_timeout: float = 30.0,
     ) -> None:
         self.router = router
         self.max_queued_requests = max_queued_requests
@@ -126,6 +127,10 @@ class ClusterScheduler:
         self.plans_ahead = plans_ahead
         self.transit_timeout = transit_timeout
         self.clock = clock
+        # A role with no worker taking requests fails the queue only after this long: a
+        # restarted or newly scheduled worker joins within it (counted from start-up too).
+        self.no_worker_timeout = no_worker_timeout
+        self._no_worker_since: dict[Role, float] = {role: clock() for role in Role}
 
     # -- what the workers say ------------------------------------------------------------
 
@@ -138,6 +143,8 @@ class ClusterScheduler:
         for name, value in load.items():
             setattr(worker, name, value)
         worker.last_seen = self.clock()
+        if not worker.draining:
+            self._no_worker_since.pop(role, None)
         for request_id in received_ids:
             worker.in_transit.pop(request_id, None)
         if role is Role.PREFILL:
@@ -228,9 +235,16 @@ class ClusterScheduler:
         return found
 
     def stranded(self) -> list[PendingRequest]:
-        """Waiting requests that no worker can take (every worker of a role is gone or
-        leaving): taken out of the queue, to be failed rather than wait forever."""
-        if all(self._accepting(role) for role in Role):
+        """Waiting requests that no worker can take (every worker of a role has been gone
+        or leaving for `no_worker_timeout`): taken out of the queue, to be failed rather
+        than wait forever."""
+        now = self.clock()
+        for role in Role:
+            if self._accepting(role):
+                self._no_worker_since.pop(role, None)
+            else:
+                self._no_worker_since.setdefault(role, now)
+        if all(now - t < self.no_worker_timeout for t in self._no_worker_since.values()):
             return []
         out = list(self.waiting)
         for request in out:

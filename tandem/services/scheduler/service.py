@@ -311,6 +311,7 @@ async def serve(
     health_port: int | None = None,
     max_queued_requests: int | None = None,
     max_queued_tokens: int | None = None,
+    no_worker_timeout: float = 30.0,
 ) -> None:
     """Run the scheduler until cancelled (the `tandem scheduler` entry point); `/health` on
     `health_port` when given."""
@@ -324,6 +325,7 @@ async def serve(
         overlap_weight=overlap_weight,
         max_queued_requests=max_queued_requests,
         max_queued_tokens=max_queued_tokens,
+        no_worker_timeout=no_worker_timeout,
     )
     index = PrefixIndex(redis_url) if redis_url else None
     service = SchedulerService(bus, core, index)
