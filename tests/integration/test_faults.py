@@ -16,7 +16,6 @@ import httpx
 import pytest
 import redis
 
-
 from tandem.bench.deploy import children, proc_argv, server_root
 from tandem.bench.elastic import cluster_workers
 from tandem.services.common.servers import start_redis
