@@ -37,9 +37,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
         model.lm_head.weight = model.embed_tokens.weight
     load_weights(model, Path(model_dir))
     model = model.to(dtype).eval()
-    shared = {id(model.lm_head)} if model.args.tie_word_embeddings else set()
     for module in model.modules():
-        if isinstance(module, Linear) and id(module) not in shared:
+        if isinstance(module, Linear):
             module.prepare()
     model.init_rope(device)  # built on meta above; fp32, as HF does
     return model

@@ -1,12 +1,15 @@
 """Protobuf over a real NATS server; KV moves in acked chunks under max_payload."""
 
 import asyncio
+import socket
+import subprocess
+import time
 
 import pytest
 import torch
 
-from tandem.services.common.bus import Bus, KVAssembler, send_kv, subject
-from tandem.services.common.servers import start_nats
+from tandem.services.common.bus import Bus, KVAssembler, send_kv, subject, tls_context_from_env
+from tandem.services.common.servers import free_port, nats_server_binary, start_nats
 from tandem.v1 import engine_pb2
 
 
@@ -70,3 +73,75 @@ def test_kv_transfer_in_acked_chunks_with_a_window(nats_url):
     block_bytes = kv[0].numel() * 4
     assert n == -(-40 // ((payload - 4096) // block_bytes)) and n > 1
     assert torch.equal(out, kv) and 1 <= peak <= 2  # never more than the window unacked
+
+
+def _certificates(folder) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made by openssl."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "1", "-subj", "/CN=tandem-test-ca")  # fmt: skip
+    for name, ext in [("server", "subjectAltName=IP:127.0.0.1"),
+                      ("client", "extendedKeyUsage=clientAuth")]:  # fmt: skip
+        (folder / f"{name}.ext").write_text(ext + "\n")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr", "-subj", f"/CN={name}")  # fmt: skip
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
+            "-extfile", f"{name}.ext")  # fmt: skip
+    return {n: str(folder / n) for n in ("ca.pem", "server.pem", "server.key",
+                                         "client.pem", "client.key")}  # fmt: skip
+
+
+def test_tls_with_client_certificates_from_the_environment(tmp_path, monkeypatch):
+    certs = _certificates(tmp_path)
+    port = free_port()
+    cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "--tlsverify",
+           "--tlscert", certs["server.pem"], "--tlskey", certs["server.key"],
+           "--tlscacert", certs["ca.pem"]]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"tls://127.0.0.1:{port}"
+    deadline = time.monotonic() + 15
+    while True:  # listening: a refused connection below is TLS's doing
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and server.poll() is None, "no TLS server"
+            time.sleep(0.05)
+
+    async def round_trip() -> str:
+        bus = await Bus.connect(url, "tls-test", timeout=5)
+        got = asyncio.Queue()
+
+        async def on_abort(msg, raw):
+            await got.put(msg.request_id)
+
+        await bus.subscribe(subject("abort"), engine_pb2.AbortRequest, on_abort)
+        await bus.flush()
+        await bus.publish(subject("abort"), engine_pb2.AbortRequest(request_id="over-tls"))
+        try:
+            return await asyncio.wait_for(got.get(), 5)
+        finally:
+            await bus.close()
+
+    try:
+        with pytest.raises(RuntimeError, match="unreachable"):  # the server's CA not trusted
+            asyncio.run(Bus.connect(url, "untrusting", timeout=2))
+        monkeypatch.setenv("NATS_TLS_CA", certs["ca.pem"])
+        with pytest.raises(RuntimeError, match="unreachable"):  # no client certificate
+            asyncio.run(Bus.connect(url, "anonymous", timeout=2))
+        monkeypatch.setenv("NATS_TLS_CERT", certs["client.pem"])
+        monkeypatch.setenv("NATS_TLS_KEY", certs["client.key"])
+        assert asyncio.run(round_trip()) == "over-tls"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_client_certificate_needs_its_key():
+    with pytest.raises(ValueError, match="go together"):
+        tls_context_from_env({"NATS_TLS_CERT": "client.pem"})
+    assert tls_context_from_env({}) is None

@@ -47,6 +47,12 @@ def cluster_and_log(tiny_llama, tmp_path_factory, redis_server):
         yield base, log
     finally:
         stop_cluster(proc)
+        for extra in STARTED_BY_TESTS:  # a NATS server restarted by hand is not the launcher's
+            extra.kill()
+            extra.wait()
+
+
+STARTED_BY_TESTS: list[subprocess.Popen] = []
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +179,9 @@ def test_nats_restarted_new_requests_succeed_within_seconds(cluster):
                   "the requests never started")  # fmt: skip
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)
-        subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)  # fmt: skip
+        STARTED_BY_TESTS.append(subprocess.Popen(argv, start_new_session=True,
+                                                 stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL))  # fmt: skip
 
     results = _run_with_fault(cluster, _prompts("nats"), restart_nats)
     for result in results:  # completed, or an explicit error

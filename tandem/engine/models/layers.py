@@ -13,7 +13,9 @@ class Linear(nn.Module):
     After loading, `prepare()` stores the weight transposed, (in, out) and contiguous, on
     CPUs: MKL's GEMM runs x @ W_t about 10% faster than F.linear's transposed operand at
     decode batch sizes. GPUs keep the checkpoint layout (cuBLAS does not care). A weight
-    shared with another module (tied embeddings) is left alone.
+    shared with another module (an lm_head tied to the embeddings) gets its transposed copy
+    too: the embedding keeps the original (SmolLM2: +108 MiB in fp32; its logits at batch
+    32 take 35-40% less time than through F.linear).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:

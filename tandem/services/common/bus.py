@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -42,6 +44,23 @@ def subject(*parts: str) -> str:
     return ".".join((PREFIX, *parts))
 
 
+def tls_context_from_env(env=os.environ) -> ssl.SSLContext | None:
+    """TLS to NATS for every stage, from the environment: `NATS_TLS_CA` (a CA bundle to
+    trust besides the system's), `NATS_TLS_CERT` and `NATS_TLS_KEY` (a client certificate,
+    for servers that verify clients). None when none is set: a `tls://` URL alone then uses
+    the system's CAs. Credentials go in the URL (`nats://user:pass@host`, `nats://token@host`).
+    """
+    ca, cert, key = (env.get(f"NATS_TLS_{name}") for name in ("CA", "CERT", "KEY"))
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError("NATS_TLS_CERT and NATS_TLS_KEY go together")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
 class Bus:
     """A NATS connection that sends and receives protobuf messages."""
 
@@ -57,9 +76,11 @@ class Bus:
         async def on_error(e: Exception) -> None:
             logger.warning("NATS %s: %s", url, e or type(e).__name__)
 
+        tls = tls_context_from_env()
         connect = nats.connect(
             url,
             name=name,
+            **({"tls": tls} if tls is not None else {}),
             max_reconnect_attempts=-1,  # also retries the first connection
             reconnect_time_wait=0.5,
             error_cb=on_error,
