@@ -49,13 +49,17 @@ def measure_copy_bandwidth(num_bytes: int = 256 * 2**20) -> float:
 
 
 def model_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: parameters plus CPU-transposed linears."""
+    """Bytes of weights one decode step reads: every linear layer (as it multiplies: the
+    CPU-transposed copy where there is one) and the norms; of the embedding only a row."""
     from tandem.engine.models.layers import Linear
 
-    tensors = list(model.parameters())
-    tensors += [
-        m.weight_t for m in model.modules() if isinstance(m, Linear) and m.weight_t is not None
-    ]
+    tensors = []
+    for m in model.modules():
+        if isinstance(m, Linear):
+            tensors += [t for t in (m.weight_t if m.weight_t is not None else m.weight, m.bias)
+                        if t is not None]  # fmt: skip
+        elif not isinstance(m, torch.nn.Embedding):
+            tensors += list(m.parameters(recurse=False))
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
