@@ -23,6 +23,7 @@ class PrefillSpan:
     ctx_len: int
     block_ids: torch.Tensor  # (num_blocks,) blocks holding keys [0, ctx_len)
     mask: torch.Tensor | None  # (T, ctx_len) bool; None when there is no cached prefix
+    tiles: torch.Tensor | None = None  # the cache tiles to gather (see _gather_context)
 
 
 @dataclass(slots=True)
@@ -35,6 +36,10 @@ class DecodeGroup:
     block_tables: torch.Tensor  # (B, max_blocks) int64
     bias: torch.Tensor  # (B, 1, 1, max_blocks * block_size) 0 / -inf
     tiles: torch.Tensor | None = None  # the cache tiles to gather (see _decode_attention)
+    # Where every layer gathers its K and V: allocated once a step, not once a layer (on CPUs
+    # a fresh buffer of many MiB costs a page fault per 4 KiB, more than the copy itself).
+    k_buf: torch.Tensor | None = None
+    v_buf: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -142,8 +147,8 @@ def paged_attention(
             kp = k[span.start : span.end].transpose(0, 1).unsqueeze(0)  # (1, Hkv, T, D)
             vp = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
         else:
-            kp = _gather_context(k_cache, span.block_ids, span.ctx_len)  # (1, Hkv, ctx, D)
-            vp = _gather_context(v_cache, span.block_ids, span.ctx_len)
+            kp = _gather_context(k_cache, span)  # (1, Hkv, ctx, D)
+            vp = _gather_context(v_cache, span)
         op = F.scaled_dot_product_attention(
             qp,
             kp,
@@ -164,11 +169,15 @@ def _cache_rows(slot_mapping: torch.Tensor, num_kv_heads: int, block_size: int) 
     return ((block * (num_kv_heads * block_size) + offset)[:, None] + heads[None, :]).view(-1)
 
 
-def _gather_context(cache: torch.Tensor, block_ids: torch.Tensor, ctx_len: int) -> torch.Tensor:
-    """A request's first `ctx_len` keys (or values) as (1, Hkv, ctx_len, D)."""
-    _, num_kv_heads, _, head_dim = cache.shape
-    tiles = cache.index_select(0, block_ids)  # (n, Hkv, bs, D)
-    return tiles.transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :ctx_len].unsqueeze(0)
+def _gather_context(cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+    """A request's first `ctx_len` keys (or values) as (1, Hkv, ctx_len, D): its tiles
+    gathered head-major (tile `block * Hkv + head`) in one copy, no transpose after."""
+    _, num_kv_heads, block_size, head_dim = cache.shape
+    if span.tiles is None:  # once per step: every layer gathers the same tiles
+        heads = torch.arange(num_kv_heads, device=cache.device)
+        span.tiles = (span.block_ids[None, :] * num_kv_heads + heads[:, None]).view(-1)
+    tiles = cache.view(-1, block_size, head_dim).index_select(0, span.tiles)  # (Hkv * n, bs, D)
+    return tiles.view(num_kv_heads, -1, head_dim)[:, : span.ctx_len].unsqueeze(0)
 
 
 def _decode_attention(q, k_cache, v_cache, rows: DecodeGroup, scale: float) -> torch.Tensor:
@@ -185,8 +194,11 @@ def _decode_attention(q, k_cache, v_cache, rows: DecodeGroup, scale: float) -> t
         heads = torch.arange(num_kv_heads, device=q.device)
         rows.tiles = (rows.block_tables[:, None, :] * num_kv_heads + heads[None, :, None]).view(-1)
     ctx = rows.block_tables.shape[1] * block_size
-    kd = k_cache.view(-1, block_size, head_dim).index_select(0, rows.tiles)
-    vd = v_cache.view(-1, block_size, head_dim).index_select(0, rows.tiles)
+    if rows.k_buf is None:
+        rows.k_buf = k_cache.new_empty(rows.tiles.shape[0], block_size, head_dim)
+        rows.v_buf = torch.empty_like(rows.k_buf)
+    kd = torch.index_select(k_cache.view(-1, block_size, head_dim), 0, rows.tiles, out=rows.k_buf)
+    vd = torch.index_select(v_cache.view(-1, block_size, head_dim), 0, rows.tiles, out=rows.v_buf)
     kd = kd.view(nd, num_kv_heads, ctx, head_dim)
     vd = vd.view(nd, num_kv_heads, ctx, head_dim)
     qd = q.view(nd, num_kv_heads, num_heads // num_kv_heads, head_dim)

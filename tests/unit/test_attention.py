@@ -47,3 +47,26 @@ def test_decodes_of_very_different_lengths_group_and_match_plain_attention():
         want = _reference(q[row : row + n], keys, values, dim**-0.5)
         assert torch.allclose(out[row : row + n], want, atol=1e-5)
         row += n
+
+
+def test_every_layer_of_a_step_gathers_into_the_same_buffers_and_stays_exact():
+    torch.manual_seed(1)
+    bs, heads, kv_heads, dim, num_blocks, ctx = 4, 6, 2, 8, 64, [6, 9, 11]
+    tables = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(len(ctx))]
+    meta = build_attn_metadata([1] * len(ctx), ctx, tables, bs, torch.device("cpu"))
+    (group,) = meta.decode_groups
+    buffers = None
+    for _layer in range(3):  # each layer its own cache, the same metadata
+        k_cache = torch.randn(num_blocks, kv_heads, bs, dim)
+        v_cache = torch.randn(num_blocks, kv_heads, bs, dim)
+        q = torch.randn(len(ctx), heads, dim)
+        k_new, v_new = torch.randn(len(ctx), kv_heads, dim), torch.randn(len(ctx), kv_heads, dim)
+        out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale=0.5)
+        if buffers is None:
+            buffers = (group.k_buf.data_ptr(), group.v_buf.data_ptr())
+        assert (group.k_buf.data_ptr(), group.v_buf.data_ptr()) == buffers
+        for i, (c, table) in enumerate(zip(ctx, tables)):
+            keys = k_cache[table].transpose(0, 1).reshape(kv_heads, -1, dim)[:, :c]
+            values = v_cache[table].transpose(0, 1).reshape(kv_heads, -1, dim)[:, :c]
+            want = _reference(q[i : i + 1], keys.transpose(0, 1), values.transpose(0, 1), 0.5)
+            assert torch.allclose(out[i : i + 1], want, atol=1e-5)
