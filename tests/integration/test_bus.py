@@ -1,15 +1,13 @@
 """Protobuf over a real NATS server; KV moves in acked chunks under max_payload."""
 
 import asyncio
-import socket
 import subprocess
-import time
 
 import pytest
 import torch
 
 from tandem.services.common.bus import Bus, KVAssembler, send_kv, subject, tls_context_from_env
-from tandem.services.common.servers import free_port, nats_server_binary, start_nats
+from tandem.services.common.servers import free_port, launch, nats_server_binary, start_nats
 from tandem.v1 import engine_pb2
 
 
@@ -101,16 +99,11 @@ def test_tls_with_client_certificates_from_the_environment(tmp_path, monkeypatch
     cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "--tlsverify",
            "--tlscert", certs["server.pem"], "--tlskey", certs["server.key"],
            "--tlscacert", certs["ca.pem"]]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"tls://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while True:  # listening: a refused connection below is TLS's doing
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and server.poll() is None, "no TLS server"
-            time.sleep(0.05)
+    scratch = tmp_path / "nats"
+    scratch.mkdir()
+    # listening once this returns: a refused connection below is TLS's doing
+    server = launch("nats-server", cmd, port, url, scratch, timeout=15)
 
     async def round_trip() -> str:
         bus = await Bus.connect(url, "tls-test", timeout=5)
@@ -137,8 +130,7 @@ def test_tls_with_client_certificates_from_the_environment(tmp_path, monkeypatch
         monkeypatch.setenv("NATS_TLS_KEY", certs["client.key"])
         assert asyncio.run(round_trip()) == "over-tls"
     finally:
-        server.kill()
-        server.wait()
+        server.stop()
 
 
 def test_a_client_certificate_needs_its_key():

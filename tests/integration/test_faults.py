@@ -18,6 +18,7 @@ import redis
 
 from tandem.bench.deploy import children, proc_argv, server_root
 from tandem.bench.elastic import cluster_workers
+from tandem.services.common.prefix_index import BLOCK_KEY, WORKER_KEY
 from tandem.services.common.servers import start_redis
 from tests.integration.test_cluster import start_cluster, stop_cluster
 from tests.integration.test_server import assert_all_blocks_free
@@ -64,8 +65,8 @@ def indexed_workers(redis_url: str) -> set[str]:
     """Every worker id the prefix index names, in its per-block sets or its per-worker sets."""
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        named = {key.removeprefix("tandem:kvw:") for key in r.scan_iter("tandem:kvw:*")}
-        for key in r.scan_iter("tandem:kv:*"):
+        named = {key.removeprefix(WORKER_KEY) for key in r.scan_iter(WORKER_KEY + "*")}
+        for key in r.scan_iter(BLOCK_KEY + "*"):
             named |= r.smembers(key)
         return named
     finally:

@@ -23,8 +23,8 @@ from tandem.engine.block_pool import KVEventKind
 
 logger = logging.getLogger(__name__)
 
-_BLOCK = "tandem:kv:"
-_WORKER = "tandem:kvw:"
+BLOCK_KEY = "tandem:kv:"
+WORKER_KEY = "tandem:kvw:"
 
 # KEYS: the block keys of a hash chain, in order. Returns [worker, count, worker, count...]:
 # each worker that holds the first `count` blocks (and not block count + 1).
@@ -93,11 +93,11 @@ class PrefixIndex:
                     await self._drop(pipe, worker_id)
                 for kind, block_hash in events:
                     if kind is KVEventKind.STORED:
-                        pipe.sadd(f"{_BLOCK}{block_hash}", worker_id)
-                        pipe.sadd(f"{_WORKER}{worker_id}", block_hash)
+                        pipe.sadd(f"{BLOCK_KEY}{block_hash}", worker_id)
+                        pipe.sadd(f"{WORKER_KEY}{worker_id}", block_hash)
                     elif kind is KVEventKind.REMOVED:
-                        pipe.srem(f"{_BLOCK}{block_hash}", worker_id)
-                        pipe.srem(f"{_WORKER}{worker_id}", block_hash)
+                        pipe.srem(f"{BLOCK_KEY}{block_hash}", worker_id)
+                        pipe.srem(f"{WORKER_KEY}{worker_id}", block_hash)
                     else:
                         await self._drop(pipe, worker_id)
                 await pipe.execute()
@@ -106,10 +106,10 @@ class PrefixIndex:
 
     async def _drop(self, pipe, worker_id: str) -> None:
         """Queue on `pipe` the removal of every entry of `worker_id` (read first)."""
-        hashes = await self.redis.smembers(f"{_WORKER}{worker_id}")
+        hashes = await self.redis.smembers(f"{WORKER_KEY}{worker_id}")
         for block_hash in hashes:
-            pipe.srem(f"{_BLOCK}{int(block_hash)}", worker_id)
-        pipe.delete(f"{_WORKER}{worker_id}")
+            pipe.srem(f"{BLOCK_KEY}{int(block_hash)}", worker_id)
+        pipe.delete(f"{WORKER_KEY}{worker_id}")
 
     async def drop_worker(self, worker_id: str) -> None:
         """Forget a worker (it stopped heartbeating)."""
@@ -129,7 +129,7 @@ class PrefixIndex:
             return {}
         start = time.perf_counter()
         try:
-            flat = await self._lookup(keys=[f"{_BLOCK}{h}" for h in block_hashes])
+            flat = await self._lookup(keys=[f"{BLOCK_KEY}{h}" for h in block_hashes])
         except (RedisError, OSError) as e:
             self._down(e)
             return {}
@@ -139,7 +139,7 @@ class PrefixIndex:
 
     async def holders(self, block_hash: int) -> set[str]:
         """The workers holding one block (for checks and tests)."""
-        members = await self.redis.smembers(f"{_BLOCK}{block_hash}")
+        members = await self.redis.smembers(f"{BLOCK_KEY}{block_hash}")
         return {m.decode() for m in members}
 
     async def close(self) -> None:

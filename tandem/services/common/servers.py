@@ -114,7 +114,7 @@ def pinned_to(cores: Sequence[int]) -> Callable[[], None] | None:
     return lambda: os.sched_setaffinity(0, cores)
 
 
-def _launch(
+def launch(
     name: str,
     cmd: list[str],
     port: int,
@@ -165,7 +165,7 @@ def start_nats(
         auth = f'authorization {{ user: "{user}", password: "{password}" }}\n'
         cmd += ["-c", str(_secret_file(store, "auth.conf", auth))]
         url = f"nats://{quote(user)}:{quote(password)}@127.0.0.1:{port}"
-    return _launch("nats-server", cmd, port, url, store, timeout, cores)
+    return launch("nats-server", cmd, port, url, store, timeout, cores)
 
 
 def start_redis(
@@ -184,7 +184,7 @@ def start_redis(
            "--protected-mode", "yes"]  # fmt: skip
     auth = f":{quote(password)}@" if password else ""
     url = f"redis://{auth}127.0.0.1:{port}/0"
-    return _launch("redis-server", cmd, port, url, scratch, timeout, cores)
+    return launch("redis-server", cmd, port, url, scratch, timeout, cores)
 
 
 def redact(url: str) -> str:

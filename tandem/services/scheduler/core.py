@@ -239,10 +239,8 @@ class ClusterScheduler:
         or leaving for `no_worker_timeout`): taken out of the queue, to be failed rather
         than wait forever."""
         now = self.clock()
-        for role in Role:
-            if self._accepting(role):
-                self._no_worker_since.pop(role, None)
-            else:
+        for role in Role:  # a worker taking requests clears its role's entry (on_heartbeat)
+            if not self._accepting(role):
                 self._no_worker_since.setdefault(role, now)
         if all(now - t < self.no_worker_timeout for t in self._no_worker_since.values()):
             return []
