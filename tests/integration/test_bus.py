@@ -137,3 +137,63 @@ def test_a_client_certificate_needs_its_key():
     with pytest.raises(ValueError, match="go together"):
         tls_context_from_env({"NATS_TLS_CERT": "client.pem"})
     assert tls_context_from_env({}) is None
+
+
+def test_a_submit_goes_again_until_the_scheduler_and_the_tokenizer_ack_it(nats_url, monkeypatch):
+    """A stage that was not subscribed when a request was sent (NATS restarted, it is still
+    reconnecting) gets it again; the scheduler takes it once, however often it comes (with
+    no worker there, taking it means refusing it: one 503 delta); with a stage that never
+    answers, the request fails with 503 naming it."""
+    from tandem.engine.request import Request, SamplingParams
+    from tandem.services.common import codec
+    from tandem.services.gateway import cluster_client
+    from tandem.services.gateway.engine_client import EngineOverloaded
+    from tandem.services.scheduler.core import ClusterScheduler
+    from tandem.services.scheduler.service import SchedulerService
+
+    def submit_msg(request_id: str) -> engine_pb2.SubmitRequest:
+        request = Request(request_id, [1, 2, 3], SamplingParams(max_tokens=4))
+        return engine_pb2.SubmitRequest(request=codec.request_to_spec(request, "deltas"))
+
+    async def scenario():
+        gateway = cluster_client.ClusterEngineClient(nats_url, "unused:0")
+        gateway.bus = await Bus.connect(nats_url, "gateway")
+        await gateway.bus.subscribe(gateway.ack_subject, engine_pb2.SubmitAck, gateway._on_ack)
+        refused = []
+
+        async def on_delta(delta, raw):
+            refused.append((delta.request_id, delta.error_code))
+
+        await gateway.bus.subscribe("deltas", engine_pb2.TextDelta, on_delta)
+        tokenizer = await Bus.connect(nats_url, "tokenizer")
+        received = []
+
+        async def tokenizer_acks(msg, raw):
+            received.append(msg.request.request_id)
+            ack = engine_pb2.SubmitAck(request_id=msg.request.request_id, stage="tokenizer")
+            await tokenizer.publish(raw.reply, ack)
+
+        await tokenizer.subscribe(subject("submit"), engine_pb2.SubmitRequest, tokenizer_acks)
+        await tokenizer.flush()
+        submitting = asyncio.create_task(gateway._submit(submit_msg("r1"), None))
+        await asyncio.sleep(0.2)  # the first send reached the tokenizer only
+        scheduler = SchedulerService(await Bus.connect(nats_url, "scheduler"),
+                                     ClusterScheduler(), None)  # fmt: skip
+        await scheduler.start()
+        await asyncio.wait_for(submitting, 10)
+        # a third time, as a resend crossing a late ack would
+        await gateway.bus.publish(subject("submit"), submit_msg("r1"), reply=gateway.ack_subject)
+        await gateway.bus.flush()
+        await asyncio.sleep(0.5)
+
+        monkeypatch.setattr(cluster_client, "SUBMIT_TIMEOUT", 1.0)
+        await tokenizer.close()
+        with pytest.raises(EngineOverloaded, match="tokenizer unreachable"):
+            await gateway._submit(submit_msg("r2"), None)
+        await scheduler.bus.close()
+        await gateway.bus.close()
+        return received, refused
+
+    received, refused = asyncio.run(scenario())
+    assert received == ["r1", "r1", "r1"]  # sent twice: the scheduler had missed the first
+    assert refused == [("r1", 503), ("r2", 503)]  # each taken once, however often sent

@@ -1,7 +1,8 @@
 """NATS with protobuf messages: the only way stages talk besides the tokenizer's gRPC.
 
 Subjects (all under `tandem.`):
-  submit                      gateway -> scheduler        SubmitRequest
+  submit                      gateway -> scheduler,       SubmitRequest (acked: SubmitAck)
+                              tokenizer
   abort                       anyone -> every stage       AbortRequest
   heartbeat                   workers -> scheduler        Heartbeat
   prefill.<worker>.plan       scheduler -> prefill worker StepPlan
@@ -22,6 +23,7 @@ import asyncio
 import logging
 import os
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -61,6 +63,26 @@ def tls_context_from_env(env=os.environ) -> ssl.SSLContext | None:
     return ctx
 
 
+class Tombstones:
+    """Ids of requests seen lately: a message about one that arrives after its abort (a
+    plan, a hand-off) is dropped rather than resurrecting it; a message sent again (a submit
+    not acked in time) is not taken twice."""
+
+    def __init__(self, ttl: float = 120.0) -> None:
+        self.ttl = ttl
+        self._ids: dict[str, float] = {}
+
+    def add(self, request_id: str) -> None:
+        now = time.monotonic()
+        self._ids[request_id] = now
+        if len(self._ids) > 4096:
+            self._ids = {k: t for k, t in self._ids.items() if now - t < self.ttl}
+
+    def __contains__(self, request_id: str) -> bool:
+        t = self._ids.get(request_id)
+        return t is not None and time.monotonic() - t < self.ttl
+
+
 class Bus:
     """A NATS connection that sends and receives protobuf messages."""
 
@@ -95,9 +117,12 @@ class Bus:
     def max_payload(self) -> int:
         return self.nc.max_payload
 
-    async def publish(self, subj: str, msg: Message, headers: dict | None = None) -> None:
-        """`headers`: NATS headers (a request's W3C trace context), when not empty."""
-        await self.nc.publish(subj, msg.SerializeToString(), headers=headers or None)
+    async def publish(
+        self, subj: str, msg: Message, headers: dict | None = None, reply: str = ""
+    ) -> None:
+        """`headers`: NATS headers (a request's W3C trace context), when not empty; `reply`:
+        where receivers answer (NATS's reply subject)."""
+        await self.nc.publish(subj, msg.SerializeToString(), reply=reply, headers=headers or None)
 
     async def request(
         self,

@@ -1,5 +1,5 @@
 """What the prefill and decode worker shells share: the engine on its own thread, the
-heartbeat and token messages they publish, and the memory of recent aborts."""
+heartbeat and token messages they publish."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tandem.engine.block_pool import KVCacheEvent, KVEventKind
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore, StepOutput
 from tandem.services.common import codec
-from tandem.services.common.bus import subject
+from tandem.services.common.bus import Tombstones, subject
 from tandem.services.common.metrics import EngineCollector, WorkerMetrics, engine_stats
 from tandem.services.common.metrics_push import MetricsPublisher
 from tandem.v1 import engine_pb2
@@ -57,25 +57,6 @@ class EngineThread:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class Tombstones:
-    """Ids of requests aborted lately: a message about one that arrives after its abort (a
-    plan, a hand-off) is dropped rather than resurrecting it."""
-
-    def __init__(self, ttl: float = 120.0) -> None:
-        self.ttl = ttl
-        self._ids: dict[str, float] = {}
-
-    def add(self, request_id: str) -> None:
-        now = time.monotonic()
-        self._ids[request_id] = now
-        if len(self._ids) > 4096:
-            self._ids = {k: t for k, t in self._ids.items() if now - t < self.ttl}
-
-    def __contains__(self, request_id: str) -> bool:
-        t = self._ids.get(request_id)
-        return t is not None and time.monotonic() - t < self.ttl
 
 
 def heartbeat(

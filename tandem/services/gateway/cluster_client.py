@@ -24,6 +24,11 @@ from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
 WORKER_TIMEOUT = 5.0  # a worker whose heartbeats stopped this long ago no longer counts
+# A submit goes again when the scheduler and the tokenizer have not both acked it within
+# SUBMIT_RETRY seconds (doubling each time); after SUBMIT_TIMEOUT the request fails with 503.
+SUBMIT_RETRY = 0.5
+SUBMIT_TIMEOUT = 15.0
+SUBMIT_ACKERS = frozenset({"scheduler", "tokenizer"})
 
 
 class ClusterEngineClient(GenerateOne):
@@ -36,6 +41,8 @@ class ClusterEngineClient(GenerateOne):
         self.tokenizer: TokenizerClient | None = None
         self.gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
         self.reply_subject = subject("gateway", self.gateway_id, "deltas")
+        self.ack_subject = subject("gateway", self.gateway_id, "acks")
+        self._acks: dict[str, tuple[set[str], asyncio.Event]] = {}  # request id -> stages
         self.vocab_size = 0
         self.workers: dict[str, engine_pb2.Heartbeat] = {}
         self.seen: dict[str, float] = {}
@@ -55,6 +62,7 @@ class ClusterEngineClient(GenerateOne):
             self.nats_url, self.gateway_id, on_reconnect=self._on_reconnect
         )
         await self.bus.subscribe(self.reply_subject, engine_pb2.TextDelta, self._on_delta)
+        await self.bus.subscribe(self.ack_subject, engine_pb2.SubmitAck, self._on_ack)
         await self.bus.subscribe(subject("heartbeat"), engine_pb2.Heartbeat, self._on_heartbeat)
         await self.bus.subscribe(subject("scheduler", "report"), engine_pb2.StepReport, self._rep)
         await self.bus.subscribe(
@@ -66,6 +74,39 @@ class ClusterEngineClient(GenerateOne):
     async def _on_heartbeat(self, hb: engine_pb2.Heartbeat, raw) -> None:
         self.workers[hb.worker_id] = hb
         self.seen[hb.worker_id] = time.monotonic()
+
+    async def _on_ack(self, ack: engine_pb2.SubmitAck, raw) -> None:
+        entry = self._acks.get(ack.request_id)
+        if entry is not None:
+            entry[0].add(ack.stage)
+            if entry[0] >= SUBMIT_ACKERS:
+                entry[1].set()
+
+    async def _submit(self, msg: engine_pb2.SubmitRequest, headers) -> None:
+        """Publish until the scheduler and the tokenizer both acked: NATS delivers at most
+        once, and a stage that is reconnecting (NATS restarted) misses what is sent
+        meanwhile. Both ignore a request they already have."""
+        request_id = msg.request.request_id
+        stages, acked = self._acks[request_id] = (set(), asyncio.Event())
+        try:
+            wait, deadline = SUBMIT_RETRY, time.monotonic() + SUBMIT_TIMEOUT
+            while True:
+                await self.bus.publish(subject("submit"), msg, headers, reply=self.ack_subject)
+                left = deadline - time.monotonic()
+                try:
+                    await asyncio.wait_for(acked.wait(), min(wait, left))
+                    return
+                except TimeoutError:
+                    if wait >= left:
+                        missing = ", ".join(sorted(SUBMIT_ACKERS - stages))
+                        raise EngineOverloaded(
+                            f"the cluster did not take the request ({missing} unreachable)"
+                        ) from None
+                    wait *= 2
+                    logger.warning("submit of %s not acked by %s: sent again", request_id,
+                                   ", ".join(sorted(SUBMIT_ACKERS - stages)))  # fmt: skip
+        finally:
+            del self._acks[request_id]
 
     async def _on_reconnect(self) -> None:
         """NATS was lost and is back: messages of the requests in flight may have been lost
@@ -198,8 +239,7 @@ class ClusterEngineClient(GenerateOne):
         async def submit() -> None:
             if not submitted:
                 submitted.append(True)
-                msg = engine_pb2.SubmitRequest(request=spec)
-                await self.bus.publish(subject("submit"), msg, headers=trace_context)
+                await self._submit(engine_pb2.SubmitRequest(request=spec), trace_context)
 
         return [self._stream(rid, queues[rid], submit) for rid in request_ids]
 

@@ -5,6 +5,7 @@ decode worker over NATS. Its blocks then stay here only as prefix cache."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -37,7 +38,7 @@ class PrefillWorker(WorkerShell):
         self.plans: asyncio.Queue[engine_pb2.StepPlan] = asyncio.Queue()
         self.decode_of: dict[str, str] = {}  # request id -> its decode worker
         self.trace_of: dict[str, dict[str, str]] = {}  # request id -> W3C context, traced
-        self.transfers: set[asyncio.Task] = set()
+        self.transfers: dict[str, asyncio.Task] = {}  # request id -> its hand-off
         self.busy = False  # a plan is running
         self.lanes: dict[str, asyncio.Semaphore] = {}  # decode worker id -> its KV lane
         self.num_kv_transfers = 0
@@ -68,7 +69,7 @@ class PrefillWorker(WorkerShell):
         hears this worker is gone; the hand-offs under way are finished first (each is
         bounded by its own timeouts), since their requests are no longer queued anywhere."""
         if self.transfers:
-            await asyncio.wait(list(self.transfers), timeout=60.0)
+            await asyncio.wait(list(self.transfers.values()), timeout=60.0)
 
     async def _on_plan(self, plan: engine_pb2.StepPlan, raw) -> None:
         self.plans.put_nowait(plan)
@@ -76,6 +77,9 @@ class PrefillWorker(WorkerShell):
     def forget(self, request_id: str) -> None:
         self.decode_of.pop(request_id, None)
         self.trace_of.pop(request_id, None)
+        transfer = self.transfers.get(request_id)
+        if transfer is not None:  # aborted while its KV moves: its lane is free at once
+            transfer.cancel()
 
     async def loop(self) -> None:
         while True:
@@ -127,12 +131,17 @@ class PrefillWorker(WorkerShell):
                 self.forget(out.request.request_id)
         for request, kv in handoffs:
             report.prefilled_request_ids.append(request.request_id)
-            task = asyncio.create_task(self._hand_off(request, kv))
-            self.transfers.add(task)
-            task.add_done_callback(self.transfers.discard)
+            task = self.transfers[request.request_id] = asyncio.create_task(
+                self._hand_off(request, kv)
+            )
+            task.add_done_callback(functools.partial(self._transfer_done, request.request_id))
         report.heartbeat.CopyFrom(self.heartbeat())
         await self.bus.publish(subject("scheduler", "report"), report)
         await self.flush_kv_events()
+
+    def _transfer_done(self, request_id: str, task: asyncio.Task) -> None:
+        if self.transfers.get(request_id) is task:  # not a later hand-off of the same id
+            del self.transfers[request_id]
 
     def _trace_step(
         self, step_id: int, planned: dict[str, int], failed: set[str], start_ns, end_ns
@@ -263,6 +272,6 @@ class PrefillWorker(WorkerShell):
         )
 
     async def shutdown(self) -> None:
-        for task in list(self.transfers):
+        for task in list(self.transfers.values()):
             task.cancel()
         await super().shutdown()
