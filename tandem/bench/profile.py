@@ -110,7 +110,7 @@ class Profiler:
             for _ in range(batch_size):
                 req = self._request(context_len, num_steps + 3)
                 req.append_output_token(int(req.prompt_token_ids[-1]))  # prefill's first token
-                if not core.add_prefilled_request(req, kv, context_len):
+                if not core.add_prefilled_request(req, [kv], context_len):
                     raise RuntimeError(f"batch {batch_size} at context {context_len} did not fit")
                 requests.append(req)
             core.step()  # warm-up

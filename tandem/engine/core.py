@@ -8,6 +8,7 @@ background thread; workers drive it from token-budget plans.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,25 +75,28 @@ class EngineCore:
     def add_prefilled_request(
         self,
         request: Request,
-        kv: torch.Tensor,
+        kv: Sequence[torch.Tensor],
         num_computed_tokens: int,
         reused: list[Block] = (),
     ) -> bool:
         """Admit a request prefilled by another engine. Its first `num_computed_tokens`
         tokens have their KV in `reused` (leading blocks of this engine's prefix cache, on
-        which the caller holds a reference) followed by the tiles `kv` ((blocks, layers, 2,
-        Hkv, block_size, D), as `hand_off` returns). False when it does not fit now; nothing
-        changed then. On True the caller's references on `reused` pass to the request."""
+        which the caller holds a reference) followed by the tiles in `kv`, in parts (each
+        (blocks, layers, 2, Hkv, block_size, D), as `hand_off` returns, or as they came over
+        the wire: never concatenated first). False when it does not fit now; nothing changed
+        then. On True the caller's references on `reused` pass to the request."""
         if request.eos_token_id is None:
             request.eos_token_id = self.eos_token_id
-        num_blocks = len(reused) + kv.shape[0]
+        num_blocks = len(reused) + sum(part.shape[0] for part in kv)
         if num_blocks != -(-num_computed_tokens // self.kv.block_size):
             raise ValueError(f"{num_blocks} KV blocks do not hold {num_computed_tokens} tokens")
         if not self.scheduler.add_computed_request(request, num_computed_tokens, list(reused)):
             return False
         self.kv.pool.free(reversed(reused))  # the request holds its own references now
-        block_ids = self.kv.block_ids(request.request_id)
-        self.runner.write_blocks(block_ids[len(reused) : num_blocks], kv)
+        block_ids, first = self.kv.block_ids(request.request_id), len(reused)
+        for part in kv:
+            self.runner.write_blocks(block_ids[first : first + part.shape[0]], part)
+            first += part.shape[0]
         return True
 
     def hand_off(self, request_id: str) -> tuple[Request, torch.Tensor]:

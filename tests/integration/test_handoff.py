@@ -48,7 +48,7 @@ def test_prefill_then_decode_elsewhere_matches_one_engine(tiny_model, params):
             assert req.status is RequestStatus.HANDED_OFF
             chunks = codec.kv_to_chunks(req.request_id, kv, max_bytes=3 * kv[0].numel() * 4)
             wire = [type(c).FromString(c.SerializeToString()) for c in chunks]
-            tiles = torch.cat([codec.kv_from_chunk(c, prefill.runner.kv_tile_shape) for c in wire])
+            tiles = [codec.kv_from_chunk(c, prefill.runner.kv_tile_shape) for c in wire]
             spec = codec.request_to_spec(req)
             moved = codec.request_from_spec(type(spec).FromString(spec.SerializeToString()))
             assert moved.output_token_ids == out.new_token_ids
@@ -81,7 +81,7 @@ def test_prefilled_request_that_does_not_fit_changes_nothing(tiny_llama):
     prefill.step()
     req, kv = prefill.hand_off("big")
     held = decode.kv.pool.allocate(20)  # leave 4 free blocks: 40 tokens need 10
-    assert not decode.add_prefilled_request(req, kv, req.num_computed_tokens)
+    assert not decode.add_prefilled_request(req, [kv], req.num_computed_tokens)
     assert decode.kv.num_free_blocks == 4 and not decode.has_unfinished
     assert "big" not in decode.scheduler.requests
     decode.kv.pool.free(held)
@@ -116,7 +116,7 @@ def test_planned_chunked_prefill_then_decode_matches_one_engine(tiny_llama):
         for out in outs:
             req, kv = prefill.hand_off(out.request.request_id)
             assert remaining.pop(req.request_id) == 0
-            assert decode.add_prefilled_request(req, kv, req.num_computed_tokens)
+            assert decode.add_prefilled_request(req, [kv], req.num_computed_tokens)
     assert steps == 5  # the 40-token prompt took five 8-token chunks
     got = {}
     while decode.has_unfinished:

@@ -33,7 +33,7 @@ class Arrival:
     """A handed-off request waiting for room in this worker's batch."""
 
     request: Request
-    kv: torch.Tensor  # the blocks that came over the wire (after the reused ones)
+    kv: list[torch.Tensor]  # the blocks that came over the wire (after the reused ones)
     num_computed_tokens: int
     reused: list[Block]
 
@@ -120,8 +120,9 @@ class DecodeWorker(WorkerShell):
             request = codec.request_from_spec(handoff.request)
             request.num_cached_tokens = handoff.num_cached_tokens
             kv = self._take_kv(request_id, handoff.num_chunks)
-            self.num_kv_blocks_received += kv.shape[0]
-            self.metrics.kv_bytes_received.inc(kv.numel() * kv.element_size())
+            num_blocks = sum(part.shape[0] for part in kv)
+            self.num_kv_blocks_received += num_blocks
+            self.metrics.kv_bytes_received.inc(sum(p.numel() * p.element_size() for p in kv))
             carrier = dict(raw.headers or handoff.request.trace_context or {})
             parent = tracing.extract(carrier)
             if parent is not None:
@@ -129,7 +130,7 @@ class DecodeWorker(WorkerShell):
                     "gen_ai.request.id": request_id,
                     "tandem.worker": self.worker_id,
                     "tandem.prefill_worker": handoff.prefill_worker_id,
-                    "tandem.kv_blocks_received": kv.shape[0],
+                    "tandem.kv_blocks_received": num_blocks,
                     "tandem.kv_blocks_reused": len(reused),
                 }
                 span = tracing.start_span("decode", parent, attributes)
@@ -139,9 +140,9 @@ class DecodeWorker(WorkerShell):
         self.received_ids.append(request_id)
         await raw.respond(ack.SerializeToString())
 
-    def _take_kv(self, request_id: str, num_chunks: int) -> torch.Tensor:
+    def _take_kv(self, request_id: str, num_chunks: int) -> list[torch.Tensor]:
         if num_chunks == 0:  # every block was reused
-            return torch.empty(0, *self.assembler.tile_shape)
+            return []
         return self.assembler.take(request_id)
 
     def forget(self, request_id: str) -> None:
