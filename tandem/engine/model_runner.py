@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 
@@ -55,6 +56,30 @@ def _cpu_has_amx_bf16() -> bool:
     return False
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # the most glibc takes on 64-bit
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A forward pass makes many temporaries of MiBs (a 2,048-token prefill step: tens of them
+    per layer). By default glibc maps each fresh and unmaps it when freed, so every use pays
+    a page fault per 4 KiB; on a VM that cost a third of a prefill step's time (SmolLM2,
+    2,048 tokens: 5.2-6.6 s -> 3.6-4.8 s). Allocations under 32 MiB now come from the heap,
+    which is never trimmed: the process keeps its peak of temporaries. False where the C
+    library is not glibc (nothing changed)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+            and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        )
+    except (OSError, AttributeError):
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class RunnerInfo:
     """Values fixed at start-up from the model and the device."""
@@ -73,6 +98,8 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig) -> None:
         self.device = select_device()
         self.dtype = resolve_dtype(model_config.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.block_size = cache_config.block_size
         torch.manual_seed(model_config.seed)
         hf_config = read_hf_config(model_config.model)
