@@ -48,6 +48,7 @@ class AttnMetadata:
 
     slot_mapping: torch.Tensor  # (T,) int64, cache slot of each batch token
     num_decodes: int = 0
+    cache_rows: torch.Tensor | None = None  # slot_mapping per KV head (see _cache_rows)
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSpan] = field(default_factory=list)
 
@@ -135,7 +136,9 @@ def paged_attention(
     contiguous slice.
     """
     _, num_kv_heads, block_size, head_dim = k_cache.shape
-    rows = _cache_rows(meta.slot_mapping, num_kv_heads, block_size)
+    if meta.cache_rows is None:  # once per step: every layer writes the same rows
+        meta.cache_rows = _cache_rows(meta.slot_mapping, num_kv_heads, block_size)
+    rows = meta.cache_rows
     k_cache.view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
     v_cache.view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim))
     out = torch.empty_like(q)
@@ -202,6 +205,6 @@ def _decode_attention(q, k_cache, v_cache, rows: DecodeGroup, scale: float) -> t
     kd = kd.view(nd, num_kv_heads, ctx, head_dim)
     vd = vd.view(nd, num_kv_heads, ctx, head_dim)
     qd = q.view(nd, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.matmul(qd, kd.transpose(-1, -2))  # (B, Hkv, G, ctx)
-    probs = (scores.float() * scale + rows.bias).softmax(dim=-1).to(q.dtype)
+    scores = torch.matmul(qd, kd.transpose(-1, -2)).float()  # (B, Hkv, G, ctx)
+    probs = scores.mul_(scale).add_(rows.bias).softmax(dim=-1).to(q.dtype)  # in place
     return torch.matmul(probs, vd).reshape(nd, num_heads, head_dim)  # (B, Hkv, G, D)
