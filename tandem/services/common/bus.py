@@ -83,6 +83,26 @@ class Tombstones:
         return t is not None and time.monotonic() - t < self.ttl
 
 
+class SubmitInbox:
+    """A stage's side of the submit protocol: ack every copy of a submit (the gateway sends
+    it again until the scheduler and the tokenizer both acked), take each request once."""
+
+    def __init__(self, bus: Bus, stage: str) -> None:
+        self.bus, self.stage = bus, stage
+        self.seen = Tombstones()
+
+    async def accept(self, msg: engine_pb2.SubmitRequest, raw) -> bool:
+        """Ack it; True the first time this request comes."""
+        request_id = msg.request.request_id
+        if raw.reply:
+            ack = engine_pb2.SubmitAck(request_id=request_id, stage=self.stage)
+            await self.bus.publish(raw.reply, ack)
+        if request_id in self.seen:
+            return False  # sent again: its ack was late or lost
+        self.seen.add(request_id)
+        return True
+
+
 class Bus:
     """A NATS connection that sends and receives protobuf messages."""
 

@@ -97,14 +97,13 @@ class ClusterEngineClient(GenerateOne):
                     await asyncio.wait_for(acked.wait(), min(wait, left))
                     return
                 except TimeoutError:
+                    missing = ", ".join(sorted(SUBMIT_ACKERS - stages))
                     if wait >= left:
-                        missing = ", ".join(sorted(SUBMIT_ACKERS - stages))
                         raise EngineOverloaded(
                             f"the cluster did not take the request ({missing} unreachable)"
                         ) from None
                     wait *= 2
-                    logger.warning("submit of %s not acked by %s: sent again", request_id,
-                                   ", ".join(sorted(SUBMIT_ACKERS - stages)))  # fmt: skip
+                    logger.warning("submit of %s not acked by %s: sent again", request_id, missing)
         finally:
             del self._acks[request_id]
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from tandem.engine.block_pool import KVEventKind, extend_block_hashes
 from tandem.engine.config import SchedulingPolicy
 from tandem.services.common import tracing
-from tandem.services.common.bus import Bus, Tombstones, subject
+from tandem.services.common.bus import Bus, SubmitInbox, subject
 from tandem.services.common.metrics import SchedulerMetrics
 from tandem.services.common.metrics_push import MetricsPublisher
 from tandem.services.common.prefix_index import PrefixIndex
@@ -50,7 +50,7 @@ class SchedulerService:
         self.index = index
         self.next_seq: dict[str, int] = {}  # per worker: the KV event batch expected next
         self.queued: dict[str, tuple[float, object]] = {}  # id -> (since, queue span)
-        self.submitted = Tombstones()  # a submit sent again is taken once
+        self.submits = SubmitInbox(bus, "scheduler")
         self.registry = CollectorRegistry()
         self.metrics = SchedulerMetrics(self.registry)
 
@@ -70,12 +70,7 @@ class SchedulerService:
         logger.info("scheduler ready")
 
     async def _on_submit(self, msg: engine_pb2.SubmitRequest, raw) -> None:
-        request_id = msg.request.request_id
-        if raw.reply:
-            ack = engine_pb2.SubmitAck(request_id=request_id, stage="scheduler")
-            await self.bus.publish(raw.reply, ack)
-        if request_id not in self.submitted:
-            self.submitted.add(request_id)
+        if await self.submits.accept(msg, raw):
             await self._add(msg.request, front=False, headers=raw.headers)
 
     async def _on_preempted(self, msg: engine_pb2.Preempted, raw) -> None:

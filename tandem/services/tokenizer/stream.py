@@ -7,7 +7,7 @@ import logging
 import time
 
 from tandem.services.common import tracing
-from tandem.services.common.bus import Bus, Tombstones, subject
+from tandem.services.common.bus import Bus, SubmitInbox, Tombstones, subject
 from tandem.services.common.metrics import TokenizerMetrics
 from tandem.services.tokenizer.core import DetokenizerHub
 from tandem.v1 import engine_pb2
@@ -31,7 +31,7 @@ class StreamRelay:
         # request id -> (since, [(tokens, produced_at, worker id)])
         self.early: dict[str, tuple[float, list[tuple]]] = {}
         self.ended = Tombstones()  # stopped here or aborted: later tokens are dropped
-        self.submitted = Tombstones()  # a submit sent again is taken once
+        self.submits = SubmitInbox(bus, "tokenizer")
 
     async def start(self) -> None:
         await self.bus.subscribe(subject("submit"), engine_pb2.SubmitRequest, self._on_submit)
@@ -55,13 +55,8 @@ class StreamRelay:
             await self.bus.publish(subject("scheduler", "preempted"), again)
 
     async def _on_submit(self, msg: engine_pb2.SubmitRequest, raw) -> None:
-        request_id = msg.request.request_id
-        if raw.reply:
-            ack = engine_pb2.SubmitAck(request_id=request_id, stage="tokenizer")
-            await self.bus.publish(raw.reply, ack)
-        if request_id in self.submitted:
-            return  # sent again: its ack was late or lost
-        self.submitted.add(request_id)
+        if not await self.submits.accept(msg, raw):
+            return
         self.hub.open(msg.request)
         if tracing.enabled():
             carrier = dict(raw.headers or msg.request.trace_context or {})
