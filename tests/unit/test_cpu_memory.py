@@ -31,5 +31,6 @@ def _faults(mode: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_temporaries_are_reused_without_page_faults():
-    assert _faults("default") > PAGES // 2  # unmapped when freed, faulted in again
+    # glibc's default usually unmaps them and faults all 16k pages in again each round
+    # (its threshold adapts, so not always: it is not asserted); kept, they are reused.
     assert _faults("tuned") < PAGES // 16
