@@ -18,6 +18,13 @@ ENV PYTHONUNBUFFERED=1 \
     TANDEM_CACHE_DIR=/var/lib/tandem \
     PATH=/opt/tandem/.venv/bin:$PATH
 
+# A C++ compiler for the CPU kernels (tandem/kernels): they are built for the CPU that runs
+# them, so on the first start of a worker (~30 s, then kept in TANDEM_CACHE_DIR), not here.
+RUN if [ "$DEVICE" = cpu ]; then \
+      apt-get update && apt-get install -y --no-install-recommends g++ \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin tandem
 WORKDIR /opt/tandem
 COPY pyproject.toml README.md Makefile ./

@@ -10,14 +10,16 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 setup: $(STAMP)
 
-# Sets everything up, prepares the default model once, runs the server on 127.0.0.1:8000.
+# Sets everything up, prepares the default model and builds the CPU kernels once, runs the server on 127.0.0.1:8000.
 serve: setup
 	$(VENV)/bin/tandem model prepare
+	$(VENV)/bin/tandem kernels build
 	$(VENV)/bin/tandem serve $(ARGS)
 
 # Sets everything up and runs the whole suite.
 test: setup
 	$(VENV)/bin/tandem model prepare
+	$(VENV)/bin/tandem kernels build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -307,6 +307,16 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels_build(args: argparse.Namespace) -> int:
+    from tandem.kernels.cpu import build_directory, load_cpu_kernels
+
+    if not load_cpu_kernels():
+        print("CPU kernels unavailable: attention runs through torch (see the warning above)")
+        return 0
+    print(build_directory())
+    return 0
+
+
 def cmd_bench_offline(args: argparse.Namespace) -> int:
     from tandem.bench.offline import OfflineBenchArgs, run
 
@@ -431,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep = model.add_parser("prepare", help="convert the packaged default model once")
     prep.add_argument("--force", action="store_true")
     prep.set_defaults(func=cmd_model_prepare)
+
+    kernels = sub.add_parser("kernels", help="the C++ CPU kernels")
+    kernels = kernels.add_subparsers(dest="action", required=True)
+    build = kernels.add_parser("build", help="build them for this machine once (~30 s)")
+    build.set_defaults(func=cmd_kernels_build)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="kind", required=True)
     off = bench.add_parser("offline", help="the engine against Hugging Face generate")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tandem.kernels.cpu import load_cpu_kernels, paged_decode_attention
+
 
 @dataclass(slots=True)
 class PrefillSpan:
@@ -34,7 +36,8 @@ class DecodeGroup:
     start: int
     end: int
     block_tables: torch.Tensor  # (B, max_blocks) int64
-    bias: torch.Tensor  # (B, 1, 1, max_blocks * block_size) 0 / -inf
+    context_lens: torch.Tensor  # (B,) int64
+    bias: torch.Tensor | None = None  # (B, 1, 1, max_blocks * block_size) 0 / -inf
     tiles: torch.Tensor | None = None  # the cache tiles to gather (see _decode_attention)
     # Where every layer gathers its K and V: allocated once a step, not once a layer (on CPUs
     # a fresh buffer of many MiB costs a page fault per 4 KiB, more than the copy itself).
@@ -91,7 +94,7 @@ def build_attn_metadata(
             shortest, longest = min(shortest, n), max(longest, n)
             end += 1
         meta.decode_groups.append(
-            _decode_group(start, end, context_lens, block_tables, longest, block_size, device)
+            _decode_group(start, end, context_lens, block_tables, longest, device)
         )
         start = end
     start = num_decodes
@@ -109,14 +112,11 @@ def build_attn_metadata(
     return meta
 
 
-def _decode_group(start, end, context_lens, block_tables, max_blocks, block_size, device):
+def _decode_group(start, end, context_lens, block_tables, max_blocks, device):
     padded = [t + [0] * (max_blocks - len(t)) for t in block_tables[start:end]]
-    lens = torch.tensor(context_lens[start:end], device=device)
-    key_pos = torch.arange(max_blocks * block_size, device=device)
-    visible = (key_pos[None, :] < lens[:, None]).view(end - start, 1, 1, -1)
-    bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
     tables = torch.tensor(padded, dtype=torch.int64, device=device)
-    return DecodeGroup(start, end, tables, bias)
+    lens = torch.tensor(context_lens[start:end], dtype=torch.int64, device=device)
+    return DecodeGroup(start, end, tables, lens)
 
 
 def paged_attention(
@@ -184,15 +184,27 @@ def _gather_context(cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
 
 
 def _decode_attention(q, k_cache, v_cache, rows: DecodeGroup, scale: float) -> torch.Tensor:
-    """One query token per request, over its context gathered per KV head.
+    """One query token per request, over its context.
 
-    The cache seen as (blocks * Hkv) tiles of (block_size, D): gathering tile
+    On CPUs with the C++ kernel built, read straight off the cache (kernels/cpu.py: at
+    batch 32 and 192 tokens of context about 1.7x faster than what follows). Otherwise
+    gathered per KV head: the cache seen as (blocks * Hkv) tiles of (block_size, D): gathering tile
     `block * Hkv + head` for each request, head and block gives (B, Hkv, ctx, D) in one
     index_select, contiguous, so scores and outputs are one batched matmul per group of
     query heads sharing a KV head (no K/V repeat, no transpose copy).
     """
+    if q.device.type == "cpu" and load_cpu_kernels():
+        return paged_decode_attention(
+            q.contiguous(), k_cache, v_cache, rows.block_tables, rows.context_lens, scale
+        )
     nd, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
+    if rows.bias is None:  # once per step, like the tiles
+        key_pos = torch.arange(rows.block_tables.shape[1] * block_size, device=q.device)
+        visible = (key_pos[None, :] < rows.context_lens[:, None]).view(nd, 1, 1, -1)
+        rows.bias = torch.zeros(visible.shape, device=q.device).masked_fill_(
+            ~visible, float("-inf")
+        )
     if rows.tiles is None:  # once per step: every layer gathers the same tiles
         heads = torch.arange(num_kv_heads, device=q.device)
         rows.tiles = (rows.block_tables[:, None, :] * num_kv_heads + heads[None, :, None]).view(-1)

@@ -20,6 +20,7 @@ from tandem.engine.sampler import (
     gather_logprobs,
     sample,
 )
+from tandem.kernels.cpu import load_cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
+            load_cpu_kernels()  # built here on first use, not inside a step
         self.block_size = cache_config.block_size
         torch.manual_seed(model_config.seed)
         hf_config = read_hf_config(model_config.model)

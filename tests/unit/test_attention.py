@@ -1,12 +1,21 @@
 """Paged attention against plain attention over each request's contiguous keys: decodes
-grouped by context length, prefill chunks over a cached prefix."""
+grouped by context length, prefill chunks over a cached prefix. Decodes on both CPU paths:
+the C++ kernel and torch's gather."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from tandem.engine import attention
 from tandem.engine.attention import build_attn_metadata, paged_attention
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Decode attention through torch's gather, as where the C++ kernel is not built."""
+    monkeypatch.setattr(attention, "load_cpu_kernels", lambda: False)
 
 
 def _reference(q, keys, values, scale):
@@ -20,7 +29,10 @@ def _reference(q, keys, values, scale):
     return out.transpose(0, 1)
 
 
-def test_decodes_of_very_different_lengths_group_and_match_plain_attention():
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_decodes_of_very_different_lengths_group_and_match_plain_attention(path, request):
+    if path == "torch":
+        request.getfixturevalue("torch_path")
     torch.manual_seed(0)
     bs, heads, kv_heads, dim, num_blocks = 4, 6, 2, 8, 200
     k_cache = torch.zeros(num_blocks, kv_heads, bs, dim)
@@ -49,7 +61,7 @@ def test_decodes_of_very_different_lengths_group_and_match_plain_attention():
         row += n
 
 
-def test_every_layer_of_a_step_gathers_into_the_same_buffers_and_stays_exact():
+def test_every_layer_of_a_step_gathers_into_the_same_buffers_and_stays_exact(torch_path):
     torch.manual_seed(1)
     bs, heads, kv_heads, dim, num_blocks, ctx = 4, 6, 2, 8, 64, [6, 9, 11]
     tables = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(len(ctx))]

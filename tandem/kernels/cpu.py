@@ -1,0 +1,99 @@
+"""C++ kernels for the CPU path, built once per machine through torch's extension builder.
+
+Torch has no paged attention on CPUs: its path gathers each request's blocks into one
+buffer and reads them again in two matmuls. `paged_decode_attention` reads the cache in
+place. It is built with the machine's own vector width (`-march=native`) into the cache
+directory, keyed by the source, torch's version and the CPU's flags, so a cache shared
+between different machines never runs code built for another. Where no C++ compiler is
+found (or TANDEM_CPU_KERNELS=0), the engine keeps torch's path: same results, slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from tandem.model_prep import cache_dir
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17"]
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def build_directory() -> Path:
+    key = hashlib.sha256(
+        b"\0".join(
+            [_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_FLAGS).encode()]
+            + [_cpu_flags().encode()]
+        )
+    ).hexdigest()[:16]
+    return cache_dir() / "kernels" / key
+
+
+@functools.cache
+def load_cpu_kernels() -> bool:
+    """Build (first time on this machine, ~30 s) and load the kernels. False when off or
+    when the build fails (logged once): callers then take torch's path."""
+    if os.environ.get("TANDEM_CPU_KERNELS", "1") == "0":
+        return False
+    from torch.utils.cpp_extension import load
+
+    out = build_directory()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        load(
+            name="tandem_cpu_kernels",
+            sources=[str(_SOURCE)],
+            extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(out),
+            is_python_module=False,
+        )
+    except Exception as e:  # no compiler, no headers: torch's path still works
+        logger.warning("CPU kernels unavailable (%s); attention runs through torch", e)
+        return False
+    return True
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # (B, H, D)
+    k_cache: torch.Tensor,  # (num_blocks, Hkv, block_size, D)
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # (B, max_blocks) int64
+    context_lens: torch.Tensor,  # (B,) int64
+    scale: float,
+) -> torch.Tensor:
+    """One query token per request over its first `context_lens[b]` keys. (B, H, D)."""
+    return torch.ops.tandem_cpu.paged_decode_attention(
+        q, k_cache, v_cache, block_tables, context_lens, scale
+    )
+
+
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """The same in plain torch, one request at a time (for tests)."""
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        n = int(context_lens[b])
+        blocks = block_tables[b, : -(-n // block_size)]
+        k = k_cache[blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :n]
+        v = v_cache[blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :n]
+        group = q.shape[1] // num_kv_heads
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)  # (H, n, D)
+        probs = (q[b, :, None].float() @ k.transpose(1, 2).float() * scale).softmax(-1)
+        out[b] = (probs @ v.float())[:, 0].to(q.dtype)
+    return out

@@ -1,0 +1,210 @@
+// Paged decode attention for CPUs: one query token per request, read straight off the
+// block-major KV cache (num_blocks, Hkv, block_size, D) through each request's block table.
+// Torch's path gathers every request's blocks into a contiguous buffer first and reads them
+// again in two matmuls; this reads each K and V row once, with the query heads that share
+// a KV head (GQA) computed together. Work items are (request, KV head), spread over torch's
+// own thread pool.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// Tiles are requested this many tiles ahead of use. A request's tiles are scattered over
+// the cache, mostly in DRAM, and each (block, head) tile is a page of its own: without
+// this every tile starts with a full memory latency (4.6 -> 2.2 ms at batch 32, context
+// 192, SmolLM2's heads, a 480 MiB cache).
+constexpr int64_t kAhead = 2;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t head_dim) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t i = 0; i < head_dim * static_cast<int64_t>(sizeof(T)); i += 64)
+    __builtin_prefetch(p + i);
+}
+
+// q (already in fp32) . k over n elements.
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += q[d] * static_cast<float>(k[d]);
+  return s;
+}
+
+// acc += p * v over n elements.
+template <typename T>
+inline void axpy(float* acc, float p, const T* v, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) acc[d] += p * static_cast<float>(v[d]);
+}
+
+// s[i] = exp(s[i] - m) for i < n; returns their sum.
+inline float exp_sum(float* s, int64_t n, float m) {
+  float sum = 0.f;
+  int64_t i = 0;
+#ifdef __AVX512F__
+  // Cephes' expf (as Sleef and torch's vectorized exp): 2^k * p(r), |error| <= 2 ulp.
+  const __m512 vm = _mm512_set1_ps(m), vsum0 = _mm512_setzero_ps();
+  __m512 vsum = vsum0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 x = _mm512_sub_ps(_mm512_loadu_ps(s + i), vm);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365447f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+    y = _mm512_scalef_ps(y, k);
+    _mm512_storeu_ps(s + i, y);
+    vsum = _mm512_add_ps(vsum, y);
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+#endif
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - m);
+    sum += s[i];
+  }
+  return sum;
+}
+
+// One (request, KV head): its `group` query heads over its first ctx_len keys. HEAD_DIM > 0
+// fixes the head size at compile time (the row loops unroll into whole vector registers);
+// 0 reads it from `dim`.
+template <typename T, int64_t HEAD_DIM>
+void decode_item(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
+                 int64_t ctx_len, int64_t group, int64_t dim, int64_t block_size,
+                 int64_t block_stride, int64_t head_offset, float scale, float* qf,
+                 float* scores, float* acc, T* out) {
+  const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : dim;
+  const int64_t num_blocks = (ctx_len + block_size - 1) / block_size;
+  auto tile = [&](const T* cache, int64_t j) {
+    return cache + table[j] * block_stride + head_offset;
+  };
+  for (int64_t j = 0; j < std::min(kAhead, num_blocks); ++j)
+    for (int64_t t = 0; t < block_size; ++t) prefetch_row(tile(k_cache, j) + t * head_dim, head_dim);
+  for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = static_cast<float>(q[i]) * scale;
+
+  for (int64_t j = 0; j < num_blocks; ++j) {
+    const T* k_tile = tile(k_cache, j);
+    const T* ahead = j + kAhead < num_blocks ? tile(k_cache, j + kAhead) : nullptr;
+    const int64_t rows = std::min(block_size, ctx_len - j * block_size);
+    float* s = scores + j * block_size;
+    for (int64_t t = 0; t < rows; ++t) {
+      if (ahead) prefetch_row(ahead + t * head_dim, head_dim);
+      const T* k = k_tile + t * head_dim;
+      for (int64_t g = 0; g < group; ++g) s[g * ctx_len + t] = dot(qf + g * head_dim, k, head_dim);
+    }
+  }
+
+  for (int64_t j = 0; j < std::min(kAhead, num_blocks); ++j)
+    for (int64_t t = 0; t < block_size; ++t) prefetch_row(tile(v_cache, j) + t * head_dim, head_dim);
+  float inv_sum[64];  // group <= 64 (checked by the caller)
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * ctx_len;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < ctx_len; ++i) m = std::max(m, s[i]);
+    inv_sum[g] = 1.f / exp_sum(s, ctx_len, m);
+  }
+
+  std::fill(acc, acc + group * head_dim, 0.f);
+  for (int64_t j = 0; j < num_blocks; ++j) {
+    const T* v_tile = tile(v_cache, j);
+    const T* ahead = j + kAhead < num_blocks ? tile(v_cache, j + kAhead) : nullptr;
+    const int64_t rows = std::min(block_size, ctx_len - j * block_size);
+    const float* p = scores + j * block_size;
+    for (int64_t t = 0; t < rows; ++t) {
+      if (ahead) prefetch_row(ahead + t * head_dim, head_dim);
+      const T* v = v_tile + t * head_dim;
+      for (int64_t g = 0; g < group; ++g) axpy(acc + g * head_dim, p[g * ctx_len + t], v, head_dim);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < head_dim; ++d)
+      out[g * head_dim + d] = static_cast<T>(acc[g * head_dim + d] * inv_sum[g]);
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous (B, H, D) tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "the caches must be contiguous (num_blocks, Hkv, block_size, D) tensors");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() &&
+                  q.scalar_type() == v_cache.scalar_type(),
+              "q and the caches differ in dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() &&
+                  block_tables.dim() == 2 && block_tables.size(0) == q.size(0),
+              "block_tables must be a contiguous (B, max_blocks) int64 tensor");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.numel() == q.size(0),
+              "context_lens must be a (B,) int64 tensor");
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == head_dim, "head_dim differs between q and the cache");
+  TORCH_CHECK(num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(num_heads / num_kv_heads <= 64, "more than 64 query heads per KV head");
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t max_blocks = block_tables.size(1);
+  const at::Tensor lens = context_lens.contiguous();
+  const int64_t* lens_ptr = lens.data_ptr<int64_t>();
+  int64_t max_ctx = 1;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens_ptr[b] >= 1 && lens_ptr[b] <= max_blocks * block_size,
+                "context_lens out of the block table's range");
+    max_ctx = std::max(max_ctx, lens_ptr[b]);
+  }
+  at::Tensor out = at::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+        const scalar_t* q_ptr = q.data_ptr<scalar_t>();
+        const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
+        const scalar_t* v_ptr = v_cache.data_ptr<scalar_t>();
+        const int64_t* table_ptr = block_tables.data_ptr<int64_t>();
+        scalar_t* out_ptr = out.data_ptr<scalar_t>();
+        const int64_t block_stride = num_kv_heads * block_size * head_dim;
+        at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+          std::vector<float> qf(group * head_dim), acc(group * head_dim);
+          std::vector<float> scores(group * max_ctx);
+          for (int64_t item = begin; item < end; ++item) {
+            const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
+            const int64_t offset = (b * num_heads + h * group) * head_dim;
+            auto item_fn = head_dim == 64    ? decode_item<scalar_t, 64>
+                           : head_dim == 128 ? decode_item<scalar_t, 128>
+                                             : decode_item<scalar_t, 0>;
+            item_fn(q_ptr + offset, k_ptr, v_ptr, table_ptr + b * max_blocks, lens_ptr[b],
+                    group, head_dim, block_size, block_stride, h * block_size * head_dim,
+                    static_cast<float>(scale), qf.data(), scores.data(), acc.data(),
+                    out_ptr + offset);
+          }
+        });
+      });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tandem_cpu, m) {
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}

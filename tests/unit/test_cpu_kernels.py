@@ -1,0 +1,83 @@
+"""The C++ paged decode attention against plain torch: head sizes the kernel unrolls and
+others, GQA groups, contexts that end inside a block, scattered blocks, fp32 and bf16."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tandem.kernels.cpu import (
+    load_cpu_kernels,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TANDEM_CPU_KERNELS") == "0", reason="CPU kernels switched off"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels():
+    assert load_cpu_kernels(), "the CPU kernels did not build (see the log)"
+
+
+def _case(batch, heads, kv_heads, dim, block_size, lens, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 3 * sum(-(-n // block_size) for n in lens) + 5
+    k_cache = torch.randn(num_blocks, kv_heads, block_size, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, kv_heads, block_size, dim, generator=g).to(dtype)
+    max_blocks = max(-(-n // block_size) for n in lens) + 1  # padded tables, like the engine
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = perm[: batch * max_blocks].view(batch, max_blocks).contiguous()
+    q = torch.randn(batch, heads, dim, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int64)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,block_size,lens",
+    [
+        (9, 3, 64, 16, [1, 17, 192, 250]),  # SmolLM2's heads; the unrolled head size
+        (8, 2, 128, 16, [5, 64, 100]),  # the other unrolled size
+        (6, 6, 48, 8, [3, 40, 41]),  # no GQA; a generic head size
+        (12, 4, 20, 4, [2, 9, 33, 70]),  # neither a multiple of 16 nor a power of two
+        (4, 1, 64, 16, [1000]),  # a long context: the softmax's tail loop and many tiles
+    ],
+)
+def test_kernel_matches_plain_torch_in_fp32(heads, kv_heads, dim, block_size, lens):
+    q, k, v, tables, ctx = _case(len(lens), heads, kv_heads, dim, block_size, lens, torch.float32)
+    scale = dim**-0.5
+    got = paged_decode_attention(q, k, v, tables, ctx, scale)
+    want = paged_decode_attention_ref(q, k, v, tables, ctx, scale)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_kernel_reads_only_each_requests_own_blocks():
+    q, k, v, tables, ctx = _case(3, 9, 3, 64, 16, [20, 33, 7], torch.float32)
+    before = paged_decode_attention(q, k, v, tables, ctx, 0.125)
+    used = {int(b) for i, n in enumerate(ctx.tolist()) for b in tables[i, : -(-n // 16)]}
+    for b in range(k.shape[0]):
+        if b not in used:
+            k[b].fill_(float("nan"))
+            v[b].fill_(float("nan"))
+    k[tables[0, 1], :, 4:] = float("nan")  # past request 0's 20th key, in its last block
+    after = paged_decode_attention(q, k, v, tables, ctx, 0.125)
+    assert torch.equal(before, after)
+
+
+def test_kernel_in_bf16_is_close_to_fp32():
+    q, k, v, tables, ctx = _case(4, 9, 3, 64, 16, [30, 64, 128, 5], torch.bfloat16)
+    got = paged_decode_attention(q, k, v, tables, ctx, 0.125)
+    want = paged_decode_attention_ref(q.float(), k.float(), v.float(), tables, ctx, 0.125)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_kernel_refuses_bad_shapes_with_a_message():
+    q, k, v, tables, ctx = _case(2, 9, 3, 64, 16, [5, 9], torch.float32)
+    with pytest.raises(RuntimeError, match="context_lens out of"):
+        paged_decode_attention(q, k, v, tables, torch.tensor([5, 10_000]), 0.125)
+    with pytest.raises(RuntimeError, match="multiple of num_kv_heads"):
+        paged_decode_attention(q[:, :8].contiguous(), k, v, tables, ctx, 0.125)
