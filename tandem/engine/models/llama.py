@@ -72,6 +72,12 @@ def rope_cos_sin(args: LlamaArgs, max_len: int) -> tuple[torch.Tensor, torch.Ten
     return emb.cos(), emb.sin()
 
 
+def signed(sin: torch.Tensor) -> torch.Tensor:
+    """(-sin, sin) by halves of the last dim: what apply_rope multiplies by."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_len = s["original_max_position_embeddings"]
@@ -83,11 +89,15 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, heads, D); cos/sin: (T, 1, D)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, heads, D); cos/signed_sin: (T, 1, D), signed_sin = (-sin, sin) by halves.
+
+    HF's x * cos + rotate_half(x) * sin with the same roundings, in two temporaries, not
+    five: rotate_half(x) * sin = (x2, x1) * (-sin, sin) (negating is exact)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    out = x * cos
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return out.add_(swapped.mul_(signed_sin))
 
 
 class RMSNorm(nn.Module):
@@ -130,7 +140,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -173,7 +183,7 @@ class LlamaForCausalLM(nn.Module):
     def init_rope(self, device: torch.device | None) -> None:
         cos, sin = rope_cos_sin(self.args, self.args.max_position_embeddings)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        self.register_buffer("rope_sin", signed(sin).to(device), persistent=False)
 
     def shard_sizes(self, fused: str) -> list[int]:
         a = self.args
@@ -194,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)
         cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # (T, 1, D)
-        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)  # signed (see apply_rope)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, meta, k_cache, v_cache)
         return self.norm(x)
