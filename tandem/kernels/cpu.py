@@ -2,7 +2,7 @@
 
 Torch has no paged attention on CPUs: its path gathers each request's blocks into one
 buffer and reads them again in two matmuls. `paged_decode_attention` reads the cache in
-place. It is built with the machine's own vector width (`-march=native`) into the cache
+place. `rms_norm` and `add_rms_norm` do in one pass what torch does in five kernels. It is built with the machine's own vector width (`-march=native`) into the cache
 directory, keyed by the source, torch's version and the CPU's flags, so a cache shared
 between different machines never runs code built for another. Where no C++ compiler is
 found (or TANDEM_CPU_KERNELS=0), the engine keeps torch's path: same results, slower.
@@ -22,7 +22,7 @@ from tandem.model_prep import cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17"]
 
 
@@ -97,3 +97,22 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
         probs = (q[b, :, None].float() @ k.transpose(1, 2).float() * scale).softmax(-1)
         out[b] = (probs @ v.float())[:, 0].to(q.dtype)
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)) over the last dim, in fp32, as Hugging Face."""
+    return torch.ops.tandem_cpu.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(
+    residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """residual += x (in place), then rms_norm(residual)."""
+    return torch.ops.tandem_cpu.add_rms_norm(residual, x, weight, eps)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's LlamaRMSNorm (for tests)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)

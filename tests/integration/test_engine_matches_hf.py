@@ -59,6 +59,20 @@ def test_tiny_models_match_hf(tiny_model, hf_tiny, engine_kwargs):
     llm.engine.kv.check_integrity()
 
 
+def test_tiny_models_match_hf_through_torchs_ops(tiny_model, hf_tiny, monkeypatch):
+    """Where the C++ CPU kernels are not built (or on GPUs): torch's attention and norms."""
+    from tandem.engine import attention
+    from tandem.engine.models import llama
+
+    for module in (attention, llama):
+        monkeypatch.setattr(module, "load_cpu_kernels", lambda: False)
+    llm = LLM(tiny_model, dtype="float32", num_gpu_blocks_override=256)
+    prompts = tiny_prompts()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf_tiny, prompt, 32)
+
+
 def test_prefix_cache_hit_gives_same_output(tiny_model, hf_tiny):
     llm = LLM(tiny_model, dtype="float32", num_gpu_blocks_override=256, block_size=4)
     g = torch.Generator().manual_seed(1)

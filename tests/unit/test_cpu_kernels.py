@@ -1,5 +1,6 @@
-"""The C++ paged decode attention against plain torch: head sizes the kernel unrolls and
-others, GQA groups, contexts that end inside a block, scattered blocks, fp32 and bf16."""
+"""The C++ CPU kernels against plain torch. Paged decode attention: head sizes the kernel
+unrolls and others, GQA groups, contexts that end inside a block, scattered blocks, fp32
+and bf16. RMSNorm, alone and after the residual add, against Hugging Face's."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import pytest
 import torch
 
 from tandem.kernels.cpu import (
+    add_rms_norm,
     load_cpu_kernels,
     paged_decode_attention,
     paged_decode_attention_ref,
+    rms_norm,
+    rms_norm_ref,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -81,3 +85,19 @@ def test_kernel_refuses_bad_shapes_with_a_message():
         paged_decode_attention(q, k, v, tables, torch.tensor([5, 10_000]), 0.125)
     with pytest.raises(RuntimeError, match="multiple of num_kv_heads"):
         paged_decode_attention(q[:, :8].contiguous(), k, v, tables, ctx, 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (32, 576), (2048, 64), (5, 100)])
+def test_rms_norm_matches_hugging_face(rows, hidden, dtype):
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, hidden, generator=g) * 3).to(dtype)
+    weight = torch.randn(hidden, generator=g).to(dtype)
+    want = rms_norm_ref(x, weight, 1e-5)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(rms_norm(x, weight, 1e-5), want, **tol)
+    residual = torch.randn(rows, hidden, generator=g).to(dtype)
+    summed = residual + x
+    got = add_rms_norm(residual, x, weight, 1e-5)
+    assert torch.equal(residual, summed)  # added in place, rounded as torch's add
+    torch.testing.assert_close(got, rms_norm_ref(summed, weight, 1e-5), **tol)

@@ -12,6 +12,8 @@ from torch import nn
 
 from tandem.engine.attention import AttnMetadata, paged_attention
 from tandem.engine.models.layers import Linear
+from tandem.kernels import cpu
+from tandem.kernels.cpu import load_cpu_kernels
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,14 +103,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 class RMSNorm(nn.Module):
+    """On CPUs with the C++ kernels, one pass over each row (torch's is five kernels)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel (it accumulates in fp32 for bf16 inputs).
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.device.type == "cpu" and load_cpu_kernels():
+            return cpu.rms_norm(x.contiguous(), self.weight, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fp32 inside
+
+    def add_and_norm(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual += x in place; returns the sum normalized."""
+        if x.device.type == "cpu" and load_cpu_kernels():
+            return cpu.add_rms_norm(residual, x.contiguous(), self.weight, self.eps)
+        return self(residual.add_(x))
 
 
 class Attention(nn.Module):
@@ -152,8 +163,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(a)
 
     def forward(self, x, cos, sin, meta, k_cache, v_cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """x: the residual stream, (T, hidden), updated in place and returned."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
+        h = self.mlp(self.post_attention_layernorm.add_and_norm(x, h))
+        return x.add_(h)
 
 
 class LlamaForCausalLM(nn.Module):
