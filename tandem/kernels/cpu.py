@@ -2,10 +2,12 @@
 
 Torch has no paged attention on CPUs: its path gathers each request's blocks into one
 buffer and reads them again in two matmuls. `paged_decode_attention` reads the cache in
-place. `rms_norm` and `add_rms_norm` do in one pass what torch does in five kernels. It is built with the machine's own vector width (`-march=native`) into the cache
+place. `rms_norm` and `add_rms_norm` do in one pass what torch does in five kernels.
+
+They are built with the machine's own vector width (`-march=native`) into the cache
 directory, keyed by the source, torch's version and the CPU's flags, so a cache shared
 between different machines never runs code built for another. Where no C++ compiler is
-found (or TANDEM_CPU_KERNELS=0), the engine keeps torch's path: same results, slower.
+found (or TANDEM_CPU_KERNELS=0), the engine keeps torch's path: same tokens, slower.
 """
 
 from __future__ import annotations
