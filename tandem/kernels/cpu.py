@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +47,24 @@ def build_directory() -> Path:
     return cache_dir() / "kernels" / key
 
 
+# Concurrent builds (workers starting together) wait on a `lock` file in the build
+# directory, for ever; a build killed midway leaves it behind. A real build takes < 2 min.
+STALE_LOCK_S = 600
+
+
+def clear_stale_lock(directory: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove a build lock older than max_age_s (left by a killed build). True if removed."""
+    lock = directory / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime <= max_age_s:
+            return False
+        lock.unlink()
+    except FileNotFoundError:
+        return False
+    logger.warning("removed a stale kernel build lock %s", lock)
+    return True
+
+
 @functools.cache
 def load_cpu_kernels() -> bool:
     """Build (first time on this machine, ~30 s) and load the kernels. False when off or
@@ -56,6 +75,7 @@ def load_cpu_kernels() -> bool:
 
     out = build_directory()
     out.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(out)
     try:
         load(
             name="tandem_cpu_kernels",

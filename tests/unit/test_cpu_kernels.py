@@ -5,12 +5,15 @@ and bf16. RMSNorm, alone and after the residual add, against Hugging Face's."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
 from tandem.kernels.cpu import (
+    STALE_LOCK_S,
     add_rms_norm,
+    clear_stale_lock,
     load_cpu_kernels,
     paged_decode_attention,
     paged_decode_attention_ref,
@@ -101,3 +104,13 @@ def test_rms_norm_matches_hugging_face(rows, hidden, dtype):
     got = add_rms_norm(residual, x, weight, 1e-5)
     assert torch.equal(residual, summed)  # added in place, rounded as torch's add
     torch.testing.assert_close(got, rms_norm_ref(summed, weight, 1e-5), **tol)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    lock = tmp_path / "lock"
+    assert not clear_stale_lock(tmp_path)  # none
+    lock.touch()
+    assert not clear_stale_lock(tmp_path) and lock.exists()  # a build in progress
+    old = time.time() - STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert clear_stale_lock(tmp_path) and not lock.exists()
