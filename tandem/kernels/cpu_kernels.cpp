@@ -101,24 +101,32 @@ void decode_item(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
   auto tile = [&](const T* cache, int64_t j) {
     return cache + table[j] * block_stride + head_offset;
   };
-  for (int64_t j = 0; j < std::min(kAhead, num_blocks); ++j)
-    for (int64_t t = 0; t < block_size; ++t) prefetch_row(tile(k_cache, j) + t * head_dim, head_dim);
-  for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = static_cast<float>(q[i]) * scale;
-
-  for (int64_t j = 0; j < num_blocks; ++j) {
-    const T* k_tile = tile(k_cache, j);
-    const T* ahead = j + kAhead < num_blocks ? tile(k_cache, j + kAhead) : nullptr;
-    const int64_t rows = std::min(block_size, ctx_len - j * block_size);
-    float* s = scores + j * block_size;
-    for (int64_t t = 0; t < rows; ++t) {
-      if (ahead) prefetch_row(ahead + t * head_dim, head_dim);
-      const T* k = k_tile + t * head_dim;
-      for (int64_t g = 0; g < group; ++g) s[g * ctx_len + t] = dot(qf + g * head_dim, k, head_dim);
+  // The first kAhead tiles, requested before the pass that reads them.
+  auto prefetch_first = [&](const T* cache) {
+    for (int64_t j = 0; j < std::min(kAhead, num_blocks); ++j)
+      for (int64_t t = 0; t < block_size; ++t) prefetch_row(tile(cache, j) + t * head_dim, head_dim);
+  };
+  // fn(row, pos) for each of the request's keys (or values) in order, requesting the tile
+  // kAhead blocks on, a row of it per row read.
+  auto for_each_row = [&](const T* cache, auto&& fn) {
+    for (int64_t j = 0; j < num_blocks; ++j) {
+      const T* rows_of = tile(cache, j);
+      const T* ahead = j + kAhead < num_blocks ? tile(cache, j + kAhead) : nullptr;
+      const int64_t rows = std::min(block_size, ctx_len - j * block_size);
+      for (int64_t t = 0; t < rows; ++t) {
+        if (ahead) prefetch_row(ahead + t * head_dim, head_dim);
+        fn(rows_of + t * head_dim, j * block_size + t);
+      }
     }
-  }
+  };
 
-  for (int64_t j = 0; j < std::min(kAhead, num_blocks); ++j)
-    for (int64_t t = 0; t < block_size; ++t) prefetch_row(tile(v_cache, j) + t * head_dim, head_dim);
+  prefetch_first(k_cache);
+  for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = static_cast<float>(q[i]) * scale;
+  for_each_row(k_cache, [&](const T* k, int64_t pos) {
+    for (int64_t g = 0; g < group; ++g) scores[g * ctx_len + pos] = dot(qf + g * head_dim, k, head_dim);
+  });
+
+  prefetch_first(v_cache);  // while the softmax runs
   float inv_sum[64];  // group <= 64 (checked by the caller)
   for (int64_t g = 0; g < group; ++g) {
     float* s = scores + g * ctx_len;
@@ -128,17 +136,10 @@ void decode_item(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
   }
 
   std::fill(acc, acc + group * head_dim, 0.f);
-  for (int64_t j = 0; j < num_blocks; ++j) {
-    const T* v_tile = tile(v_cache, j);
-    const T* ahead = j + kAhead < num_blocks ? tile(v_cache, j + kAhead) : nullptr;
-    const int64_t rows = std::min(block_size, ctx_len - j * block_size);
-    const float* p = scores + j * block_size;
-    for (int64_t t = 0; t < rows; ++t) {
-      if (ahead) prefetch_row(ahead + t * head_dim, head_dim);
-      const T* v = v_tile + t * head_dim;
-      for (int64_t g = 0; g < group; ++g) axpy(acc + g * head_dim, p[g * ctx_len + t], v, head_dim);
-    }
-  }
+  for_each_row(v_cache, [&](const T* v, int64_t pos) {
+    for (int64_t g = 0; g < group; ++g)
+      axpy(acc + g * head_dim, scores[g * ctx_len + pos], v, head_dim);
+  });
   for (int64_t g = 0; g < group; ++g)
     for (int64_t d = 0; d < head_dim; ++d)
       out[g * head_dim + d] = static_cast<T>(acc[g * head_dim + d] * inv_sum[g]);
