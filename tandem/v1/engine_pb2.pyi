@@ -40,7 +40,7 @@ class AbortRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "block_size", "max_num_seqs", "timestamp", "num_steps", "max_model_len", "max_num_batched_tokens", "received_request_ids", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "num_kv_blocks_received", "num_kv_transfers", "kv_transfer_seconds", "kv_transfer_bytes", "draining")
+    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "block_size", "max_num_seqs", "timestamp", "num_steps", "max_model_len", "max_num_batched_tokens", "received_request_ids", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "num_kv_blocks_received", "num_kv_transfers", "kv_transfer_seconds", "kv_transfer_bytes", "draining", "num_kv_file_transfers")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class Heartbeat(_message.Message):
     KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_FILE_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     num_blocks: int
@@ -83,7 +84,8 @@ class Heartbeat(_message.Message):
     kv_transfer_seconds: float
     kv_transfer_bytes: int
     draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., timestamp: _Optional[float] = ..., num_steps: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., received_request_ids: _Optional[_Iterable[str]] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_kv_blocks_received: _Optional[int] = ..., num_kv_transfers: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    num_kv_file_transfers: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., timestamp: _Optional[float] = ..., num_steps: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., received_request_ids: _Optional[_Iterable[str]] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_kv_blocks_received: _Optional[int] = ..., num_kv_transfers: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., draining: _Optional[bool] = ..., num_kv_file_transfers: _Optional[int] = ...) -> None: ...
 
 class ScheduledChunk(_message.Message):
     __slots__ = ("request_id", "num_tokens", "request", "decode_worker_id")
@@ -142,32 +144,48 @@ class KVBlockChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., num_chunks: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class KVHandoff(_message.Message):
-    __slots__ = ("request", "num_computed_tokens", "num_chunks", "num_cached_tokens", "prefill_worker_id", "num_reused_blocks")
+    __slots__ = ("request", "num_computed_tokens", "num_chunks", "num_cached_tokens", "prefill_worker_id", "num_reused_blocks", "kv_file")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_REUSED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_FILE_FIELD_NUMBER: _ClassVar[int]
     request: _common_pb2.RequestSpec
     num_computed_tokens: int
     num_chunks: int
     num_cached_tokens: int
     prefill_worker_id: str
     num_reused_blocks: int
-    def __init__(self, request: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ..., num_reused_blocks: _Optional[int] = ...) -> None: ...
+    kv_file: KVFile
+    def __init__(self, request: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ..., num_reused_blocks: _Optional[int] = ..., kv_file: _Optional[_Union[KVFile, _Mapping]] = ...) -> None: ...
+
+class KVFile(_message.Message):
+    __slots__ = ("name", "num_blocks", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    num_blocks: int
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class KVProbe(_message.Message):
-    __slots__ = ("request",)
+    __slots__ = ("request", "shm_domain")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SHM_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     request: _common_pb2.RequestSpec
-    def __init__(self, request: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ...) -> None: ...
+    shm_domain: str
+    def __init__(self, request: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ..., shm_domain: _Optional[str] = ...) -> None: ...
 
 class KVProbeReply(_message.Message):
-    __slots__ = ("num_cached_blocks",)
+    __slots__ = ("num_cached_blocks", "shared_memory")
     NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     num_cached_blocks: int
-    def __init__(self, num_cached_blocks: _Optional[int] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, num_cached_blocks: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class KVEvent(_message.Message):
     __slots__ = ("stored", "removed", "cleared")
@@ -222,12 +240,14 @@ class ResetPrefixCache(_message.Message):
     def __init__(self) -> None: ...
 
 class KVHandoffAck(_message.Message):
-    __slots__ = ("accepted", "error")
+    __slots__ = ("accepted", "error", "kv_file_unreadable")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    KV_FILE_UNREADABLE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     error: str
-    def __init__(self, accepted: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    kv_file_unreadable: bool
+    def __init__(self, accepted: _Optional[bool] = ..., error: _Optional[str] = ..., kv_file_unreadable: _Optional[bool] = ...) -> None: ...
 
 class Preempted(_message.Message):
     __slots__ = ("request", "worker_id")

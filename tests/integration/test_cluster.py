@@ -18,6 +18,7 @@ import torch
 
 from tandem.engine.llm import LLM
 from tandem.engine.request import SamplingParams
+from tandem.services.common import kv_shm
 from tandem.services.common.servers import free_port
 from tests.integration.test_server import assert_all_blocks_free
 
@@ -98,6 +99,16 @@ def client(cluster):
     return openai.OpenAI(base_url=cluster + "/v1", api_key="none", max_retries=0)
 
 
+def kv_transfers(base: str, at_least: int, timeout: float = 10.0) -> dict:
+    """The cluster's KV hand-off figures once its heartbeats count `at_least` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        kv = httpx.get(base + "/stats").json()["kv_transfer"]
+        if kv["num_transfers"] >= at_least or time.monotonic() > deadline:
+            return kv
+        time.sleep(0.2)
+
+
 def _greedy(reference: LLM, prompts: list[list[int]], max_tokens: list[int]) -> list[str]:
     outs = []
     for ids, n in zip(prompts, max_tokens):
@@ -152,6 +163,10 @@ def test_sixteen_concurrent_mixed_requests_on_two_and_two_workers(cluster, clien
     # Every worker took part.
     assert all(w["num_steps"] > steps_before[k]["num_steps"] for k, w in workers.items())
     assert_all_blocks_free(cluster)
+    # Its workers share this machine: every hand-off's KV went through shared memory.
+    kv = kv_transfers(cluster, at_least=16)
+    assert kv["num_shared_memory"] == kv["num_transfers"], kv
+    assert not list(kv_shm.SHM_DIR.glob("tandem-kv-*")), "a KV file was left in /dev/shm"
 
 
 def test_stop_string_ends_the_request_with_the_text_cut(client, reference):
@@ -181,8 +196,10 @@ def test_decode_preemption_goes_back_through_the_scheduler(tiny_llama):
     """A decode worker with too few blocks preempts; the request is prefilled again with its
     tokens so far and finishes with exactly the tokens a roomy engine gives."""
     proc, base = start_cluster(
-        tiny_llama, "--num-gpu-blocks-override", "20", "--max-model-len", "256"
-    )
+        tiny_llama,
+        "--num-gpu-blocks-override", "20", "--max-model-len", "256",
+        env={"TANDEM_KV_SHM": "0"},  # the KV goes over NATS, in chunks
+    )  # fmt: skip
     try:
         g = torch.Generator().manual_seed(9)
         prompts = [torch.randint(3, 256, (20,), generator=g).tolist() for _ in range(6)]
@@ -204,6 +221,8 @@ def test_decode_preemption_goes_back_through_the_scheduler(tiny_llama):
         workers = httpx.get(base + "/stats").json()["workers"]
         assert any(w["num_preemptions"] > 0 for w in workers.values()), workers
         assert_all_blocks_free(base)
+        kv = kv_transfers(base, at_least=6)
+        assert kv["num_transfers"] >= 6 and kv["num_shared_memory"] == 0, kv
     finally:
         stop_cluster(proc)
 

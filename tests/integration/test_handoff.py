@@ -171,3 +171,76 @@ def test_a_reservation_whose_hand_off_never_comes_is_a_lease_that_expires(tiny_l
         worker.thread.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_kv_goes_through_shared_memory_and_over_nats_when_the_file_cannot_be_mapped(
+    tiny_llama, monkeypatch
+):
+    """Two workers on one machine: the first hand-off's KV is a file in /dev/shm. The decode
+    worker then fails to map one (as if it saw another /dev/shm): it refuses that hand-off,
+    and the prefill worker sends the same request again in chunks over NATS, and keeps to
+    NATS for that worker. Both requests decode to the one engine's tokens; no file is left."""
+    import asyncio
+
+    from tandem.engine.request import Request
+    from tandem.services.common import kv_shm
+    from tandem.services.common.bus import Bus
+    from tandem.services.common.servers import start_nats
+    from tandem.services.decode.service import DecodeWorker
+    from tandem.services.prefill.service import PrefillWorker
+
+    if not kv_shm.domain():
+        pytest.skip("no shared memory on this machine")
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    kw = dict(dtype="float32", block_size=4, max_model_len=96)
+    prompts = _prompts()[2:4]  # 16 and 23 tokens
+    reference = LLM(tiny_llama, num_gpu_blocks_override=128, **kw)
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+    prefill_engine = LLM(tiny_llama, num_gpu_blocks_override=64, **kw).engine
+    decode_engine = LLM(tiny_llama, num_gpu_blocks_override=96, **kw).engine
+    mapped: list[str] = []
+    map_tiles = kv_shm.map_tiles
+
+    def map_once(kv_file, tile_shape):
+        if mapped:
+            raise PermissionError(13, "Permission denied")
+        mapped.append(kv_file.name)
+        return map_tiles(kv_file, tile_shape)
+
+    monkeypatch.setattr(kv_shm, "map_tiles", map_once)
+    server = start_nats()
+
+    async def scenario():
+        buses = [await Bus.connect(server.url, name) for name in ("p", "d")]
+        decode = DecodeWorker(decode_engine.config, buses[1], "decode-t")
+        prefill = PrefillWorker(prefill_engine.config, buses[0], "prefill-t")
+        decode.engine, prefill.engine = decode_engine, prefill_engine
+        await decode.subscribe()
+        await buses[1].flush()
+        for i, prompt in enumerate(prompts):
+            prefill_engine.add_request(Request(f"r{i}", prompt, params))
+            prefill.decode_of[f"r{i}"] = "decode-t"
+        for out in prefill_engine.step():
+            await prefill._hand_off(*prefill_engine.hand_off(out.request.request_id))
+        for bus in buses:
+            await bus.close()
+        for worker in (decode, prefill):
+            worker.thread.shutdown()
+        return prefill, decode
+
+    try:
+        prefill, decode = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert prefill.num_kv_transfers == 2 and prefill.num_kv_file_transfers == 1
+    assert prefill.no_shared_memory == {"decode-t"} and len(mapped) == 1
+    assert [a.request.request_id for a in decode.arrivals] == ["r0", "r1"]
+    assert decode.assembler.num_pending == 0 and not decode.reserved
+    assert not list(kv_shm.SHM_DIR.glob("tandem-kv-*")), "a KV file was left in /dev/shm"
+    decode._admit()
+    got = {}
+    while decode_engine.has_unfinished:
+        for out in decode_engine.step():
+            got[out.request.request_id] = out.request.output_token_ids
+    assert [got["r0"], got["r1"]] == expected
+    decode_engine.kv.check_integrity()

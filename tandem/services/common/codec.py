@@ -10,8 +10,8 @@ import torch
 from tandem.engine.request import Request, SamplingParams
 from tandem.v1 import common_pb2, engine_pb2
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 ROLE_NAMES = {engine_pb2.WORKER_ROLE_PREFILL: "prefill", engine_pb2.WORKER_ROLE_DECODE: "decode"}
 
 
@@ -137,7 +137,7 @@ def kv_to_chunks(
     if per_chunk < 1:
         raise ValueError(f"one KV block is {block_bytes} bytes, more than {max_bytes}")
     starts = range(0, num_blocks, per_chunk)
-    dtype = _DTYPE_NAMES[kv.dtype]
+    dtype = DTYPE_NAMES[kv.dtype]
     return [
         engine_pb2.KVBlockChunk(
             request_id=request_id,
@@ -154,7 +154,7 @@ def kv_to_chunks(
 
 def kv_from_chunk(chunk: engine_pb2.KVBlockChunk, tile_shape: tuple[int, ...]) -> torch.Tensor:
     """One chunk -> (chunk.num_blocks, *tile_shape) tensor in the chunk's dtype."""
-    dtype = _DTYPES[chunk.dtype]
+    dtype = DTYPES[chunk.dtype]
     with warnings.catch_warnings():  # read-only is fine: callers copy the tiles into a cache
         warnings.filterwarnings("ignore", "The given buffer is not writable")
         flat = torch.frombuffer(chunk.data, dtype=torch.uint8)

@@ -4,7 +4,8 @@ it preempts by recompute: the request goes back to the central scheduler with it
 
 Before a prefill worker sends a request's KV, it asks (KVProbe) which leading blocks this
 worker's prefix cache holds already; they are reserved for the request until it arrives,
-and only the rest crosses the wire."""
+and only the rest crosses the wire: in acked chunks over NATS, or, from a prefill worker on
+this machine, as one file in shared memory (kv_shm)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from tandem.engine.block_pool import Block
 from tandem.engine.config import EngineConfig
 from tandem.engine.request import Request
-from tandem.services.common import codec, tracing
+from tandem.services.common import codec, kv_shm, tracing
 from tandem.services.common.bus import Bus, KVAssembler, subject
 from tandem.services.common.worker import WorkerShell
 from tandem.v1 import engine_pb2
@@ -65,7 +66,9 @@ class DecodeWorker(WorkerShell):
         num_cached = 0
         if probe.request.request_id not in self.aborted:
             num_cached = await self.thread.call(self._reserve, probe.request)
-        await raw.respond(engine_pb2.KVProbeReply(num_cached_blocks=num_cached).SerializeToString())
+        shared = bool(probe.shm_domain) and probe.shm_domain == kv_shm.domain()
+        reply = engine_pb2.KVProbeReply(num_cached_blocks=num_cached, shared_memory=shared)
+        await raw.respond(reply.SerializeToString())
 
     def _reserve(self, spec) -> int:
         """On the engine thread: take a reference on the cached prefix of a request that is
@@ -105,40 +108,57 @@ class DecodeWorker(WorkerShell):
 
     async def _on_handoff(self, handoff: engine_pb2.KVHandoff, raw) -> None:
         request_id = handoff.request.request_id
-        ack = engine_pb2.KVHandoffAck(accepted=True)
         reused, _ = self.reserved.pop(request_id, ([], 0.0))
+        ack = engine_pb2.KVHandoffAck(accepted=False)
         if request_id in self.aborted or len(reused) != handoff.num_reused_blocks:
-            self.assembler.drop(request_id)
-            await self.thread.call(self.engine.kv.pool.free, reversed(reused))
             if request_id not in self.aborted:
-                ack = engine_pb2.KVHandoffAck(accepted=False, error="reserved blocks differ")
-        elif not self.assembler.complete(request_id, handoff.num_chunks):
+                ack.error = "reserved blocks differ"
+        elif handoff.HasField("kv_file"):
+            try:
+                kv = [kv_shm.map_tiles(handoff.kv_file, self.assembler.tile_shape)]
+                kv_shm.remove(handoff.kv_file.name)  # mapped: the name is not needed
+            except (OSError, ValueError) as e:
+                ack.error, ack.kv_file_unreadable = f"KV file not readable here: {e}", True
+            else:
+                ack.accepted = True
+        elif self.assembler.complete(request_id, handoff.num_chunks):
+            kv = self._take_kv(request_id, handoff.num_chunks)
+            ack.accepted = True
+        else:
+            ack.error = "KV chunks missing"
+        if ack.accepted:
+            self._arrive(handoff, kv, reused, raw.headers)
+        else:
             self.assembler.drop(request_id)
             await self.thread.call(self.engine.kv.pool.free, reversed(reused))
-            ack = engine_pb2.KVHandoffAck(accepted=False, error="KV chunks missing")
-        else:
-            request = codec.request_from_spec(handoff.request)
-            request.num_cached_tokens = handoff.num_cached_tokens
-            kv = self._take_kv(request_id, handoff.num_chunks)
-            num_blocks = sum(part.shape[0] for part in kv)
-            self.num_kv_blocks_received += num_blocks
-            self.metrics.kv_bytes_received.inc(sum(p.numel() * p.element_size() for p in kv))
-            carrier = dict(raw.headers or handoff.request.trace_context or {})
-            parent = tracing.extract(carrier)
-            if parent is not None:
-                attributes = {
-                    "gen_ai.request.id": request_id,
-                    "tandem.worker": self.worker_id,
-                    "tandem.prefill_worker": handoff.prefill_worker_id,
-                    "tandem.kv_blocks_received": num_blocks,
-                    "tandem.kv_blocks_reused": len(reused),
-                }
-                span = tracing.start_span("decode", parent, attributes)
-                self.spans[request_id] = (span, carrier)
-            self.arrivals.append(Arrival(request, kv, handoff.num_computed_tokens, reused))
-            self.wake.set()
+            if request_id in self.aborted:
+                ack = engine_pb2.KVHandoffAck(accepted=True)  # nothing to say: it is over
         self.received_ids.append(request_id)
         await raw.respond(ack.SerializeToString())
+
+    def _arrive(self, handoff: engine_pb2.KVHandoff, kv: list[torch.Tensor], reused, headers):
+        """Queue a handed-off request (with its KV and reserved blocks) for the batch."""
+        request_id = handoff.request.request_id
+        request = codec.request_from_spec(handoff.request)
+        request.num_cached_tokens = handoff.num_cached_tokens
+        num_blocks = sum(part.shape[0] for part in kv)
+        self.num_kv_blocks_received += num_blocks
+        self.metrics.kv_bytes_received.inc(sum(p.numel() * p.element_size() for p in kv))
+        carrier = dict(headers or handoff.request.trace_context or {})
+        parent = tracing.extract(carrier)
+        if parent is not None:
+            attributes = {
+                "gen_ai.request.id": request_id,
+                "tandem.worker": self.worker_id,
+                "tandem.prefill_worker": handoff.prefill_worker_id,
+                "tandem.kv_blocks_received": num_blocks,
+                "tandem.kv_blocks_reused": len(reused),
+                "tandem.kv_shared_memory": handoff.HasField("kv_file"),
+            }
+            span = tracing.start_span("decode", parent, attributes)
+            self.spans[request_id] = (span, carrier)
+        self.arrivals.append(Arrival(request, kv, handoff.num_computed_tokens, reused))
+        self.wake.set()
 
     def _take_kv(self, request_id: str, num_chunks: int) -> list[torch.Tensor]:
         if num_chunks == 0:  # every block was reused

@@ -169,6 +169,7 @@ class ClusterEngineClient(GenerateOne):
             "num_transfers": transfers,
             "mean_ms": 1000 * seconds / transfers if transfers else None,
             "bytes": sum(hb.kv_transfer_bytes for hb in live),
+            "num_shared_memory": sum(hb.num_kv_file_transfers for hb in live),
         }
         return {
             "scheduler": scheduler,

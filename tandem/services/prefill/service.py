@@ -1,6 +1,7 @@
 """The prefill worker: runs the central scheduler's token-budget plans with the engine,
 streams each request's first token at once, and hands the request with its KV blocks to its
-decode worker over NATS. Its blocks then stay here only as prefix cache."""
+decode worker: over NATS, or through shared memory when that worker is on this machine. Its
+blocks then stay here only as prefix cache."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import functools
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from nats.errors import NoRespondersError
@@ -15,7 +17,7 @@ from nats.errors import NoRespondersError
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import StepOutput
 from tandem.engine.request import Request
-from tandem.services.common import codec, tracing
+from tandem.services.common import codec, kv_shm, tracing
 from tandem.services.common.bus import Bus, send_kv, subject
 from tandem.services.common.worker import WorkerShell
 from tandem.v1 import engine_pb2
@@ -25,6 +27,17 @@ TRANSFERS_PER_DECODE = 2
 # Seconds a hand-off waits for each reply from its decode worker: replies lost (NATS restarted,
 # the worker died) must not hold a lane for long.
 HANDOFF_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """How one hand-off went: the decode worker's answer and what crossed to it."""
+
+    ack: engine_pb2.KVHandoffAck
+    num_blocks: int
+    num_reused: int
+    num_bytes: int
+    shared_memory: bool
 
 
 class PrefillWorker(WorkerShell):
@@ -41,7 +54,9 @@ class PrefillWorker(WorkerShell):
         self.transfers: dict[str, asyncio.Task] = {}  # request id -> its hand-off
         self.busy = False  # a plan is running
         self.lanes: dict[str, asyncio.Semaphore] = {}  # decode worker id -> its KV lane
+        self.no_shared_memory: set[str] = set()  # decode workers that could not map a file
         self.num_kv_transfers = 0
+        self.num_kv_file_transfers = 0  # of those, through shared memory
         self.kv_transfer_seconds = 0.0
         self.kv_transfer_bytes = 0
 
@@ -53,6 +68,7 @@ class PrefillWorker(WorkerShell):
     def heartbeat(self) -> engine_pb2.Heartbeat:
         msg = super().heartbeat()
         msg.num_kv_transfers = self.num_kv_transfers
+        msg.num_kv_file_transfers = self.num_kv_file_transfers
         msg.kv_transfer_seconds = self.kv_transfer_seconds
         msg.kv_transfer_bytes = self.kv_transfer_bytes
         return msg
@@ -179,7 +195,7 @@ class PrefillWorker(WorkerShell):
         return outputs, failed + not_fitting, handoffs
 
     async def _hand_off(self, request: Request, kv: torch.Tensor) -> None:
-        """Send the KV in acked chunks, then the request itself, to its decode worker."""
+        """Send the KV the decode worker lacks, then the request itself, to its decode worker."""
         request_id = request.request_id
         decode_id = self.decode_of.pop(request_id, None)
         carrier = self.trace_of.pop(request_id, None)
@@ -193,53 +209,28 @@ class PrefillWorker(WorkerShell):
         start = time.perf_counter()
         error = None
         try:
-            async with self._lane(decode_id):
-                if request_id in self.aborted:  # while it waited for the lane
-                    return
-                probe = await self.bus.request(
-                    subject("decode", decode_id, "probe"),
-                    engine_pb2.KVProbe(request=spec),
-                    engine_pb2.KVProbeReply,
-                    timeout=HANDOFF_TIMEOUT,
-                )
-                num_reused = probe.num_cached_blocks  # the decode worker holds these already
-                sent = kv[num_reused:]
-                num_chunks = await send_kv(
-                    self.bus,
-                    subject("decode", decode_id, "kv"),
-                    request_id,
-                    sent,
-                    timeout=HANDOFF_TIMEOUT,
-                )
-            num_bytes = sent.numel() * sent.element_size()
-            self.metrics.kv_bytes_sent.inc(num_bytes)
-            self.metrics.kv_blocks_reused.inc(num_reused)
-            if span is not None:
-                span.set_attribute("tandem.kv_blocks_sent", sent.shape[0])
-                span.set_attribute("tandem.kv_blocks_reused", num_reused)
-                span.set_attribute("tandem.kv_bytes", num_bytes)
-            handoff = engine_pb2.KVHandoff(
-                request=spec,
-                num_computed_tokens=request.num_computed_tokens,
-                num_chunks=num_chunks,
-                num_cached_tokens=max(request.num_cached_tokens, 0),
-                prefill_worker_id=self.worker_id,
-                num_reused_blocks=num_reused,
-            )
-            ack = await self.bus.request(
-                subject("decode", decode_id, "handoff"),
-                handoff,
-                engine_pb2.KVHandoffAck,
-                timeout=HANDOFF_TIMEOUT,
-                headers=carrier,
-            )
-            if not ack.accepted:
-                raise RuntimeError(ack.error)
+            sent = await self._transfer(request, spec, decode_id, kv, carrier)
+            if sent is not None and sent.ack.kv_file_unreadable:  # the probe said it could
+                logger.warning("%s: %s; KV goes over NATS from now on", decode_id, sent.ack.error)
+                self.no_shared_memory.add(decode_id)
+                sent = await self._transfer(request, spec, decode_id, kv, carrier)
+            if sent is None:  # aborted meanwhile
+                return
+            if not sent.ack.accepted:
+                raise RuntimeError(sent.ack.error)
             elapsed = time.perf_counter() - start
+            self.metrics.kv_bytes_sent.inc(sent.num_bytes)
+            self.metrics.kv_blocks_reused.inc(sent.num_reused)
             self.metrics.kv_transfer_seconds.observe(elapsed)
             self.num_kv_transfers += 1
+            self.num_kv_file_transfers += sent.shared_memory
             self.kv_transfer_seconds += elapsed
-            self.kv_transfer_bytes += num_bytes
+            self.kv_transfer_bytes += sent.num_bytes
+            if span is not None:
+                span.set_attribute("tandem.kv_blocks_sent", sent.num_blocks)
+                span.set_attribute("tandem.kv_blocks_reused", sent.num_reused)
+                span.set_attribute("tandem.kv_bytes", sent.num_bytes)
+                span.set_attribute("tandem.kv_shared_memory", sent.shared_memory)
         except NoRespondersError:  # the decode worker left: the request is queued again
             logger.warning("%s gone: %s goes back to the scheduler", decode_id, request_id)
             msg = engine_pb2.Preempted(request=spec, worker_id=self.worker_id)
@@ -251,6 +242,69 @@ class PrefillWorker(WorkerShell):
         finally:
             if span is not None:
                 tracing.end_span(span, error)
+
+    async def _transfer(
+        self, request: Request, spec, decode_id: str, kv: torch.Tensor, carrier
+    ) -> Transfer | None:
+        """One try at a hand-off: probe which leading blocks the decode worker holds, send
+        the rest (as a file in shared memory when it sees this machine's, else in chunks over
+        NATS), then the request. None when the request was aborted while it waited."""
+        kv_file = None
+        try:
+            async with self._lane(decode_id):
+                if request.request_id in self.aborted:  # while it waited for the lane
+                    return None
+                domain = "" if decode_id in self.no_shared_memory else kv_shm.domain()
+                probe = await self.bus.request(
+                    subject("decode", decode_id, "probe"),
+                    engine_pb2.KVProbe(request=spec, shm_domain=domain),
+                    engine_pb2.KVProbeReply,
+                    timeout=HANDOFF_TIMEOUT,
+                )
+                num_reused = probe.num_cached_blocks  # the decode worker holds these already
+                sent = kv[num_reused:]
+                num_chunks = 0
+                if probe.shared_memory and sent.shape[0]:
+                    kv_file = self._write_file(request.request_id, sent)
+                if kv_file is None:
+                    num_chunks = await send_kv(
+                        self.bus,
+                        subject("decode", decode_id, "kv"),
+                        request.request_id,
+                        sent,
+                        timeout=HANDOFF_TIMEOUT,
+                    )
+            handoff = engine_pb2.KVHandoff(
+                request=spec,
+                num_computed_tokens=request.num_computed_tokens,
+                num_chunks=num_chunks,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+                prefill_worker_id=self.worker_id,
+                num_reused_blocks=num_reused,
+            )
+            if kv_file is not None:
+                handoff.kv_file.CopyFrom(kv_file)
+            ack = await self.bus.request(
+                subject("decode", decode_id, "handoff"),
+                handoff,
+                engine_pb2.KVHandoffAck,
+                timeout=HANDOFF_TIMEOUT,
+                headers=carrier,
+            )
+        finally:
+            if kv_file is not None:  # mapped by now, or never will be
+                kv_shm.remove(kv_file.name)
+        num_bytes = sent.numel() * sent.element_size()
+        return Transfer(ack, sent.shape[0], num_reused, num_bytes, kv_file is not None)
+
+    def _write_file(self, request_id: str, kv: torch.Tensor) -> engine_pb2.KVFile | None:
+        """The tiles in a shared-memory file; None when it does not fit (a small /dev/shm,
+        as a container's 64 MiB default): they go over NATS then."""
+        try:
+            return kv_shm.write(kv)
+        except OSError as e:
+            logger.warning("KV of %s over NATS: no room in shared memory (%s)", request_id, e)
+            return None
 
     def _lane(self, decode_id: str) -> asyncio.Semaphore:
         """At most TRANSFERS_PER_DECODE hand-offs to one decode worker send KV at once, each
