@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from tandem.engine.models.layers import Linear
+from tandem.engine.models.layers import Linear, calibrate_packed
 from tandem.engine.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -37,9 +37,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
         model.lm_head.weight = model.embed_tokens.weight
     load_weights(model, Path(model_dir))
     model = model.to(dtype).eval()
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.prepare()
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    for module in linears:
+        module.prepare()
+    calibrate_packed(linears)
     model.init_rope(device)  # built on meta above; fp32, as HF does
     return model
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 # MKL's packed GEMM runs at the row count it was packed for and only there (any other count
-# falls back to the plain GEMM): decode batches of 17-32 rows are padded to it.
+# falls back to the plain GEMM): decode batches of fewer rows are padded to it, from the row
+# count where that pays (`calibrate_packed`).
 PACKED_ROWS = 32
+CALIBRATION_ROWS = (17, 20, 24, 28, 32)  # ascending; the packed form may start at each
 
 
 class Linear(nn.Module):
@@ -22,9 +30,10 @@ class Linear(nn.Module):
     32 take 35-40% less time than through F.linear).
 
     In fp32 with MKL it also keeps the weight packed for 32-row products: MKL's small-M
-    GEMM is far from its large-M rate, and its packed form takes SmolLM2's linear layers at
-    32 rows from ~130 ms to ~90 ms (a 16-row batch padded to 32 costs what 16 rows do
-    unpacked, so padding starts above 16).
+    GEMM can be far from its large-M rate, and on one machine its packed form took SmolLM2's
+    linear layers at 32 rows from ~130 ms to ~90 ms, a 17-row batch padded to 32 included.
+    On another (one thread) it gained 0-15% at 32 rows and cost up to 60% at 17: whether and
+    from how many rows to pad is measured at load (`calibrate_packed`), per weight shape.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -33,6 +42,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.weight_t: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None
+        self.packed_from = PACKED_ROWS // 2 + 1  # fewest rows padded to the packed form
 
     def prepare(self) -> None:
         if self.weight is None or self.weight.device.type != "cpu":
@@ -47,12 +57,69 @@ class Linear(nn.Module):
         if self.weight_t is None:
             return F.linear(x, self.weight, self.bias)
         rows = x.shape[0]
-        if self.packed is not None and PACKED_ROWS // 2 < rows <= PACKED_ROWS and x.dim() == 2:
-            padded = F.pad(x, (0, 0, 0, PACKED_ROWS - rows)) if rows < PACKED_ROWS else x
-            y = torch.ops.mkl._mkl_linear(
-                padded, self.packed, self.weight_t.t(), self.bias, PACKED_ROWS
-            )
-            return y[:rows]
+        if self.packed is not None and self.packed_from <= rows <= PACKED_ROWS and x.dim() == 2:
+            return self.forward_packed(x)
+        return self.forward_plain(x)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
             return torch.matmul(x, self.weight_t)
         return torch.addmm(self.bias, x, self.weight_t)
+
+    def forward_packed(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        padded = F.pad(x, (0, 0, 0, PACKED_ROWS - rows)) if rows < PACKED_ROWS else x
+        y = torch.ops.mkl._mkl_linear(
+            padded, self.packed, self.weight_t.t(), self.bias, PACKED_ROWS
+        )
+        return y[:rows]
+
+
+def _best_of(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def calibrate_packed(
+    linears: Iterable[Linear],
+    timer: Callable[[Linear, torch.Tensor, bool], float] | None = None,
+    repeats: int = 3,
+) -> dict[tuple[int, int], int | None]:
+    """Measure, on this machine and at the calling thread's torch thread count, from how many
+    rows each weight shape's packed product beats its plain one at every larger row count of
+    CALIBRATION_ROWS, and set `packed_from` to it; where it never does, drop the packed copy
+    (its memory too). One module per shape is timed (best of `repeats`): ~0.5 s for SmolLM2.
+    `timer(module, x, packed)` -> seconds replaces the clock in tests. Returns, per (in, out)
+    shape, the row count the packed form starts at (None: not used)."""
+    if timer is None:
+
+        def timer(module: Linear, x: torch.Tensor, packed: bool) -> float:
+            run = module.forward_packed if packed else module.forward_plain
+            run(x)  # warm: first touch of the weights
+            return _best_of(lambda: run(x), repeats)
+
+    by_shape: dict[tuple[int, int], list[Linear]] = {}
+    for module in linears:
+        if module.packed is not None:
+            by_shape.setdefault(tuple(module.weight_t.shape), []).append(module)
+    chosen: dict[tuple[int, int], int | None] = {}
+    with torch.inference_mode():
+        for shape, modules in by_shape.items():
+            start = None  # the fewest rows from which packed wins at every larger count
+            for rows in reversed(CALIBRATION_ROWS):
+                x = torch.randn(rows, shape[0], dtype=modules[0].weight_t.dtype)
+                if timer(modules[0], x, True) >= timer(modules[0], x, False):
+                    break
+                start = rows
+            chosen[shape] = start
+            for module in modules:
+                if start is None:
+                    module.packed = None
+                else:
+                    module.packed_from = start
+    logger.info("packed fp32 products from rows: %s", chosen)
+    return chosen
