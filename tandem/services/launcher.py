@@ -16,6 +16,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from tandem.services.common import kv_shm
 from tandem.services.common.servers import (
     LocalServer,
     free_port,
@@ -244,6 +245,8 @@ class Cluster:
                 if code is None:
                     continue
                 worker = stage.name.startswith(("prefill", "decode"))
+                if worker:
+                    _remove_kv_files(stage)
                 if worker and code == 0:
                     logger.info("worker %s drained and left", stage.name)
                     self.stages.remove(stage)
@@ -277,8 +280,17 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 stage.proc.kill()
                 stage.proc.wait()
+            _remove_kv_files(stage)
         for server in self.servers:
             server.stop()
+
+
+def _remove_kv_files(stage: Stage) -> None:
+    """A stage that exited leaves no KV files in shared memory (a prefill worker killed
+    between writing one and its hand-off's answer would)."""
+    num_files = kv_shm.remove_owned_by(stage.proc.pid)
+    if num_files:
+        logger.warning("removed %d KV file(s) %s left in shared memory", num_files, stage.name)
 
 
 def serve_cluster(args: argparse.Namespace) -> int:

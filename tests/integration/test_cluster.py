@@ -143,6 +143,7 @@ def test_streamed_deltas_concatenate_to_the_full_text(client):
 
 
 def test_sixteen_concurrent_mixed_requests_on_two_and_two_workers(cluster, client, reference):
+    files_before = set(kv_shm.SHM_DIR.glob("tandem-kv-*"))
     g = torch.Generator().manual_seed(5)
     lengths = [3, 17, 40, 90, 150, 260, 8, 33, 64, 5, 120, 16, 48, 200, 11, 75]
     prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in lengths]
@@ -166,7 +167,8 @@ def test_sixteen_concurrent_mixed_requests_on_two_and_two_workers(cluster, clien
     # Its workers share this machine: every hand-off's KV went through shared memory.
     kv = kv_transfers(cluster, at_least=16)
     assert kv["num_shared_memory"] == kv["num_transfers"], kv
-    assert not list(kv_shm.SHM_DIR.glob("tandem-kv-*")), "a KV file was left in /dev/shm"
+    left = set(kv_shm.SHM_DIR.glob("tandem-kv-*")) - files_before
+    assert not left, f"KV files left in /dev/shm: {left}"
 
 
 def test_stop_string_ends_the_request_with_the_text_cut(client, reference):

@@ -236,7 +236,7 @@ def test_kv_goes_through_shared_memory_and_over_nats_when_the_file_cannot_be_map
     assert prefill.no_shared_memory == {"decode-t"} and len(mapped) == 1
     assert [a.request.request_id for a in decode.arrivals] == ["r0", "r1"]
     assert decode.assembler.num_pending == 0 and not decode.reserved
-    assert not list(kv_shm.SHM_DIR.glob("tandem-kv-*")), "a KV file was left in /dev/shm"
+    assert not (kv_shm.SHM_DIR / mapped[0]).exists(), "the KV file was left in /dev/shm"
     decode._admit()
     got = {}
     while decode_engine.has_unfinished:

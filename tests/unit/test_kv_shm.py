@@ -32,7 +32,7 @@ def test_tiles_round_trip_and_outlive_the_files_name(tmp_path, dtype):
 def test_names_sizes_and_dtypes_that_are_not_a_kv_files_are_refused(tmp_path):
     kv_file = kv_shm.write(torch.zeros(2, *TILE), tmp_path)
     (tmp_path / "secret").write_text("x")
-    for name in ("secret", "../secret", "tandem-kv-" + "0" * 31 + "/", kv_file.name + "0"):
+    for name in ("secret", "../secret", f"tandem-kv-1-{'0' * 31}/", kv_file.name + "0"):
         with pytest.raises(ValueError, match="not a KV file"):
             kv_shm.map_tiles(engine_pb2.KVFile(name=name, num_blocks=2, dtype="float32"), TILE)
     bad_dtype = engine_pb2.KVFile(name=kv_file.name, num_blocks=2, dtype="int64")
@@ -41,7 +41,7 @@ def test_names_sizes_and_dtypes_that_are_not_a_kv_files_are_refused(tmp_path):
     too_many = engine_pb2.KVFile(name=kv_file.name, num_blocks=3, dtype="float32")
     with pytest.raises(ValueError, match="bytes, not"):
         kv_shm.map_tiles(too_many, TILE, tmp_path)
-    gone = engine_pb2.KVFile(name="tandem-kv-" + "a" * 32, num_blocks=2, dtype="float32")
+    gone = engine_pb2.KVFile(name=f"tandem-kv-1-{'a' * 32}", num_blocks=2, dtype="float32")
     with pytest.raises(FileNotFoundError):
         kv_shm.map_tiles(gone, TILE, tmp_path)
     kv_shm.remove("../secret", tmp_path)  # only KV files are ever removed
@@ -88,3 +88,25 @@ def test_domain_names_the_mount_and_can_be_switched_off(tmp_path, monkeypatch):
     finally:
         kv_shm.domain.cache_clear()
     assert os.environ.get("TANDEM_KV_SHM") == "0"
+
+
+def test_the_files_of_a_process_that_is_gone_are_removed_by_its_pid(tmp_path):
+    """The launcher's clean-up after a prefill worker that died mid-hand-off."""
+    import subprocess
+    import types
+
+    from tandem.services import launcher
+
+    mine = [kv_shm.write(torch.zeros(1, *TILE), tmp_path).name for _ in range(2)]
+    other = tmp_path / f"tandem-kv-{os.getpid() + 1}-{'b' * 32}"
+    other.write_bytes(b"")
+    assert all(name.startswith(f"tandem-kv-{os.getpid()}-") for name in mine)
+    assert kv_shm.remove_owned_by(os.getpid(), tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [other.name]
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = kv_shm.SHM_DIR / f"tandem-kv-{dead.pid}-{'c' * 32}"
+    left.write_bytes(b"\0" * 64)
+    launcher._remove_kv_files(types.SimpleNamespace(name="prefill-0", proc=dead))
+    assert not left.exists()

@@ -10,9 +10,10 @@ straight into its cache, when the request joins its batch.
 
 The prefill worker owns the file: it removes it once its hand-off is answered (the decode
 worker maps it before answering, and a mapping outlives its file's name) or has failed. The
-decode worker removes it as soon as it has mapped it, so only the death of both leaves one.
-Files are created 0600 under names no one can guess; a name from the wire is checked against
-the pattern before it is opened.
+decode worker removes it as soon as it has mapped it. A file's name carries its writer's
+pid, so whoever sees a prefill worker die (the launcher) removes what it left
+(`remove_owned_by`). Files are created 0600 under names no one can guess; a name from the
+wire is checked against the pattern before it is opened.
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ import re
 import uuid
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from tandem.services.common.codec import DTYPE_NAMES, DTYPES
 from tandem.v1 import engine_pb2
 
+if TYPE_CHECKING:
+    import torch
+# torch (and the codec, which uses it) is imported only where tiles are handled: the launcher
+# imports this module for remove_owned_by alone.
+
 SHM_DIR = Path("/dev/shm")
-NAME = re.compile(r"tandem-kv-[0-9a-f]{32}")
+NAME = re.compile(r"tandem-kv-[0-9]+-[0-9a-f]{32}")  # tandem-kv-<writer's pid>-<random>
 
 
 @functools.cache
@@ -56,7 +60,11 @@ def domain(shm_dir: Path = SHM_DIR) -> str:
 def write(kv: torch.Tensor, shm_dir: Path = SHM_DIR) -> engine_pb2.KVFile:
     """(num_blocks, ...) tiles -> a new file in shared memory. Raises OSError (a full
     /dev/shm: ENOSPC), leaving no file behind."""
-    name = f"tandem-kv-{uuid.uuid4().hex}"
+    import torch
+
+    from tandem.services.common.codec import DTYPE_NAMES
+
+    name = f"tandem-kv-{os.getpid()}-{uuid.uuid4().hex}"
     raw = kv.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy()
     fd = os.open(shm_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -76,6 +84,10 @@ def map_tiles(
     """A KVFile -> (num_blocks, *tile_shape) tiles, read-only, on the file's pages (no copy).
     The mapping lives as long as the tensor. Raises ValueError for a name or size that is
     not a KVFile's, OSError for one that cannot be opened."""
+    import torch
+
+    from tandem.services.common.codec import DTYPES
+
     if not NAME.fullmatch(kv_file.name) or kv_file.dtype not in DTYPES:
         raise ValueError(f"not a KV file: {kv_file.name!r} ({kv_file.dtype!r})")
     dtype = DTYPES[kv_file.dtype]
@@ -93,6 +105,15 @@ def map_tiles(
         warnings.filterwarnings("ignore", "The given buffer is not writable")
         flat = torch.frombuffer(pages, dtype=torch.uint8)  # holds `pages` while it lives
     return flat.view(dtype).view(shape)
+
+
+def remove_owned_by(pid: int, shm_dir: Path = SHM_DIR) -> int:
+    """Remove every KV file a process wrote: after it exited, they are nobody's. Returns how
+    many there were."""
+    stale = [p.name for p in shm_dir.glob(f"tandem-kv-{pid}-*") if NAME.fullmatch(p.name)]
+    for name in stale:
+        remove(name, shm_dir)
+    return len(stale)
 
 
 def remove(name: str, shm_dir: Path = SHM_DIR) -> None:
