@@ -12,11 +12,10 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# MKL's packed GEMM runs at the row count it was packed for and only there (any other count
-# falls back to the plain GEMM): decode batches of fewer rows are padded to it, from the row
-# count where that pays (`calibrate_packed`).
-PACKED_ROWS = 32
-CALIBRATION_ROWS = (17, 20, 24, 28, 32)  # ascending; the packed form may start at each
+# The row counts at which a weight shape's packed product is timed against the plain one
+# (ascending): one-token decode, decode batches, a prefill chunk. The packed form then runs
+# from the fewest of them where it wins at every larger one.
+CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 128)
 
 
 class Linear(nn.Module):
@@ -29,11 +28,11 @@ class Linear(nn.Module):
     too: the embedding keeps the original (SmolLM2: +108 MiB in fp32; its logits at batch
     32 take 35-40% less time than through F.linear).
 
-    In fp32 with MKL it also keeps the weight packed for 32-row products: MKL's small-M
-    GEMM can be far from its large-M rate, and on one machine its packed form took SmolLM2's
-    linear layers at 32 rows from ~130 ms to ~90 ms, a 17-row batch padded to 32 included.
-    On another (one thread) it gained 0-15% at 32 rows and cost up to 60% at 17: whether and
-    from how many rows to pad is measured at load (`calibrate_packed`), per weight shape.
+    In fp32 with oneDNN it also keeps the weight in oneDNN's packed layout: MKL's GEMM at
+    decode's few rows is far from its large-M rate, and oneDNN's packed product is not
+    (SmolLM2's linear layers, one thread, x @ W_t against packed: 16 rows 103 -> 53 ms, 32
+    rows 158 -> 94, a 2,048-token prefill 5.9 -> 5.2 s; one row 31 -> 36). From how many rows
+    it runs is measured at load (`calibrate_packed`), per weight shape.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -41,23 +40,22 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.weight_t: torch.Tensor | None = None
-        self.packed: torch.Tensor | None = None
-        self.packed_from = PACKED_ROWS // 2 + 1  # fewest rows padded to the packed form
+        self.packed: torch.Tensor | None = None  # oneDNN's layout, opaque
+        self.packed_from = 2  # fewest rows that go through the packed form
 
     def prepare(self) -> None:
         if self.weight is None or self.weight.device.type != "cpu":
             return
         weight = self.weight.detach()
         self.weight_t = weight.t().contiguous()
-        if weight.dtype == torch.float32 and torch.backends.mkl.is_available():
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACKED_ROWS)
+        if weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_t is None:
             return F.linear(x, self.weight, self.bias)
-        rows = x.shape[0]
-        if self.packed is not None and self.packed_from <= rows <= PACKED_ROWS and x.dim() == 2:
+        if self.packed is not None and x.shape[0] >= self.packed_from and x.dim() == 2:
             return self.forward_packed(x)
         return self.forward_plain(x)
 
@@ -67,12 +65,7 @@ class Linear(nn.Module):
         return torch.addmm(self.bias, x, self.weight_t)
 
     def forward_packed(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        padded = F.pad(x, (0, 0, 0, PACKED_ROWS - rows)) if rows < PACKED_ROWS else x
-        y = torch.ops.mkl._mkl_linear(
-            padded, self.packed, self.weight_t.t(), self.bias, PACKED_ROWS
-        )
-        return y[:rows]
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def _best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -92,7 +85,7 @@ def calibrate_packed(
     """Measure, on this machine and at the calling thread's torch thread count, from how many
     rows each weight shape's packed product beats its plain one at every larger row count of
     CALIBRATION_ROWS, and set `packed_from` to it; where it never does, drop the packed copy
-    (its memory too). One module per shape is timed (best of `repeats`): ~0.5 s for SmolLM2.
+    (its memory too). One module per shape is timed (best of `repeats`).
     `timer(module, x, packed)` -> seconds replaces the clock in tests. Returns, per (in, out)
     shape, the row count the packed form starts at (None: not used)."""
     if timer is None:
@@ -121,5 +114,5 @@ def calibrate_packed(
                     module.packed = None
                 else:
                     module.packed_from = start
-    logger.info("packed fp32 products from rows: %s", chosen)
+    logger.info("packed fp32 products (oneDNN) from rows, per weight shape: %s", chosen)
     return chosen
