@@ -73,7 +73,10 @@ def test_one_trace_covers_every_stage_in_order(traced):
     for s in spans:
         if s is not root:  # the stages' spans hang off the gateway's request span
             assert s["parent_id"] == root["span_id"], s
-            assert root["start_ns"] <= s["start_ns"] <= s["end_ns"] <= root["end_ns"], s
+            assert root["start_ns"] <= s["start_ns"] <= s["end_ns"], s
+            # The prefill worker ends its kv_transfer span when it reads the decode worker's
+            # answer, which can come after the (tiny, fast) request has finished decoding.
+            assert s["end_ns"] <= root["end_ns"] or s["name"] == "kv_transfer", s
     names = {"tokenize", "queue", "prefill", "kv_transfer", "decode", "detokenize"}
     assert names <= set(by_name)
     service = {name: by_name[name][0]["service"] for name in names}
@@ -142,7 +145,7 @@ def _total(samples: dict, name: str, **labels) -> float:
 def test_metrics_count_known_traffic_exactly(traced):
     base = traced[0]
     _eventually(lambda: _assert_idle(_scrape(base)))
-    before = _scrape(base)
+    before = _settled(base)
     rng = random.Random(7)
     lengths, max_tokens = [5, 17, 33], 6
     for n in lengths:
@@ -193,6 +196,21 @@ def test_metrics_count_known_traffic_exactly(traced):
     kv = httpx.get(base + "/stats", timeout=10).json()["kv_transfer"]  # from the heartbeats
     assert kv["num_transfers"] >= num and kv["mean_ms"] > 0 and kv["bytes"] > 0
     assert _total(after, "tandem:scheduler_queue_depth") == 0
+
+
+def _settled(base: str) -> dict:
+    """A scrape once the stages' pushes (every PUSH_INTERVAL) bring nothing new: counts of
+    earlier requests that reach the gateway late must not fall into the next test's delta."""
+    from tandem.services.common.metrics_push import PUSH_INTERVAL
+
+    samples = _scrape(base)
+    for _ in range(20):
+        time.sleep(2 * PUSH_INTERVAL)
+        again = _scrape(base)
+        if again == samples:
+            return again
+        samples = again
+    return samples
 
 
 def _assert_idle(samples: dict) -> None:
