@@ -35,26 +35,37 @@ def select_device() -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bf16 where the device multiplies it fast, fp32 otherwise (fp16 on old GPUs).
 
-    On CPUs that means AMX: with AVX-512 BF16 alone, torch's bf16 GEMM runs at about half
-    its fp32 speed (168 vs 316 GFLOP/s at 2048^3 on a 2-core Sapphire Rapids VM without
-    AMX), while AMX makes bf16 about 5x faster than fp32.
+    On CPUs that means AMX, or AVX-512 BF16 on AMD's cores. Intel's without AMX run torch's
+    bf16 GEMM at about half their fp32 speed (168 vs 316 GFLOP/s at 2048^3 on a 2-core
+    Sapphire Rapids VM without AMX; AMX makes bf16 about 5x faster than fp32). An AMD EPYC
+    with AVX-512 BF16 runs it at 2.2x its fp32 (one core, 2048 x 576 x 1536: 208 vs 88
+    GFLOP/s), and SmolLM2's decode step of 16 requests in 55 ms against 90 in fp32.
+    The choice depends on the CPU's flags only, so every worker on a machine makes the same.
     """
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if _cpu_has_amx_bf16() else torch.float32
+    return torch.bfloat16 if cpu_bf16_is_fast() else torch.float32
 
 
-def _cpu_has_amx_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
-    except OSError:
-        pass
-    return False
+def cpu_bf16_is_fast(cpuinfo: str | None = None) -> bool:
+    """AMX, or AVX-512 BF16 on an AMD CPU (see resolve_dtype). `cpuinfo`: /proc/cpuinfo's
+    text (read when None)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read(1 << 16)
+        except OSError:
+            return False
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags, vendor = fields.get("flags", "").split(), fields.get("vendor_id", "")
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and vendor == "AuthenticAMD")
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -51,6 +51,9 @@ def _case(batch, heads, kv_heads, dim, block_size, lens, dtype, seed=0):
         (6, 6, 48, 8, [3, 40, 41]),  # no GQA; a generic head size
         (12, 4, 20, 4, [2, 9, 33, 70]),  # neither a multiple of 16 nor a power of two
         (4, 1, 64, 16, [1000]),  # a long context: the softmax's tail loop and many tiles
+        (10, 2, 64, 8, [3, 40, 129]),  # groups of 5: four heads at a time, then one
+        (6, 2, 128, 32, [1, 31, 33, 70]),  # groups of 3 at 128: two heads, then one
+        (2, 2, 64, 16, [16, 17]),  # one head per group
     ],
 )
 def test_kernel_matches_plain_torch_in_fp32(heads, kv_heads, dim, block_size, lens):
@@ -74,11 +77,14 @@ def test_kernel_reads_only_each_requests_own_blocks():
     assert torch.equal(before, after)
 
 
-def test_kernel_in_bf16_is_close_to_fp32():
-    q, k, v, tables, ctx = _case(4, 9, 3, 64, 16, [30, 64, 128, 5], torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 128), (6, 6, 48)])
+def test_kernel_in_half_precision_is_close_to_fp32(dtype, heads, kv_heads, dim):
+    lens = [30, 64, 128, 5]
+    q, k, v, tables, ctx = _case(4, heads, kv_heads, dim, 16, lens, dtype)
     got = paged_decode_attention(q, k, v, tables, ctx, 0.125)
     want = paged_decode_attention_ref(q.float(), k.float(), v.float(), tables, ctx, 0.125)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 

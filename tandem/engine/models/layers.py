@@ -17,6 +17,13 @@ logger = logging.getLogger(__name__)
 # from the fewest of them where it wins at every larger one.
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 128)
 
+# Packed counts as winning up to this much slower: where the two run alike (bf16 at 128 rows),
+# one noisy timing would otherwise drop the packed form at every row count below it.
+PACKED_TIE = 1.05
+
+# The dtypes whose weights are also kept in oneDNN's packed layout (then measured).
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
 
 class Linear(nn.Module):
     """y = x W^T + b, loaded as (out, in) like nn.Linear.
@@ -28,11 +35,12 @@ class Linear(nn.Module):
     too: the embedding keeps the original (SmolLM2: +108 MiB in fp32; its logits at batch
     32 take 35-40% less time than through F.linear).
 
-    In fp32 with oneDNN it also keeps the weight in oneDNN's packed layout: MKL's GEMM at
-    decode's few rows is far from its large-M rate, and oneDNN's packed product is not
-    (SmolLM2's linear layers, one thread, x @ W_t against packed: 16 rows 103 -> 53 ms, 32
-    rows 158 -> 94, a 2,048-token prefill 5.9 -> 5.2 s; one row 31 -> 36). From how many rows
-    it runs is measured at load (`calibrate_packed`), per weight shape.
+    In fp32 and bf16 with oneDNN it also keeps the weight in oneDNN's packed layout: MKL's
+    GEMM at decode's few rows is far from its large-M rate, and oneDNN's packed product is
+    not (SmolLM2's linear layers, one thread, x @ W_t against packed: fp32 16 rows 103 -> 53
+    ms, 32 rows 158 -> 94, a 2,048-token prefill 5.9 -> 5.2 s, one row 31 -> 36; bf16 on a
+    CPU with AVX-512 BF16, 1 row 36 -> 19 ms, 16 rows 55 -> 29). From how many rows it runs
+    is measured at load (`calibrate_packed`), per weight shape.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -48,8 +56,11 @@ class Linear(nn.Module):
             return
         weight = self.weight.detach()
         self.weight_t = weight.t().contiguous()
-        if weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        if weight.dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available():
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            except RuntimeError as e:  # a CPU oneDNN has no bf16 product for
+                logger.debug("no packed %s product: %s", weight.dtype, e)
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +116,7 @@ def calibrate_packed(
             start = None  # the fewest rows from which packed wins at every larger count
             for rows in reversed(CALIBRATION_ROWS):
                 x = torch.randn(rows, shape[0], dtype=modules[0].weight_t.dtype)
-                if timer(modules[0], x, True) >= timer(modules[0], x, False):
+                if timer(modules[0], x, True) > PACKED_TIE * timer(modules[0], x, False):
                     break
                 start = rows
             chosen[shape] = start
@@ -114,5 +125,5 @@ def calibrate_packed(
                     module.packed = None
                 else:
                     module.packed_from = start
-    logger.info("packed fp32 products (oneDNN) from rows, per weight shape: %s", chosen)
+    logger.info("packed products (oneDNN) from rows, per weight shape: %s", chosen)
     return chosen
