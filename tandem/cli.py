@@ -482,6 +482,10 @@ def _interrupt(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGINT means "stop now" between Tandem's processes (the launcher to its stages, the
+    # bench to its server). A shell starts background jobs with SIGINT ignored, and children
+    # inherit that: every stage then sat out its stop timeout before being killed.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args(argv)
     stage = _stage_name(args)
     setup_logging(getattr(args, "log_format", "text"), stage)
