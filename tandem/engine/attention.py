@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tandem.kernels.cpu import load_cpu_kernels, paged_decode_attention
+from tandem.kernels.cpu import (
+    has_prefill_attention_bf16,
+    load_cpu_kernels,
+    paged_decode_attention,
+    prefill_attention_bf16,
+)
 
 
 @dataclass(slots=True)
@@ -144,7 +149,16 @@ def paged_attention(
     out = torch.empty_like(q)
     for g in meta.decode_groups:
         out[g.start : g.end] = _decode_attention(q[g.start : g.end], k_cache, v_cache, g, scale)
+    bf16_kernel = (
+        q.dtype == torch.bfloat16
+        and q.device.type == "cpu"
+        and head_dim in (64, 128)
+        and has_prefill_attention_bf16()
+    )
     for span in meta.prefills:
+        if bf16_kernel:
+            out[span.start : span.end] = _prefill_bf16(q, k, v, k_cache, v_cache, span, scale)
+            continue
         qp = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
         if span.mask is None:  # the whole context is this chunk: no cache read needed
             kp = k[span.start : span.end].transpose(0, 1).unsqueeze(0)  # (1, Hkv, T, D)
@@ -163,6 +177,17 @@ def paged_attention(
         )
         out[span.start : span.end] = op[0].transpose(0, 1)  # (T, H, D)
     return out
+
+
+def _prefill_bf16(q, k, v, k_cache, v_cache, span: PrefillSpan, scale: float):
+    """The C++ kernel's causal prefill (kernels/cpu.py), K and V as (Hkv, S, D)."""
+    if span.mask is None:  # the whole context is this chunk
+        kp = k[span.start : span.end].transpose(0, 1).contiguous()
+        vp = v[span.start : span.end].transpose(0, 1).contiguous()
+    else:
+        kp = _gather_context(k_cache, span)[0].contiguous()
+        vp = _gather_context(v_cache, span)[0].contiguous()
+    return prefill_attention_bf16(q[span.start : span.end].contiguous(), kp, vp, scale)
 
 
 def _cache_rows(slot_mapping: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:

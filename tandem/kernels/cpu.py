@@ -2,7 +2,9 @@
 
 Torch has no paged attention on CPUs: its path gathers each request's blocks into one
 buffer and reads them again in two matmuls. `paged_decode_attention` reads the cache in
-place. `rms_norm` and `add_rms_norm` do in one pass what torch does in five kernels.
+place. `prefill_attention_bf16` multiplies bf16 with AVX-512 BF16's dot products, where
+torch's CPU flash attention runs bf16 at its fp32 speed. `rms_norm` and `add_rms_norm` do
+in one pass what torch does in five kernels.
 
 They are built with the machine's own vector width (`-march=native`) into the cache
 directory, keyed by the source, torch's version and the CPU's flags, so a cache shared
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from tandem.model_prep import cache_dir
 
@@ -119,6 +122,32 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
         probs = (q[b, :, None].float() @ k.transpose(1, 2).float() * scale).softmax(-1)
         out[b] = (probs @ v.float())[:, 0].to(q.dtype)
     return out
+
+
+def has_prefill_attention_bf16() -> bool:
+    """Built where the compiler targets AVX-512 BF16 (see the kernel)."""
+    return load_cpu_kernels() and hasattr(torch.ops.tandem_cpu, "prefill_attention_bf16")
+
+
+def prefill_attention_bf16(
+    q: torch.Tensor,  # (T, H, D) bf16
+    k: torch.Tensor,  # (Hkv, S, D) bf16, S >= T
+    v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the last T of S positions over all S keys, in bf16. (T, H, D)."""
+    return torch.ops.tandem_cpu.prefill_attention_bf16(q, k, v, scale)
+
+
+def prefill_attention_ref(q, k, v, scale):
+    """The same through torch's SDPA in fp32 (for tests)."""
+    t, s = q.shape[0], k.shape[1]
+    mask = torch.arange(s)[None, :] <= torch.arange(s - t, s)[:, None]
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1)[None], k.float()[None], v.float()[None],
+        attn_mask=mask, scale=scale, enable_gqa=True,
+    )  # fmt: skip
+    return out[0].transpose(0, 1).to(q.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

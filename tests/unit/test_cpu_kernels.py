@@ -14,9 +14,12 @@ from tandem.kernels.cpu import (
     STALE_LOCK_S,
     add_rms_norm,
     clear_stale_lock,
+    has_prefill_attention_bf16,
     load_cpu_kernels,
     paged_decode_attention,
     paged_decode_attention_ref,
+    prefill_attention_bf16,
+    prefill_attention_ref,
     rms_norm,
     rms_norm_ref,
 )
@@ -86,6 +89,48 @@ def test_kernel_in_half_precision_is_close_to_fp32(dtype, heads, kv_heads, dim):
     want = paged_decode_attention_ref(q.float(), k.float(), v.float(), tables, ctx, 0.125)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.fixture
+def bf16_prefill():
+    if not has_prefill_attention_bf16():
+        pytest.skip("built without AVX-512 BF16")
+
+
+@pytest.mark.usefixtures("bf16_prefill")
+@pytest.mark.parametrize(
+    "t,s,heads,kv_heads,dim",
+    [
+        (37, 37, 9, 3, 64),  # a whole prompt; queries not a multiple of the row block
+        (1, 1, 9, 3, 64),  # one token
+        (20, 83, 9, 3, 64),  # a chunk after 63 cached tokens: causal, offset
+        (64, 64, 8, 2, 128),  # head size 128, groups of 4
+        (17, 50, 4, 4, 128),  # no GQA, an offset chunk
+        (300, 300, 6, 2, 64),  # many key blocks
+    ],
+)
+def test_bf16_prefill_kernel_matches_fp32_attention(t, s, heads, kv_heads, dim):
+    g = torch.Generator().manual_seed(t * 1000 + s)
+    q = torch.randn(t, heads, dim, generator=g).to(torch.bfloat16)
+    k = torch.randn(kv_heads, s, dim, generator=g).to(torch.bfloat16)
+    v = torch.randn(kv_heads, s, dim, generator=g).to(torch.bfloat16)
+    got = prefill_attention_bf16(q, k, v, dim**-0.5)
+    want = prefill_attention_ref(q, k, v, dim**-0.5)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.usefixtures("bf16_prefill")
+def test_bf16_prefill_kernel_refuses_bad_shapes_with_a_message():
+    q = torch.randn(8, 9, 64).to(torch.bfloat16)
+    k = torch.randn(3, 8, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="T <= S"):
+        prefill_attention_bf16(q, k[:, :4].contiguous(), k[:, :4].contiguous(), 0.125)
+    with pytest.raises(RuntimeError, match="bf16"):
+        prefill_attention_bf16(q.float(), k, k, 0.125)
+    q48, k48 = q[..., :48].contiguous(), k[..., :48].contiguous()
+    with pytest.raises(RuntimeError, match="64 or 128"):
+        prefill_attention_bf16(q48, k48, k48, 0.125)
 
 
 def test_kernel_refuses_bad_shapes_with_a_message():
