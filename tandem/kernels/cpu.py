@@ -124,8 +124,10 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
     return out
 
 
+@functools.cache
 def has_prefill_attention_bf16() -> bool:
-    """Built where the compiler targets AVX-512 BF16 (see the kernel)."""
+    """Built where the compiler targets AVX-512 BF16 (see the kernel). Asked once per layer
+    per step: answered once."""
     return load_cpu_kernels() and hasattr(torch.ops.tandem_cpu, "prefill_attention_bf16")
 
 
