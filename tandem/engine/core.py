@@ -19,7 +19,8 @@ from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.sampler import TokenLogprobs
-from tandem.engine.scheduler import Scheduler
+from tandem.engine.scheduler import Scheduler, SchedulerOutput
+from tandem.utils import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class StepOutput:
     """One request's news from a step: its new token (if any) and whether it finished, with
-    the token's logprobs when the request asks for them."""
+    the token's logprobs when the request asks for them. `error`: the request failed (its
+    step raised); it is finished, aborted, its blocks free."""
 
     request: Request
     new_token_ids: list[int]
@@ -35,6 +37,18 @@ class StepOutput:
     logprobs: list[TokenLogprobs] | None = None
     # with the first token of a request asking for them: each prompt token's after the first
     prompt_logprobs: list[TokenLogprobs] | None = None
+    error: str | None = None
+
+
+def is_worker_fault(e: BaseException) -> bool:
+    """Whether an exception raised by a step is the worker's own (out of memory, a broken
+    device), which ends it, rather than something about the requests in the step."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        sign in text for sign in ("CUDA error", "CUBLAS_STATUS", "device-side assert", "NCCL")
+    )
 
 
 class EngineCore:
@@ -64,13 +78,28 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         """Validate against the engine's limits and queue. Raises ValueError on bad input."""
+        self.check_request(request)
+        self.scheduler.add_request(request)
+
+    def check_request(self, request: Request) -> None:
+        """ValueError naming what in the request this engine cannot run: token ids outside
+        its vocabulary (prompt, output so far, sampling parameters), forks that clash."""
         if request.eos_token_id is None:
             request.eos_token_id = self.eos_token_id
         vocab = self.runner.info.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        for name, ids in (
+            ("prompt", request.prompt_token_ids),
+            ("output", request.output_token_ids),
+        ):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"{name} token ids must be in [0, {vocab})")
         request.sampling_params.check_vocab(vocab)
-        self.scheduler.add_request(request)
+        ids = (request.request_id, *request.fork_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError("fork ids must differ from each other and from the request's")
+        for request_id in ids:
+            if request_id in self.scheduler.requests:
+                raise ValueError(f"duplicate request_id {request_id!r}")
 
     def add_prefilled_request(
         self,
@@ -85,10 +114,11 @@ class EngineCore:
         (blocks, layers, 2, Hkv, block_size, D), as `hand_off` returns, or as they came over
         the wire: never concatenated first). False when it does not fit now; nothing changed
         then. On True the caller's references on `reused` pass to the request."""
-        if request.eos_token_id is None:
-            request.eos_token_id = self.eos_token_id
+        self.check_request(request)
+        if request.num_tokens > self.max_model_len:
+            raise ValueError(f"{request.num_tokens} tokens; max_model_len is {self.max_model_len}")
         num_blocks = len(reused) + sum(part.shape[0] for part in kv)
-        if num_blocks != -(-num_computed_tokens // self.kv.block_size):
+        if num_blocks != cdiv(num_computed_tokens, self.kv.block_size):
             raise ValueError(f"{num_blocks} KV blocks do not hold {num_computed_tokens} tokens")
         if not self.scheduler.add_computed_request(request, num_computed_tokens, list(reused)):
             return False
@@ -104,7 +134,7 @@ class EngineCore:
         its computed tokens. Its blocks return to the pool (kept as prefix cache)."""
         request = self.scheduler.requests[request_id]
         block_ids = self.kv.block_ids(request_id)
-        num_blocks = -(-request.num_computed_tokens // self.kv.block_size)
+        num_blocks = cdiv(request.num_computed_tokens, self.kv.block_size)
         kv = self.runner.read_blocks(block_ids[:num_blocks])
         self.scheduler.finish(request, RequestStatus.HANDED_OFF)
         self.runner.release([request_id])
@@ -126,6 +156,13 @@ class EngineCore:
     def abort(self, request_id: str) -> None:
         if self.scheduler.abort(request_id) is not None:
             self.runner.release([request_id])
+
+    def abort_all(self) -> list[str]:
+        """Abort every request here; their ids."""
+        request_ids = list(self.scheduler.requests)
+        for request_id in request_ids:
+            self.abort(request_id)
+        return request_ids
 
     def finish(self, request_id: str, status: RequestStatus) -> None:
         """End a request for a reason found outside the engine (a stop string)."""
@@ -160,7 +197,14 @@ class EngineCore:
             self.num_prefill_tokens += n - last
         tables = [self.kv.block_ids(r.request_id) for r in plan.requests]
         forks = self._forks(plan.requests, num_scheduled)
-        sampled, logprobs, forked = self.runner.execute(plan.requests, num_scheduled, tables, forks)
+        try:
+            sampled, logprobs, forked = self.runner.execute(
+                plan.requests, num_scheduled, tables, forks
+            )
+        except Exception as e:
+            if is_worker_fault(e):
+                raise
+            return self._isolate_failure(plan, e)
         children = self._admit_forks(forks, forked)  # before a parent that ended is freed
         finished = self.scheduler.update_from_output(plan, sampled)
         if finished:
@@ -178,6 +222,29 @@ class EngineCore:
             if tok is not None
         ]
         return outputs + children
+
+    def _isolate_failure(self, plan: SchedulerOutput, e: Exception) -> list[StepOutput]:
+        """A step raised: find the requests it concerns by running each of them alone (their
+        KV slots are only rewritten with the same values), and end those that fail again
+        with the error. The others go on as if the step had succeeded."""
+        if len(plan.requests) == 1:
+            request = plan.requests[0]
+            logger.exception("request %s failed in a step", request.request_id)
+            request.stop_reason = f"the engine failed on this request: {type(e).__name__}: {e}"
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+            self.runner.release([request.request_id])
+            return [StepOutput(request, [], True, error=request.stop_reason)]
+        logger.warning("a step of %d requests failed (%s): running each alone",
+                       len(plan.requests), e)  # fmt: skip
+        outputs = []
+        for request in plan.requests:
+            if request.is_finished:
+                continue
+            alone = SchedulerOutput(
+                {request.request_id: plan.num_scheduled_tokens[request.request_id]}, [request]
+            )
+            outputs += self._run(alone)
+        return outputs
 
     def _forks(self, requests: list[Request], num_scheduled: list[int]) -> dict[int, list]:
         """Requests (by index) whose prompt completes this step and that fork: their samples

@@ -146,6 +146,7 @@ class SamplingParams:
     def check_vocab(self, vocab_size: int) -> None:
         """ValueError naming the parameter when a token id it names is not in the vocab."""
         named = {
+            "stop_token_ids": self.stop_token_ids,
             "logit_bias": [t for t, _ in self.logit_bias],
             "allowed_token_ids": self.allowed_token_ids or (),
             "bad_words": [t for w in self.bad_words_token_ids for t in w],

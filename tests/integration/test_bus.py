@@ -153,7 +153,8 @@ def test_a_submit_goes_again_until_the_scheduler_and_the_tokenizer_ack_it(nats_u
 
     def submit_msg(request_id: str) -> engine_pb2.SubmitRequest:
         request = Request(request_id, [1, 2, 3], SamplingParams(max_tokens=4))
-        return engine_pb2.SubmitRequest(request=codec.request_to_spec(request, "deltas"))
+        deltas = subject("gateway", "test", "deltas")
+        return engine_pb2.SubmitRequest(request=codec.request_to_spec(request, deltas))
 
     async def scenario():
         gateway = cluster_client.ClusterEngineClient(nats_url, "unused:0")
@@ -164,7 +165,8 @@ def test_a_submit_goes_again_until_the_scheduler_and_the_tokenizer_ack_it(nats_u
         async def on_delta(delta, raw):
             refused.append((delta.request_id, delta.error_code))
 
-        await gateway.bus.subscribe("deltas", engine_pb2.TextDelta, on_delta)
+        await gateway.bus.subscribe(subject("gateway", "test", "deltas"), engine_pb2.TextDelta,
+                                    on_delta)  # fmt: skip
         tokenizer = await Bus.connect(nats_url, "tokenizer")
         received = []
 

@@ -1,20 +1,10 @@
 """NATS with protobuf messages: the only way stages talk besides the tokenizer's gRPC.
 
-Subjects (all under `tandem.`):
-  submit                      gateway -> scheduler,       SubmitRequest (acked: SubmitAck)
-                              tokenizer
-  abort                       anyone -> every stage       AbortRequest
-  heartbeat                   workers -> scheduler        Heartbeat
-  prefill.<worker>.plan       scheduler -> prefill worker StepPlan
-  scheduler.report            prefill worker -> scheduler StepReport
-  decode.<worker>.kv          prefill -> decode worker    KVBlockChunk (request/reply: acked)
-  decode.<worker>.handoff     prefill -> decode worker    KVHandoff (request/reply)
-  scheduler.preempted         decode worker -> scheduler  Preempted (also: a request
-                              handed back, or re-queued after its worker was lost)
-  scheduler.drain             worker -> scheduler         DrainRequest (request/reply)
-  worker.lost                 scheduler -> everyone       WorkerLost
-  tokens                      workers -> tokenizer        TokenBatch
-  <reply_subject>             tokenizer -> gateway        TextDelta
+The subjects, their message types, publishers and subscribers are in `subjects.SUBJECTS`.
+Every message a stage receives is decoded and checked (`checks.check`) before its handler
+runs; one that fails is logged with its subject and dropped, and a requester waiting for a
+reply gets an error reply (the `Tandem-Error` header), which `Bus.request` raises as
+`RemoteError`.
 """
 
 from __future__ import annotations
@@ -31,19 +21,25 @@ import nats
 import torch
 from google.protobuf.message import Message
 
-from tandem.services.common import codec
+from tandem.services.common import checks, codec, subjects
+from tandem.services.common.subjects import PREFIX, subject  # noqa: F401 (re-exported)
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
-PREFIX = "tandem"
 # Room for NATS headers and protobuf framing next to a KV chunk's bytes.
 PAYLOAD_HEADROOM = 4096
+ERROR_HEADER = "Tandem-Error"  # on a reply: the request was refused, and why
 
 
-def subject(*parts: str) -> str:
-    return ".".join((PREFIX, *parts))
+class RemoteError(RuntimeError):
+    """The receiver of a request refused it (an error reply)."""
+
+
+def reply_error(raw) -> str | None:
+    """The error a reply carries, or None."""
+    return (raw.headers or {}).get(ERROR_HEADER)
 
 
 def tls_context_from_env(env=os.environ) -> ssl.SSLContext | None:
@@ -155,7 +151,15 @@ class Bus:
         reply = await self.nc.request(
             subj, msg.SerializeToString(), timeout=timeout, headers=headers or None
         )
+        error = reply_error(reply)
+        if error is not None:
+            raise RemoteError(f"{subj}: {error}")
         return reply_type.FromString(reply.data)
+
+    async def respond_error(self, raw, error: str) -> None:
+        """Answer a request with an error reply (nothing when it wants no answer)."""
+        if raw.reply:
+            await self.nc.publish(raw.reply, b"", headers={ERROR_HEADER: error[:512]})
 
     async def subscribe(
         self,
@@ -165,18 +169,30 @@ class Bus:
         queue: str = "",
     ):
         """Call `handler(message, raw)` for each message, in order. A message that does not
-        decode, or a handler that raises, is logged and dropped: the stage keeps running."""
+        decode or fails its checks is logged and dropped (a requester gets an error reply);
+        a handler that raises is logged: the stage keeps running. `subj` must be on the
+        subject table, with `msg_type` its message type."""
+        row = subjects.lookup(subj)
+        if row.message is not msg_type:
+            raise TypeError(f"{subj} carries {row.message.__name__}, not {msg_type.__name__}")
 
         async def on_msg(raw) -> None:
             try:
                 msg = msg_type.FromString(raw.data)
-            except Exception:
-                logger.warning("undecodable %s on %s dropped", msg_type.__name__, raw.subject)
+                checks.check(msg)
+            except Exception as e:
+                error = f"invalid {msg_type.__name__}: {e}"
+                logger.warning("%s on %s dropped", error, raw.subject)
+                await self._respond_error_quietly(raw, error)
                 return
             try:
                 await handler(msg, raw)
-            except Exception:
+            except ValueError as e:  # a value only the stage itself could judge
+                logger.warning("%s on %s refused: %s", msg_type.__name__, raw.subject, e)
+                await self._respond_error_quietly(raw, str(e))
+            except Exception as e:
                 logger.exception("handler for %s failed", raw.subject)
+                await self._respond_error_quietly(raw, f"{type(e).__name__}: {e}")
 
         # Bounded by flow control on the sending side, not by dropping: generous limits.
         return await self.nc.subscribe(
@@ -186,6 +202,12 @@ class Bus:
             pending_msgs_limit=65536,
             pending_bytes_limit=1 << 30,
         )
+
+    async def _respond_error_quietly(self, raw, error: str) -> None:
+        try:
+            await self.respond_error(raw, error)
+        except Exception as e:  # the connection is going: nobody to tell
+            logger.warning("error reply on %s not sent: %s", raw.subject, e)
 
     async def flush(self) -> None:
         """Return once the server has processed everything sent so far (subscriptions too).
@@ -224,7 +246,10 @@ async def send_kv(
 
     async def send(chunk: engine_pb2.KVBlockChunk) -> None:
         async with in_flight:
-            await bus.nc.request(subj, chunk.SerializeToString(), timeout=timeout)
+            reply = await bus.nc.request(subj, chunk.SerializeToString(), timeout=timeout)
+        error = reply_error(reply)
+        if error is not None:
+            raise RemoteError(f"{subj}: {error}")
 
     await asyncio.gather(*(send(c) for c in chunks))
     return len(chunks)
@@ -237,10 +262,22 @@ class KVAssembler:
     def __init__(self, tile_shape: tuple[int, ...]) -> None:
         self.tile_shape = tile_shape
         self._parts: dict[str, dict[int, torch.Tensor]] = {}
+        self._since: dict[str, float] = {}  # request id -> when its first chunk came
 
     def add(self, chunk: engine_pb2.KVBlockChunk) -> None:
+        """ValueError when the chunk's bytes are not `num_blocks` tiles of this cache."""
         tiles = codec.kv_from_chunk(chunk, self.tile_shape)
+        self._since.setdefault(chunk.request_id, time.monotonic())
         self._parts.setdefault(chunk.request_id, {})[chunk.first_block] = tiles
+
+    def expire(self, older_than: float) -> list[str]:
+        """Drop the chunks of requests whose hand-off has not come within `older_than`
+        seconds of their first chunk (their sender died, or never meant to send one)."""
+        now = time.monotonic()
+        stale = [rid for rid, t in self._since.items() if now - t > older_than]
+        for request_id in stale:
+            self.drop(request_id)
+        return stale
 
     def complete(self, request_id: str, num_chunks: int) -> bool:
         return len(self._parts.get(request_id, ())) == num_chunks
@@ -250,10 +287,12 @@ class KVAssembler:
         them would fill a fresh tensor of tens of MiB, whose page faults cost the decode
         core more than the copy (~145 ms for a 1,024-token prompt's 22 MiB in fp32)."""
         parts = self._parts.pop(request_id)
+        self._since.pop(request_id, None)
         return [parts[k] for k in sorted(parts)]
 
     def drop(self, request_id: str) -> None:
         self._parts.pop(request_id, None)
+        self._since.pop(request_id, None)
 
     @property
     def num_pending(self) -> int:

@@ -3,6 +3,7 @@ process boundary: no pickle, no ad-hoc dicts."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -155,6 +156,9 @@ def kv_to_chunks(
 def kv_from_chunk(chunk: engine_pb2.KVBlockChunk, tile_shape: tuple[int, ...]) -> torch.Tensor:
     """One chunk -> (chunk.num_blocks, *tile_shape) tensor in the chunk's dtype."""
     dtype = DTYPES[chunk.dtype]
+    expected = chunk.num_blocks * math.prod(tile_shape) * dtype.itemsize
+    if len(chunk.data) != expected:
+        raise ValueError(f"{len(chunk.data)} bytes are not {chunk.num_blocks} KV tiles here")
     with warnings.catch_warnings():  # read-only is fine: callers copy the tiles into a cache
         warnings.filterwarnings("ignore", "The given buffer is not writable")
         flat = torch.frombuffer(chunk.data, dtype=torch.uint8)

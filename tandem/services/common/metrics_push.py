@@ -69,10 +69,18 @@ def merge_expositions(texts: list[str], model_name: str) -> bytes:
     sample lacks it (the gateway's /metrics)."""
     merged: dict[str, object] = {}
     for text in texts:
-        for family in text_string_to_metric_families(text):
+        try:
+            families = list(text_string_to_metric_families(text))
+        except Exception as e:  # one bad snapshot must not cost the whole page
+            logger.warning("a metrics exposition skipped: it does not parse (%s)", e)
+            continue
+        for family in families:
             into = merged.get(family.name)
             if into is None:
                 merged[family.name] = family
+            elif into.type != family.type:
+                logger.warning("metric %s skipped from one exposition: its type differs",
+                               family.name)  # fmt: skip
             else:
                 into.samples.extend(family.samples)
     for family in merged.values():
@@ -82,9 +90,15 @@ def merge_expositions(texts: list[str], model_name: str) -> bytes:
             else s._replace(labels={"model_name": model_name, **s.labels})
             for s in family.samples
         ]
-    out = CollectorRegistry(auto_describe=False)
-    out.register(_Families(list(merged.values())))
-    return generate_latest(out)
+    rendered = []
+    for family in merged.values():
+        out = CollectorRegistry(auto_describe=False)
+        out.register(_Families([family]))
+        try:
+            rendered.append(generate_latest(out))
+        except Exception as e:
+            logger.warning("metric %s skipped: it does not render (%s)", family.name, e)
+    return b"".join(rendered)
 
 
 class SnapshotStore:

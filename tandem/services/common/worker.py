@@ -74,6 +74,7 @@ def heartbeat(
         max_num_seqs=config.scheduler.max_num_seqs,
         max_model_len=engine.max_model_len,
         max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+        vocab_size=engine.runner.info.vocab_size,
         timestamp=time.time(),
         num_steps=engine.num_steps,
         num_preemptions=engine.scheduler.num_preemptions,
@@ -96,6 +97,8 @@ def request_tokens(out: StepOutput) -> engine_pb2.RequestTokens:
         msg.stop_token_id = stop
     elif stop:
         msg.stop_reason = stop
+    if out.error is not None:
+        msg.finish_reason, msg.stop_reason = "abort", out.error
     if out.logprobs:
         msg.logprobs.extend(codec.logprobs_to_proto(lp) for lp in out.logprobs)
     if out.prompt_logprobs:
@@ -138,6 +141,7 @@ class WorkerShell:
             (subject("abort"), engine_pb2.AbortRequest, self._on_abort),
             (subject("kv", "resync", self.worker_id), engine_pb2.KVResyncRequest, self._resync),
             (subject("reset_prefix_cache"), engine_pb2.ResetPrefixCache, self._on_reset),
+            (subject("worker", "lost"), engine_pb2.WorkerLost, self._on_lost),
         ]
         for subj, msg_type, handler in subs:
             await self.bus.subscribe(subj, msg_type, handler)
@@ -153,6 +157,25 @@ class WorkerShell:
 
     def forget(self, request_id: str) -> None:
         """Drop this shell's own state of an aborted request."""
+
+    async def drop_all(self) -> list[str]:
+        """Drop every request held here, telling no one (see `_on_lost`); their ids."""
+        request_ids = await self.thread.call(self.engine.abort_all)
+        for request_id in request_ids:
+            self.aborted.add(request_id)
+            self.forget(request_id)
+        return request_ids
+
+    async def _on_lost(self, msg: engine_pb2.WorkerLost, raw) -> None:
+        """The scheduler gave this worker up (its heartbeats were late): its requests were
+        re-queued elsewhere, with the tokens their clients have. Going on with them would
+        run each twice, so they are dropped here; the worker then serves as a new one."""
+        if msg.worker_id != self.worker_id:
+            return
+        dropped = await self.drop_all()
+        logger.warning("%s was declared lost: dropped %d request(s) placed elsewhere now",
+                       self.worker_id, len(dropped))  # fmt: skip
+        await self._resync(None, None)  # the scheduler dropped its index entries
 
     def num_waiting(self) -> int:
         return 0

@@ -19,10 +19,12 @@ import torch
 
 from tandem.engine.block_pool import Block
 from tandem.engine.config import EngineConfig
-from tandem.engine.request import Request
+from tandem.engine.core import StepOutput
+from tandem.engine.request import Request, RequestStatus
 from tandem.services.common import codec, kv_shm, tracing
 from tandem.services.common.bus import Bus, KVAssembler, subject
 from tandem.services.common.worker import WorkerShell
+from tandem.utils import cdiv
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class DecodeWorker(WorkerShell):
     def __init__(self, config: EngineConfig, bus: Bus, worker_id: str) -> None:
         super().__init__(config, bus, worker_id)
         self.arrivals: deque[Arrival] = deque()
+        self.assembler: KVAssembler | None = None  # made once the engine's tile shape is known
         # probed, not arrived yet: id -> (the cached blocks held for it, since when)
         self.reserved: dict[str, tuple[list[Block], float]] = {}
         self.received_ids: list[str] = []  # since the last heartbeat
@@ -97,6 +100,9 @@ class DecodeWorker(WorkerShell):
         return stale
 
     async def tick(self) -> None:
+        stale = self.assembler.expire(RESERVE_LEASE) if self.assembler is not None else []
+        for request_id in stale:
+            logger.warning("KV chunks of %s dropped: its hand-off never came", request_id)
         if self.reserved:
             for request_id in await self.thread.call(self._expire_reservations):
                 logger.warning("reservation for %s expired: its hand-off never came", request_id)
@@ -127,6 +133,11 @@ class DecodeWorker(WorkerShell):
         else:
             ack.error = "KV chunks missing"
         if ack.accepted:
+            error = self._check_handoff(handoff, kv, reused)
+            if error is not None:
+                logger.warning("hand-off of %s refused: %s", request_id, error)
+                ack.accepted, ack.error = False, error
+        if ack.accepted:
             self._arrive(handoff, kv, reused, raw.headers)
         else:
             self.assembler.drop(request_id)
@@ -135,6 +146,25 @@ class DecodeWorker(WorkerShell):
                 ack = engine_pb2.KVHandoffAck(accepted=True)  # nothing to say: it is over
         self.received_ids.append(request_id)
         await raw.respond(ack.SerializeToString())
+
+    def _check_handoff(self, handoff: engine_pb2.KVHandoff, kv, reused) -> str | None:
+        """Why this worker must not take a hand-off (None: it may): a request it holds
+        already, KV blocks that do not match the tokens they claim, token ids outside its
+        vocabulary."""
+        request_id = handoff.request.request_id
+        if request_id in self.engine.scheduler.requests or any(
+            a.request.request_id == request_id for a in self.arrivals
+        ):
+            return f"duplicate request_id {request_id!r}: this worker holds it already"
+        num_blocks = len(reused) + sum(part.shape[0] for part in kv)
+        needed = cdiv(handoff.num_computed_tokens, self.engine.kv.block_size)
+        if num_blocks != needed:
+            return f"{num_blocks} KV blocks do not hold {handoff.num_computed_tokens} tokens"
+        try:
+            self.engine.check_request(codec.request_from_spec(handoff.request))
+        except ValueError as e:
+            return str(e)
+        return None
 
     def _arrive(self, handoff: engine_pb2.KVHandoff, kv: list[torch.Tensor], reused, headers):
         """Queue a handed-off request (with its KV and reserved blocks) for the batch."""
@@ -185,6 +215,13 @@ class DecodeWorker(WorkerShell):
         await super()._on_abort(msg, raw)
         await self.thread.call(self._release, msg.request_id)
 
+    async def drop_all(self) -> list[str]:
+        dropped = await self.thread.call(self._hand_back_on_thread)  # frees every block here
+        for request in dropped:
+            self.aborted.add(request.request_id)
+            self.forget(request.request_id)
+        return [r.request_id for r in dropped]
+
     def num_waiting(self) -> int:
         return len(self.arrivals)
 
@@ -221,7 +258,11 @@ class DecodeWorker(WorkerShell):
     async def loop(self) -> None:
         while True:
             if self.arrivals:
-                await self.thread.call(self._admit)
+                failed = await self.thread.call(self._admit)
+                if failed:
+                    for out in failed:
+                        self._end_span(out.request.request_id, out.request, error=out.error)
+                    await self.publish_tokens(failed, self.engine.num_steps)
             if self.engine.has_unfinished:
                 await self._step()
             else:
@@ -231,19 +272,29 @@ class DecodeWorker(WorkerShell):
                 await self.send_heartbeat()
             await self.flush_kv_events()
 
-    def _admit(self) -> None:
-        """On the engine thread: move arrivals into the batch in order while they fit."""
+    def _admit(self) -> list[StepOutput]:
+        """On the engine thread: move arrivals into the batch in order while they fit.
+        Returns those that failed (ended with their error)."""
+        failed = []
         while self.arrivals:
             a = self.arrivals[0]
             if a.request.request_id in self.aborted:
                 self.arrivals.popleft()
                 self.engine.kv.pool.free(reversed(a.reused))
                 continue
-            if not self.engine.add_prefilled_request(
-                a.request, a.kv, a.num_computed_tokens, a.reused
-            ):
-                return
+            try:
+                if not self.engine.add_prefilled_request(
+                    a.request, a.kv, a.num_computed_tokens, a.reused
+                ):
+                    return failed
+            except ValueError as e:
+                logger.warning("request %s not admitted: %s", a.request.request_id, e)
+                self.engine.kv.pool.free(reversed(a.reused))
+                a.request.stop_reason = f"the decode worker refused it: {e}"
+                a.request.status = RequestStatus.FINISHED_ABORTED
+                failed.append(StepOutput(a.request, [], True, error=a.request.stop_reason))
             self.arrivals.popleft()
+        return failed
 
     async def _step(self) -> None:
         (outputs, preempted), _, _ = await self.timed_step(self._step_on_thread)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 import uuid
 
@@ -45,6 +46,17 @@ from tandem.services.gateway.streaming import (
 from tandem.services.gateway.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
+
+
+def json_safe(value):
+    """`value` with every non-finite float (which JSON cannot hold) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def build_app(
@@ -97,11 +109,20 @@ def build_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(telemetry.exposition(client.metrics()), media_type=CONTENT_TYPE_LATEST)
+        try:
+            body = telemetry.exposition(client.metrics())
+        except Exception:  # the stages' part is skipped, the gateway's own still shown
+            logger.exception("the stages' metrics could not be merged")
+            body = telemetry.exposition([])
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/stats")
     async def stats() -> JSONResponse:
-        return JSONResponse(client.stats())
+        try:
+            return JSONResponse(json_safe(client.stats()))
+        except Exception:  # never a 500 for a page of counters
+            logger.exception("/stats could not be rendered")
+            return JSONResponse({"error": "statistics unavailable; see the gateway's log"})
 
     @app.get("/v1/models")
     async def models() -> ModelList:

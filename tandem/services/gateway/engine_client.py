@@ -393,6 +393,9 @@ class InProcessEngineClient(GenerateOne):
                 if not out.finished:
                     self.engine.abort(req.request_id)
                 continue
+            if out.error is not None:  # this request failed; the engine goes on
+                sub.loop.call_soon_threadsafe(sub.out.put_nowait, RuntimeError(out.error))
+                continue
             text = sub.detok.add_tokens(out.new_token_ids, out.finished)
             if sub.detok.stopped_on is not None and not out.finished:
                 req.stop_reason = sub.detok.stopped_on

@@ -15,7 +15,6 @@ import torch
 from nats.errors import NoRespondersError
 
 from tandem.engine.config import EngineConfig
-from tandem.engine.core import StepOutput
 from tandem.engine.request import Request
 from tandem.services.common import codec, kv_shm, tracing
 from tandem.services.common.bus import Bus, send_kv, subject
@@ -90,6 +89,14 @@ class PrefillWorker(WorkerShell):
     async def _on_plan(self, plan: engine_pb2.StepPlan, raw) -> None:
         self.plans.put_nowait(plan)
 
+    async def drop_all(self) -> list[str]:
+        while not self.plans.empty():  # their requests are the scheduler's to place again
+            self.plans.get_nowait()
+        for request_id in list(self.transfers):
+            self.aborted.add(request_id)
+            self.forget(request_id)
+        return await super().drop_all()
+
     def forget(self, request_id: str) -> None:
         self.decode_of.pop(request_id, None)
         self.trace_of.pop(request_id, None)
@@ -118,21 +125,23 @@ class PrefillWorker(WorkerShell):
                     new.append(codec.request_from_spec(chunk.request))
                 except ValueError as e:
                     logger.warning("request %s refused: %s", chunk.request_id, e)
-                    report.finished_request_ids.append(chunk.request_id)
+                    report.refused.add(request_id=chunk.request_id, error=str(e))
                     continue
                 self.decode_of[chunk.request_id] = chunk.decode_worker_id
                 if chunk.request.trace_context and tracing.enabled():
                     self.trace_of[chunk.request_id] = dict(chunk.request.trace_context)
             budget[chunk.request_id] = chunk.num_tokens
         planned = dict(budget)
-        (outputs, failed, handoffs), start_ns, end_ns = await self.timed_step(
+        (outputs, failed, refused, handoffs), start_ns, end_ns = await self.timed_step(
             self._step, new, budget
         )
         report.failed_request_ids.extend(failed)
-        for request_id in failed:
+        for request_id, error in refused.items():
+            report.refused.add(request_id=request_id, error=error)
+        for request_id in (*failed, *refused):
             self.forget(request_id)
         if self.trace_of:
-            self._trace_step(plan.step_id, planned, set(failed), start_ns, end_ns)
+            self._trace_step(plan.step_id, planned, {*failed, *refused}, start_ns, end_ns)
         if outputs:
             await self.publish_tokens(outputs, plan.step_id)  # the first tokens: TTFT
         for out in outputs:  # forks made this step go where their parent goes
@@ -177,22 +186,22 @@ class PrefillWorker(WorkerShell):
             }
             tracing.record_span("prefill", tracing.extract(carrier), start_ns, end_ns, attributes)
 
-    def _step(
-        self, new: list[Request], budget: dict[str, int]
-    ) -> tuple[list[StepOutput], list[str], list[tuple[Request, torch.Tensor]]]:
+    def _step(self, new: list[Request], budget: dict[str, int]):
         """On the engine thread: add the plan's new requests, run it, and take each request
-        whose prompt is done out of the engine with its KV."""
-        failed = []
+        whose prompt is done out of the engine with its KV. Returns the step's outputs, the
+        ids of requests that did not fit (no blocks: placed again), those refused (request
+        id -> why: tried once more, then ended) and the hand-offs."""
+        refused: dict[str, str] = {}
         for request in new:
             try:
                 self.engine.add_request(request)
             except ValueError as e:
                 logger.warning("request %s refused: %s", request.request_id, e)
-                failed.append(request.request_id)
+                refused[request.request_id] = str(e)
                 budget.pop(request.request_id, None)
         outputs, not_fitting = self.engine.step_plan(budget)
         handoffs = [self.engine.hand_off(o.request.request_id) for o in outputs if not o.finished]
-        return outputs, failed + not_fitting, handoffs
+        return outputs, not_fitting, refused, handoffs
 
     async def _hand_off(self, request: Request, kv: torch.Tensor) -> None:
         """Send the KV the decode worker lacks, then the request itself, to its decode worker."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tandem.engine.config import SchedulingPolicy
@@ -56,6 +56,7 @@ class WorkerState:
     max_num_seqs: int = 1
     max_model_len: int = 0
     max_num_batched_tokens: int = 0
+    vocab_size: int = 0
     last_seen: float = 0.0
     next_step_id: int = 0
     draining: bool = False  # leaving: placed no new requests, finishes what it has
@@ -73,11 +74,13 @@ class PendingRequest:
     priority: int
     arrival_time: float
     payload: object
+    token_ids: Sequence[int] = ()  # prompt and output so far, for the door's vocabulary check
     prefill_worker_id: str = ""
     decode_worker_id: str = ""
     num_planned: int = 0
     overlap: dict[str, int] = field(default_factory=dict)  # worker -> leading blocks cached
     block_hashes: list[int] = field(default_factory=list)  # its full blocks' chained hashes
+    refused_by: set[str] = field(default_factory=set)  # prefill workers that could not run it
 
 
 @dataclass(slots=True)
@@ -171,23 +174,33 @@ class ClusterScheduler:
         prefilled_ids=(),
         finished_ids=(),
         failed_ids=(),
-    ) -> None:
+        refused_ids=(),
+    ) -> list[PendingRequest]:
         """A prefill worker ran a plan: prefilled requests are on their way to their decode
-        worker, finished ones ended there, failed ones (no blocks) wait again."""
+        worker, finished ones ended there, failed ones (no blocks) wait again. A refused
+        one (the worker could not run it) waits again once, placed elsewhere when another
+        worker can take it; refused a second time, it is returned: the caller ends it."""
         worker = self.workers.get(worker_id)
         if worker is not None:
             worker.plans_in_flight = max(0, worker.plans_in_flight - 1)
         for request_id in prefilled_ids:  # in transit to their decode worker since placed
             self.prefilling.pop(request_id, None)
-        for request_id in (*finished_ids, *failed_ids):
+        given_up = []
+        for request_id in (*finished_ids, *failed_ids, *refused_ids):
             request = self.prefilling.pop(request_id, None)
             if request is None:
                 continue
             decode = self.workers.get(request.decode_worker_id)
             if decode is not None:
                 decode.in_transit.pop(request_id, None)
-            if request_id in failed_ids:
+            if request_id in refused_ids:
+                if request.refused_by:
+                    given_up.append(request)
+                    continue
+                request.refused_by.add(worker_id)
+            if request_id in failed_ids or request_id in refused_ids:
                 self._requeue(request)
+        return given_up
 
     # -- requests --------------------------------------------------------------------------
 
@@ -201,6 +214,9 @@ class ClusterScheduler:
         """Queue a request (a new one, or one a decode worker preempted: then `front`).
         Raises ValueError when no worker could ever hold it."""
         limit = self.max_model_len
+        vocabs = [w.vocab_size for w in self._live() if w.vocab_size]
+        if vocabs and any(not 0 <= t < min(vocabs) for t in request.token_ids):
+            raise ValueError(f"token ids must be in [0, {min(vocabs)})")
         if limit and request.num_tokens >= limit:
             raise ValueError(
                 f"prompt has {request.num_tokens} tokens; max_model_len is {limit} "
@@ -388,7 +404,10 @@ class ClusterScheduler:
             if queue and self._new_blocks(request, worker) > self._prefill_room(worker, queue):
                 continue  # wait for this worker's blocks to come back
             candidates.append(worker)
-        return self._route(request, candidates, self._prefill_load, Role.PREFILL)
+        others = [w for w in candidates if w.worker_id not in request.refused_by]
+        if request.refused_by and not others and len(self._accepting(Role.PREFILL)) > 1:
+            return None  # another worker may take it once it has room
+        return self._route(request, others or candidates, self._prefill_load, Role.PREFILL)
 
     def _route(
         self, request: PendingRequest, candidates: list[WorkerState], load, role: Role

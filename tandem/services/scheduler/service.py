@@ -36,7 +36,10 @@ EXPIRE_INTERVAL = 1.0
 
 def _pending(spec: common_pb2.RequestSpec) -> PendingRequest:
     num_tokens = len(spec.prompt_token_ids) + len(spec.output_token_ids)
-    return PendingRequest(spec.request_id, num_tokens, spec.priority, spec.arrival_time, spec)
+    token_ids = [*spec.prompt_token_ids, *spec.output_token_ids]
+    return PendingRequest(
+        spec.request_id, num_tokens, spec.priority, spec.arrival_time, spec, token_ids
+    )
 
 
 class SchedulerService:
@@ -95,9 +98,18 @@ class SchedulerService:
 
     async def _refuse(self, spec: common_pb2.RequestSpec, error: str, code: int) -> None:
         """End a request here: the gateway answers `code` (400: it can never run; 503: not
-        now) for it and its forks."""
+        now) for it and its forks. A request that came back from a worker has no reply
+        subject: its stream is ended through the tokenizer."""
         self._dequeued(spec.request_id, error=error)
-        for request_id in (spec.request_id, *spec.fork_ids):
+        request_ids = (spec.request_id, *spec.fork_ids)
+        if not spec.reply_subject:  # a request coming back: its stream is the tokenizer's
+            batch = engine_pb2.TokenBatch(worker_id="scheduler", timestamp=time.time())
+            for request_id in request_ids:
+                batch.requests.add(request_id=request_id, finish_reason="abort",
+                                   stop_reason=error, error_code=code)  # fmt: skip
+            await self.bus.publish(subject("tokens"), batch)
+            return
+        for request_id in request_ids:
             delta = engine_pb2.TextDelta(request_id=request_id, error=error, error_code=code)
             await self.bus.publish(spec.reply_subject, delta)
 
@@ -121,18 +133,29 @@ class SchedulerService:
             max_num_seqs=hb.max_num_seqs,
             max_model_len=hb.max_model_len,
             max_num_batched_tokens=hb.max_num_batched_tokens,
+            vocab_size=hb.vocab_size,
             draining=hb.draining,
         )
 
     async def _on_report(self, report: engine_pb2.StepReport, raw) -> None:
         if report.HasField("heartbeat"):
             self._heartbeat(report.heartbeat)
-        self.core.on_report(
+        errors = {r.request_id: r.error for r in report.refused}
+        given_up = self.core.on_report(
             report.worker_id,
             prefilled_ids=report.prefilled_request_ids,
             finished_ids=report.finished_request_ids,
             failed_ids=report.failed_request_ids,
+            refused_ids=list(errors),
         )
+        for request in given_up:
+            error = errors[request.request_id]
+            logger.warning("request %s refused twice, ended: %s", request.request_id, error)
+            await self._refuse(request.payload, error, 400)
+        for request_id, error in errors.items():
+            if request_id not in {r.request_id for r in given_up}:
+                logger.warning("%s refused %s (%s): placed again", report.worker_id,
+                               request_id, error)  # fmt: skip
         await self._send_plans()
 
     async def _on_drain(self, msg: engine_pb2.DrainRequest, raw) -> None:

@@ -95,7 +95,7 @@ class StreamRelay:
         reply_subject, delta, stopped_here = relayed
         delta.produced_at = produced_at
         if tokens.finish_reason == "abort" and tokens.stop_reason:
-            delta.error, delta.error_code = tokens.stop_reason, 500  # a worker gave up on it
+            delta.error, delta.error_code = tokens.stop_reason, tokens.error_code or 500
         if self.trace_of or self.spans:
             self._trace(request_id, len(tokens.token_ids), delta)
         await self.bus.publish(reply_subject, delta)
