@@ -1,7 +1,14 @@
 """`tandem serve`: the whole cluster on one machine. Starts NATS and Redis (unless NATS_URL /
 REDIS_URL name existing ones), then the tokenizer, the scheduler, the prefill and decode
 workers and the gateway, each as its own process; waits until the gateway is healthy; and on
-Ctrl-C or SIGTERM stops everything it started."""
+Ctrl-C or SIGTERM stops everything it started.
+
+The NATS server it starts has one account per role (gateway, tokenizer, scheduler, prefill,
+decode), each allowed only its own subjects, with passwords made up for the run; each stage
+gets its role's URL. A stage that dies is started again after a back-off (1 s, doubling to
+30 s, back to 1 s once it stayed up a minute), however often: one stage crash-looping never
+stops the others (the gateway answers 503 while no worker is live). A worker that exits 0
+drained (someone sent it SIGTERM) and leaves for good."""
 
 from __future__ import annotations
 
@@ -14,7 +21,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from tandem.services.common import kv_shm
 from tandem.services.common.servers import (
@@ -25,25 +34,64 @@ from tandem.services.common.servers import (
     start_nats,
     start_redis,
 )
+from tandem.services.common.subjects import Role
 
 logger = logging.getLogger(__name__)
 DEFAULT_KV_SPACE_GIB = 4.0  # shared by all workers unless --cpu-kv-cache-space is given
 
 
+class Backoff:
+    """How long a stage that died waits before it is started again: `first` seconds, doubling
+    with each death up to `cap`; a stage that stayed up `stable` seconds starts from `first`
+    again. Pure arithmetic on an injected clock."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        first: float = 1.0,
+        cap: float = 30.0,
+        stable: float = 60.0,
+    ) -> None:
+        if not 0 < first <= cap:
+            raise ValueError(f"back-off: need 0 < first ({first}) <= cap ({cap})")
+        self.clock = clock
+        self.first, self.cap, self.stable = first, cap, stable
+        self.delay = 0.0  # the last one; 0: none since it was last stable
+        self.started_at = clock()
+
+    def started(self) -> None:
+        self.started_at = self.clock()
+
+    def died(self) -> float:
+        """Seconds to wait before starting the stage again."""
+        if self.clock() - self.started_at >= self.stable:
+            self.delay = 0.0
+        self.delay = min(self.cap, 2 * self.delay) if self.delay else self.first
+        return self.delay
+
+
 @dataclass(slots=True)
 class Stage:
+    """One process of the cluster: its command line, where it runs, and when it is due to
+    start again after dying."""
+
     name: str
     argv: list[str]
+    role: Role
     cores: list[int] = field(default_factory=list)  # empty: not pinned
     nice: int = 0  # added to the process's niceness (lower CPU priority when > 0)
     env: dict[str, str] = field(default_factory=dict)  # on top of the launcher's
-    restarts: list[float] = field(default_factory=list)  # when it was started again
     incarnation: int = 0
     proc: subprocess.Popen | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+    restart_at: float | None = None  # dead, to be started again then
+
+    @property
+    def is_worker(self) -> bool:
+        return self.role in (Role.PREFILL, Role.DECODE)
 
 
 PREFILL_NICE = 10
-MAX_RESTARTS, RESTART_WINDOW = 3, 60.0  # a worker dying more often than this stops the cluster
 
 
 def place_workers(
@@ -105,22 +153,23 @@ def service_cores(roles: list[str], placements: list[tuple[list[int], int]]) -> 
 
 def plan_stages(
     args: argparse.Namespace,
-    nats_url: str,
+    nats_urls: Mapping[Role, str],
     redis_url: str,
     tokenizer_port: int,
     placements,
     light_cores,
 ) -> list[Stage]:
+    """The stages' command lines; each gets its role's NATS URL (`nats_urls`)."""
     tandem = [sys.executable, "-m", "tandem.cli"]
     nats = observability_argv(args)  # the servers' URLs go by environment (credentials)
     stages = [
         Stage("tokenizer", [*tandem, "tokenizer", "--model", args.model,
-                            "--port", str(tokenizer_port), *nats], light_cores),
+                            "--port", str(tokenizer_port), *nats], Role.TOKENIZER, light_cores),
         Stage("scheduler", [*tandem, "scheduler", *nats,
                             "--scheduling-policy", args.scheduling_policy,
                             "--router", args.router,
                             "--kv-overlap-weight", str(args.kv_overlap_weight),
-                            *queue_argv(args)], light_cores),
+                            *queue_argv(args)], Role.SCHEDULER, light_cores),
     ]  # fmt: skip
     roles = worker_roles(args)
     for i, (role, (worker_cores, threads)) in enumerate(zip(roles, placements)):
@@ -133,7 +182,8 @@ def plan_stages(
         # A prefill worker sharing its cores with the light stages yields to them: they carry
         # the token stream (latency), its prompts are throughput work.
         shares = role == "prefill" and bool(set(worker_cores) & set(light_cores))
-        stages.append(Stage(worker_id, argv, worker_cores, PREFILL_NICE if shares else 0))
+        nice = PREFILL_NICE if shares else 0
+        stages.append(Stage(worker_id, argv, Role(role), worker_cores, nice))
     gateway = [*tandem, "gateway", *nats, "--tokenizer-url", f"127.0.0.1:{tokenizer_port}",
                "--model", args.model, "--host", args.host, "--port", str(args.port)]  # fmt: skip
     if args.served_model_name:
@@ -141,9 +191,9 @@ def plan_stages(
     gateway += ["--max-request-body-bytes", str(args.max_request_body_bytes)]
     # The key goes by environment: a command line is readable by every local user.
     secrets = {"TANDEM_API_KEY": args.api_key} if args.api_key else {}
-    stages.append(Stage("gateway", gateway, light_cores, env=secrets))
+    stages.append(Stage("gateway", gateway, Role.GATEWAY, light_cores, env=secrets))
     for stage in stages:  # by environment: a command line is readable by every local user
-        stage.env |= {"NATS_URL": nats_url, "REDIS_URL": redis_url}
+        stage.env |= {"NATS_URL": nats_urls[stage.role], "REDIS_URL": redis_url}
     return stages
 
 
@@ -194,8 +244,11 @@ def _healthy(url: str) -> bool:
 class Cluster:
     """The servers and stages started for one `tandem serve`."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(
+        self, args: argparse.Namespace, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.args = args
+        self.clock = clock
         self.servers: list[LocalServer] = []
         self.stages: list[Stage] = []
 
@@ -205,19 +258,23 @@ class Cluster:
         placements = place_workers(cores, len(roles), self.args.worker_placement)
         light_cores = service_cores(roles, placements)
         nats_url = os.environ.get("NATS_URL")
-        if not nats_url:  # the servers it starts take credentials made up for this run
-            user, password = "tandem", secrets.token_urlsafe(24)
-            self.servers.append(start_nats(cores=light_cores, user=user, password=password))
-            nats_url = self.servers[-1].url
+        if nats_url:  # the user's server: one URL for every stage
+            nats_urls = dict.fromkeys(Role, nats_url)
+        else:  # the servers it starts take credentials made up for this run
+            accounts = {role: secrets.token_urlsafe(24) for role in Role}
+            self.servers.append(start_nats(cores=light_cores, accounts=accounts))
+            nats_url = self.servers[-1].url  # without credentials: for the log
+            nats_urls = {role: self.servers[-1].url_for(role) for role in Role}
         redis_url = os.environ.get("REDIS_URL")
         if not redis_url:
             password = secrets.token_urlsafe(24)
             self.servers.append(start_redis(cores=light_cores, password=password))
             redis_url = self.servers[-1].url
         self.stages = plan_stages(
-            self.args, nats_url, redis_url, free_port(), placements, light_cores
+            self.args, nats_urls, redis_url, free_port(), placements, light_cores
         )
         for stage in self.stages:
+            stage.backoff = Backoff(self.clock)
             _start(stage)
         url = f"http://{self.args.host}:{self.args.port}"
         deadline = time.monotonic() + timeout
@@ -234,38 +291,47 @@ class Cluster:
             logger.info("  %-10s pid %-7d %s", stage.name, stage.proc.pid, where)
         return url
 
-    def wait(self) -> int:
-        """Block until a stage fails or a signal stops the cluster. A worker that exits
-        cleanly drained (someone sent it SIGTERM): the cluster goes on without it. A worker
-        that dies is started again (its requests were re-queued meanwhile), unless it keeps
-        dying; any other stage dying stops the cluster."""
+    def wait(self) -> NoReturn:
+        """Watch the stages until a signal stops the cluster (see the module doc)."""
         while True:
-            for stage in list(self.stages):
-                code = stage.proc.poll()
-                if code is None:
-                    continue
-                worker = stage.name.startswith(("prefill", "decode"))
-                if worker:
-                    _remove_kv_files(stage)
-                if worker and code == 0:
+            self.tend()
+            time.sleep(0.5)
+
+    def tend(self) -> None:
+        """One look at every stage: a dead one gets its time to start again (`restart_at`,
+        from its back-off), one whose time has come is started. Never sleeps, so one stage's
+        back-off holds up no other."""
+        now = self.clock()
+        for stage in list(self.stages):
+            if stage.restart_at is not None:
+                if now >= stage.restart_at:
+                    self._restart(stage)
+                continue
+            code = stage.proc.poll()
+            if code is None:
+                continue
+            if stage.is_worker:
+                _remove_kv_files(stage)
+                if code == 0:
                     logger.info("worker %s drained and left", stage.name)
                     self.stages.remove(stage)
                     continue
-                now = time.monotonic()
-                stage.restarts = [t for t in stage.restarts if now - t < RESTART_WINDOW]
-                if worker and len(stage.restarts) < MAX_RESTARTS:
-                    logger.error("worker %s died (exit %s): starting it again", stage.name, code)
-                    stage.restarts.append(now)
-                    # A new incarnation gets a new id: the old one's messages are stale.
-                    i = stage.argv.index("--worker-id") + 1
-                    base = stage.argv[i].split(".")[0]
-                    stage.incarnation += 1
-                    stage.argv[i] = f"{base}.{stage.incarnation}"
-                    _start(stage)
-                    continue
-                logger.error("stage %s exited with %s", stage.name, code)
-                return 1
-            time.sleep(0.5)
+            delay = stage.backoff.died()
+            stage.restart_at = now + delay
+            logger.error("%s exited with %s: starting it again in %.0f s", stage.name, code, delay)
+
+    def _restart(self, stage: Stage) -> None:
+        stage.restart_at = None
+        new_id = ""
+        if stage.is_worker:  # a new incarnation gets a new id: the old one's messages are stale
+            i = stage.argv.index("--worker-id") + 1
+            base = stage.argv[i].split(".")[0]
+            stage.incarnation += 1
+            stage.argv[i] = f"{base}.{stage.incarnation}"
+            new_id = f" as {stage.argv[i]}"
+        _start(stage)
+        stage.backoff.started()
+        logger.warning("%s started again%s (pid %d)", stage.name, new_id, stage.proc.pid)
 
     def stop(self) -> None:
         """Stop every stage at once (SIGINT: no draining, the whole cluster is going)."""

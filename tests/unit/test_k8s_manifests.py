@@ -161,6 +161,28 @@ def _arg(container: dict, flag: str) -> str | None:
     return args[args.index(flag) + 1] if flag in args else None
 
 
+def _env(container: dict) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: its ConfigMaps and Secrets (the
+    ones in these manifests), then `env` in order, each `$(VAR)` of an earlier one expanded."""
+    sources = {"configMapRef": _named("ConfigMap"), "secretRef": _named("Secret")}
+    keyed = {"configMapKeyRef": _named("ConfigMap"), "secretKeyRef": _named("Secret")}
+
+    def data(obj: dict) -> dict[str, str]:
+        return obj.get("data") or obj.get("stringData") or {}
+
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", ()):
+        ((kind, ref),) = source.items()
+        env |= data(sources[kind][ref["name"]])
+    for var in container.get("env", ()):
+        if "value" in var:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], var["value"])
+        else:
+            ((kind, ref),) = var["valueFrom"].items()
+            env[var["name"]] = data(keyed[kind][ref["name"]])[ref["key"]]
+    return env
+
+
 def _assert_service_endpoint(where: str, address: str) -> None:
     """`address` (URL or host:port) names a Service of these manifests, on one of its ports."""
     parts = urlsplit(address if "://" in address else f"//{address}")
@@ -251,7 +273,36 @@ def test_every_stage_runs_from_the_image_with_the_shared_config():
                                            "decode"}  # fmt: skip
     for c in TANDEM:
         assert {"configMapRef": {"name": "tandem-config"}} in c["envFrom"], c["name"]
-    assert set(_named("ConfigMap")["tandem-config"]["data"]) >= {"NATS_URL", "REDIS_URL"}
+    assert set(_named("ConfigMap")["tandem-config"]["data"]) >= {"NATS_ADDRESS", "REDIS_URL"}
+
+
+def test_each_stage_connects_to_nats_as_its_own_role():
+    """Its NATS_URL, as the kubelet expands it, has its role's user and that role's password
+    from the Secret the NATS server reads its accounts' passwords from."""
+    from tandem.services.common.servers import password_env
+
+    passwords = _named("Secret")["tandem-nats"]["stringData"]
+    address = _named("ConfigMap")["tandem-config"]["data"]["NATS_ADDRESS"]
+    for c in TANDEM:
+        role = c["name"]
+        url = _env(c)["NATS_URL"]
+        assert url == f"nats://{role}:{passwords[password_env(role)]}@{address}", role
+        _assert_service_endpoint(f"{role} NATS_URL", url)
+    (nats,) = [c for c in CONTAINERS if c["name"] == "nats"]
+    assert set(_env(nats)) >= {password_env(role) for role in ("gateway", "decode")}
+    assert set(passwords) == {password_env(c["name"]) for c in TANDEM}
+
+
+def test_nats_reads_its_accounts_from_the_config_map_it_mounts():
+    (nats,) = [w for w in WORKLOADS if w["metadata"]["name"] == "nats"]
+    pod = nats["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    conf = _arg(container, "-c")
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (name,) = [n for n, path in mounts.items() if conf.startswith(path + "/")]
+    config_map = _named("ConfigMap")[volumes[name]["configMap"]["name"]]
+    assert conf.removeprefix(mounts[name] + "/") in config_map["data"]
 
 
 def test_services_select_the_pods_of_a_workload_on_declared_ports():
@@ -316,14 +367,14 @@ def test_single_stages_are_pinned_to_one_and_scaled_ones_left_to_keda():
 
 def test_stages_name_only_services_that_exist():
     config = _named("ConfigMap")["tandem-config"]["data"]
-    for key in ("NATS_URL", "REDIS_URL"):
+    for key in ("NATS_ADDRESS", "REDIS_URL"):
         _assert_service_endpoint(key, config[key])
     for c in TANDEM:
         for flag in [a for a in c["args"] if a.startswith("--") and a.endswith("-url")]:
             _assert_service_endpoint(f"{c['name']} {flag}", _arg(c, flag))
-        for env in c.get("env", ()):
-            if "://" in env.get("value", ""):
-                _assert_service_endpoint(f"{c['name']} {env['name']}", env["value"])
+        for name, value in _env(c).items():
+            if "://" in value:
+                _assert_service_endpoint(f"{c['name']} {name}", value)
     prometheus = yaml.safe_load(_named("ConfigMap")["prometheus-config"]["data"]["prometheus.yml"])
     for job in prometheus["scrape_configs"]:
         for sd in job.get("dns_sd_configs", ()):

@@ -69,7 +69,7 @@ SUBJECTS: tuple[Subject, ...] = (
     _row("submit", engine_pb2.SubmitRequest, {G}, {S, T}),  # acked on gateway.*.acks
     _row("gateway.*.acks", engine_pb2.SubmitAck, {S, T}, {G}),
     _row("gateway.*.deltas", engine_pb2.TextDelta, {T, S}, {G}),
-    _row("abort", engine_pb2.AbortRequest, {G, T}, {T, S, P, D}),
+    _row("abort", engine_pb2.AbortRequest, {G, T, S}, {T, S, P, D}),
     _row("heartbeat", engine_pb2.Heartbeat, {P, D}, {S, T, G}),
     _row("prefill.*.plan", engine_pb2.StepPlan, {S}, {P}),
     _row("scheduler.report", engine_pb2.StepReport, {P}, {S, G}),
@@ -100,11 +100,19 @@ def lookup(subj: str) -> Subject:
     raise KeyError(f"{subj} is not in the subject table (tandem.services.common.subjects)")
 
 
+def grant(row: Subject) -> str:
+    """The NATS subject that grants a row. NATS's `*` is one token, but an id may hold dots
+    (a restarted worker's `prefill-0.1`, a host name in a default worker id): a row with an
+    id is granted from the id on with `>`. No role gains another row that way (a test checks)."""
+    head, star, _ = row.full.partition("*")
+    return f"{head}>" if star else row.full
+
+
 def permissions(role: Role) -> dict:
     """The role's NATS permissions, in nats-server's config shape: publish only what it
     sends, subscribe only what it reads, answer the requests it receives."""
-    pub = sorted(r.full for r in SUBJECTS if role in r.publishers)
-    sub = sorted(r.full for r in SUBJECTS if role in r.subscribers)
+    pub = sorted({grant(r) for r in SUBJECTS if role in r.publishers})
+    sub = sorted({grant(r) for r in SUBJECTS if role in r.subscribers})
     requests = any(role in r.publishers and r.reply is not None for r in SUBJECTS)
     if requests:  # it waits for replies on its inbox
         sub.append(INBOX)

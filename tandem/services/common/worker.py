@@ -92,6 +92,7 @@ def request_tokens(out: StepOutput) -> engine_pb2.RequestTokens:
         finish_reason=request.status.finish_reason or "" if out.finished else "",
         num_prompt_tokens=request.num_prompt_tokens,
         num_cached_tokens=max(request.num_cached_tokens, 0),
+        first_output_index=request.num_output_tokens - len(out.new_token_ids),
     )
     if isinstance(stop, int):
         msg.stop_token_id = stop
@@ -161,8 +162,7 @@ class WorkerShell:
     async def drop_all(self) -> list[str]:
         """Drop every request held here, telling no one (see `_on_lost`); their ids."""
         request_ids = await self.thread.call(self.engine.abort_all)
-        for request_id in request_ids:
-            self.aborted.add(request_id)
+        for request_id in request_ids:  # not tombstoned: they may be placed here again
             self.forget(request_id)
         return request_ids
 

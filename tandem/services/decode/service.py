@@ -116,6 +116,15 @@ class DecodeWorker(WorkerShell):
         request_id = handoff.request.request_id
         reused, _ = self.reserved.pop(request_id, ([], 0.0))
         ack = engine_pb2.KVHandoffAck(accepted=False)
+        if self._holds(request_id):
+            # Sent again (re-queued by a stage that thought this worker lost): the one here
+            # goes on, and its stream takes each token once; the copy is dropped.
+            logger.warning("hand-off of %s: held here already, the copy dropped", request_id)
+            self.assembler.drop(request_id)
+            await self.thread.call(self.engine.kv.pool.free, reversed(reused))
+            ack.accepted = True
+            await raw.respond(ack.SerializeToString())
+            return
         if request_id in self.aborted or len(reused) != handoff.num_reused_blocks:
             if request_id not in self.aborted:
                 ack.error = "reserved blocks differ"
@@ -147,15 +156,14 @@ class DecodeWorker(WorkerShell):
         self.received_ids.append(request_id)
         await raw.respond(ack.SerializeToString())
 
-    def _check_handoff(self, handoff: engine_pb2.KVHandoff, kv, reused) -> str | None:
-        """Why this worker must not take a hand-off (None: it may): a request it holds
-        already, KV blocks that do not match the tokens they claim, token ids outside its
-        vocabulary."""
-        request_id = handoff.request.request_id
-        if request_id in self.engine.scheduler.requests or any(
+    def _holds(self, request_id: str) -> bool:
+        return request_id in self.engine.scheduler.requests or any(
             a.request.request_id == request_id for a in self.arrivals
-        ):
-            return f"duplicate request_id {request_id!r}: this worker holds it already"
+        )
+
+    def _check_handoff(self, handoff: engine_pb2.KVHandoff, kv, reused) -> str | None:
+        """Why this worker must not take a hand-off (None: it may): KV blocks that do not
+        match the tokens they claim, token ids outside its vocabulary."""
         num_blocks = len(reused) + sum(part.shape[0] for part in kv)
         needed = cdiv(handoff.num_computed_tokens, self.engine.kv.block_size)
         if num_blocks != needed:
@@ -218,7 +226,6 @@ class DecodeWorker(WorkerShell):
     async def drop_all(self) -> list[str]:
         dropped = await self.thread.call(self._hand_back_on_thread)  # frees every block here
         for request in dropped:
-            self.aborted.add(request.request_id)
             self.forget(request.request_id)
         return [r.request_id for r in dropped]
 

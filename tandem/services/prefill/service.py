@@ -93,7 +93,6 @@ class PrefillWorker(WorkerShell):
         while not self.plans.empty():  # their requests are the scheduler's to place again
             self.plans.get_nowait()
         for request_id in list(self.transfers):
-            self.aborted.add(request_id)
             self.forget(request_id)
         return await super().drop_all()
 

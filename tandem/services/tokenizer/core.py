@@ -47,7 +47,6 @@ class _Stream:
     token_ids: list[int] = field(default_factory=list)  # streamed so far
     producer: str = ""  # the worker whose tokens came last
     decode_worker: str = ""  # the decode worker holding it, once known
-    lost: set[str] = field(default_factory=set)  # workers given up on: their tokens dropped
 
 
 class DetokenizerHub:
@@ -79,14 +78,14 @@ class DetokenizerHub:
 
     def resumable(self, worker_id: str) -> list[common_pb2.RequestSpec]:
         """The requests a lost worker was producing, each as a spec that carries the tokens
-        streamed so far (so it continues where its client is); their later tokens from that
-        worker are dropped. Requests with no token yet are the scheduler's to re-queue."""
+        streamed so far (so it continues where its client is; a stream takes each output
+        position once, so whatever that worker still sends is dropped). Requests with no
+        token yet are the scheduler's to re-queue."""
         out = []
         for stream in self.streams.values():
             holder = stream.decode_worker or stream.producer
             if holder != worker_id or not stream.token_ids:
                 continue
-            stream.lost.add(worker_id)
             stream.decode_worker = stream.producer = ""
             spec = common_pb2.RequestSpec()
             spec.CopyFrom(stream.spec)
@@ -97,7 +96,7 @@ class DetokenizerHub:
     def received(self, request_id: str, worker_id: str) -> None:
         """A decode worker says the request's hand-off reached it."""
         stream = self.streams.get(request_id)
-        if stream is not None and worker_id not in stream.lost:
+        if stream is not None:
             stream.decode_worker = worker_id
 
     def close(self, request_id: str) -> None:
@@ -106,11 +105,15 @@ class DetokenizerHub:
     def on_tokens(
         self, tokens: engine_pb2.RequestTokens, worker_id: str = ""
     ) -> tuple[str, engine_pb2.TextDelta, bool] | None:
-        """(reply subject, delta, stopped_here), or None for tokens of a worker given up on.
-        Unknown requests raise KeyError."""
+        """(reply subject, delta, stopped_here), or None for tokens the stream has (sent
+        again, or by a worker given up on). Unknown requests raise KeyError."""
         stream = self.streams[tokens.request_id]
-        if worker_id and worker_id in stream.lost:
-            return None
+        if tokens.token_ids and tokens.HasField("first_output_index"):
+            seen = len(stream.token_ids) - tokens.first_output_index
+            if seen >= len(tokens.token_ids):
+                return None
+            if seen > 0:  # partly new: keep the new part
+                tokens = _tail(tokens, seen)
         stream.producer = worker_id or stream.producer
         stream.token_ids.extend(tokens.token_ids)
         finished = bool(tokens.finish_reason)
@@ -140,3 +143,13 @@ class DetokenizerHub:
         if finished or stopped_here:
             self.close(tokens.request_id)
         return stream.reply_subject, delta, stopped_here
+
+
+def _tail(tokens: engine_pb2.RequestTokens, skip: int) -> engine_pb2.RequestTokens:
+    """The message without its first `skip` tokens (and their logprobs)."""
+    out = engine_pb2.RequestTokens()
+    out.CopyFrom(tokens)
+    del out.token_ids[:skip]
+    del out.logprobs[: min(skip, len(out.logprobs))]
+    out.first_output_index += skip
+    return out
