@@ -3,6 +3,8 @@ the decode workers' capacity, re-queueing, aborts and dead workers. No NATS, fak
 
 from __future__ import annotations
 
+import pytest
+
 from tandem.engine.config import SchedulingPolicy
 from tandem.services.scheduler.core import ClusterScheduler, PendingRequest, Role
 
@@ -339,3 +341,29 @@ def test_a_worker_that_rejoins_within_the_grace_keeps_the_queue():
         assert core.stranded() == []
     (plan, *_) = core.schedule()
     assert chunks(plan) == [("a", 10, True)]
+
+
+def test_a_refused_request_is_placed_again_once_on_another_worker_then_given_up():
+    core, _ = make()
+    core.on_heartbeat(
+        "p1", Role.PREFILL, num_blocks=1000, num_free_blocks=1000, block_size=16,
+        max_num_seqs=64, max_model_len=2048, max_num_batched_tokens=100,
+    )  # fmt: skip
+    core.add_request(req("a", 30))
+    (plan,) = core.schedule()
+    first = plan.worker_id
+    assert core.on_report(first, refused_ids=["a"]) == []  # placed again: elsewhere
+    (again,) = core.schedule()
+    assert again.worker_id != first and chunks(again) == [("a", 30, True)]
+    (given_up,) = core.on_report(again.worker_id, refused_ids=["a"])
+    assert given_up.request_id == "a"
+    assert core.schedule() == [] and len(core.waiting) == 0 and not core.prefilling
+
+
+def test_token_ids_outside_the_workers_vocabulary_are_refused_at_the_door():
+    core, _ = make()
+    for worker_id in ("p0", "d0"):
+        core.workers[worker_id].vocab_size = 100
+    with pytest.raises(ValueError, match=r"\[0, 100\)"):
+        core.add_request(PendingRequest("a", 3, 0, 0.0, "a", token_ids=[1, 100, 2]))
+    core.add_request(PendingRequest("b", 3, 0, 0.0, "b", token_ids=[1, 99, 2]))

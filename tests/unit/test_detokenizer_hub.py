@@ -51,3 +51,24 @@ def test_stop_string_ends_the_request_here(core):
     assert "b" not in hub.streams
     with pytest.raises(KeyError):
         hub.on_tokens(engine_pb2.RequestTokens(request_id="b", token_ids=[5]))
+
+
+def test_a_stream_takes_each_output_position_once(core):
+    """Tokens sent twice, or by a worker the request was taken from, are dropped; a request
+    placed again on the same worker streams on."""
+    hub = DetokenizerHub(core)
+    hub.open(_spec("a"))
+
+    def send(first, ids, worker="decode-0"):
+        tokens = engine_pb2.RequestTokens(request_id="a", token_ids=ids, first_output_index=first)
+        out = hub.on_tokens(tokens, worker)
+        return None if out is None else list(out[1].token_ids)
+
+    assert send(0, [10, 11]) == [10, 11]
+    assert send(0, [10, 11]) is None  # again
+    hub.received("a", "decode-0")
+    (spec,) = hub.resumable("decode-0")  # declared lost: re-queued with its 2 tokens
+    assert list(spec.output_token_ids) == [10, 11]
+    assert send(2, [12], worker="prefill-0") == [12]  # re-prefilled: its next token
+    assert send(2, [12]) is None  # the old holder, late
+    assert send(1, [11, 12, 13]) == [13]  # partly new
