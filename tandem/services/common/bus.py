@@ -33,6 +33,13 @@ PAYLOAD_HEADROOM = 4096
 ERROR_HEADER = "Tandem-Error"  # on a reply: the request was refused, and why
 
 
+def _on_table(subj: str, msg_type: type[Message]) -> None:
+    """A subject the code uses must be on the subject table, with its message type."""
+    row = subjects.lookup(subj)
+    if row.message is not msg_type:
+        raise TypeError(f"{subj} carries {row.message.__name__}, not {msg_type.__name__}")
+
+
 class RemoteError(RuntimeError):
     """The receiver of a request refused it (an error reply)."""
 
@@ -137,7 +144,9 @@ class Bus:
         self, subj: str, msg: Message, headers: dict | None = None, reply: str = ""
     ) -> None:
         """`headers`: NATS headers (a request's W3C trace context), when not empty; `reply`:
-        where receivers answer (NATS's reply subject)."""
+        where receivers answer (NATS's reply subject). `subj` must be on the subject table,
+        with `msg` its message type."""
+        _on_table(subj, type(msg))
         await self.nc.publish(subj, msg.SerializeToString(), reply=reply, headers=headers or None)
 
     async def request(
@@ -148,6 +157,7 @@ class Bus:
         timeout: float,
         headers: dict | None = None,
     ) -> M:
+        _on_table(subj, type(msg))
         reply = await self.nc.request(
             subj, msg.SerializeToString(), timeout=timeout, headers=headers or None
         )
@@ -172,9 +182,7 @@ class Bus:
         decode or fails its checks is logged and dropped (a requester gets an error reply);
         a handler that raises is logged: the stage keeps running. `subj` must be on the
         subject table, with `msg_type` its message type."""
-        row = subjects.lookup(subj)
-        if row.message is not msg_type:
-            raise TypeError(f"{subj} carries {row.message.__name__}, not {msg_type.__name__}")
+        _on_table(subj, msg_type)
 
         async def on_msg(raw) -> None:
             try:

@@ -10,6 +10,7 @@ gateway's). Request/reply rows are answered on the requester's `_INBOX.>` subjec
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -92,6 +93,7 @@ def subject(*parts: str) -> str:
     return ".".join((PREFIX, *parts))
 
 
+@functools.lru_cache(maxsize=4096)
 def lookup(subj: str) -> Subject:
     """The row a concrete subject belongs to; KeyError when it is not on the map."""
     for row in SUBJECTS:
