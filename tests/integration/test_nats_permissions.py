@@ -12,6 +12,7 @@ import pytest
 
 from tandem.services.common.servers import start_nats
 from tandem.services.common.subjects import Role
+from tests.helpers.nats import can_connect
 
 
 @pytest.fixture(scope="module")
@@ -172,15 +173,7 @@ def test_a_decode_worker_answers_a_prefill_worker_s_probe(server):
 
 
 def test_clients_without_an_account_are_refused(server):
-    async def connect(url: str) -> bool:
-        try:
-            nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0)
-        except Exception:
-            return False
-        await nc.close()
-        return True
-
-    assert not asyncio.run(connect(server.url))  # no credentials
+    assert not asyncio.run(can_connect(server.url))  # no credentials
     wrong = server.url_for(Role.GATEWAY).replace("gateway:", "scheduler:")
-    assert not asyncio.run(connect(wrong))  # another role's user with the gateway's password
-    assert asyncio.run(connect(server.url_for(Role.GATEWAY)))
+    assert not asyncio.run(can_connect(wrong))  # another role's user with the gateway's password
+    assert asyncio.run(can_connect(server.url_for(Role.GATEWAY)))

@@ -166,7 +166,10 @@ def test_inconsistent_hand_offs_are_refused_with_an_error_reply(cluster):
                                  num_computed_tokens=1, prefill_worker_id="prefill-0"),
         ]  # fmt: skip
         replies = []
-        for handoff in handoffs:
+        for handoff in handoffs:  # each after its probe, as a prefill worker sends them
+            probe = engine_pb2.KVProbe(request=handoff.request)
+            await nc.request(subject("decode", "decode-0", "probe"), probe.SerializeToString(),
+                             timeout=10)  # fmt: skip
             reply = await nc.request(subject("decode", "decode-0", "handoff"),
                                      handoff.SerializeToString(), timeout=10)  # fmt: skip
             replies.append(reply)

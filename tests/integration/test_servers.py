@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from tandem.services.common.servers import start_nats, start_redis
+from tests.helpers.nats import can_connect
 
 
 def test_nats_server_with_jetstream():
@@ -55,7 +56,6 @@ def test_a_taken_port_is_a_clear_error():
 
 
 def test_servers_started_with_credentials_refuse_clients_without_them():
-    import nats
     import redis
 
     from tandem.services.common.servers import redact
@@ -68,15 +68,7 @@ def test_servers_started_with_credentials_refuse_clients_without_them():
         assert "pw-1" not in " ".join(n.proc.args) and "pw-2" not in " ".join(r.proc.args)
         assert redact(n.url) == bare_nats.replace("://", "://tandem:***@")
 
-        async def connect(url: str) -> bool:
-            try:
-                nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0)
-            except Exception:
-                return False
-            await nc.close()
-            return True
-
-        assert asyncio.run(connect(n.url)) and not asyncio.run(connect(bare_nats))
+        assert asyncio.run(can_connect(n.url)) and not asyncio.run(can_connect(bare_nats))
         assert redis.from_url(r.url).ping()
         with pytest.raises(redis.AuthenticationError):
             redis.from_url(bare_redis).ping()

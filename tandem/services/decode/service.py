@@ -109,11 +109,14 @@ class DecodeWorker(WorkerShell):
 
     async def _on_chunk(self, chunk: engine_pb2.KVBlockChunk, raw) -> None:
         if chunk.request_id not in self.aborted:
+            if chunk.request_id not in self.reserved:  # KV only follows a probe
+                raise ValueError(f"KV for {chunk.request_id!r}, which was not probed here")
             self.assembler.add(chunk)
         await raw.respond(b"")  # the ack that paces the sender
 
     async def _on_handoff(self, handoff: engine_pb2.KVHandoff, raw) -> None:
         request_id = handoff.request.request_id
+        probed = request_id in self.reserved
         reused, _ = self.reserved.pop(request_id, ([], 0.0))
         ack = engine_pb2.KVHandoffAck(accepted=False)
         if self._holds(request_id):
@@ -125,9 +128,9 @@ class DecodeWorker(WorkerShell):
             ack.accepted = True
             await raw.respond(ack.SerializeToString())
             return
-        if request_id in self.aborted or len(reused) != handoff.num_reused_blocks:
+        if request_id in self.aborted or not probed or len(reused) != handoff.num_reused_blocks:
             if request_id not in self.aborted:
-                ack.error = "reserved blocks differ"
+                ack.error = "reserved blocks differ" if probed else "not probed here first"
         elif handoff.HasField("kv_file"):
             try:
                 kv = [kv_shm.map_tiles(handoff.kv_file, self.assembler.tile_shape)]

@@ -359,7 +359,14 @@ class InProcessEngineClient(GenerateOne):
             except queue.Empty:
                 pass
             if self.engine.has_unfinished:
-                self._step()
+                try:
+                    self._step()
+                except BaseException as e:  # the engine's own fault (a step's is a request's)
+                    logger.exception("the engine failed: no longer serving")
+                    self.error = e
+                    for sub in list(self._subs.values()):
+                        sub.loop.call_soon_threadsafe(sub.out.put_nowait, RuntimeError(str(e)))
+                    return
 
     def _handle(self, kind: str, payload) -> None:
         if kind == "abort":

@@ -192,6 +192,10 @@ class PrefillWorker(WorkerShell):
         id -> why: tried once more, then ended) and the hand-offs."""
         refused: dict[str, str] = {}
         for request in new:
+            if request.request_id in self.engine.scheduler.requests:  # a plan sent twice
+                logger.warning("request %s planned here again: the one here goes on",
+                               request.request_id)  # fmt: skip
+                continue
             try:
                 self.engine.add_request(request)
             except ValueError as e:
