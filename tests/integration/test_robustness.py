@@ -186,7 +186,8 @@ def test_inconsistent_hand_offs_are_refused_with_an_error_reply(cluster):
 
 def test_bad_submits_and_preemptions_get_an_answer_and_never_loop(cluster):
     """Out-of-vocabulary prompt or output ids: a 400 to the request's reply subject, once;
-    a request forked from itself: dropped at the door."""
+    one the prefill worker refuses: placed once more, then a 400, never a loop; a request
+    forked from itself: dropped at the door."""
 
     async def scenario():
         nc = await connect(cluster[1])
@@ -205,6 +206,11 @@ def test_bad_submits_and_preemptions_get_an_answer_and_never_loop(cluster):
             subject("scheduler", "preempted"),
             engine_pb2.Preempted(request=oov_output, worker_id="decode-0").SerializeToString(),
         )
+        # passes the scheduler's door, refused by the prefill worker: once more, then a 400
+        refused = spec("s4", reply_subject=DELTAS)
+        refused.params.stop_token_ids.append(OUT_OF_VOCAB)
+        submit = engine_pb2.SubmitRequest(request=refused)
+        await nc.publish(subject("submit"), submit.SerializeToString())
         forked = spec("s3", reply_subject=DELTAS, fork_ids=["s3"])
         forked.params.n = 2
         submit = engine_pb2.SubmitRequest(request=forked)
@@ -215,7 +221,7 @@ def test_bad_submits_and_preemptions_get_an_answer_and_never_loop(cluster):
 
     deltas = asyncio.run(scenario())
     answered = sorted((d.request_id, d.error_code) for d in deltas)
-    assert answered == [("s1", 400), ("s2", 400)], deltas
+    assert answered == [("s1", 400), ("s2", 400), ("s4", 400)], deltas
     assert_serving_as_before(cluster)
 
 
