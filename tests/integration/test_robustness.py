@@ -149,6 +149,25 @@ def test_the_request_that_stopped_the_cluster_is_a_400_and_the_cluster_serves_on
     assert_serving_as_before(cluster)
 
 
+def test_a_client_request_id_is_its_response_id_however_often_it_comes_or_a_400(cluster):
+    base = cluster[0]
+    body = {"prompt": "Hello", "max_tokens": 2}
+    for bad in ("a b", "x" * 300, ""):
+        r = httpx.post(base + "/v1/completions", json=body | {"request_id": bad}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "request_id", r.text
+
+    async def again_and_again():  # at once, and one after the other
+        mine = body | {"request_id": "mine", "max_tokens": 100, "ignore_eos": True}
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+            at_once = await asyncio.gather(*(http.post("/v1/completions", json=mine)
+                                             for _ in range(2)))  # fmt: skip
+            return [*at_once, await http.post("/v1/completions", json=mine)]
+
+    for r in asyncio.run(again_and_again()):
+        assert r.status_code == 200 and r.json()["id"] == "mine", r.text
+        assert r.json()["usage"]["completion_tokens"] == 100
+
+
 # -- messages that used to kill a stage ------------------------------------------------------
 
 

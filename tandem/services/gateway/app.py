@@ -181,14 +181,21 @@ def build_app(
         return ids[-k:] if k is not None else ids
 
     def fan_out(api, base_id: str, prompts, params, body, prefixes=None):
+        # A client's own request_id may come again (while the first runs, or soon after,
+        # when the stages still remember it): the engine's ids get a suffix of their own.
+        if body.request_id is not None:
+            base_id = f"{base_id}-{uuid.uuid4().hex[:8]}"
         """`n` samples per prompt, prefilled once (choice index = prompt * n + j; a seeded
         request's j-th sample uses seed + j, as vLLM does): watched streams and choices."""
         streams, choices = [], []
         for i, ids in enumerate(prompts):
             rids = [f"{base_id}-{i * body.n + j}" for j in range(body.n)]
-            gens = client.generate_many(
-                rids, ids, params, body.priority, body.cache_salt, api.trace_context
-            )
+            try:
+                gens = client.generate_many(
+                    rids, ids, params, body.priority, body.cache_salt, api.trace_context
+                )
+            except ValueError as e:
+                raise APIError(400, str(e), "BadRequestError", param_of(str(e))) from None
             for j, (rid, gen) in enumerate(zip(rids, gens)):
                 streams.append(api.watch(rid, len(ids), gen))
                 prompt_ids = ids if body.return_token_ids else None

@@ -18,6 +18,7 @@ from tandem.services.gateway.engine_client import (
     GenerateOne,
     GenerationChunk,
     LogprobEntry,
+    check_ids_free,
 )
 from tandem.services.tokenizer.service import TokenizerClient
 from tandem.v1 import engine_pb2
@@ -224,6 +225,7 @@ class ClusterEngineClient(GenerateOne):
     ) -> list[AsyncIterator[GenerationChunk]]:
         """len(request_ids) samples of one prompt, prefilled once: one stream each. The
         request goes out when the first stream is read."""
+        check_ids_free(request_ids, self._streams)
         request = Request(
             request_ids[0], prompt_token_ids, params, priority=priority, cache_salt=cache_salt
         )

@@ -154,6 +154,16 @@ class GenerateOne:
         )[0]
 
 
+def check_ids_free(request_ids: list[str], in_flight) -> None:
+    """ValueError when a request id is taken by a request in flight (a client's own id, sent
+    twice): every stage keys on it."""
+    for request_id in request_ids:
+        if request_id in in_flight:
+            raise ValueError(
+                f"request_id must not be in use by a request in flight: {request_id!r}"
+            )
+
+
 @dataclass(slots=True)
 class _Sub:
     loop: asyncio.AbstractEventLoop
@@ -262,6 +272,7 @@ class InProcessEngineClient(GenerateOne):
         request goes to the engine when the first stream is read."""
         from tandem.engine.tokenizer import IncrementalDetokenizer
 
+        check_ids_free(request_ids, self._subs)
         request = Request(
             request_ids[0], prompt_token_ids, params, priority=priority, cache_salt=cache_salt
         )

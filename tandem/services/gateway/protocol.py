@@ -51,7 +51,8 @@ class GenerateRequest(BaseModel):
     return_token_ids: bool = False
     logits_processors: Any = None  # per-request processors: refused, as vLLM V1 does
     priority: int = 0
-    request_id: str | None = None
+    # printable, no spaces, bounded: every stage keys on it (the route's checks refuse others)
+    request_id: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[!-~]+$")
     cache_salt: str | None = None  # enters the first block's hash: tenants share no cache
 
     def requested_max_tokens(self) -> int | None:
