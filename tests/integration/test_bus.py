@@ -2,6 +2,7 @@
 
 import asyncio
 import subprocess
+import time
 
 import pytest
 import torch
@@ -199,3 +200,33 @@ def test_a_submit_goes_again_until_the_scheduler_and_the_tokenizer_ack_it(nats_u
     received, refused = asyncio.run(scenario())
     assert received == ["r1", "r1", "r1"]  # sent twice: the scheduler had missed the first
     assert refused == [("r1", 503), ("r2", 503)]  # each taken once, however often sent
+
+
+def test_a_submit_a_stage_refuses_fails_at_once_with_the_reason(nats_url):
+    """The refusal is an error reply naming the request: the gateway fails it now (a 400),
+    instead of sending it again until it gives up."""
+    from tandem.engine.request import Request, SamplingParams
+    from tandem.services.common import codec
+    from tandem.services.gateway import cluster_client
+    from tandem.services.scheduler.core import ClusterScheduler
+    from tandem.services.scheduler.service import SchedulerService
+
+    async def scenario():
+        gateway = cluster_client.ClusterEngineClient(nats_url, "unused:0")
+        gateway.bus = await Bus.connect(nats_url, "gateway")
+        await gateway.bus.subscribe(gateway.ack_subject, engine_pb2.SubmitAck, gateway._on_ack,
+                                    on_error=gateway._on_refused)  # fmt: skip
+        scheduler = SchedulerService(await Bus.connect(nats_url, "scheduler"),
+                                     ClusterScheduler(), None)  # fmt: skip
+        await scheduler.start()
+        request = Request("bad", [1, -7], SamplingParams(max_tokens=4))
+        spec = codec.request_to_spec(request, subject("gateway", "test", "deltas"))
+        start = time.monotonic()
+        with pytest.raises(ValueError, match="prompt_token_ids"):
+            await gateway._submit(engine_pb2.SubmitRequest(request=spec), None)
+        elapsed = time.monotonic() - start
+        await scheduler.bus.close()
+        await gateway.bus.close()
+        return elapsed
+
+    assert asyncio.run(scenario()) < 2.0

@@ -31,6 +31,7 @@ M = TypeVar("M", bound=Message)
 # Room for NATS headers and protobuf framing next to a KV chunk's bytes.
 PAYLOAD_HEADROOM = 4096
 ERROR_HEADER = "Tandem-Error"  # on a reply: the request was refused, and why
+REQUEST_ID_HEADER = "Tandem-Request-Id"  # on an error reply: the request it was about
 
 
 def _on_table(subj: str, msg_type: type[Message]) -> None:
@@ -38,6 +39,15 @@ def _on_table(subj: str, msg_type: type[Message]) -> None:
     row = subjects.lookup(subj)
     if row.message is not msg_type:
         raise TypeError(f"{subj} carries {row.message.__name__}, not {msg_type.__name__}")
+
+
+def _request_id_of(msg: Message | None) -> str:
+    """The id of the request a message is about ("" when none)."""
+    if msg is None:
+        return ""
+    if "request" in msg.DESCRIPTOR.fields_by_name:
+        return msg.request.request_id
+    return getattr(msg, "request_id", "")
 
 
 class RemoteError(RuntimeError):
@@ -166,10 +176,14 @@ class Bus:
             raise RemoteError(f"{subj}: {error}")
         return reply_type.FromString(reply.data)
 
-    async def respond_error(self, raw, error: str) -> None:
-        """Answer a request with an error reply (nothing when it wants no answer)."""
+    async def respond_error(self, raw, error: str, request_id: str = "") -> None:
+        """Answer a request with an error reply (nothing when it wants no answer), naming
+        the request it was about when there is one."""
         if raw.reply:
-            await self.nc.publish(raw.reply, b"", headers={ERROR_HEADER: error[:512]})
+            headers = {ERROR_HEADER: error[:512]}
+            if request_id:
+                headers[REQUEST_ID_HEADER] = request_id[:256]
+            await self.nc.publish(raw.reply, b"", headers=headers)
 
     async def subscribe(
         self,
@@ -177,30 +191,39 @@ class Bus:
         msg_type: type[M],
         handler: Callable[[M, nats.aio.msg.Msg], Awaitable[None]],
         queue: str = "",
+        on_error: Callable[[str, str], Awaitable[None]] | None = None,
     ):
         """Call `handler(message, raw)` for each message, in order. A message that does not
         decode or fails its checks is logged and dropped (a requester gets an error reply);
-        a handler that raises is logged: the stage keeps running. `subj` must be on the
-        subject table, with `msg_type` its message type."""
+        a handler that raises is logged: the stage keeps running. An error reply arriving
+        here (on a subject where replies come) goes to `on_error(error, request id)`.
+        `subj` must be on the subject table, with `msg_type` its message type."""
         _on_table(subj, msg_type)
 
         async def on_msg(raw) -> None:
+            error = reply_error(raw)
+            if error is not None:
+                if on_error is not None:
+                    await on_error(error, raw.headers.get(REQUEST_ID_HEADER, ""))
+                return
+            msg = None
             try:
                 msg = msg_type.FromString(raw.data)
                 checks.check(msg)
             except Exception as e:
                 error = f"invalid {msg_type.__name__}: {e}"
                 logger.warning("%s on %s dropped", error, raw.subject)
-                await self._respond_error_quietly(raw, error)
+                await self._respond_error_quietly(raw, error, _request_id_of(msg))
                 return
             try:
                 await handler(msg, raw)
             except ValueError as e:  # a value only the stage itself could judge
                 logger.warning("%s on %s refused: %s", msg_type.__name__, raw.subject, e)
-                await self._respond_error_quietly(raw, str(e))
+                await self._respond_error_quietly(raw, str(e), _request_id_of(msg))
             except Exception as e:
                 logger.exception("handler for %s failed", raw.subject)
-                await self._respond_error_quietly(raw, f"{type(e).__name__}: {e}")
+                error = f"{type(e).__name__}: {e}"
+                await self._respond_error_quietly(raw, error, _request_id_of(msg))
 
         # Bounded by flow control on the sending side, not by dropping: generous limits.
         return await self.nc.subscribe(
@@ -211,9 +234,9 @@ class Bus:
             pending_bytes_limit=1 << 30,
         )
 
-    async def _respond_error_quietly(self, raw, error: str) -> None:
+    async def _respond_error_quietly(self, raw, error: str, request_id: str = "") -> None:
         try:
-            await self.respond_error(raw, error)
+            await self.respond_error(raw, error, request_id)
         except Exception as e:  # the connection is going: nobody to tell
             logger.warning("error reply on %s not sent: %s", raw.subject, e)
 

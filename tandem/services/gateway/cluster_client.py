@@ -44,6 +44,7 @@ class ClusterEngineClient(GenerateOne):
         self.reply_subject = subject("gateway", self.gateway_id, "deltas")
         self.ack_subject = subject("gateway", self.gateway_id, "acks")
         self._acks: dict[str, tuple[set[str], asyncio.Event]] = {}  # request id -> stages
+        self._refused: dict[str, str] = {}  # request id -> why a stage refused its submit
         self.vocab_size = 0
         self.workers: dict[str, engine_pb2.Heartbeat] = {}
         self.seen: dict[str, float] = {}
@@ -63,7 +64,9 @@ class ClusterEngineClient(GenerateOne):
             self.nats_url, self.gateway_id, on_reconnect=self._on_reconnect
         )
         await self.bus.subscribe(self.reply_subject, engine_pb2.TextDelta, self._on_delta)
-        await self.bus.subscribe(self.ack_subject, engine_pb2.SubmitAck, self._on_ack)
+        await self.bus.subscribe(
+            self.ack_subject, engine_pb2.SubmitAck, self._on_ack, on_error=self._on_refused
+        )
         await self.bus.subscribe(subject("heartbeat"), engine_pb2.Heartbeat, self._on_heartbeat)
         await self.bus.subscribe(subject("scheduler", "report"), engine_pb2.StepReport, self._rep)
         await self.bus.subscribe(
@@ -83,6 +86,13 @@ class ClusterEngineClient(GenerateOne):
             if entry[0] >= SUBMIT_ACKERS:
                 entry[1].set()
 
+    async def _on_refused(self, error: str, request_id: str) -> None:
+        """A stage refused a submit (an error reply): the request fails with a 400 now."""
+        entry = self._acks.get(request_id)
+        if entry is not None:
+            self._refused[request_id] = error
+            entry[1].set()
+
     async def _submit(self, msg: engine_pb2.SubmitRequest, headers) -> None:
         """Publish until the scheduler and the tokenizer both acked: NATS delivers at most
         once, and a stage that is reconnecting (NATS restarted) misses what is sent
@@ -96,6 +106,8 @@ class ClusterEngineClient(GenerateOne):
                 left = deadline - time.monotonic()
                 try:
                     await asyncio.wait_for(acked.wait(), min(wait, left))
+                    if request_id in self._refused:
+                        raise ValueError(self._refused[request_id])
                     return
                 except TimeoutError:
                     missing = ", ".join(sorted(SUBMIT_ACKERS - stages))
@@ -107,6 +119,7 @@ class ClusterEngineClient(GenerateOne):
                     logger.warning("submit of %s not acked by %s: sent again", request_id, missing)
         finally:
             del self._acks[request_id]
+            self._refused.pop(request_id, None)
 
     async def _on_reconnect(self) -> None:
         """NATS was lost and is back: messages of the requests in flight may have been lost
