@@ -19,8 +19,8 @@ from tandem.engine.config import (
     SchedulerConfig,
     SchedulingPolicy,
 )
-from tandem.services.common.logs import setup_logging
-from tandem.services.common.tracing import setup_tracing, shutdown_tracing
+from tandem.services.observability.logs import setup_logging
+from tandem.services.observability.tracing import setup_tracing, shutdown_tracing
 
 logger = logging.getLogger("tandem")
 
@@ -278,7 +278,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from tandem.services.common.worker import run_worker, worker_id_for
+    from tandem.services.worker.shell import run_worker, worker_id_for
 
     args.model = resolve_model(args.model)
     if args.command == "prefill":
@@ -336,7 +336,7 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from tandem.services.common.tracing import read_spans, request_trace, waterfall
+    from tandem.services.observability.tracing import read_spans, request_trace, waterfall
 
     spans = request_trace(read_spans(args.trace_file), args.request_id)
     if not spans:

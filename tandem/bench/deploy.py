@@ -162,7 +162,7 @@ def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
 @contextlib.contextmanager
 def deployment(serve_args: list[str], timeout: float) -> Iterator[tuple[str, int]]:
     """`tandem serve` on a free port in its own session, its log in a temp dir: (url, pid)."""
-    from tandem.services.common.servers import free_port
+    from tandem.services.servers import free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", "tandem.cli", "serve", "--port", str(port), *serve_args]

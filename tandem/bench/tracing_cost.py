@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import time
 
-from tandem.services.common.tracing import read_spans
+from tandem.services.observability.tracing import read_spans
 
 TRACE_FILE = os.path.join(
     tempfile.gettempdir(), f"tandem-bench-trace-{os.getpid()}-{int(time.time())}.jsonl"

@@ -25,8 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from tandem.services.common import kv_shm
-from tandem.services.common.servers import (
+from tandem.services.servers import (
     LocalServer,
     free_port,
     pinned_to,
@@ -34,7 +33,8 @@ from tandem.services.common.servers import (
     start_nats,
     start_redis,
 )
-from tandem.services.common.subjects import Role
+from tandem.services.transport import kv_shm
+from tandem.services.transport.subjects import Role
 
 logger = logging.getLogger(__name__)
 DEFAULT_KV_SPACE_GIB = 4.0  # shared by all workers unless --cpu-kv-cache-space is given

@@ -7,8 +7,10 @@ import time
 import pytest
 import torch
 
-from tandem.services.common.bus import Bus, KVAssembler, send_kv, subject, tls_context_from_env
-from tandem.services.common.servers import free_port, launch, nats_server_binary, start_nats
+from tandem.services.servers import free_port, launch, nats_server_binary, start_nats
+from tandem.services.transport.bus import Bus, tls_context_from_env
+from tandem.services.transport.kv_transfer import KVAssembler, send_kv
+from tandem.services.transport.subjects import subject
 from tandem.v1 import engine_pb2
 
 
@@ -146,11 +148,11 @@ def test_a_submit_goes_again_until_the_scheduler_and_the_tokenizer_ack_it(nats_u
     no worker there, taking it means refusing it: one 503 delta); with a stage that never
     answers, the request fails with 503 naming it."""
     from tandem.engine.request import Request, SamplingParams
-    from tandem.services.common import codec
     from tandem.services.gateway import cluster_client
     from tandem.services.gateway.engine_client import EngineOverloaded
     from tandem.services.scheduler.core import ClusterScheduler
     from tandem.services.scheduler.service import SchedulerService
+    from tandem.services.transport import codec
 
     def submit_msg(request_id: str) -> engine_pb2.SubmitRequest:
         request = Request(request_id, [1, 2, 3], SamplingParams(max_tokens=4))
@@ -206,10 +208,10 @@ def test_a_submit_a_stage_refuses_fails_at_once_with_the_reason(nats_url):
     """The refusal is an error reply naming the request: the gateway fails it now (a 400),
     instead of sending it again until it gives up."""
     from tandem.engine.request import Request, SamplingParams
-    from tandem.services.common import codec
     from tandem.services.gateway import cluster_client
     from tandem.services.scheduler.core import ClusterScheduler
     from tandem.services.scheduler.service import SchedulerService
+    from tandem.services.transport import codec
 
     async def scenario():
         gateway = cluster_client.ClusterEngineClient(nats_url, "unused:0")

@@ -18,8 +18,8 @@ import torch
 
 from tandem.engine.llm import LLM
 from tandem.engine.request import SamplingParams
-from tandem.services.common import kv_shm
-from tandem.services.common.servers import free_port
+from tandem.services.servers import free_port
+from tandem.services.transport import kv_shm
 from tests.integration.test_server import assert_all_blocks_free
 
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from tandem.services.common.servers import free_port, nats_server_binary, redis_server_binary
+from tandem.services.servers import free_port, nats_server_binary, redis_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 TANDEM_IMAGE = "tandem:latest"

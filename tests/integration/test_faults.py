@@ -18,8 +18,8 @@ import redis
 
 from tandem.bench.deploy import children, proc_argv, server_root
 from tandem.bench.elastic import cluster_workers
-from tandem.services.common.prefix_index import BLOCK_KEY, WORKER_KEY
-from tandem.services.common.servers import start_redis
+from tandem.services.scheduler.prefix_index import BLOCK_KEY, WORKER_KEY
+from tandem.services.servers import start_redis
 from tests.integration.test_cluster import start_cluster, stop_cluster
 from tests.integration.test_server import assert_all_blocks_free
 

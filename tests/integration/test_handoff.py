@@ -6,7 +6,7 @@ import torch
 
 from tandem.engine.llm import LLM
 from tandem.engine.request import RequestStatus, SamplingParams
-from tandem.services.common import codec
+from tandem.services.transport import codec
 
 
 def _prompts():
@@ -183,11 +183,11 @@ def test_kv_goes_through_shared_memory_and_over_nats_when_the_file_cannot_be_map
     import asyncio
 
     from tandem.engine.request import Request
-    from tandem.services.common import kv_shm
-    from tandem.services.common.bus import Bus
-    from tandem.services.common.servers import start_nats
     from tandem.services.decode.service import DecodeWorker
     from tandem.services.prefill.service import PrefillWorker
+    from tandem.services.servers import start_nats
+    from tandem.services.transport import kv_shm
+    from tandem.services.transport.bus import Bus
 
     if not kv_shm.domain():
         pytest.skip("no shared memory on this machine")

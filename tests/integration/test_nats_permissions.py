@@ -10,8 +10,8 @@ import secrets
 import nats
 import pytest
 
-from tandem.services.common.servers import start_nats
-from tandem.services.common.subjects import Role
+from tandem.services.servers import start_nats
+from tandem.services.transport.subjects import Role
 from tests.helpers.nats import can_connect
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem.services.common.tracing import read_spans, request_trace
+from tandem.services.observability.tracing import read_spans, request_trace
 from tests.integration.test_cluster import start_cluster, stop_cluster
 
 STAGES = {"gateway", "tokenizer", "scheduler", "prefill", "decode"}
@@ -201,7 +201,7 @@ def test_metrics_count_known_traffic_exactly(traced):
 def _settled(base: str) -> dict:
     """A scrape once the stages' pushes (every PUSH_INTERVAL) bring nothing new: counts of
     earlier requests that reach the gateway late must not fall into the next test's delta."""
-    from tandem.services.common.metrics_push import PUSH_INTERVAL
+    from tandem.services.observability.metrics_push import PUSH_INTERVAL
 
     samples = _scrape(base)
     for _ in range(20):

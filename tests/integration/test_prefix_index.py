@@ -6,8 +6,8 @@ import asyncio
 import pytest
 
 from tandem.engine.block_pool import KVEventKind
-from tandem.services.common.prefix_index import PrefixIndex
-from tandem.services.common.servers import free_port, start_redis
+from tandem.services.scheduler.prefix_index import PrefixIndex
+from tandem.services.servers import free_port, start_redis
 
 STORED, REMOVED, CLEARED = KVEventKind.STORED, KVEventKind.REMOVED, KVEventKind.CLEARED
 CHAIN = [2**64 - 1 - i for i in range(6)]  # full 64-bit hashes survive the round trip

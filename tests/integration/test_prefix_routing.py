@@ -15,8 +15,8 @@ import torch
 from tandem.engine.block_pool import extend_block_hashes
 from tandem.engine.llm import LLM
 from tandem.engine.request import SamplingParams
-from tandem.services.common.prefix_index import PrefixIndex
-from tandem.services.common.servers import free_port, start_redis
+from tandem.services.scheduler.prefix_index import PrefixIndex
+from tandem.services.servers import free_port, start_redis
 from tests.integration.test_cluster import start_cluster, stop_cluster
 from tests.integration.test_server import assert_all_blocks_free
 

@@ -20,8 +20,8 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from tandem.bench.deploy import children, proc_argv
-from tandem.services.common.servers import start_nats
-from tandem.services.common.subjects import SUBJECTS, subject
+from tandem.services.servers import start_nats
+from tandem.services.transport.subjects import SUBJECTS, subject
 from tandem.v1 import common_pb2, engine_pb2
 from tests.integration.test_cluster import start_cluster, stop_cluster
 from tests.integration.test_server import assert_all_blocks_free

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from tandem.services.common.servers import start_nats, start_redis
+from tandem.services.servers import start_nats, start_redis
 from tests.helpers.nats import can_connect
 
 
@@ -58,7 +58,7 @@ def test_a_taken_port_is_a_clear_error():
 def test_servers_started_with_credentials_refuse_clients_without_them():
     import redis
 
-    from tandem.services.common.servers import redact
+    from tandem.services.servers import redact
 
     n = start_nats(user="tandem", password="pw-1")
     r = start_redis(password="pw-2")

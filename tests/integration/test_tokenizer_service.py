@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from tandem.services.tokenizer.core import TokenizerCore
-from tandem.services.tokenizer.service import TokenizerClient, start_server
+from tandem.services.tokenizer.service import start_server
+from tandem.services.transport.tokenizer_client import TokenizerClient
 
 
 def test_tokenizer_service_round_trips(tiny_llama):

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from tandem.engine.request import Request, SamplingParams
-from tandem.services.common import checks, codec
-from tandem.services.common.subjects import SUBJECTS, Role, lookup, permissions, subject
+from tandem.services.transport import checks, codec
+from tandem.services.transport.subjects import SUBJECTS, Role, lookup, permissions, subject
 from tandem.v1 import engine_pb2
 
 DELTAS = subject("gateway", "gw-1", "deltas")

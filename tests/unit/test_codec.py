@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tandem.engine.request import Request, SamplingParams
-from tandem.services.common import codec
+from tandem.services.transport import codec
 
 
 @pytest.mark.parametrize(

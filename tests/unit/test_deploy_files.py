@@ -173,8 +173,8 @@ def test_the_nats_accounts_allow_each_role_exactly_its_subjects(where):
     """The permission rules shipped for docker-compose and Kubernetes are the subject
     table's, so they cannot go stale. To refresh them, write servers.deploy_accounts_conf()
     to deploy/nats/tandem.conf and into the ConfigMap nats-accounts of deploy/k8s/nats.yaml."""
-    from tandem.services.common.servers import deploy_accounts_conf, password_env
-    from tandem.services.common.subjects import Role, permissions
+    from tandem.services.servers import deploy_accounts_conf, password_env
+    from tandem.services.transport.subjects import Role, permissions
 
     text = (ROOT / "deploy/nats/tandem.conf").read_text() if where == "compose" else k8s_nats_conf()
     users = nats_users(text)
@@ -186,7 +186,7 @@ def test_the_nats_accounts_allow_each_role_exactly_its_subjects(where):
 
 
 def test_the_config_parser_reads_what_the_renderer_writes():
-    from tandem.services.common.servers import EnvRef, nats_conf
+    from tandem.services.servers import EnvRef, nats_conf
 
     value = {"a": {"s": 'q"b\\n\n', "on": True, "off": False, "env": EnvRef("PW")},
              "l": ["x", {"k": ["y"]}]}  # fmt: skip
@@ -194,8 +194,8 @@ def test_the_config_parser_reads_what_the_renderer_writes():
 
 
 def test_compose_runs_nats_with_the_accounts_and_each_stage_as_its_role():
-    from tandem.services.common.servers import password_env
-    from tandem.services.common.subjects import Role
+    from tandem.services.servers import password_env
+    from tandem.services.transport.subjects import Role
 
     services = compose()["services"]
     nats = services["nats"]

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from tandem.services.common.worker import EngineThread
+from tandem.services.worker.shell import EngineThread
 
 
 def _openmp_threads_of_this_thread():

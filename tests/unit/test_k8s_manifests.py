@@ -248,7 +248,7 @@ def test_the_scaled_object_schema_rejects_unknown_fields():
 
 
 def test_autoscalers_cover_the_stages_and_query_exported_metrics():
-    from tandem.services.common.codec import ROLE_NAMES
+    from tandem.services.transport.codec import ROLE_NAMES
 
     assert {d["spec"]["scaleTargetRef"]["name"] for d in SCALED_OBJECTS} == {
         "prefill", "decode", "gateway"
@@ -279,7 +279,7 @@ def test_every_stage_runs_from_the_image_with_the_shared_config():
 def test_each_stage_connects_to_nats_as_its_own_role():
     """Its NATS_URL, as the kubelet expands it, has its role's user and that role's password
     from the Secret the NATS server reads its accounts' passwords from."""
-    from tandem.services.common.servers import password_env
+    from tandem.services.servers import password_env
 
     passwords = _named("Secret")["tandem-nats"]["stringData"]
     address = _named("ConfigMap")["tandem-config"]["data"]["NATS_ADDRESS"]

@@ -7,7 +7,7 @@ import stat
 import pytest
 import torch
 
-from tandem.services.common import kv_shm
+from tandem.services.transport import kv_shm
 from tandem.v1 import engine_pb2
 
 TILE = (3, 2, 2, 4, 8)  # (layers, 2, Hkv, block_size, D)

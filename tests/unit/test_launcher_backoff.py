@@ -10,8 +10,8 @@ import logging
 import pytest
 
 from tandem.services import launcher
-from tandem.services.common.subjects import Role
 from tandem.services.launcher import Backoff, Cluster, Stage
+from tandem.services.transport.subjects import Role
 
 
 class FakeClock:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.services.common import subjects
-from tandem.services.common.servers import (
+from tandem.services.servers import (
     EnvRef,
     accounts_conf,
     deploy_accounts_conf,
@@ -18,7 +17,8 @@ from tandem.services.common.servers import (
     nats_server_binary,
     password_env,
 )
-from tandem.services.common.subjects import SUBJECTS, Role
+from tandem.services.transport import subjects
+from tandem.services.transport.subjects import SUBJECTS, Role
 
 ROOT = Path(__file__).resolve().parents[2]
 

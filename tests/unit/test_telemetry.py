@@ -9,10 +9,10 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem.services.common import tracing
-from tandem.services.common.logs import JsonFormatter, TextFormatter, log_event
-from tandem.services.common.metrics import EngineCollector, RequestMetrics, RequestTimer
-from tandem.services.common.metrics_push import merge_expositions
+from tandem.services.observability import tracing
+from tandem.services.observability.logs import JsonFormatter, TextFormatter, log_event
+from tandem.services.observability.metrics import EngineCollector, RequestMetrics, RequestTimer
+from tandem.services.observability.metrics_push import merge_expositions
 
 
 def _samples(text: str) -> dict:
@@ -56,7 +56,7 @@ def test_request_timer_counts_one_itl_per_token_after_the_first(monkeypatch):
     registry = CollectorRegistry()
     metrics = RequestMetrics(registry)
     clock = iter([0.0, 0.5, 0.7, 1.3, 1.4])
-    monkeypatch.setattr("tandem.services.common.metrics.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("tandem.services.observability.metrics.time.monotonic", lambda: next(clock))
     timer = RequestTimer(metrics)  # t=0
     timer.on_tokens(1)  # t=0.5: TTFT
     timer.on_tokens(1)  # t=0.7: gap 0.2
@@ -148,7 +148,7 @@ def test_log_event_attaches_fields(caplog):
 
 def _exported_names() -> set[str]:
     """Every sample name the stages export (from their registries, as Prometheus sees them)."""
-    from tandem.services.common.metrics import (
+    from tandem.services.observability.metrics import (
         SchedulerMetrics,
         TokenizerMetrics,
         WorkerMetrics,

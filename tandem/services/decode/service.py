@@ -21,9 +21,12 @@ from tandem.engine.block_pool import Block
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import StepOutput
 from tandem.engine.request import Request, RequestStatus
-from tandem.services.common import codec, kv_shm, tracing
-from tandem.services.common.bus import Bus, KVAssembler, subject
-from tandem.services.common.worker import WorkerShell
+from tandem.services.observability import tracing
+from tandem.services.transport import codec, kv_shm
+from tandem.services.transport.bus import Bus
+from tandem.services.transport.kv_transfer import KVAssembler
+from tandem.services.transport.subjects import subject
+from tandem.services.worker.shell import WorkerShell
 from tandem.utils import cdiv
 from tandem.v1 import engine_pb2
 

@@ -10,9 +10,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 from tandem.engine.request import Request, SamplingParams
-from tandem.services.common import codec
-from tandem.services.common.bus import Bus, subject
-from tandem.services.common.metrics_push import SnapshotStore
 from tandem.services.gateway.engine_client import (
     EngineOverloaded,
     GenerateOne,
@@ -20,7 +17,11 @@ from tandem.services.gateway.engine_client import (
     LogprobEntry,
     check_ids_free,
 )
-from tandem.services.tokenizer.service import TokenizerClient
+from tandem.services.observability.metrics_push import SnapshotStore
+from tandem.services.transport import codec
+from tandem.services.transport.bus import Bus
+from tandem.services.transport.subjects import subject
+from tandem.services.transport.tokenizer_client import TokenizerClient
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)

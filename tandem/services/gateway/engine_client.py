@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.request import Request, RequestStatus, SamplingParams
-from tandem.services.common.metrics import EngineCollector, WorkerMetrics, engine_stats
+from tandem.services.observability.metrics import EngineCollector, WorkerMetrics, engine_stats
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1  # what a refused client is told to wait before trying again

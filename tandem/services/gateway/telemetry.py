@@ -13,11 +13,11 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tandem.engine.request import SamplingParams
-from tandem.services.common import tracing
-from tandem.services.common.logs import log_event
-from tandem.services.common.metrics import RequestMetrics, RequestTimer
-from tandem.services.common.metrics_push import merge_expositions
 from tandem.services.gateway.engine_client import GenerationChunk
+from tandem.services.observability import tracing
+from tandem.services.observability.logs import log_event
+from tandem.services.observability.metrics import RequestMetrics, RequestTimer
+from tandem.services.observability.metrics_push import merge_expositions
 
 logger = logging.getLogger("tandem.requests")
 

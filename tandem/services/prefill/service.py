@@ -16,9 +16,12 @@ from nats.errors import NoRespondersError
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.request import Request
-from tandem.services.common import codec, kv_shm, tracing
-from tandem.services.common.bus import Bus, send_kv, subject
-from tandem.services.common.worker import WorkerShell
+from tandem.services.observability import tracing
+from tandem.services.transport import codec, kv_shm
+from tandem.services.transport.bus import Bus
+from tandem.services.transport.kv_transfer import send_kv
+from tandem.services.transport.subjects import subject
+from tandem.services.worker.shell import WorkerShell
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)

@@ -12,11 +12,9 @@ from prometheus_client import CollectorRegistry
 
 from tandem.engine.block_pool import KVEventKind, extend_block_hashes
 from tandem.engine.config import SchedulingPolicy
-from tandem.services.common import tracing
-from tandem.services.common.bus import Bus, SubmitInbox, subject
-from tandem.services.common.metrics import SchedulerMetrics
-from tandem.services.common.metrics_push import MetricsPublisher
-from tandem.services.common.prefix_index import PrefixIndex
+from tandem.services.observability import tracing
+from tandem.services.observability.metrics import SchedulerMetrics
+from tandem.services.observability.metrics_push import MetricsPublisher
 from tandem.services.scheduler.core import (
     ClusterScheduler,
     Overloaded,
@@ -26,6 +24,9 @@ from tandem.services.scheduler.core import (
     Role,
     Router,
 )
+from tandem.services.scheduler.prefix_index import PrefixIndex
+from tandem.services.transport.bus import Bus, SubmitInbox
+from tandem.services.transport.subjects import subject
 from tandem.v1 import common_pb2, engine_pb2
 
 logger = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ async def serve(
 ) -> None:
     """Run the scheduler until cancelled (the `tandem scheduler` entry point); `/health` on
     `health_port` when given."""
-    from tandem.services.common.health import HealthServer
+    from tandem.services.observability.health import HealthServer
 
     bus = await Bus.connect(nats_url, "scheduler")
     core = ClusterScheduler(

@@ -10,9 +10,9 @@ import time
 import grpc
 from prometheus_client import CollectorRegistry
 
-from tandem.services.common import tracing
-from tandem.services.common.metrics import TokenizerMetrics
-from tandem.services.common.metrics_push import MetricsPublisher, instance_name
+from tandem.services.observability import tracing
+from tandem.services.observability.metrics import TokenizerMetrics
+from tandem.services.observability.metrics_push import MetricsPublisher, instance_name
 from tandem.services.tokenizer.core import TokenizerCore
 from tandem.v1 import tokenizer_pb2 as pb
 from tandem.v1 import tokenizer_pb2_grpc as pb_grpc
@@ -80,10 +80,10 @@ async def serve(
     """Run the stage until cancelled (the `tandem tokenizer` entry point): gRPC on
     `address`, and with `nats_url` the detokenizing stream relay too; `/health` on
     `health_port` when given."""
-    from tandem.services.common.bus import Bus
-    from tandem.services.common.health import HealthServer
+    from tandem.services.observability.health import HealthServer
     from tandem.services.tokenizer.core import DetokenizerHub
     from tandem.services.tokenizer.stream import StreamRelay
+    from tandem.services.transport.bus import Bus
 
     core = TokenizerCore(model_dir)
     registry = CollectorRegistry()
@@ -110,43 +110,3 @@ async def serve(
             publisher.stop()
         if bus is not None:
             await bus.close()
-
-
-class TokenizerClient:
-    """The other stages' view of the tokenizer. INVALID_ARGUMENT becomes ValueError."""
-
-    def __init__(self, target: str) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
-        self.stub = pb_grpc.TokenizerStub(self.channel)
-
-    async def _call(self, method, request):
-        try:
-            return await method(request, metadata=tracing.grpc_metadata())
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ValueError(e.details()) from None
-            raise
-
-    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        req = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
-        return list((await self._call(self.stub.Tokenize, req)).token_ids)
-
-    async def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
-    ) -> tuple[str, list[int]]:
-        req = pb.ChatTemplateRequest(
-            messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
-            add_generation_prompt=add_generation_prompt,
-        )
-        resp = await self._call(self.stub.ApplyChatTemplate, req)
-        return resp.prompt, list(resp.token_ids)
-
-    async def detokenize(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        req = pb.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens)
-        return (await self._call(self.stub.Detokenize, req)).text
-
-    async def info(self) -> pb.InfoResponse:
-        return await self._call(self.stub.Info, pb.InfoRequest())
-
-    async def close(self) -> None:
-        await self.channel.close()

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import time
 
-from tandem.services.common import tracing
-from tandem.services.common.bus import Bus, SubmitInbox, Tombstones, subject
-from tandem.services.common.metrics import TokenizerMetrics
+from tandem.services.observability import tracing
+from tandem.services.observability.metrics import TokenizerMetrics
 from tandem.services.tokenizer.core import DetokenizerHub
+from tandem.services.transport.bus import Bus, SubmitInbox, Tombstones
+from tandem.services.transport.subjects import subject
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)

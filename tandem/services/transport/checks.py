@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable
 
 from google.protobuf.message import Message
 
-from tandem.services.common import codec
-from tandem.services.common.subjects import subject
+from tandem.services.transport import codec
+from tandem.services.transport.subjects import subject
 from tandem.v1 import common_pb2, engine_pb2
 
 # A worker or gateway id is a NATS subject part: dot-separated words of safe characters.

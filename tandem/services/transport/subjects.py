@@ -99,7 +99,7 @@ def lookup(subj: str) -> Subject:
     for row in SUBJECTS:
         if row.matches(subj):
             return row
-    raise KeyError(f"{subj} is not in the subject table (tandem.services.common.subjects)")
+    raise KeyError(f"{subj} is not in the subject table (tandem.services.transport.subjects)")
 
 
 def grant(row: Subject) -> str:

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from tandem.services.common import subjects
-from tandem.services.common.subjects import Role
+from tandem.services.transport import subjects
+from tandem.services.transport.subjects import Role
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -242,9 +242,9 @@ def deploy_accounts_conf() -> str:
     NATS server's environment, NATS_<ROLE>_PASSWORD."""
     header = (
         "# One NATS user per Tandem role, allowed only its own subjects (the subject table,\n"
-        "# tandem/services/common/subjects.py; docs/nats-permissions.md). The passwords come\n"
+        "# tandem/services/transport/subjects.py; docs/nats-permissions.md). The passwords come\n"
         "# from the server's environment, NATS_<ROLE>_PASSWORD.\n"
-        "# Written by tandem.services.common.servers.deploy_accounts_conf(): do not edit.\n"
+        "# Written by tandem.services.servers.deploy_accounts_conf(): do not edit.\n"
     )
     return header + accounts_conf({role: EnvRef(password_env(role)) for role in Role})
 

@@ -41,7 +41,7 @@ class MetricsPublisher:
         self._task = asyncio.create_task(self._run())
 
     async def publish(self) -> None:
-        from tandem.services.common.bus import subject
+        from tandem.services.transport.subjects import subject
 
         msg = engine_pb2.MetricsSnapshot(
             instance=self.instance,

@@ -16,10 +16,11 @@ from prometheus_client import CollectorRegistry
 from tandem.engine.block_pool import KVCacheEvent, KVEventKind
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore, StepOutput
-from tandem.services.common import codec
-from tandem.services.common.bus import Tombstones, subject
-from tandem.services.common.metrics import EngineCollector, WorkerMetrics, engine_stats
-from tandem.services.common.metrics_push import MetricsPublisher
+from tandem.services.observability.metrics import EngineCollector, WorkerMetrics, engine_stats
+from tandem.services.observability.metrics_push import MetricsPublisher
+from tandem.services.transport import codec
+from tandem.services.transport.bus import Tombstones
+from tandem.services.transport.subjects import subject
 from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
@@ -342,8 +343,8 @@ async def run_worker(
 ) -> None:
     """Connect, start, run until cancelled or SIGTERM (then drain), shut down: the prefill
     and decode entry points. `/health` on `health_port` when given (503 while loading)."""
-    from tandem.services.common.bus import Bus
-    from tandem.services.common.health import HealthServer
+    from tandem.services.observability.health import HealthServer
+    from tandem.services.transport.bus import Bus
 
     worker = worker_cls(config, await Bus.connect(nats_url, worker_id), worker_id)
     health = HealthServer(health_port, registry=worker.registry) if health_port else None

@@ -1,0 +1,1 @@
+"""What the prefill and decode workers share: the shell around their engine."""
