@@ -12,67 +12,12 @@ from pathlib import Path
 
 import torch
 
-from tandem.engine.config import (
-    CacheConfig,
-    EngineConfig,
-    ModelConfig,
-    SchedulerConfig,
-    SchedulingPolicy,
-)
+from tandem.engine.args import add_engine_args, engine_config, resolve_model
+from tandem.engine.config import SchedulingPolicy
 from tandem.services.observability.logs import setup_logging
 from tandem.services.observability.tracing import setup_tracing, shutdown_tracing
 
 logger = logging.getLogger("tandem")
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The engine's flags, with vLLM's names."""
-    p.add_argument(
-        "--model",
-        default=None,
-        help="Hugging Face model folder (default: the prepared SmolLM2-135M-Instruct)",
-    )
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument(
-        "--num-gpu-blocks-override",
-        type=int,
-        default=None,
-        help="number of KV blocks, on any device",
-    )
-    p.add_argument(
-        "--cpu-kv-cache-space",
-        type=float,
-        default=None,
-        help="GiB of memory for the KV cache on the CPU (default 4; `tandem serve` splits that "
-        "among its workers)",
-    )
-    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--logprobs-mode",
-        default="raw_logprobs",
-        choices=["raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits"],
-        help="what logprobs report: the model's (raw) or what was sampled from (processed)",
-    )
-    p.add_argument(
-        "--logits-processors",
-        nargs="+",
-        default=None,
-        metavar="MODULE:CLASS",
-        help="global logits processors applied to every batch, e.g. "
-        "tandem.engine.logits_processors:NoRepeatNGramLogitsProcessor",
-    )
-    p.add_argument(
-        "--torch-threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads (default: all cores)",
-    )
 
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
@@ -152,47 +97,13 @@ def add_stage_args(p: argparse.ArgumentParser, drains: bool = False) -> None:
         )
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=ModelConfig(
-            args.model,
-            args.dtype,
-            args.max_model_len,
-            args.seed,
-            args.logprobs_mode,
-            tuple(args.logits_processors or ()),
-        ),
-        cache=CacheConfig(
-            args.block_size,
-            args.num_gpu_blocks_override,
-            **(
-                {"cpu_kv_cache_space_gib": args.cpu_kv_cache_space}
-                if args.cpu_kv_cache_space
-                else {}
-            ),
-            enable_prefix_caching=args.enable_prefix_caching,
-        ),
-        scheduler=SchedulerConfig(
-            args.max_num_seqs, args.max_num_batched_tokens, SchedulingPolicy(args.scheduling_policy)
-        ),
-    )
-
-
-def resolve_model(path: str | None) -> str:
-    if path:
-        return path
-    from tandem.model_prep import prepare_default_model
-
-    return str(prepare_default_model())
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     args.model = resolve_model(args.model)
     if not args.colocated:
         from tandem.services.launcher import serve_cluster
 
         return serve_cluster(args)
-    from tandem.services.gateway.engine_client import InProcessEngineClient
+    from tandem.engine.inproc_client import InProcessEngineClient
 
     client = InProcessEngineClient(
         engine_config(args), args.max_num_queued_requests, args.max_num_queued_tokens

@@ -246,7 +246,7 @@ def format_profile(profile: dict) -> str:
 
 
 def cmd_bench_profile(args: argparse.Namespace) -> int:
-    from tandem.cli import engine_config, resolve_model
+    from tandem.engine.args import engine_config, resolve_model
 
     args.model = resolve_model(args.model)
     if args.torch_threads:
@@ -269,7 +269,7 @@ def cmd_bench_profile(args: argparse.Namespace) -> int:
 
 def add_bench_profile_parser(bench_sub: argparse._SubParsersAction) -> None:
     """Add `profile` to the `tandem bench` subcommands."""
-    from tandem.cli import add_engine_args
+    from tandem.engine.args import add_engine_args
 
     p = bench_sub.add_parser(
         "profile", help="one worker's prefill and decode step times, for `tandem plan`"

@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tandem.engine.client import EngineClient
 from tandem.engine.request import SamplingParams
-from tandem.services.gateway.engine_client import EngineClient
 from tandem.services.gateway.guard import DEFAULT_MAX_BODY_BYTES, Guard
 from tandem.services.gateway.protocol import (
     ChatCompletionRequest,

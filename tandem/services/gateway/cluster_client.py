@@ -9,14 +9,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from tandem.engine.request import Request, SamplingParams
-from tandem.services.gateway.engine_client import (
+from tandem.engine.client import (
     EngineOverloaded,
     GenerateOne,
     GenerationChunk,
     LogprobEntry,
     check_ids_free,
 )
+from tandem.engine.request import Request, SamplingParams
 from tandem.services.observability.metrics_push import SnapshotStore
 from tandem.services.transport import codec
 from tandem.services.transport.bus import Bus

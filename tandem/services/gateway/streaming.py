@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi.responses import JSONResponse
 
-from tandem.services.gateway.engine_client import (
+from tandem.engine.client import (
     RETRY_AFTER_S,
     EngineOverloaded,
     GenerationChunk,

@@ -12,8 +12,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, generate_latest
 
+from tandem.engine.client import GenerationChunk
 from tandem.engine.request import SamplingParams
-from tandem.services.gateway.engine_client import GenerationChunk
 from tandem.services.observability import tracing
 from tandem.services.observability.logs import log_event
 from tandem.services.observability.metrics import RequestMetrics, RequestTimer

@@ -55,6 +55,7 @@ class PrefillWorker(WorkerShell):
         self.trace_of: dict[str, dict[str, str]] = {}  # request id -> W3C context, traced
         self.transfers: dict[str, asyncio.Task] = {}  # request id -> its hand-off
         self.busy = False  # a plan is running
+        self.last_step_id = 0  # of the newest plan received
         self.lanes: dict[str, asyncio.Semaphore] = {}  # decode worker id -> its KV lane
         self.no_shared_memory: set[str] = set()  # decode workers that could not map a file
         self.num_kv_transfers = 0
@@ -90,14 +91,30 @@ class PrefillWorker(WorkerShell):
             await asyncio.wait(list(self.transfers.values()), timeout=60.0)
 
     async def _on_plan(self, plan: engine_pb2.StepPlan, raw) -> None:
+        self.last_step_id = max(self.last_step_id, plan.step_id)
         self.plans.put_nowait(plan)
 
     async def drop_all(self) -> list[str]:
-        while not self.plans.empty():  # their requests are the scheduler's to place again
-            self.plans.get_nowait()
+        """The plans not run yet and the requests in the engine are reported failed: the
+        scheduler places again those it has not placed again already (a request with its
+        first token is the tokenizer's to re-queue)."""
+        reports = []
+        while not self.plans.empty():
+            plan = self.plans.get_nowait()
+            ids = list(dict.fromkeys(c.request_id for c in plan.chunks))
+            reports.append(engine_pb2.StepReport(
+                worker_id=self.worker_id, step_id=plan.step_id, failed_request_ids=ids
+            ))  # fmt: skip
         for request_id in list(self.transfers):
             self.forget(request_id)
-        return await super().drop_all()
+        dropped = await super().drop_all()
+        if dropped:
+            reports.append(engine_pb2.StepReport(
+                worker_id=self.worker_id, step_id=self.last_step_id, failed_request_ids=dropped
+            ))  # fmt: skip
+        for report in reports:
+            await self.bus.publish(subject("scheduler", "report"), report)
+        return dropped
 
     def forget(self, request_id: str) -> None:
         self.decode_of.pop(request_id, None)

@@ -58,7 +58,6 @@ class WorkerState:
     max_num_batched_tokens: int = 0
     vocab_size: int = 0
     last_seen: float = 0.0
-    next_step_id: int = 0
     draining: bool = False  # leaving: placed no new requests, finishes what it has
     plans_in_flight: int = 0  # prefill: plans sent and not yet reported
     last_plan_at: float = 0.0
@@ -81,6 +80,7 @@ class PendingRequest:
     overlap: dict[str, int] = field(default_factory=dict)  # worker -> leading blocks cached
     block_hashes: list[int] = field(default_factory=list)  # its full blocks' chained hashes
     refused_by: set[str] = field(default_factory=set)  # prefill workers that could not run it
+    placed_step: int = -1  # the step id of the plan with its first chunk
 
 
 @dataclass(slots=True)
@@ -126,6 +126,7 @@ class ClusterScheduler:
         self.waiting = WaitingQueue(policy)
         self.workers: dict[str, WorkerState] = {}
         self.prefilling: dict[str, PendingRequest] = {}  # placed on a prefill worker
+        self.next_step_id = 0  # plans are numbered across workers: a number is never reused
         self.worker_timeout = worker_timeout
         self.plans_ahead = plans_ahead
         self.transit_timeout = transit_timeout
@@ -175,19 +176,31 @@ class ClusterScheduler:
         finished_ids=(),
         failed_ids=(),
         refused_ids=(),
+        step_id: int | None = None,
     ) -> list[PendingRequest]:
-        """A prefill worker ran a plan: prefilled requests are on their way to their decode
-        worker, finished ones ended there, failed ones (no blocks) wait again. A refused
-        one (the worker could not run it) waits again once, placed elsewhere when another
-        worker can take it; refused a second time, it is returned: the caller ends it."""
+        """A prefill worker ran a plan (`step_id`): prefilled requests are on their way to
+        their decode worker, finished ones ended there, failed ones (no blocks) wait again.
+        A refused one (the worker could not run it) waits again once, placed elsewhere when
+        another worker can take it; refused a second time, it is returned: the caller ends
+        it. A report speaks only of requests placed on that worker, by that plan or an
+        earlier one: never of one placed again since."""
         worker = self.workers.get(worker_id)
         if worker is not None:
             worker.plans_in_flight = max(0, worker.plans_in_flight - 1)
+
+        def placed_here(request_id: str) -> PendingRequest | None:
+            request = self.prefilling.get(request_id)
+            if request is None or request.prefill_worker_id != worker_id:
+                return None
+            if step_id is not None and request.placed_step > step_id:
+                return None
+            return self.prefilling.pop(request_id)
+
         for request_id in prefilled_ids:  # in transit to their decode worker since placed
-            self.prefilling.pop(request_id, None)
+            placed_here(request_id)
         given_up = []
         for request_id in (*finished_ids, *failed_ids, *refused_ids):
-            request = self.prefilling.pop(request_id, None)
+            request = placed_here(request_id)
             if request is None:
                 continue
             decode = self.workers.get(request.decode_worker_id)
@@ -451,6 +464,7 @@ class ClusterScheduler:
                 decode.worker_id,
             )
             request.num_planned = 0
+            request.placed_step = self.next_step_id  # its first plan is this one or later
             self.prefilling[request.request_id] = request
             self._remember(request, prefill, decode)
             blocks = -(-(request.num_tokens + 1) // max(decode.block_size, 1))
@@ -463,7 +477,7 @@ class ClusterScheduler:
                     break
                 worker.plans_in_flight += 1
                 worker.last_plan_at = self.clock()
-                worker.next_step_id += 1
+                self.next_step_id += 1
                 plans.append(plan)
         return plans
 
@@ -482,10 +496,12 @@ class ClusterScheduler:
             free = self._cached_tokens(request, worker) if request.num_planned == 0 else 0
             num = min(request.num_tokens - request.num_planned, budget + free)
             if num > 0:
+                if request.num_planned == 0:
+                    request.placed_step = self.next_step_id
                 chunks.append(PlannedChunk(request, num, is_first=request.num_planned == 0))
                 request.num_planned += num
                 budget -= max(num - free, 0)
-        return Plan(worker.worker_id, worker.next_step_id, chunks)
+        return Plan(worker.worker_id, self.next_step_id, chunks)
 
     def stats(self) -> dict:
         return {

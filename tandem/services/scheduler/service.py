@@ -152,6 +152,7 @@ class SchedulerService:
             finished_ids=report.finished_request_ids,
             failed_ids=report.failed_request_ids,
             refused_ids=list(errors),
+            step_id=report.step_id,
         )
         for request in given_up:
             error = errors[request.request_id]

@@ -137,7 +137,7 @@ def _chunk(chunk: engine_pb2.KVBlockChunk) -> None:
     request_id(chunk.request_id)
     _require(chunk.chunk_index < chunk.num_chunks, "chunk_index must be < num_chunks")
     _require(chunk.num_blocks >= 1, "num_blocks must be >= 1")
-    _require(chunk.dtype in codec.DTYPES, f"dtype {chunk.dtype[:32]!r} unknown")
+    _require(chunk.dtype in codec.KV_DTYPES, f"dtype {chunk.dtype[:32]!r} unknown")
     _require(len(chunk.data) > 0 and len(chunk.data) % chunk.num_blocks == 0,
              "data is not num_blocks equal tiles")  # fmt: skip
 
@@ -155,7 +155,7 @@ def _handoff(handoff: engine_pb2.KVHandoff) -> None:
     if handoff.HasField("kv_file"):
         _require(handoff.num_chunks == 0, "KV in a file and in chunks")
         _require(handoff.kv_file.num_blocks >= 1, "kv_file.num_blocks must be >= 1")
-        _require(handoff.kv_file.dtype in codec.DTYPES, "kv_file.dtype unknown")
+        _require(handoff.kv_file.dtype in codec.KV_DTYPES, "kv_file.dtype unknown")
 
 
 def _probe(probe: engine_pb2.KVProbe) -> None:

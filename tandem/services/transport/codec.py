@@ -3,16 +3,10 @@ process boundary: no pickle, no ad-hoc dicts."""
 
 from __future__ import annotations
 
-import math
-import warnings
-
-import torch
-
 from tandem.engine.request import Request, SamplingParams
 from tandem.v1 import common_pb2, engine_pb2
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+KV_DTYPES = frozenset({"float32", "bfloat16", "float16"})  # the KV dtypes a hand-off may carry
 ROLE_NAMES = {engine_pb2.WORKER_ROLE_PREFILL: "prefill", engine_pb2.WORKER_ROLE_DECODE: "decode"}
 
 
@@ -119,47 +113,3 @@ def request_from_spec(spec: common_pb2.RequestSpec) -> Request:
         output_token_ids=list(spec.output_token_ids),
         fork_ids=tuple(spec.fork_ids),
     )
-
-
-def kv_to_chunks(
-    request_id: str, kv: torch.Tensor, max_bytes: int
-) -> list[engine_pb2.KVBlockChunk]:
-    """(num_blocks, ...) KV tiles -> chunks of whole blocks, each `data` <= max_bytes.
-
-    A block that alone exceeds max_bytes is an error: the caller sizes max_bytes from the
-    server's max_payload minus headroom.
-    """
-    num_blocks = kv.shape[0]
-    if num_blocks == 0:
-        return []
-    raw = kv.contiguous().view(torch.uint8).view(num_blocks, -1)  # bytes per block, in order
-    block_bytes = raw.shape[1]
-    per_chunk = max_bytes // block_bytes
-    if per_chunk < 1:
-        raise ValueError(f"one KV block is {block_bytes} bytes, more than {max_bytes}")
-    starts = range(0, num_blocks, per_chunk)
-    dtype = DTYPE_NAMES[kv.dtype]
-    return [
-        engine_pb2.KVBlockChunk(
-            request_id=request_id,
-            chunk_index=i,
-            num_chunks=len(starts),
-            first_block=start,
-            num_blocks=min(per_chunk, num_blocks - start),
-            dtype=dtype,
-            data=raw[start : start + per_chunk].numpy().tobytes(),
-        )
-        for i, start in enumerate(starts)
-    ]
-
-
-def kv_from_chunk(chunk: engine_pb2.KVBlockChunk, tile_shape: tuple[int, ...]) -> torch.Tensor:
-    """One chunk -> (chunk.num_blocks, *tile_shape) tensor in the chunk's dtype."""
-    dtype = DTYPES[chunk.dtype]
-    expected = chunk.num_blocks * math.prod(tile_shape) * dtype.itemsize
-    if len(chunk.data) != expected:
-        raise ValueError(f"{len(chunk.data)} bytes are not {chunk.num_blocks} KV tiles here")
-    with warnings.catch_warnings():  # read-only is fine: callers copy the tiles into a cache
-        warnings.filterwarnings("ignore", "The given buffer is not writable")
-        flat = torch.frombuffer(chunk.data, dtype=torch.uint8)
-    return flat.view(dtype).view(chunk.num_blocks, *tile_shape)

@@ -62,7 +62,7 @@ def write(kv: torch.Tensor, shm_dir: Path = SHM_DIR) -> engine_pb2.KVFile:
     /dev/shm: ENOSPC), leaving no file behind."""
     import torch
 
-    from tandem.services.transport.codec import DTYPE_NAMES
+    from tandem.services.transport.kv_transfer import DTYPE_NAMES
 
     name = f"tandem-kv-{os.getpid()}-{uuid.uuid4().hex}"
     raw = kv.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy()
@@ -86,7 +86,7 @@ def map_tiles(
     not a KVFile's, OSError for one that cannot be opened."""
     import torch
 
-    from tandem.services.transport.codec import DTYPES
+    from tandem.services.transport.kv_transfer import DTYPES
 
     if not NAME.fullmatch(kv_file.name) or kv_file.dtype not in DTYPES:
         raise ValueError(f"not a KV file: {kv_file.name!r} ({kv_file.dtype!r})")

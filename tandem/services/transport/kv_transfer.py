@@ -5,13 +5,17 @@ acked chunks under max_payload (`send_kv`), the decode worker puts them back tog
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+import warnings
 
 import torch
 
-from tandem.services.transport import codec
 from tandem.services.transport.bus import PAYLOAD_HEADROOM, Bus, RemoteError, reply_error
 from tandem.v1 import engine_pb2
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 async def send_kv(
@@ -25,7 +29,7 @@ async def send_kv(
     """Send a request's KV tiles as acked chunks under max_payload, at most `window` chunks
     in flight: the receiver's pace bounds what sits in its queue, so it never becomes a slow
     consumer. Returns the number of chunks."""
-    chunks = codec.kv_to_chunks(request_id, kv, bus.max_payload - PAYLOAD_HEADROOM)
+    chunks = kv_to_chunks(request_id, kv, bus.max_payload - PAYLOAD_HEADROOM)
     in_flight = asyncio.Semaphore(window)
 
     async def send(chunk: engine_pb2.KVBlockChunk) -> None:
@@ -50,7 +54,7 @@ class KVAssembler:
 
     def add(self, chunk: engine_pb2.KVBlockChunk) -> None:
         """ValueError when the chunk's bytes are not `num_blocks` tiles of this cache."""
-        tiles = codec.kv_from_chunk(chunk, self.tile_shape)
+        tiles = kv_from_chunk(chunk, self.tile_shape)
         self._since.setdefault(chunk.request_id, time.monotonic())
         self._parts.setdefault(chunk.request_id, {})[chunk.first_block] = tiles
 
@@ -81,3 +85,47 @@ class KVAssembler:
     @property
     def num_pending(self) -> int:
         return len(self._parts)
+
+
+def kv_to_chunks(
+    request_id: str, kv: torch.Tensor, max_bytes: int
+) -> list[engine_pb2.KVBlockChunk]:
+    """(num_blocks, ...) KV tiles -> chunks of whole blocks, each `data` <= max_bytes.
+
+    A block that alone exceeds max_bytes is an error: the caller sizes max_bytes from the
+    server's max_payload minus headroom.
+    """
+    num_blocks = kv.shape[0]
+    if num_blocks == 0:
+        return []
+    raw = kv.contiguous().view(torch.uint8).view(num_blocks, -1)  # bytes per block, in order
+    block_bytes = raw.shape[1]
+    per_chunk = max_bytes // block_bytes
+    if per_chunk < 1:
+        raise ValueError(f"one KV block is {block_bytes} bytes, more than {max_bytes}")
+    starts = range(0, num_blocks, per_chunk)
+    dtype = DTYPE_NAMES[kv.dtype]
+    return [
+        engine_pb2.KVBlockChunk(
+            request_id=request_id,
+            chunk_index=i,
+            num_chunks=len(starts),
+            first_block=start,
+            num_blocks=min(per_chunk, num_blocks - start),
+            dtype=dtype,
+            data=raw[start : start + per_chunk].numpy().tobytes(),
+        )
+        for i, start in enumerate(starts)
+    ]
+
+
+def kv_from_chunk(chunk: engine_pb2.KVBlockChunk, tile_shape: tuple[int, ...]) -> torch.Tensor:
+    """One chunk -> (chunk.num_blocks, *tile_shape) tensor in the chunk's dtype."""
+    dtype = DTYPES[chunk.dtype]
+    expected = chunk.num_blocks * math.prod(tile_shape) * dtype.itemsize
+    if len(chunk.data) != expected:
+        raise ValueError(f"{len(chunk.data)} bytes are not {chunk.num_blocks} KV tiles here")
+    with warnings.catch_warnings():  # read-only is fine: callers copy the tiles into a cache
+        warnings.filterwarnings("ignore", "The given buffer is not writable")
+        flat = torch.frombuffer(chunk.data, dtype=torch.uint8)
+    return flat.view(dtype).view(chunk.num_blocks, *tile_shape)

@@ -123,3 +123,37 @@ def permissions(role: Role) -> dict:
     if answers:
         perms["allow_responses"] = True
     return perms
+
+
+def markdown_table() -> str:
+    """The subject table as docs/subjects.md shows it (a test keeps the two equal)."""
+    lines = [
+        "| subject | from | to | message | reply |",
+        "|---|---|---|---|---|",
+    ]
+    order = list(Role)
+    for row in SUBJECTS:
+        senders = ", ".join(r.value for r in order if r in row.publishers)
+        receivers = ", ".join(r.value for r in order if r in row.subscribers)
+        if row.reply is None:
+            reply = ""
+        else:
+            reply = "empty ack" if row.reply is bytes else f"`{row.reply.__name__}`"
+        lines.append(
+            f"| `{row.full}` | {senders} | {receivers} | `{row.message.__name__}` | {reply} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def grpc_table() -> str:
+    """The tokenizer stage's gRPC methods, as docs/subjects.md shows them."""
+    from tandem.v1 import tokenizer_pb2
+
+    service = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
+    lines = ["| method | from | to | request | response |", "|---|---|---|---|---|"]
+    for method in service.methods:
+        lines.append(
+            f"| `{service.full_name}/{method.name}` | gateway | tokenizer "
+            f"| `{method.input_type.name}` | `{method.output_type.name}` |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,153 @@
+"""`tandem bench serve`'s interference, goodput and soak workloads end to end, shrunk: both
+deployments of the default model, seconds of load each, then the JSON report's keys."""
+
+import argparse
+import json
+
+from tandem.bench.serve import add_bench_serve_parser
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_bench_serve_parser(parser.add_subparsers(dest="kind", required=True))
+    return parser.parse_args(argv)
+
+
+def test_interference_measures_itl_before_and_during_long_prompts(default_model, tmp_path):
+    out = tmp_path / "interference.json"
+    args = _parse(
+        [
+            "serve",
+            "--workload",
+            "interference",
+            "--model",
+            default_model,
+            "--server-args",
+            "--dtype float32",
+            "--json",
+            str(out),
+            "--num-decoders",
+            "2",
+            "--decode-input-len",
+            "8",
+            "--decode-output-len",
+            "32",
+            "--long-input-len",
+            "128",
+            "--long-prompt-rate",
+            "2",
+            "--duration-s",
+            "3",
+            "--baseline-s",
+            "2",
+            "--warmup-s",
+            "0.5",
+        ]  # fmt: skip
+    )
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert report["workload"] == "interference"
+    assert report["params"]["num_decoders"] == 2 and report["params"]["arrivals"] == "poisson"
+    assert "kv_transfer_share_of_ttft" in report
+    keys = {"disaggregated": "itl_p99_ratio_disagg", "colocated": "itl_p99_ratio_colocated"}
+    for name, key in keys.items():
+        run = report["deployments"][name]
+        assert report[key] == run["itl_p99_ratio"] > 0
+        for phase in ("phase_a", "phase_b"):
+            assert run[phase]["num_gaps"] > 0 and run[phase]["decode_tok_s"] > 0
+            itl = run[phase]["itl_ms"]
+            assert 0 < itl["p50"] <= itl["p99"] <= itl["max"] < 5000
+        long = run["long_prompts"]
+        assert long["sent"] >= 1 and long["failed"] == 0 == run["decoders"]["failed"]
+        assert 0 < long["ttft_ms"]["p50"] <= long["ttft_ms"]["p99"]
+        assert run["placement"]
+
+
+def test_goodput_sweeps_rates_and_plots_attainment(default_model, tmp_path, capsys):
+    out = tmp_path / "goodput.json"
+    args = _parse(
+        [
+            "serve",
+            "--workload",
+            "goodput",
+            "--model",
+            default_model,
+            "--server-args",
+            "--dtype float32",
+            "--json",
+            str(out),
+            "--rates",
+            "1,2",
+            "--duration-s",
+            "3",
+            "--min-input-len",
+            "32",
+            "--max-input-len",
+            "128",
+            "--min-output-len",
+            "8",
+            "--max-output-len",
+            "16",
+        ]  # fmt: skip
+    )
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert report["slo"] == {"ttft_ms": 3000.0, "itl_ms": 150.0}
+    assert report["params"]["rates"] == [1.0, 2.0]
+    for name, key in (("disaggregated", "goodput_disagg"), ("colocated", "goodput_colocated")):
+        run = report["deployments"][name]
+        assert report[key] == run["goodput"] in (0.0, 1.0, 2.0)
+        assert [row["rate"] for row in run["rates"]] == [1.0, 2.0]
+        for row in run["rates"]:
+            assert row["sent"] >= 1 and row["failed"] == row["cancelled"]
+            assert 0.0 <= row["attainment"] <= 1.0
+            assert row["met_slo"] == round(row["attainment"] * row["sent"])
+        assert set(report["attainment"][name]) == {"1", "2"}
+    assert (tmp_path / "goodput.png").read_bytes()[:4] == b"\x89PNG"
+    assert "goodput (req/s)" in capsys.readouterr().out
+
+
+def test_soak_samples_every_process_memory_and_reports_growth_after_the_mark(
+    default_model, tmp_path, capsys
+):
+    out = tmp_path / "soak.json"
+    args = _parse(
+        [
+            "serve",
+            "--workload",
+            "soak",
+            "--model",
+            default_model,
+            "--json",
+            str(out),
+            "--duration-s",
+            "6",
+            "--max-concurrency",
+            "4",
+            "--input-len",
+            "32",
+            "--output-len",
+            "16",
+            "--disconnect-prob",
+            "0.3",
+            "--rss-interval-s",
+            "1",
+            "--max-rss-growth-pct",
+            "100",
+        ]  # fmt: skip
+    )
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert report["workload"]["disconnect_prob"] == 0.3
+    for name in ("disaggregated", "colocated"):
+        run = report["deployments"][name]
+        assert run["failed"] == 0 and run["leaked_blocks"] == 0 and run["idle_after"]
+        assert run["completed"] + run["disconnected"] > 0 and run["output_tok_s"] > 0
+        assert len(run["rss_samples"]) >= 5  # the start, one a second, the end
+        assert 1.0 <= run["rss_mark_s"] <= 4.0  # the first sample past a fifth of the run
+        roles = {key.split()[0] for key in run["rss_growth_pct_after_mark"]}
+        assert ({"prefill", "decode", "gateway"} if name == "disaggregated" else {"serve"}) <= roles
+        assert run["rss_mib_mark"].keys() == run["rss_growth_pct_after_mark"].keys()
+        assert report["rss_worst"][name] == run["rss_worst"]
+        assert run["rss_worst"]["process"] in run["rss_mib_end"]
+    assert "worst growth after the mark" in capsys.readouterr().out
