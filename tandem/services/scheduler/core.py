@@ -13,88 +13,25 @@ request that fits no decode worker waits: that is admission control.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 from tandem.engine.config import SchedulingPolicy
 from tandem.engine.scheduler import WaitingQueue
+from tandem.services.scheduler.state import (  # noqa: F401 (the core's vocabulary, re-exported)
+    Overloaded,
+    PendingRequest,
+    Plan,
+    PlannedChunk,
+    Role,
+    Router,
+    WorkerState,
+)
+from tandem.utils import cdiv
 
 PLACED_TTL = 10.0  # seconds a placement stands in for the index
 PLAN_LOST_AFTER = 3.0  # seconds after its last plan an idle prefill worker's plans are lost
-
-
-class Overloaded(Exception):
-    """A request refused for now (HTTP 503 with Retry-After): the queue is full or no worker
-    of a role is there to take it."""
-
-
-class Router(enum.Enum):
-    ROUND_ROBIN = "round-robin"
-    LEAST_LOADED = "least-loaded"
-    KV_AWARE = "kv-aware"
-
-
-class Role(enum.Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-
-
-@dataclass(slots=True)
-class WorkerState:
-    """A worker as its last heartbeat describes it, plus what was sent to it since."""
-
-    worker_id: str
-    role: Role
-    num_blocks: int = 0
-    num_free_blocks: int = 0
-    num_running: int = 0
-    num_waiting: int = 0
-    block_size: int = 16
-    max_num_seqs: int = 1
-    max_model_len: int = 0
-    max_num_batched_tokens: int = 0
-    vocab_size: int = 0
-    last_seen: float = 0.0
-    draining: bool = False  # leaving: placed no new requests, finishes what it has
-    plans_in_flight: int = 0  # prefill: plans sent and not yet reported
-    last_plan_at: float = 0.0
-    in_transit: dict[str, tuple[int, float]] = field(default_factory=dict)  # decode: id -> blocks
-
-
-@dataclass(slots=True, eq=False)
-class PendingRequest:
-    """A request as the central scheduler sees it. `payload` is the shell's (its wire spec)."""
-
-    request_id: str
-    num_tokens: int  # prompt plus tokens generated before a preemption
-    priority: int
-    arrival_time: float
-    payload: object
-    token_ids: Sequence[int] = ()  # prompt and output so far, for the door's vocabulary check
-    prefill_worker_id: str = ""
-    decode_worker_id: str = ""
-    num_planned: int = 0
-    overlap: dict[str, int] = field(default_factory=dict)  # worker -> leading blocks cached
-    block_hashes: list[int] = field(default_factory=list)  # its full blocks' chained hashes
-    refused_by: set[str] = field(default_factory=set)  # prefill workers that could not run it
-    placed_step: int = -1  # the step id of the plan with its first chunk
-
-
-@dataclass(slots=True)
-class PlannedChunk:
-    request: PendingRequest
-    num_tokens: int
-    is_first: bool  # the worker learns the request from its first chunk
-
-
-@dataclass(slots=True)
-class Plan:
-    worker_id: str
-    step_id: int
-    chunks: list[PlannedChunk]
 
 
 class ClusterScheduler:
@@ -353,7 +290,7 @@ class ClusterScheduler:
         for worker in self._accepting(Role.DECODE):
             load = self._decode_load(worker)
             blocks_in_transit = sum(b for b, _ in worker.in_transit.values())
-            blocks_needed = -(-(request.num_tokens + 1) // max(worker.block_size, 1))
+            blocks_needed = cdiv(request.num_tokens + 1, max(worker.block_size, 1))
             if load >= worker.max_num_seqs:
                 continue
             if worker.num_free_blocks - blocks_in_transit < blocks_needed and load > 0:
@@ -442,7 +379,7 @@ class ClusterScheduler:
 
     def _new_blocks(self, request: PendingRequest, worker: WorkerState) -> int:
         """Blocks the request takes on the worker beyond the cached ones it will share."""
-        blocks = -(-request.num_tokens // max(worker.block_size, 1))
+        blocks = cdiv(request.num_tokens, max(worker.block_size, 1))
         return blocks - self._overlap(request, worker.worker_id)
 
     def _prefill_room(self, worker: WorkerState, placed: list[PendingRequest]) -> int:
@@ -467,7 +404,7 @@ class ClusterScheduler:
             request.placed_step = self.next_step_id  # its first plan is this one or later
             self.prefilling[request.request_id] = request
             self._remember(request, prefill, decode)
-            blocks = -(-(request.num_tokens + 1) // max(decode.block_size, 1))
+            blocks = cdiv(request.num_tokens + 1, max(decode.block_size, 1))
             decode.in_transit[request.request_id] = (blocks, self.clock())
         plans = []
         for worker in sorted(self._live(Role.PREFILL), key=lambda w: w.plans_in_flight):
