@@ -263,7 +263,7 @@ class DecodeWorker(WorkerShell):
 
     def heartbeat(self) -> engine_pb2.Heartbeat:
         msg = super().heartbeat()
-        msg.received_request_ids.extend(self.received_ids)
+        msg.received_request_ids.extend(dict.fromkeys(self.received_ids))  # each once
         msg.num_kv_blocks_received = self.num_kv_blocks_received
         self.received_ids.clear()
         return msg
