@@ -172,3 +172,18 @@ def test_the_subject_page_is_the_subject_table():
 
     page = (REPO_ROOT / "docs" / "subjects.md").read_text()
     assert markdown_table() in page and grpc_table() in page, "regenerate docs/subjects.md"
+
+
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_is_over_500_lines():
+    """A module past this holds two things that each want a module of their own: split it by
+    what it holds. The generated protobuf modules (tandem/v1) are not written by hand."""
+    too_long = {
+        str(path.relative_to(ROOT)): num_lines
+        for path in sorted(ROOT.rglob("*.py"))
+        if path.relative_to(ROOT).parts[0] != "v1"
+        and (num_lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not too_long, f"modules over {MAX_MODULE_LINES} lines: {too_long}"

@@ -1,14 +1,19 @@
-"""Layers shared by the model families."""
+"""Layers shared by the model families, with where and how each runs fastest: the linear
+layer's CPU weight layouts, RMSNorm's C++ kernel on CPUs, RoPE's tables and rotation."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tandem.kernels import cpu as cpu_kernels
+from tandem.kernels.cpu import load_cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -29,18 +34,15 @@ class Linear(nn.Module):
     """y = x W^T + b, loaded as (out, in) like nn.Linear.
 
     After loading, `prepare()` stores the weight transposed, (in, out) and contiguous, on
-    CPUs: MKL's GEMM runs x @ W_t about 10% faster than F.linear's transposed operand at
-    decode batch sizes. GPUs keep the checkpoint layout (cuBLAS does not care). A weight
-    shared with another module (an lm_head tied to the embeddings) gets its transposed copy
-    too: the embedding keeps the original (SmolLM2: +108 MiB in fp32; its logits at batch
-    32 take 35-40% less time than through F.linear).
+    CPUs: MKL's GEMM runs x @ W_t faster than F.linear's transposed operand at decode batch
+    sizes. GPUs keep the checkpoint layout (cuBLAS does not care). A weight shared with
+    another module (an lm_head tied to the embeddings) gets its transposed copy too, at the
+    cost of that copy's memory: the embedding keeps the original.
 
     In fp32 and bf16 with oneDNN it also keeps the weight in oneDNN's packed layout: MKL's
     GEMM at decode's few rows is far from its large-M rate, and oneDNN's packed product is
-    not (SmolLM2's linear layers, one thread, x @ W_t against packed: fp32 16 rows 103 -> 53
-    ms, 32 rows 158 -> 94, a 2,048-token prefill 5.9 -> 5.2 s, one row 31 -> 36; bf16 on a
-    CPU with AVX-512 BF16, 1 row 36 -> 19 ms, 16 rows 55 -> 29). From how many rows it runs
-    is measured at load (`calibrate_packed`), per weight shape.
+    not. From how many rows it runs is measured at load (`calibrate_packed`), per weight
+    shape.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -127,3 +129,71 @@ def calibrate_packed(
                     module.packed_from = start
     logger.info("packed products (oneDNN) from rows, per weight shape: %s", chosen)
     return chosen
+
+
+class RMSNorm(nn.Module):
+    """weight * x / rms(x) over the last dim, computed in fp32 as Hugging Face's LlamaRMSNorm.
+
+    On CPUs with the C++ kernels built it runs in one pass over each row (torch's path runs
+    several kernels); elsewhere, torch's F.rms_norm."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and load_cpu_kernels():
+            return cpu_kernels.rms_norm(x.contiguous(), self.weight, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fp32 inside
+
+    def add_and_norm(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual += x in place; returns the sum normalized."""
+        if x.device.type == "cpu" and load_cpu_kernels():
+            return cpu_kernels.add_rms_norm(residual, x.contiguous(), self.weight, self.eps)
+        return self(residual.add_(x))
+
+
+def rope_cos_sin(
+    head_dim: int, theta: float, scaling: dict | None, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max_len, head_dim) cos and signed sin tables in fp32, HF's half-rotation layout.
+
+    The sin table is stored signed, (-sin, sin) by halves of the last dim: what apply_rope
+    multiplies by. `scaling`: None, or a config's rope_scaling with its `rope_type`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is not None:
+        if scaling["rope_type"] == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif scaling["rope_type"] == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        else:
+            raise ValueError(f"unsupported rope_type {scaling['rope_type']!r}")
+    t = torch.arange(max_len, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)  # (max_len, head_dim / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, head_dim)
+    sin = emb.sin()
+    half = head_dim // 2
+    return emb.cos(), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, heads, D); cos/signed_sin: (T, 1, D), signed_sin = (-sin, sin) by halves.
+
+    HF's x * cos + rotate_half(x) * sin with the same roundings, in two temporaries, not
+    five: rotate_half(x) * sin = (x2, x1) * (-sin, sin) (negating is exact)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # (T, heads, D)
+    return out.add_(swapped.mul_(signed_sin))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.engine.attention import AttnMetadata, paged_attention
-from tandem.engine.models.layers import Linear
-from tandem.kernels import cpu
-from tandem.kernels.cpu import load_cpu_kernels
+from tandem.engine.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,73 +53,10 @@ class LlamaArgs:
         )
 
 
-def rope_cos_sin(args: LlamaArgs, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max_len, head_dim) cos and sin tables in fp32, HF's half-rotation layout."""
-    dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = args.rope_scaling
-    if scaling is not None:
-        if scaling["rope_type"] == "linear":
-            inv_freq = inv_freq / scaling["factor"]
-        elif scaling["rope_type"] == "llama3":
-            inv_freq = _llama3_inv_freq(inv_freq, scaling)
-        else:
-            raise ValueError(f"unsupported rope_type {scaling['rope_type']!r}")
-    t = torch.arange(max_len, dtype=torch.int64).float()
-    freqs = torch.outer(t, inv_freq)  # (max_len, dim / 2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, dim)
-    return emb.cos(), emb.sin()
-
-
-def signed(sin: torch.Tensor) -> torch.Tensor:
-    """(-sin, sin) by halves of the last dim: what apply_rope multiplies by."""
-    half = sin.shape[-1] // 2
-    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-
-
-def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, smoothed, scaled)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, heads, D); cos/signed_sin: (T, 1, D), signed_sin = (-sin, sin) by halves.
-
-    HF's x * cos + rotate_half(x) * sin with the same roundings, in two temporaries, not
-    five: rotate_half(x) * sin = (x2, x1) * (-sin, sin) (negating is exact)."""
-    half = x.shape[-1] // 2
-    out = x * cos
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return out.add_(swapped.mul_(signed_sin))
-
-
-class RMSNorm(nn.Module):
-    """On CPUs with the C++ kernels, one pass over each row (torch's is five kernels)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and load_cpu_kernels():
-            return cpu.rms_norm(x.contiguous(), self.weight, self.eps)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fp32 inside
-
-    def add_and_norm(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """residual += x in place; returns the sum normalized."""
-        if x.device.type == "cpu" and load_cpu_kernels():
-            return cpu.add_rms_norm(residual, x.contiguous(), self.weight, self.eps)
-        return self(residual.add_(x))
-
-
 class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE over the paged KV cache; q, k and v come from
+    one fused projection."""
+
     def __init__(self, a: LlamaArgs) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
@@ -134,27 +68,33 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttnMetadata, k_cache, v_cache) -> torch.Tensor:
         T = x.shape[0]
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)  # (T, (H + 2 Hkv) * D)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads rotate together: one RoPE pass.
-        qk = apply_rope(qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        qk = qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim)  # (T, H + Hkv, D)
+        qk = apply_rope(qk, cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # (T, H, D), (T, Hkv, D)
         v = v.view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, H, D)
-        return self.o_proj(o.reshape(T, self.q_size))
+        return self.o_proj(o.reshape(T, self.q_size))  # (T, H * D) -> (T, hidden)
 
 
 class MLP(nn.Module):
+    """SwiGLU: down(silu(gate) * up), gate and up from one fused projection."""
+
     def __init__(self, a: LlamaArgs) -> None:
         super().__init__()
         self.gate_up_proj = Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
         self.down_proj = Linear(a.intermediate_size, a.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I), (T, I)
         return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: attention, then the MLP, each added to the residual stream."""
+
     def __init__(self, a: LlamaArgs) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
@@ -173,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
     """Flat-batch forward: (T,) token ids and positions in, (T, hidden) states out."""
 
     default_qkv_bias = False
-    # checkpoint shard -> (fused parameter, shard index); see loader.load_weights
+    # checkpoint tensor -> (the fused parameter it fills, its shard index), for the loader
     packed_modules = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
@@ -194,9 +134,10 @@ class LlamaForCausalLM(nn.Module):
         self.init_rope(None)
 
     def init_rope(self, device: torch.device | None) -> None:
-        cos, sin = rope_cos_sin(self.args, self.args.max_position_embeddings)
-        self.register_buffer("rope_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", signed(sin).to(device), persistent=False)
+        a = self.args
+        cos, sin = rope_cos_sin(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)  # (max_len, D)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)  # signed
 
     def shard_sizes(self, fused: str) -> list[int]:
         a = self.args
@@ -217,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)
         cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # (T, 1, D)
-        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)  # signed (see apply_rope)
+        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)  # (T, 1, D), signed
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, meta, k_cache, v_cache)
         return self.norm(x)

@@ -47,9 +47,9 @@ def test_tiny_models_match_hf(tiny_model, hf_tiny, engine_kwargs):
 def test_tiny_models_match_hf_through_torchs_ops(tiny_model, hf_tiny, monkeypatch):
     """Where the C++ CPU kernels are not built (or on GPUs): torch's attention and norms."""
     from tandem.engine import attention
-    from tandem.engine.models import llama
+    from tandem.engine.models import layers
 
-    for module in (attention, llama):
+    for module in (attention, layers):
         monkeypatch.setattr(module, "load_cpu_kernels", lambda: False)
     llm = LLM(tiny_model, dtype="float32", num_gpu_blocks_override=256)
     prompts = tiny_prompts()
