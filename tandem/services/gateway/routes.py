@@ -1,0 +1,235 @@
+"""The gateway's endpoints, one function each. A route reaches the gateway's parts through
+the `Gateway` dependency (the GatewayState that `build_app` put on the app)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from tandem.engine.client import GenerationChunk
+from tandem.services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from tandem.services.gateway.state import GatewayState, truncated
+from tandem.services.gateway.streaming import (
+    APIError,
+    Choice,
+    chat_chunk,
+    chat_logprobs,
+    collect,
+    completion_chunk,
+    completion_logprobs,
+    include_usage,
+    started,
+    stream_sse,
+    usage_of,
+)
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+
+async def gateway_state(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+Gateway = Annotated[GatewayState, Depends(gateway_state)]
+
+
+def json_safe(value):
+    """`value` with every non-finite float (which JSON cannot hold) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+@router.get("/health")
+async def health(gateway: Gateway) -> JSONResponse:
+    if not gateway.client.ready:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(gateway: Gateway) -> Response:
+    try:
+        body = gateway.telemetry.exposition(gateway.client.metrics())
+    except Exception:  # the stages' part is skipped, the gateway's own still shown
+        logger.exception("the stages' metrics could not be merged")
+        body = gateway.telemetry.exposition([])
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/stats")
+async def stats(gateway: Gateway) -> JSONResponse:
+    try:
+        return JSONResponse(json_safe(gateway.client.stats()))
+    except Exception:  # never a 500 for a page of counters
+        logger.exception("/stats could not be rendered")
+        return JSONResponse({"error": "statistics unavailable; see the gateway's log"})
+
+
+@router.get("/v1/models")
+async def models(gateway: Gateway) -> ModelList:
+    card = ModelCard(
+        id=gateway.served_model_name,
+        created=gateway.created,
+        root=gateway.model_path,
+        max_model_len=gateway.client.max_model_len or None,
+    )
+    return ModelList(data=[card])
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, gateway: Gateway):
+    gateway.check_request(body)
+    client = gateway.client
+    base_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
+    api = gateway.telemetry.observe("/v1/completions", base_id, gateway.sampling_params(body))
+    with api.failing():
+        with api.active():
+            prompts = [
+                await client.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()
+            ]
+            bad_words = await gateway.bad_words_ids(body.bad_words)
+        prompts = [truncated(ids, body) for ids in prompts]
+        for ids in prompts:
+            gateway.check_prompt(ids, "prompt")
+        params = gateway.sampling_params(body, 16, bad_words)
+        prefixes = None
+        if body.echo:
+            prefixes = [
+                p
+                if isinstance(p, str) and body.truncate_prompt_tokens is None
+                else await client.decode(ids)
+                for p, ids in zip(body.prompts(), prompts)
+            ]
+    streams, choices = gateway.fan_out(api, base_id, prompts, params, body, prefixes)
+    meta = response_meta(gateway, base_id, "text_completion")
+    num_prompt_tokens = sum(len(p) for p in prompts)
+    if body.stream:
+        return await sse_response(streams, choices, num_prompt_tokens, meta, body, completion_chunk)
+    completion_tokens = await collect(streams, choices)
+    rendered = [
+        {
+            "index": c.index,
+            "text": c.text,
+            "logprobs": completion_logprobs(c.logprobs, len(c.prefix)),
+            **c.finish(),
+        }
+        for c in choices
+    ]
+    return dict(meta, choices=rendered, usage=usage_of(num_prompt_tokens, completion_tokens))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
+    gateway.check_request(body)
+    base_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
+    api = gateway.telemetry.observe("/v1/chat/completions", base_id, gateway.sampling_params(body))
+    with api.failing():
+        with api.active():
+            ids = await gateway.chat_prompt(body.template_messages(), body.add_generation_prompt)
+            bad_words = await gateway.bad_words_ids(body.bad_words)
+        ids = truncated(ids, body)
+        gateway.check_prompt(ids, "messages")
+        # Without max_tokens, the reply may fill the rest of the context.
+        params = gateway.sampling_params(body, gateway.client.max_model_len - len(ids), bad_words)
+    streams, choices = gateway.fan_out(api, base_id, [ids], params, body)
+    if body.stream:
+        meta = response_meta(gateway, base_id, "chat.completion.chunk")
+        roles = [
+            {
+                "index": c.index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for c in choices
+        ]
+        return await sse_response(streams, choices, len(ids), meta, body, chat_chunk, roles)
+    meta = response_meta(gateway, base_id, "chat.completion")
+    completion_tokens = await collect(streams, choices)
+    rendered = [
+        {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": chat_logprobs(c.logprobs),
+            **c.finish(),
+        }
+        for c in choices
+    ]
+    return dict(meta, choices=rendered, usage=usage_of(len(ids), completion_tokens))
+
+
+@router.post("/reset_prefix_cache")
+async def reset_prefix_cache(gateway: Gateway) -> JSONResponse:
+    gateway.check_ready()
+    await gateway.client.reset_prefix_cache()
+    return JSONResponse({"status": "ok"})
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, gateway: Gateway):
+    gateway.check_ready()
+    gateway.check_model(body.model)
+    if body.messages is not None and body.prompt is not None:
+        raise APIError(400, "messages must not be given with prompt", "BadRequestError", "messages")
+    if body.messages is not None:
+        messages = [m.to_template() for m in body.messages]
+        tokens = await gateway.chat_prompt(messages, body.add_generation_prompt)
+    elif body.prompt is not None:
+        tokens = await gateway.client.encode(body.prompt, body.add_special_tokens)
+    else:
+        raise APIError(400, "prompt must be given (or messages)", "BadRequestError", "prompt")
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": gateway.client.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, gateway: Gateway):
+    gateway.check_ready()
+    gateway.check_model(body.model)
+    gateway.check_token_ids(body.tokens, "tokens")
+    return {"prompt": await gateway.client.decode(body.tokens)}
+
+
+def response_meta(gateway: GatewayState, response_id: str, object_: str) -> dict:
+    """The fields every completion response (and each of its chunks) starts with."""
+    return dict(
+        id=response_id, object=object_, created=int(time.time()), model=gateway.served_model_name
+    )
+
+
+async def sse_response(
+    streams: list[AsyncIterator[GenerationChunk]],
+    choices: list[Choice],
+    num_prompt_tokens: int,
+    meta: dict,
+    body: GenerateRequest,
+    format_choice: Callable[[Choice, GenerationChunk], dict | None],
+    preamble: Sequence[dict] = (),
+) -> StreamingResponse:
+    """The streams as server-sent events, once the first chunk is there (see `started`)."""
+    chunks = await started(streams)
+    events = stream_sse(
+        chunks, choices, num_prompt_tokens, meta, include_usage(body), format_choice, preamble
+    )
+    return StreamingResponse(events, media_type="text/event-stream")
