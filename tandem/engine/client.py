@@ -1,5 +1,6 @@
-"""What a caller (the gateway) sees of an engine: submit, stream outputs, abort; and the
-shapes of what comes back. Torch-free: a process that only holds a client never loads it.
+"""What a caller (the gateway) sees of an engine: submit a request in the API's terms,
+stream outputs, abort; and the shapes of what goes in and comes back. Torch-free: a process
+that only holds a client never loads it.
 
 Two clients speak it: `inproc_client.InProcessEngineClient` runs an EngineCore on a thread of
 the caller's own process (the colocated deployment); the gateway's cluster client speaks it
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from tandem.engine.request import SamplingParams
@@ -22,6 +23,59 @@ RETRY_AFTER_S = 1  # what a refused client is told to wait before trying again
 class EngineOverloaded(RuntimeError):
     """The engine refused a request for now (HTTP 503 with Retry-After): its queue is at a
     bound, or no worker is there to run it."""
+
+
+class InvalidRequest(ValueError):
+    """The request cannot run (HTTP 400); `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(slots=True)
+class GenerateInput:
+    """A generation request in the API's terms, before anything is tokenized: the engine
+    side renders, tokenizes and checks it (`engine.preprocess`), in the tokenizer stage of
+    the cluster or in-process when colocated.
+
+    Completions give `prompts` (texts or token ids), chat gives `messages`. Prompt i's
+    samples are `request_ids[i * n : (i + 1) * n]`. `params` comes from the body; with
+    `fill_context` (no max_tokens given) the reply may fill the rest of the context."""
+
+    request_ids: list[str]
+    params: SamplingParams
+    prompts: list[str | list[int]] = field(default_factory=list)
+    messages: list[dict] | None = None
+    add_generation_prompt: bool = True
+    truncate_prompt_tokens: int | None = None
+    bad_words: list[str] = field(default_factory=list)
+    fill_context: bool = False
+    return_prompt_text: bool = False  # echo: each prompt's text comes back
+    priority: int = 0
+    cache_salt: str | None = None
+    trace_context: dict[str, str] | None = None
+    arrival_time: float = 0.0
+
+    @property
+    def num_prompts(self) -> int:
+        return 1 if self.messages is not None else len(self.prompts)
+
+    @property
+    def n(self) -> int:
+        return len(self.request_ids) // max(self.num_prompts, 1)
+
+    def ids_of(self, index: int) -> list[str]:
+        """The request ids of prompt `index`'s samples (the first carries the prompt)."""
+        return self.request_ids[index * self.n : (index + 1) * self.n]
+
+
+@dataclass(slots=True)
+class PreparedPrompt:
+    """One prompt as it went to the engine: its token ids, and its text when asked for."""
+
+    token_ids: list[int]
+    text: str = ""
 
 
 @dataclass(slots=True)
@@ -95,30 +149,13 @@ class EngineClient(Protocol):
 
     async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
-    def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        trace_context: dict[str, str] | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        """Run a request; `trace_context` (W3C) makes the engine's spans part of the
-        caller's trace."""
-        ...
-
-    def generate_many(
-        self,
-        request_ids: list[str],
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        trace_context: dict[str, str] | None = None,
-    ) -> list[AsyncIterator[GenerationChunk]]:
-        """`len(request_ids)` samples of one prompt (n > 1), prefilled once then forked:
-        one stream each."""
+    async def submit(
+        self, inputs: GenerateInput
+    ) -> tuple[list[PreparedPrompt], list[AsyncIterator[GenerationChunk]]]:
+        """Run a request: its prompts as they went in, and one stream per request id (in
+        `inputs.request_ids` order). Each prompt is prefilled once, then forked into its n
+        samples. InvalidRequest when it cannot run, EngineOverloaded when not now.
+        `inputs.trace_context` (W3C) makes the engine's spans part of the caller's trace."""
         ...
 
     async def abort(self, request_id: str) -> None: ...
@@ -130,28 +167,12 @@ class EngineClient(Protocol):
     async def shutdown(self) -> None: ...
 
 
-class GenerateOne:
-    """`generate` as the one-sample case of `generate_many` (both clients)."""
-
-    def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        trace_context: dict[str, str] | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
-        return self.generate_many(
-            [request_id], prompt_token_ids, params, priority, cache_salt, trace_context
-        )[0]
-
-
 def check_ids_free(request_ids: list[str], in_flight) -> None:
-    """ValueError when a request id is taken by a request in flight (a client's own id, sent
-    twice): every stage keys on it."""
+    """InvalidRequest when a request id is taken by a request in flight (a client's own id,
+    sent twice): every stage keys on it."""
     for request_id in request_ids:
         if request_id in in_flight:
-            raise ValueError(
-                f"request_id must not be in use by a request in flight: {request_id!r}"
+            raise InvalidRequest(
+                f"request_id must not be in use by a request in flight: {request_id!r}",
+                "request_id",
             )

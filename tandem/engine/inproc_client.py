@@ -11,18 +11,19 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tandem.engine.client import (
     EngineOverloaded,
-    GenerateOne,
+    GenerateInput,
     GenerationChunk,
+    PreparedPrompt,
     check_ids_free,
     logprob_entries,
 )
 from tandem.engine.config import EngineConfig
-from tandem.engine.request import Request, RequestStatus, SamplingParams
+from tandem.engine.driver import EngineDriver
+from tandem.engine.request import Request, RequestStatus
 from tandem.services.observability.metrics import EngineCollector, WorkerMetrics, engine_stats
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,13 @@ class _Sub:
     detok: object
 
 
-class InProcessEngineClient(GenerateOne):
-    """EngineCore on one thread; requests and aborts reach it through a thread-safe queue.
+class InProcessEngineClient:
+    """An EngineCore on the engine driver's thread; requests and aborts reach it through a
+    thread-safe queue, which the thread drains between steps. It steps while it has work,
+    then hands back to the event loop until something new comes.
 
-    The model loads on the thread too, so the server answers /health (503) while it loads.
+    The model loads on that thread once `start` is called, so the server answers /health
+    (503) while it loads.
     """
 
     def __init__(
@@ -58,20 +62,17 @@ class InProcessEngineClient(GenerateOne):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._subs: dict[str, _Sub] = {}
         self._ready = threading.Event()
-        self._num_threads = torch.get_num_threads()  # per thread in torch: set it there too
+        self.driver = EngineDriver(config)
+        self._wake: asyncio.Event | None = None  # something new in the inbox
+        self._task: asyncio.Task | None = None
         self.registry = CollectorRegistry()
         labels = {"worker": "engine", "role": "colocated"}
         self.registry.register(EngineCollector(lambda: engine_stats(self.engine), labels))
         self.worker_metrics = WorkerMetrics(self.registry, "engine", "colocated")
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set() and self.error is None
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        return self._ready.wait(timeout) and self.error is None
 
     def stats(self) -> dict:
         """A snapshot of the engine's load (read without a lock: plain ints), in the shape
@@ -94,7 +95,10 @@ class InProcessEngineClient(GenerateOne):
         return [generate_latest(self.registry).decode()]
 
     async def start(self) -> None:
-        """The engine loads on its own thread from construction on: nothing to connect."""
+        """Load the engine on its thread and serve from it, in the background."""
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.create_task(self._serve(), name="engine")
 
     async def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
@@ -102,52 +106,38 @@ class InProcessEngineClient(GenerateOne):
     async def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True
     ) -> list[int]:
-        """Render with the tokenizer's chat template, then encode the text without adding
-        special tokens (the template places its own), as vLLM does."""
-        from jinja2 import TemplateError
+        from tandem.engine.preprocess import render_chat
 
-        if not messages:
-            raise ValueError("messages must not be empty")
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(
-                "messages must not be given: the model's tokenizer has no chat template"
-            )
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except (TemplateError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"messages must fit the model's chat template: {e}") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return render_chat(self.tokenizer, messages, add_generation_prompt)[1]
 
     async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def generate_many(
-        self,
-        request_ids: list[str],
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        trace_context: dict[str, str] | None = None,
-    ) -> list[AsyncIterator[GenerationChunk]]:
-        """len(request_ids) samples of one prompt, prefilled once: one stream each. The
-        request goes to the engine when the first stream is read."""
+    async def submit(
+        self, inputs: GenerateInput
+    ) -> tuple[list[PreparedPrompt], list[AsyncIterator[GenerationChunk]]]:
+        """Prepared as the tokenizer stage prepares it (`engine.preprocess`), then each
+        prompt's samples prefilled once: one stream each. A request goes to the engine when
+        its first stream is read."""
+        from tandem.engine.preprocess import engine_requests, prepare
+
+        check_ids_free(inputs.request_ids, self._subs)
+        prompts, params = prepare(self.tokenizer, inputs, self.vocab_size, self.max_model_len)
+        requests = engine_requests(inputs, prompts, params, time.time())
+        queued = 0
+        for request in requests:  # all or none
+            queued += request.num_tokens
+            self._admit(request, queued, len(requests))
+        streams = []
+        for request in requests:
+            streams.extend(self._streams_of(request))
+        return prompts, streams
+
+    def _streams_of(self, request: Request) -> list[AsyncIterator[GenerationChunk]]:
         from tandem.engine.tokenizer import IncrementalDetokenizer
 
-        check_ids_free(request_ids, self._subs)
-        request = Request(
-            request_ids[0], prompt_token_ids, params, priority=priority, cache_salt=cache_salt
-        )
-        request.fork_ids = tuple(request_ids[1:])
-        # Validate here, on the caller's side, so bad input raises before any streaming.
-        if request.num_prompt_tokens >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {request.num_prompt_tokens} tokens; max_model_len is "
-                f"{self.max_model_len} and at least one token must be generated"
-            )
-        self._admit(request)
+        params = request.sampling_params
+        request_ids = [request.request_id, *request.fork_ids]
         loop = asyncio.get_running_loop()
         for rid in request_ids:
             detok = IncrementalDetokenizer(
@@ -162,20 +152,21 @@ class InProcessEngineClient(GenerateOne):
         def submit() -> None:
             if not submitted:
                 submitted.append(True)
-                self._inbox.put(("add", request))
+                self._send("add", request)
 
         return [self._stream(rid, self._subs[rid], submit) for rid in request_ids]
 
-    def _admit(self, request: Request) -> None:
-        """The queue bounds (read without a lock: a snapshot is enough for admission).
-        Requests still in the inbox count as queued."""
+    def _admit(self, request: Request, new_tokens: int, new_requests: int = 1) -> None:
+        """The queue bounds (read without a lock: a snapshot is enough for admission), with
+        `new_requests` more holding `new_tokens`. Requests still in the inbox count as
+        queued."""
         waiting = list(self.engine.scheduler.waiting)
-        num_queued = len(waiting) + self._inbox.qsize()
+        num_queued = len(waiting) + self._inbox.qsize() + new_requests - 1
         if self.max_queued_requests is not None and num_queued >= self.max_queued_requests:
             raise EngineOverloaded(f"the queue holds {num_queued} requests (the maximum)")
         if self.max_queued_tokens is not None:
             queued = sum(r.num_tokens for r in waiting)
-            if queued + request.num_tokens > self.max_queued_tokens:
+            if queued + new_tokens > self.max_queued_tokens:
                 raise EngineOverloaded(
                     f"the queue holds {queued} tokens (at most {self.max_queued_tokens})"
                 )
@@ -193,27 +184,33 @@ class InProcessEngineClient(GenerateOne):
         finally:
             self._subs.pop(request_id, None)
             if not finished:
-                self._inbox.put(("abort", request_id))
+                self._send("abort", request_id)
 
     async def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._send("abort", request_id)
 
     async def reset_prefix_cache(self) -> None:
-        self._inbox.put(("reset", None))
+        self._send("reset", None)
 
     async def shutdown(self) -> None:
-        self._inbox.put(("stop", None))
+        self._send("stop", None)
+        if self._task is not None:
+            await asyncio.wait([self._task], timeout=10)
+        self.driver.shutdown()
 
-    # -- engine thread -------------------------------------------------------------------
+    def _send(self, kind: str, payload) -> None:
+        """To the engine's inbox (from the event loop's thread), waking the engine."""
+        self._inbox.put((kind, payload))
+        if self._wake is not None:
+            self._wake.set()
 
-    def _run(self) -> None:
-        torch.set_num_threads(self._num_threads)
+    async def _serve(self) -> None:
+        """Load, then run the engine until idle each time something new comes."""
+        from tandem.engine.tokenizer import load_tokenizer
+
         try:
-            from tandem.engine.core import EngineCore
-            from tandem.engine.tokenizer import load_tokenizer
-
-            self.engine = EngineCore(self.config)
-            self.tokenizer = load_tokenizer(self.config.model.model)
+            self.engine = await self.driver.start()
+            self.tokenizer = await self.driver.call(load_tokenizer, self.config.model.model)
             self.max_model_len = self.engine.max_model_len
             self.vocab_size = self.engine.runner.info.vocab_size
         except BaseException as e:  # reported through /health and the launcher
@@ -223,25 +220,36 @@ class InProcessEngineClient(GenerateOne):
             return
         self._ready.set()
         while True:
-            block = not self.engine.has_unfinished
+            self._wake.clear()
+            if await self.driver.call(self._run_until_idle):
+                return
+            if self._inbox.empty():
+                await self._wake.wait()
+
+    # -- engine thread -------------------------------------------------------------------
+
+    def _run_until_idle(self) -> bool:
+        """On the engine's thread: take what the inbox holds and step, until there is
+        nothing to do. True once the engine stopped (asked to, or failed)."""
+        while True:
             try:
                 while True:
-                    kind, payload = self._inbox.get(block=block)
-                    block = False
+                    kind, payload = self._inbox.get_nowait()
                     if kind == "stop":
-                        return
+                        return True
                     self._handle(kind, payload)
             except queue.Empty:
                 pass
-            if self.engine.has_unfinished:
-                try:
-                    self._step()
-                except BaseException as e:  # the engine's own fault (a step's is a request's)
-                    logger.exception("the engine failed: no longer serving")
-                    self.error = e
-                    for sub in list(self._subs.values()):
-                        sub.loop.call_soon_threadsafe(sub.out.put_nowait, RuntimeError(str(e)))
-                    return
+            if not self.engine.has_unfinished:
+                return False
+            try:
+                self._step()
+            except BaseException as e:  # the engine's own fault (a step's is a request's)
+                logger.exception("the engine failed: no longer serving")
+                self.error = e
+                for sub in list(self._subs.values()):
+                    sub.loop.call_soon_threadsafe(sub.out.put_nowait, RuntimeError(str(e)))
+                return True
 
     def _handle(self, kind: str, payload) -> None:
         if kind == "abort":

@@ -22,31 +22,44 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/tokenizer.proto\x12\ttandem.v1\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"^\n\x13\x43hatTemplateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"]\n\x0cInfoResponse\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12\x19\n\x0c\x65os_token_id\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\tB\x0f\n\r_eos_token_id2\xa6\x02\n\tTokenizer\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12P\n\x11\x41pplyChatTemplate\x12\x1e.tandem.v1.ChatTemplateRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.tandem.v1.DetokenizeRequest\x1a\x1d.tandem.v1.DetokenizeResponse\x12\x37\n\x04Info\x12\x16.tandem.v1.InfoRequest\x1a\x17.tandem.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/tokenizer.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"^\n\x13\x43hatTemplateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"]\n\x0cInfoResponse\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12\x19\n\x0c\x65os_token_id\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\tB\x0f\n\r_eos_token_id\"V\n\x0bPromptInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x18.tandem.v1.TokenSequenceH\x00\x42\x08\n\x06prompt\"\x82\x04\n\x0fGenerateRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\'\n\x07prompts\x18\x02 \x03(\x0b\x32\x16.tandem.v1.PromptInput\x12\x15\n\rmessages_json\x18\x03 \x01(\t\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x04 \x01(\x08\x12#\n\x16truncate_prompt_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\tbad_words\x18\x06 \x03(\t\x12)\n\x06params\x18\x07 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x14\n\x0c\x66ill_context\x18\x08 \x01(\x08\x12\x1a\n\x12return_prompt_text\x18\t \x01(\x08\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x12\n\ncache_salt\x18\x0b \x01(\t\x12\x15\n\rreply_subject\x18\x0c \x01(\t\x12\x43\n\rtrace_context\x18\r \x03(\x0b\x32,.tandem.v1.GenerateRequest.TraceContextEntry\x12\x14\n\x0c\x61rrival_time\x18\x0e \x01(\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x19\n\x17_truncate_prompt_tokens\"1\n\x0ePreparedPrompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\";\n\rGenerateReply\x12*\n\x07prompts\x18\x01 \x03(\x0b\x32\x19.tandem.v1.PreparedPrompt2\xe6\x02\n\tTokenizer\x12>\n\x06Submit\x12\x1a.tandem.v1.GenerateRequest\x1a\x18.tandem.v1.GenerateReply\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12P\n\x11\x41pplyChatTemplate\x12\x1e.tandem.v1.ChatTemplateRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.tandem.v1.DetokenizeRequest\x1a\x1d.tandem.v1.DetokenizeResponse\x12\x37\n\x04Info\x12\x16.tandem.v1.InfoRequest\x1a\x17.tandem.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.tokenizer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENIZEREQUEST']._serialized_start=40
-  _globals['_TOKENIZEREQUEST']._serialized_end=99
-  _globals['_CHATMESSAGE']._serialized_start=101
-  _globals['_CHATMESSAGE']._serialized_end=145
-  _globals['_CHATTEMPLATEREQUEST']._serialized_start=147
-  _globals['_CHATTEMPLATEREQUEST']._serialized_end=241
-  _globals['_TOKENIZERESPONSE']._serialized_start=243
-  _globals['_TOKENIZERESPONSE']._serialized_end=296
-  _globals['_DETOKENIZEREQUEST']._serialized_start=298
-  _globals['_DETOKENIZEREQUEST']._serialized_end=365
-  _globals['_DETOKENIZERESPONSE']._serialized_start=367
-  _globals['_DETOKENIZERESPONSE']._serialized_end=401
-  _globals['_INFOREQUEST']._serialized_start=403
-  _globals['_INFOREQUEST']._serialized_end=416
-  _globals['_INFORESPONSE']._serialized_start=418
-  _globals['_INFORESPONSE']._serialized_end=511
-  _globals['_TOKENIZER']._serialized_start=514
-  _globals['_TOKENIZER']._serialized_end=808
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_TOKENIZEREQUEST']._serialized_start=64
+  _globals['_TOKENIZEREQUEST']._serialized_end=123
+  _globals['_CHATMESSAGE']._serialized_start=125
+  _globals['_CHATMESSAGE']._serialized_end=169
+  _globals['_CHATTEMPLATEREQUEST']._serialized_start=171
+  _globals['_CHATTEMPLATEREQUEST']._serialized_end=265
+  _globals['_TOKENIZERESPONSE']._serialized_start=267
+  _globals['_TOKENIZERESPONSE']._serialized_end=320
+  _globals['_DETOKENIZEREQUEST']._serialized_start=322
+  _globals['_DETOKENIZEREQUEST']._serialized_end=389
+  _globals['_DETOKENIZERESPONSE']._serialized_start=391
+  _globals['_DETOKENIZERESPONSE']._serialized_end=425
+  _globals['_INFOREQUEST']._serialized_start=427
+  _globals['_INFOREQUEST']._serialized_end=440
+  _globals['_INFORESPONSE']._serialized_start=442
+  _globals['_INFORESPONSE']._serialized_end=535
+  _globals['_PROMPTINPUT']._serialized_start=537
+  _globals['_PROMPTINPUT']._serialized_end=623
+  _globals['_GENERATEREQUEST']._serialized_start=626
+  _globals['_GENERATEREQUEST']._serialized_end=1140
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_start=1062
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_end=1113
+  _globals['_PREPAREDPROMPT']._serialized_start=1142
+  _globals['_PREPAREDPROMPT']._serialized_end=1191
+  _globals['_GENERATEREPLY']._serialized_start=1193
+  _globals['_GENERATEREPLY']._serialized_end=1252
+  _globals['_TOKENIZER']._serialized_start=1255
+  _globals['_TOKENIZER']._serialized_end=1613
 # @@protoc_insertion_point(module_scope)

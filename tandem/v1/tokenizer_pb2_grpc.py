@@ -35,6 +35,11 @@ class TokenizerStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Submit = channel.unary_unary(
+                '/tandem.v1.Tokenizer/Submit',
+                request_serializer=tandem_dot_v1_dot_tokenizer__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_tokenizer__pb2.GenerateReply.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/tandem.v1.Tokenizer/Tokenize',
                 request_serializer=tandem_dot_v1_dot_tokenizer__pb2.TokenizeRequest.SerializeToString,
@@ -60,6 +65,17 @@ class TokenizerStub:
 class TokenizerServicer:
     """The tokenizer stage: prompts to token ids, chat templates, ids back to text.
     """
+
+    def Submit(self, request, context):
+        """A generation request from the gateway, in the API's terms: rendered, tokenized and
+        checked here (INVALID_ARGUMENT, with the parameter in the `tandem-param` trailer), its
+        detokenizer streams opened, then submitted to the scheduler, which acked it before
+        this returns (UNAVAILABLE when it did not in time). Text deltas then go to the
+        request's reply subject.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Tokenize(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -88,6 +104,11 @@ class TokenizerServicer:
 
 def add_TokenizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Submit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=tandem_dot_v1_dot_tokenizer__pb2.GenerateRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_tokenizer__pb2.GenerateReply.SerializeToString,
+            ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
                     request_deserializer=tandem_dot_v1_dot_tokenizer__pb2.TokenizeRequest.FromString,
@@ -119,6 +140,33 @@ def add_TokenizerServicer_to_server(servicer, server):
 class Tokenizer:
     """The tokenizer stage: prompts to token ids, chat templates, ids back to text.
     """
+
+    @staticmethod
+    def Submit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Tokenizer/Submit',
+            tandem_dot_v1_dot_tokenizer__pb2.GenerateRequest.SerializeToString,
+            tandem_dot_v1_dot_tokenizer__pb2.GenerateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Tokenize(request,

@@ -71,7 +71,7 @@ class DecodeWorker(WorkerShell):
     async def _on_probe(self, probe: engine_pb2.KVProbe, raw) -> None:
         num_cached = 0
         if probe.request.request_id not in self.aborted:
-            num_cached = await self.thread.call(self._reserve, probe.request)
+            num_cached = await self.driver.call(self._reserve, probe.request)
         shared = bool(probe.shm_domain) and probe.shm_domain == kv_shm.domain()
         reply = engine_pb2.KVProbeReply(num_cached_blocks=num_cached, shared_memory=shared)
         await raw.respond(reply.SerializeToString())
@@ -107,7 +107,7 @@ class DecodeWorker(WorkerShell):
         for request_id in stale:
             logger.warning("KV chunks of %s dropped: its hand-off never came", request_id)
         if self.reserved:
-            for request_id in await self.thread.call(self._expire_reservations):
+            for request_id in await self.driver.call(self._expire_reservations):
                 logger.warning("reservation for %s expired: its hand-off never came", request_id)
 
     async def _on_chunk(self, chunk: engine_pb2.KVBlockChunk, raw) -> None:
@@ -127,7 +127,7 @@ class DecodeWorker(WorkerShell):
             # goes on, and its stream takes each token once; the copy is dropped.
             logger.warning("hand-off of %s: held here already, the copy dropped", request_id)
             self.assembler.drop(request_id)
-            await self.thread.call(self.engine.kv.pool.free, reversed(reused))
+            await self.driver.call(self.engine.kv.pool.free, reversed(reused))
             ack.accepted = True
             await raw.respond(ack.SerializeToString())
             return
@@ -156,7 +156,7 @@ class DecodeWorker(WorkerShell):
             self._arrive(handoff, kv, reused, raw.headers)
         else:
             self.assembler.drop(request_id)
-            await self.thread.call(self.engine.kv.pool.free, reversed(reused))
+            await self.driver.call(self.engine.kv.pool.free, reversed(reused))
             if request_id in self.aborted:
                 ack = engine_pb2.KVHandoffAck(accepted=True)  # nothing to say: it is over
         self.received_ids.append(request_id)
@@ -227,10 +227,10 @@ class DecodeWorker(WorkerShell):
 
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         await super()._on_abort(msg, raw)
-        await self.thread.call(self._release, msg.request_id)
+        await self.driver.call(self._release, msg.request_id)
 
     async def drop_all(self) -> list[str]:
-        dropped = await self.thread.call(self._hand_back_on_thread)  # frees every block here
+        dropped = await self.driver.call(self._hand_back_on_thread)  # frees every block here
         for request in dropped:
             self.forget(request.request_id)
         return [r.request_id for r in dropped]
@@ -244,7 +244,7 @@ class DecodeWorker(WorkerShell):
     async def hand_back(self) -> None:
         """Every request here goes back to the scheduler with its tokens (as a preemption
         does): it continues on another decode worker, its client's stream unbroken."""
-        requests = await self.thread.call(self._hand_back_on_thread)
+        requests = await self.driver.call(self._hand_back_on_thread)
         for request in requests:
             await self._send_back(request)
         if requests:
@@ -271,7 +271,7 @@ class DecodeWorker(WorkerShell):
     async def loop(self) -> None:
         while True:
             if self.arrivals:
-                failed = await self.thread.call(self._admit)
+                failed = await self.driver.call(self._admit)
                 if failed:
                     for out in failed:
                         self._end_span(out.request.request_id, out.request, error=out.error)

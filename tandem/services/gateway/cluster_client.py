@@ -1,5 +1,6 @@
-"""The gateway's engine client for the disaggregated cluster: prompts through the tokenizer
-stage (gRPC), requests to the scheduler and text deltas back over NATS."""
+"""The gateway's engine client for the disaggregated cluster: each request goes whole to the
+tokenizer stage (gRPC Submit), which prepares it and submits it to the scheduler; its text
+deltas come back over NATS."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from collections.abc import AsyncIterator
 
 from tandem.engine.client import (
     EngineOverloaded,
-    GenerateOne,
+    GenerateInput,
     GenerationChunk,
     LogprobEntry,
+    PreparedPrompt,
     check_ids_free,
 )
-from tandem.engine.request import Request, SamplingParams
 from tandem.services.observability.metrics_push import SnapshotStore
 from tandem.services.transport import codec
 from tandem.services.transport.bus import Bus
@@ -26,14 +27,12 @@ from tandem.v1 import engine_pb2
 
 logger = logging.getLogger(__name__)
 WORKER_TIMEOUT = 5.0  # a worker whose heartbeats stopped this long ago no longer counts
-# A submit goes again when the scheduler and the tokenizer have not both acked it within
-# SUBMIT_RETRY seconds (doubling each time); after SUBMIT_TIMEOUT the request fails with 503.
-SUBMIT_RETRY = 0.5
-SUBMIT_TIMEOUT = 15.0
-SUBMIT_ACKERS = frozenset({"scheduler", "tokenizer"})
+# How long a submit may take: the tokenizer stage's own resending to the scheduler (15 s)
+# plus a margin, within which an unreachable tokenizer is called again.
+SUBMIT_TIMEOUT = 20.0
 
 
-class ClusterEngineClient(GenerateOne):
+class ClusterEngineClient:
     """EngineClient over the stages. Ready once the tokenizer answers and at least one
     prefill and one decode worker heartbeat."""
 
@@ -43,9 +42,6 @@ class ClusterEngineClient(GenerateOne):
         self.tokenizer: TokenizerClient | None = None
         self.gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
         self.reply_subject = subject("gateway", self.gateway_id, "deltas")
-        self.ack_subject = subject("gateway", self.gateway_id, "acks")
-        self._acks: dict[str, tuple[set[str], asyncio.Event]] = {}  # request id -> stages
-        self._refused: dict[str, str] = {}  # request id -> why a stage refused its submit
         self.vocab_size = 0
         self.workers: dict[str, engine_pb2.Heartbeat] = {}
         self.seen: dict[str, float] = {}
@@ -65,9 +61,6 @@ class ClusterEngineClient(GenerateOne):
             self.nats_url, self.gateway_id, on_reconnect=self._on_reconnect
         )
         await self.bus.subscribe(self.reply_subject, engine_pb2.TextDelta, self._on_delta)
-        await self.bus.subscribe(
-            self.ack_subject, engine_pb2.SubmitAck, self._on_ack, on_error=self._on_refused
-        )
         await self.bus.subscribe(subject("heartbeat"), engine_pb2.Heartbeat, self._on_heartbeat)
         await self.bus.subscribe(subject("scheduler", "report"), engine_pb2.StepReport, self._rep)
         await self.bus.subscribe(
@@ -79,48 +72,6 @@ class ClusterEngineClient(GenerateOne):
     async def _on_heartbeat(self, hb: engine_pb2.Heartbeat, raw) -> None:
         self.workers[hb.worker_id] = hb
         self.seen[hb.worker_id] = time.monotonic()
-
-    async def _on_ack(self, ack: engine_pb2.SubmitAck, raw) -> None:
-        entry = self._acks.get(ack.request_id)
-        if entry is not None:
-            entry[0].add(ack.stage)
-            if entry[0] >= SUBMIT_ACKERS:
-                entry[1].set()
-
-    async def _on_refused(self, error: str, request_id: str) -> None:
-        """A stage refused a submit (an error reply): the request fails with a 400 now."""
-        entry = self._acks.get(request_id)
-        if entry is not None:
-            self._refused[request_id] = error
-            entry[1].set()
-
-    async def _submit(self, msg: engine_pb2.SubmitRequest, headers) -> None:
-        """Publish until the scheduler and the tokenizer both acked: NATS delivers at most
-        once, and a stage that is reconnecting (NATS restarted) misses what is sent
-        meanwhile. Both ignore a request they already have."""
-        request_id = msg.request.request_id
-        stages, acked = self._acks[request_id] = (set(), asyncio.Event())
-        try:
-            wait, deadline = SUBMIT_RETRY, time.monotonic() + SUBMIT_TIMEOUT
-            while True:
-                await self.bus.publish(subject("submit"), msg, headers, reply=self.ack_subject)
-                left = deadline - time.monotonic()
-                try:
-                    await asyncio.wait_for(acked.wait(), min(wait, left))
-                    if request_id in self._refused:
-                        raise ValueError(self._refused[request_id])
-                    return
-                except TimeoutError:
-                    missing = ", ".join(sorted(SUBMIT_ACKERS - stages))
-                    if wait >= left:
-                        raise EngineOverloaded(
-                            f"the cluster did not take the request ({missing} unreachable)"
-                        ) from None
-                    wait *= 2
-                    logger.warning("submit of %s not acked by %s: sent again", request_id, missing)
-        finally:
-            del self._acks[request_id]
-            self._refused.pop(request_id, None)
 
     async def _on_reconnect(self) -> None:
         """NATS was lost and is back: messages of the requests in flight may have been lost
@@ -228,41 +179,34 @@ class ClusterEngineClient(GenerateOne):
                 if fork_id in self._streams:
                     self._streams[fork_id].put_nowait(delta)
 
-    def generate_many(
-        self,
-        request_ids: list[str],
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        trace_context: dict[str, str] | None = None,
-    ) -> list[AsyncIterator[GenerationChunk]]:
-        """len(request_ids) samples of one prompt, prefilled once: one stream each. The
-        request goes out when the first stream is read."""
-        check_ids_free(request_ids, self._streams)
-        request = Request(
-            request_ids[0], prompt_token_ids, params, priority=priority, cache_salt=cache_salt
-        )
-        request.fork_ids = tuple(request_ids[1:])
-        request.arrival_time = time.time()
-        spec = codec.request_to_spec(request, self.reply_subject, trace_context)
-        queues = {rid: asyncio.Queue() for rid in request_ids}
+    async def submit(
+        self, inputs: GenerateInput
+    ) -> tuple[list[PreparedPrompt], list[AsyncIterator[GenerationChunk]]]:
+        """The request goes whole to the tokenizer stage; its streams listen from before,
+        since deltas may come before the call returns."""
+        check_ids_free(inputs.request_ids, self._streams)
+        queues = {rid: asyncio.Queue() for rid in inputs.request_ids}
         self._streams.update(queues)
-        if request.fork_ids:
-            self._forks[request.request_id] = request.fork_ids
-        submitted: list[bool] = []
+        for i in range(inputs.num_prompts):
+            ids = inputs.ids_of(i)
+            if len(ids) > 1:
+                self._forks[ids[0]] = tuple(ids[1:])
+        if not inputs.arrival_time:
+            inputs.arrival_time = time.time()
+        msg = codec.generate_input_to_proto(inputs, self.reply_subject)
+        try:
+            reply = await self.tokenizer.submit(msg, SUBMIT_TIMEOUT)
+        except BaseException:
+            for rid in inputs.request_ids:
+                self._streams.pop(rid, None)
+                self._forks.pop(rid, None)
+            raise
+        prompts = [PreparedPrompt(list(p.token_ids), p.text) for p in reply.prompts]
+        return prompts, [self._stream(rid, queues[rid]) for rid in inputs.request_ids]
 
-        async def submit() -> None:
-            if not submitted:
-                submitted.append(True)
-                await self._submit(engine_pb2.SubmitRequest(request=spec), trace_context)
-
-        return [self._stream(rid, queues[rid], submit) for rid in request_ids]
-
-    async def _stream(self, request_id: str, queue: asyncio.Queue, submit):
+    async def _stream(self, request_id: str, queue: asyncio.Queue):
         finished = False
         try:
-            await submit()
             while not finished:
                 delta: engine_pb2.TextDelta = await queue.get()
                 if delta.error:

@@ -14,7 +14,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from tandem.engine.client import GenerationChunk
+from tandem.engine.client import GenerateInput, GenerationChunk
+from tandem.engine.request import SamplingParams
 from tandem.services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -24,7 +25,7 @@ from tandem.services.gateway.protocol import (
     ModelList,
     TokenizeRequest,
 )
-from tandem.services.gateway.state import GatewayState, truncated
+from tandem.services.gateway.state import GatewayState
 from tandem.services.gateway.streaming import (
     APIError,
     Choice,
@@ -101,30 +102,14 @@ async def models(gateway: Gateway) -> ModelList:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, gateway: Gateway):
     gateway.check_request(body)
-    client = gateway.client
     base_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
-    api = gateway.telemetry.observe("/v1/completions", base_id, gateway.sampling_params(body))
+    params = gateway.sampling_params(body)
+    api = gateway.telemetry.observe("/v1/completions", base_id, params)
     with api.failing():
-        with api.active():
-            prompts = [
-                await client.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()
-            ]
-            bad_words = await gateway.bad_words_ids(body.bad_words)
-        prompts = [truncated(ids, body) for ids in prompts]
-        for ids in prompts:
-            gateway.check_prompt(ids, "prompt")
-        params = gateway.sampling_params(body, 16, bad_words)
-        prefixes = None
-        if body.echo:
-            prefixes = [
-                p
-                if isinstance(p, str) and body.truncate_prompt_tokens is None
-                else await client.decode(ids)
-                for p, ids in zip(body.prompts(), prompts)
-            ]
-    streams, choices = gateway.fan_out(api, base_id, prompts, params, body, prefixes)
+        inputs = generate_input(body, params, prompts=body.prompts())
+        inputs.return_prompt_text = body.echo
+        streams, choices, num_prompt_tokens = await gateway.submit(api, base_id, body, inputs)
     meta = response_meta(gateway, base_id, "text_completion")
-    num_prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
         return await sse_response(streams, choices, num_prompt_tokens, meta, body, completion_chunk)
     completion_tokens = await collect(streams, choices)
@@ -144,16 +129,15 @@ async def completions(body: CompletionRequest, gateway: Gateway):
 async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
     gateway.check_request(body)
     base_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
-    api = gateway.telemetry.observe("/v1/chat/completions", base_id, gateway.sampling_params(body))
+    # Without max_tokens, the reply may fill the rest of the context (known once tokenized).
+    fill_context = body.requested_max_tokens() is None
+    params = gateway.sampling_params(body, gateway.client.max_model_len or 1 << 30)
+    api = gateway.telemetry.observe("/v1/chat/completions", base_id, params)
     with api.failing():
-        with api.active():
-            ids = await gateway.chat_prompt(body.template_messages(), body.add_generation_prompt)
-            bad_words = await gateway.bad_words_ids(body.bad_words)
-        ids = truncated(ids, body)
-        gateway.check_prompt(ids, "messages")
-        # Without max_tokens, the reply may fill the rest of the context.
-        params = gateway.sampling_params(body, gateway.client.max_model_len - len(ids), bad_words)
-    streams, choices = gateway.fan_out(api, base_id, [ids], params, body)
+        inputs = generate_input(body, params, messages=body.template_messages())
+        inputs.add_generation_prompt = body.add_generation_prompt
+        inputs.fill_context = fill_context
+        streams, choices, num_prompt_tokens = await gateway.submit(api, base_id, body, inputs)
     if body.stream:
         meta = response_meta(gateway, base_id, "chat.completion.chunk")
         roles = [
@@ -165,7 +149,9 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
             }
             for c in choices
         ]
-        return await sse_response(streams, choices, len(ids), meta, body, chat_chunk, roles)
+        return await sse_response(
+            streams, choices, num_prompt_tokens, meta, body, chat_chunk, roles
+        )
     meta = response_meta(gateway, base_id, "chat.completion")
     completion_tokens = await collect(streams, choices)
     rendered = [
@@ -177,7 +163,20 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
         }
         for c in choices
     ]
-    return dict(meta, choices=rendered, usage=usage_of(len(ids), completion_tokens))
+    return dict(meta, choices=rendered, usage=usage_of(num_prompt_tokens, completion_tokens))
+
+
+def generate_input(body: GenerateRequest, params: SamplingParams, **prompt) -> GenerateInput:
+    """What both generation routes hand the engine side (ids are set on submission)."""
+    return GenerateInput(
+        request_ids=[],
+        params=params,
+        truncate_prompt_tokens=body.truncate_prompt_tokens,
+        bad_words=list(body.bad_words or ()),
+        priority=body.priority,
+        cache_salt=body.cache_salt,
+        **prompt,
+    )
 
 
 @router.post("/reset_prefix_cache")

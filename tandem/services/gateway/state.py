@@ -1,5 +1,7 @@
-"""What every route of the gateway shares: its state, and the checks and preparation of a
-generation request (readiness, model, sampling parameters, prompt, fan-out into streams)."""
+"""What every route of the gateway shares: its state, and the checks and submission of a
+generation request (readiness, model, the body's sampling parameters, fan-out into streams).
+Rendering, tokenizing and the checks that need token counts are the engine side's
+(`engine.preprocess`): the gateway keeps HTTP."""
 
 from __future__ import annotations
 
@@ -7,10 +9,10 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from tandem.engine.client import EngineClient, GenerationChunk
+from tandem.engine.client import EngineClient, GenerateInput, GenerationChunk, InvalidRequest
 from tandem.engine.request import SamplingParams
 from tandem.services.gateway.protocol import GenerateRequest
-from tandem.services.gateway.streaming import APIError, Choice, param_of
+from tandem.services.gateway.streaming import APIError, Choice, engine_error, param_of
 from tandem.services.gateway.telemetry import ApiRequest, Telemetry
 
 
@@ -52,27 +54,13 @@ class GatewayState:
             )
 
     def sampling_params(
-        self,
-        body: GenerateRequest,
-        default_max_tokens: int = 16,
-        bad_words: tuple[tuple[int, ...], ...] = (),
+        self, body: GenerateRequest, default_max_tokens: int = 16
     ) -> SamplingParams:
+        """The body's sampling parameters (what needs the tokenizer is checked later)."""
         try:
-            params = body.sampling_params(default_max_tokens, bad_words)
-            params.check_vocab(self.client.vocab_size)
-            return params
+            return body.sampling_params(default_max_tokens)
         except ValueError as e:
             raise APIError(400, str(e), "BadRequestError", param_of(str(e))) from None
-
-    async def bad_words_ids(self, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
-        """Each bad word as token sequences, alone and after a space (as vLLM does)."""
-        out: list[tuple[int, ...]] = []
-        for word in words or ():
-            for text in (word.lstrip(), " " + word.lstrip()):
-                ids = tuple(await self.client.encode(text, add_special_tokens=False))
-                if ids and ids not in out:
-                    out.append(ids)
-        return tuple(out)
 
     async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         try:
@@ -90,55 +78,36 @@ class GatewayState:
                 param,
             )
 
-    def check_prompt(self, ids: list[int], param: str) -> None:
-        """A prompt is not empty, holds only known token ids and leaves room for a token."""
-        if not ids:
-            raise APIError(400, f"{param} must not be empty", "BadRequestError", param)
-        self.check_token_ids(ids, param, f"{param} token ids")
-        max_model_len = self.client.max_model_len
-        if len(ids) >= max_model_len:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {max_model_len} tokens; "
-                f"the prompt has {len(ids)} tokens and at least one must be generated.",
-                "BadRequestError",
-                param,
-            )
-
-    def fan_out(
-        self,
-        api: ApiRequest,
-        base_id: str,
-        prompts: list[list[int]],
-        params: SamplingParams,
-        body: GenerateRequest,
-        prefixes: list[str] | None = None,
-    ) -> tuple[list[AsyncIterator[GenerationChunk]], list[Choice]]:
-        """`n` samples per prompt, prefilled once (choice index = prompt * n + j; a seeded
-        request's j-th sample uses seed + j, as vLLM does): watched streams and choices."""
+    async def submit(
+        self, api: ApiRequest, base_id: str, body: GenerateRequest, inputs: GenerateInput
+    ) -> tuple[list[AsyncIterator[GenerationChunk]], list[Choice], int]:
+        """Submit `n` samples of each prompt, prefilled once (choice index = prompt * n + j;
+        a seeded request's j-th sample uses seed + j, as vLLM does): watched streams, their
+        choices, and the number of prompt tokens."""
         # A client's own request_id may come again (while the first runs, or soon after,
         # when the stages still remember it): the engine's ids get a suffix of their own.
         if body.request_id is not None:
             base_id = f"{base_id}-{uuid.uuid4().hex[:8]}"
+        inputs.request_ids = [
+            f"{base_id}-{i * body.n + j}" for i in range(inputs.num_prompts) for j in range(body.n)
+        ]
+        inputs.trace_context = api.trace_context
+        try:
+            with api.active():
+                prompts, gens = await self.client.submit(inputs)
+        except InvalidRequest as e:
+            raise APIError(400, str(e), "BadRequestError", e.param) from None
+        except ValueError as e:
+            raise engine_error(e) from None
         streams, choices = [], []
-        for i, ids in enumerate(prompts):
-            rids = [f"{base_id}-{i * body.n + j}" for j in range(body.n)]
-            try:
-                gens = self.client.generate_many(
-                    rids, ids, params, body.priority, body.cache_salt, api.trace_context
+        for i, prompt in enumerate(prompts):
+            for j in range(body.n):
+                index = i * body.n + j
+                streams.append(
+                    api.watch(inputs.request_ids[index], len(prompt.token_ids), gens[index])
                 )
-            except ValueError as e:
-                raise APIError(400, str(e), "BadRequestError", param_of(str(e))) from None
-            for j, (rid, gen) in enumerate(zip(rids, gens)):
-                streams.append(api.watch(rid, len(ids), gen))
-                prompt_ids = ids if body.return_token_ids else None
-                choice = Choice(i * body.n + j, prefixes[i] if prefixes else "", prompt_ids)
-                choice.wants_prompt_logprobs = params.prompt_logprobs is not None
+                prompt_ids = prompt.token_ids if body.return_token_ids else None
+                choice = Choice(index, prompt.text, prompt_ids)
+                choice.wants_prompt_logprobs = inputs.params.prompt_logprobs is not None
                 choices.append(choice)
-        return streams, choices
-
-
-def truncated(ids: list[int], body: GenerateRequest) -> list[int]:
-    """The prompt's last `truncate_prompt_tokens` ids (all of them when not set)."""
-    k = body.truncate_prompt_tokens
-    return ids[-k:] if k is not None else ids
+        return streams, choices, sum(len(p.token_ids) for p in prompts)

@@ -46,7 +46,8 @@ def engine_error(e: Exception) -> APIError:
     """What the engine side raised for a request, as the client's HTTP error: its bad input
     (400), a refusal for now (503 with Retry-After), or a failure on the way (503)."""
     if isinstance(e, ValueError):
-        return APIError(400, str(e), "BadRequestError", param_of(str(e)))
+        param = getattr(e, "param", None) or param_of(str(e))  # InvalidRequest names it
+        return APIError(400, str(e), "BadRequestError", param)
     if isinstance(e, EngineOverloaded):
         retry = {"Retry-After": str(RETRY_AFTER_S)}
         return APIError(503, str(e), "ServiceUnavailableError", headers=retry)

@@ -99,21 +99,15 @@ class SchedulerService:
 
     async def _refuse(self, spec: common_pb2.RequestSpec, error: str, code: int) -> None:
         """End a request here: the gateway answers `code` (400: it can never run; 503: not
-        now) for it and its forks. A request that came back from a worker has no reply
-        subject: its stream is ended through the tokenizer. Then every stage that opened
-        the request forgets it."""
+        now) for it and its forks, through the tokenizer that holds their streams. Then
+        every stage that opened the request forgets it."""
         self._dequeued(spec.request_id, error=error)
         request_ids = (spec.request_id, *spec.fork_ids)
-        if spec.reply_subject:
-            for request_id in request_ids:
-                delta = engine_pb2.TextDelta(request_id=request_id, error=error, error_code=code)
-                await self.bus.publish(spec.reply_subject, delta)
-        else:
-            batch = engine_pb2.TokenBatch(worker_id="scheduler", timestamp=time.time())
-            for request_id in request_ids:
-                batch.requests.add(request_id=request_id, finish_reason="abort",
-                                   stop_reason=error, error_code=code)  # fmt: skip
-            await self.bus.publish(subject("tokens"), batch)
+        batch = engine_pb2.TokenBatch(worker_id="scheduler", timestamp=time.time())
+        for request_id in request_ids:
+            batch.requests.add(request_id=request_id, finish_reason="abort",
+                               stop_reason=error, error_code=code)  # fmt: skip
+        await self.bus.publish(subject("tokens"), batch)
         for request_id in request_ids:  # after the error: one publisher's order is kept
             abort = engine_pb2.AbortRequest(request_id=request_id, reason="error")
             await self.bus.publish(subject("abort"), abort)

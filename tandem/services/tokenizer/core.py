@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tandem.engine.preprocess import render_chat
 from tandem.engine.tokenizer import IncrementalDetokenizer, load_tokenizer, token_texts
 from tandem.v1 import common_pb2, engine_pb2
 
@@ -23,15 +24,8 @@ class TokenizerCore:
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> tuple[str, list[int]]:
-        """The templated prompt and its ids (the template already holds special tokens)."""
-        if not messages:
-            raise ValueError("messages must not be empty")
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("messages must not be used: this model has no chat template")
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return text, self.tokenizer.encode(text, add_special_tokens=False)
+        """The templated prompt and its ids; InvalidRequest when it cannot be rendered."""
+        return render_chat(self.tokenizer, messages, add_generation_prompt)
 
     def detokenize(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         if any(not 0 <= t < self.vocab_size for t in token_ids):

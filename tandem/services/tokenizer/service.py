@@ -1,5 +1,7 @@
-"""The tokenizer stage over gRPC: a thin shell that decodes protobuf, calls TokenizerCore,
-and encodes. Bad input is INVALID_ARGUMENT with the core's message."""
+"""The tokenizer stage over gRPC: a thin shell that decodes protobuf, calls TokenizerCore (or,
+for a generation request, the Submitter), and encodes. Bad input is INVALID_ARGUMENT with the
+core's message and the field at fault in the `tandem-param` trailer; a request the cluster
+cannot take now is RESOURCE_EXHAUSTED."""
 
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ import time
 import grpc
 from prometheus_client import CollectorRegistry
 
+from tandem.engine.client import EngineOverloaded, InvalidRequest
 from tandem.services.observability import tracing
 from tandem.services.observability.metrics import TokenizerMetrics
 from tandem.services.observability.metrics_push import MetricsPublisher, instance_name
 from tandem.services.tokenizer.core import TokenizerCore
+from tandem.services.tokenizer.submit import Submitter, reply_of
+from tandem.services.transport.tokenizer_client import param_trailer
 from tandem.v1 import tokenizer_pb2 as pb
 from tandem.v1 import tokenizer_pb2_grpc as pb_grpc
 
@@ -21,9 +26,12 @@ logger = logging.getLogger(__name__)
 
 
 class TokenizerService(pb_grpc.TokenizerServicer):
-    def __init__(self, core: TokenizerCore, metrics: TokenizerMetrics) -> None:
+    def __init__(
+        self, core: TokenizerCore, metrics: TokenizerMetrics, submitter: Submitter | None = None
+    ) -> None:
         self.core = core
         self.metrics = metrics
+        self.submitter = submitter  # None: no NATS, no generation requests
 
     @contextlib.contextmanager
     def _observed(self, name: str, context):
@@ -32,6 +40,21 @@ class TokenizerService(pb_grpc.TokenizerServicer):
         with tracing.server_span(name, context.invocation_metadata()):
             yield
         self.metrics.call_seconds.labels(method=name).observe(time.perf_counter() - start)
+
+    async def Submit(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
+        """Prepare (the `tokenize` span), then open the streams and submit."""
+        if self.submitter is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this tokenizer has no NATS")
+        try:
+            with self._observed("tokenize", context):
+                prompts, specs = self.submitter.prepare(request)
+            await self.submitter.submit(specs, dict(request.trace_context))
+        except InvalidRequest as e:
+            context.set_trailing_metadata(param_trailer(e.param))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineOverloaded as e:  # not UNAVAILABLE: the gateway sends that again
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        return reply_of(prompts)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         with self._observed("tokenize", context):
@@ -43,7 +66,8 @@ class TokenizerService(pb_grpc.TokenizerServicer):
         try:
             with self._observed("tokenize", context):
                 text, ids = self.core.apply_chat_template(messages, request.add_generation_prompt)
-        except ValueError as e:
+        except InvalidRequest as e:
+            context.set_trailing_metadata(param_trailer(e.param))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(token_ids=ids, prompt=text)
 
@@ -63,12 +87,16 @@ class TokenizerService(pb_grpc.TokenizerServicer):
 
 
 async def start_server(
-    core: TokenizerCore, address: str, metrics: TokenizerMetrics | None = None
+    core: TokenizerCore,
+    address: str,
+    metrics: TokenizerMetrics | None = None,
+    submitter: Submitter | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Serve on `address` ("127.0.0.1:0" picks a port); returns the server and its port."""
     server = grpc.aio.server()
     metrics = metrics or TokenizerMetrics(CollectorRegistry())
-    pb_grpc.add_TokenizerServicer_to_server(TokenizerService(core, metrics), server)
+    service = TokenizerService(core, metrics, submitter)
+    pb_grpc.add_TokenizerServicer_to_server(service, server)
     port = server.add_insecure_port(address)
     await server.start()
     return server, port
@@ -88,13 +116,15 @@ async def serve(
     core = TokenizerCore(model_dir)
     registry = CollectorRegistry()
     metrics = TokenizerMetrics(registry)
-    bus = publisher = None
+    bus = publisher = submitter = None
     if nats_url:
         bus = await Bus.connect(nats_url, "tokenizer")
-        await StreamRelay(bus, DetokenizerHub(core), metrics).start()
+        relay = StreamRelay(bus, DetokenizerHub(core), metrics)
+        await relay.start()
+        submitter = Submitter(bus, core, relay)
         publisher = MetricsPublisher(bus, registry, instance_name("tokenizer"), "tokenizer")
         publisher.start()
-    server, port = await start_server(core, address, metrics)
+    server, port = await start_server(core, address, metrics, submitter)
     health = HealthServer(health_port, registry=registry) if health_port else None
     if health is not None:
         await health.start()

@@ -95,8 +95,8 @@ class Tombstones:
 
 
 class SubmitInbox:
-    """A stage's side of the submit protocol: ack every copy of a submit (the gateway sends
-    it again until the scheduler and the tokenizer both acked), take each request once."""
+    """The scheduler's side of the submit protocol: answer every copy of a submit (the
+    tokenizer sends it again until it has an answer), take each request once."""
 
     def __init__(self, bus: Bus, stage: str) -> None:
         self.bus, self.stage = bus, stage
@@ -107,7 +107,7 @@ class SubmitInbox:
         request_id = msg.request.request_id
         if raw.reply:
             ack = engine_pb2.SubmitAck(request_id=request_id, stage=self.stage)
-            await self.bus.publish(raw.reply, ack)
+            await raw.respond(ack.SerializeToString())
         if request_id in self.seen:
             return False  # sent again: its ack was late or lost
         self.seen.add(request_id)

@@ -24,7 +24,7 @@ from tandem.v1 import common_pb2, engine_pb2
 WORKER_ID = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 MAX_ID_LEN = 256
 FINISH_REASONS = frozenset({"", "stop", "length", "abort"})
-SUBMIT_ACKERS = frozenset({"scheduler", "tokenizer"})
+SUBMIT_ACKERS = frozenset({"scheduler"})  # the stage that takes submits
 DELTAS = re.compile(re.escape(subject("gateway")) + r"\.[A-Za-z0-9_-]+\.deltas")
 SHM_DOMAIN_LEN = 4096
 
@@ -107,7 +107,7 @@ def _submit(msg: engine_pb2.SubmitRequest) -> None:
 
 def _submit_ack(ack: engine_pb2.SubmitAck) -> None:
     request_id(ack.request_id)
-    _require(ack.stage in SUBMIT_ACKERS, "stage must be scheduler or tokenizer")
+    _require(ack.stage in SUBMIT_ACKERS, "stage must be scheduler")
 
 
 def _plan(plan: engine_pb2.StepPlan) -> None:

@@ -3,8 +3,11 @@ process boundary: no pickle, no ad-hoc dicts."""
 
 from __future__ import annotations
 
+import json
+
+from tandem.engine.client import GenerateInput
 from tandem.engine.request import Request, SamplingParams
-from tandem.v1 import common_pb2, engine_pb2
+from tandem.v1 import common_pb2, engine_pb2, tokenizer_pb2
 
 KV_DTYPES = frozenset({"float32", "bfloat16", "float16"})  # the KV dtypes a hand-off may carry
 ROLE_NAMES = {engine_pb2.WORKER_ROLE_PREFILL: "prefill", engine_pb2.WORKER_ROLE_DECODE: "decode"}
@@ -112,4 +115,64 @@ def request_from_spec(spec: common_pb2.RequestSpec) -> Request:
         cache_salt=spec.cache_salt or None,
         output_token_ids=list(spec.output_token_ids),
         fork_ids=tuple(spec.fork_ids),
+    )
+
+
+def generate_input_to_proto(
+    inputs: GenerateInput, reply_subject: str
+) -> tokenizer_pb2.GenerateRequest:
+    msg = tokenizer_pb2.GenerateRequest(
+        request_ids=inputs.request_ids,
+        add_generation_prompt=inputs.add_generation_prompt,
+        bad_words=inputs.bad_words,
+        params=sampling_params_to_proto(inputs.params),
+        fill_context=inputs.fill_context,
+        return_prompt_text=inputs.return_prompt_text,
+        priority=inputs.priority,
+        cache_salt=inputs.cache_salt or "",
+        reply_subject=reply_subject,
+        trace_context=inputs.trace_context or {},
+        arrival_time=inputs.arrival_time,
+    )
+    if inputs.messages is not None:
+        msg.messages_json = json.dumps(inputs.messages)
+    for prompt in inputs.prompts:
+        if isinstance(prompt, str):
+            msg.prompts.add(text=prompt)
+        else:
+            msg.prompts.add().token_ids.token_ids.extend(prompt)
+    if inputs.truncate_prompt_tokens is not None:
+        msg.truncate_prompt_tokens = inputs.truncate_prompt_tokens
+    return msg
+
+
+def generate_input_from_proto(msg: tokenizer_pb2.GenerateRequest) -> GenerateInput:
+    """ValueError (naming the field) when the message cannot be a request."""
+    messages = None
+    if msg.messages_json:
+        try:
+            messages = json.loads(msg.messages_json)
+        except json.JSONDecodeError:
+            raise ValueError("messages must be JSON") from None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("messages must be a list of objects")
+    return GenerateInput(
+        request_ids=list(msg.request_ids),
+        params=sampling_params_from_proto(msg.params),
+        prompts=[
+            p.text if p.WhichOneof("prompt") == "text" else list(p.token_ids.token_ids)
+            for p in msg.prompts
+        ],
+        messages=messages,
+        add_generation_prompt=msg.add_generation_prompt,
+        truncate_prompt_tokens=(
+            msg.truncate_prompt_tokens if msg.HasField("truncate_prompt_tokens") else None
+        ),
+        bad_words=list(msg.bad_words),
+        fill_context=msg.fill_context,
+        return_prompt_text=msg.return_prompt_text,
+        priority=msg.priority,
+        cache_salt=msg.cache_salt or None,
+        trace_context=dict(msg.trace_context),
+        arrival_time=msg.arrival_time,
     )

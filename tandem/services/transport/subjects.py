@@ -67,9 +67,8 @@ def _row(pattern, message, publishers, subscribers, reply=None) -> Subject:
 
 
 SUBJECTS: tuple[Subject, ...] = (
-    _row("submit", engine_pb2.SubmitRequest, {G}, {S, T}),  # acked on gateway.*.acks
-    _row("gateway.*.acks", engine_pb2.SubmitAck, {S, T}, {G}),
-    _row("gateway.*.deltas", engine_pb2.TextDelta, {T, S}, {G}),
+    _row("submit", engine_pb2.SubmitRequest, {T}, {S}, engine_pb2.SubmitAck),
+    _row("gateway.*.deltas", engine_pb2.TextDelta, {T}, {G}),
     _row("abort", engine_pb2.AbortRequest, {G, T, S}, {T, S, P, D}),
     _row("heartbeat", engine_pb2.Heartbeat, {P, D}, {S, T, G}),
     _row("prefill.*.plan", engine_pb2.StepPlan, {S}, {P}),

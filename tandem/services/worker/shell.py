@@ -1,5 +1,5 @@
-"""What the prefill and decode worker shells share: the engine on its own thread, the
-heartbeat and token messages they publish."""
+"""What the prefill and decode worker shells share: the engine on its own thread (the
+engine's driver), the heartbeat and token messages they publish."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import logging
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-import torch
 from prometheus_client import CollectorRegistry
 
 from tandem.engine.block_pool import KVCacheEvent, KVEventKind
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore, StepOutput
+from tandem.engine.driver import EngineDriver
 from tandem.services.observability.metrics import EngineCollector, WorkerMetrics, engine_stats
 from tandem.services.observability.metrics_push import MetricsPublisher
 from tandem.services.transport import codec
@@ -32,32 +31,6 @@ TRANSIT_GRACE = 30.0  # seconds past its shutdown timeout a worker waits for wor
 def worker_id_for(role: str, given: str | None) -> str:
     """A worker id unique in the cluster: the given one, else role-host-pid."""
     return given or f"{role}-{os.uname().nodename}-{os.getpid()}"
-
-
-class EngineThread:
-    """An EngineCore that only ever runs on one dedicated thread, so the worker's event loop
-    keeps moving messages (KV chunks, plans, aborts) while a step computes."""
-
-    def __init__(self, config: EngineConfig) -> None:
-        # torch's intra-op thread count is per thread: a new thread would use every core.
-        self._pool = ThreadPoolExecutor(
-            1,
-            thread_name_prefix="engine",
-            initializer=torch.set_num_threads,
-            initargs=(torch.get_num_threads(),),
-        )
-        self.config = config
-        self.engine: EngineCore | None = None
-
-    async def start(self) -> EngineCore:
-        self.engine = await self.call(EngineCore, self.config)
-        return self.engine
-
-    async def call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def heartbeat(
@@ -121,7 +94,7 @@ class WorkerShell:
     def __init__(self, config: EngineConfig, bus, worker_id: str) -> None:
         self.bus = bus
         self.worker_id = worker_id
-        self.thread = EngineThread(config)
+        self.driver = EngineDriver(config)
         self.aborted = Tombstones()
         self.kv_seq = 0
         self.draining = False
@@ -136,7 +109,7 @@ class WorkerShell:
         self.publisher = MetricsPublisher(bus, self.registry, worker_id, role)
 
     async def start(self) -> None:
-        self.engine = await self.thread.start()
+        self.engine = await self.driver.start()
         self.engine.kv.pool.enable_events()
         await self.subscribe()
         subs = [
@@ -162,7 +135,7 @@ class WorkerShell:
 
     async def drop_all(self) -> list[str]:
         """Drop every request held here, telling no one (see `_on_lost`); their ids."""
-        request_ids = await self.thread.call(self.engine.abort_all)
+        request_ids = await self.driver.call(self.engine.abort_all)
         for request_id in request_ids:  # not tombstoned: they may be placed here again
             self.forget(request_id)
         return request_ids
@@ -242,7 +215,7 @@ class WorkerShell:
         """Run `fn` on the engine thread as one engine step, into the step metrics.
         Returns (result, start_ns, end_ns)."""
         start = time.time_ns()
-        result = await self.thread.call(fn, *args)
+        result = await self.driver.call(fn, *args)
         end = time.time_ns()
         self.metrics.step_seconds.observe((end - start) / 1e9)
         self.metrics.batch_size.observe(self.engine.last_batch_size)
@@ -259,7 +232,7 @@ class WorkerShell:
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         self.aborted.add(msg.request_id)
         self.forget(msg.request_id)
-        await self.thread.call(self.engine.abort, msg.request_id)
+        await self.driver.call(self.engine.abort, msg.request_id)
 
     def heartbeat(self) -> engine_pb2.Heartbeat:
         msg = heartbeat(self.engine, self.worker_id, self.role, self.num_waiting())
@@ -281,7 +254,7 @@ class WorkerShell:
     async def flush_kv_events(self) -> None:
         """Publish the prefix-cache changes since the last flush (taken on the engine
         thread, which is the only one that changes the pool)."""
-        await self._publish_kv(await self.thread.call(self.engine.kv.pool.take_events))
+        await self._publish_kv(await self.driver.call(self.engine.kv.pool.take_events))
 
     async def _publish_kv(self, events: list[KVCacheEvent], full_resync: bool = False) -> None:
         if not events and not full_resync:
@@ -291,7 +264,7 @@ class WorkerShell:
         await self.bus.publish(subject("kv", "events"), batch)
 
     async def _resync(self, msg, raw) -> None:
-        await self._publish_kv(await self.thread.call(self._cache_snapshot), full_resync=True)
+        await self._publish_kv(await self.driver.call(self._cache_snapshot), full_resync=True)
 
     def _cache_snapshot(self) -> list[KVCacheEvent]:
         """On the engine thread: the whole prefix cache as STORED events (pending events are
@@ -301,12 +274,12 @@ class WorkerShell:
         return [KVCacheEvent(KVEventKind.STORED, h) for h in pool.cached]
 
     async def _on_reset(self, msg, raw) -> None:
-        if not await self.thread.call(self.engine.reset_prefix_cache):
+        if not await self.driver.call(self.engine.reset_prefix_cache):
             logger.warning("prefix cache not reset: requests are running")
         await self.flush_kv_events()
 
     async def shutdown(self) -> None:
-        self.thread.shutdown()
+        self.driver.shutdown()
         await self.bus.close()
 
 

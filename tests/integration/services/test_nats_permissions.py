@@ -101,7 +101,7 @@ def test_a_gateway_cannot_send_a_prefill_worker_a_plan(server):
 
 def test_a_decode_worker_cannot_submit_requests(server):
     first, error, _ = asyncio.run(
-        _refused_then_allowed(server, Role.DECODE, Role.GATEWAY, Role.SCHEDULER, "tandem.submit")
+        _refused_then_allowed(server, Role.DECODE, Role.TOKENIZER, Role.SCHEDULER, "tandem.submit")
     )
     assert first == b"genuine"
     assert "permissions violation for publish" in error

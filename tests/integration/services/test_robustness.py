@@ -203,18 +203,19 @@ def test_inconsistent_hand_offs_are_refused_with_an_error_reply(cluster):
 
 
 def test_bad_submits_and_preemptions_get_an_answer_and_never_loop(cluster):
-    """Out-of-vocabulary prompt or output ids: a 400 to the request's reply subject, once;
-    one the prefill worker refuses: placed once more, then a 400, never a loop; a request
-    forked from itself: dropped at the door."""
+    """Out-of-vocabulary prompt or output ids: a 400 through the tokenizer (which holds a
+    request's streams), once; one the prefill worker refuses: placed once more, then a 400,
+    never a loop; a request forked from itself: dropped at the door."""
 
     async def scenario():
         nc = await connect(cluster[1])
-        deltas: list[engine_pb2.TextDelta] = []
+        deltas: list[engine_pb2.RequestTokens] = []
 
-        async def on_delta(raw):
-            deltas.append(engine_pb2.TextDelta.FromString(raw.data))
+        async def on_tokens(raw):
+            batch = engine_pb2.TokenBatch.FromString(raw.data)
+            deltas.extend(t for t in batch.requests if t.error_code)
 
-        await nc.subscribe(DELTAS, cb=on_delta)
+        await nc.subscribe(subject("tokens"), cb=on_tokens)
         await nc.flush()
         oov_prompt = spec("s1", prompt=[1, OUT_OF_VOCAB], reply_subject=DELTAS)
         submit = engine_pb2.SubmitRequest(request=oov_prompt)

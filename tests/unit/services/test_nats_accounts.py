@@ -95,7 +95,8 @@ def test_accounts_conf_gives_each_role_its_permissions():
     text = accounts_conf({Role.GATEWAY: "pw-g", Role.DECODE: EnvRef("DECODE_PW")})
     gateway, decode = text.split("    {\n")[1:]
     assert 'user: "gateway"' in gateway and 'password: "pw-g"' in gateway
-    assert '"tandem.submit"' in gateway and "allow_responses" not in gateway
+    assert '"tandem.abort"' in gateway and "allow_responses" not in gateway
+    assert '"tandem.submit"' not in gateway  # the tokenizer submits on the gateway's behalf
     assert 'user: "decode"' in decode and "password: $DECODE_PW" in decode
     assert '"tandem.decode.>"' in decode and "allow_responses: true" in decode
     with pytest.raises(ValueError):

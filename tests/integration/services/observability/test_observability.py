@@ -97,6 +97,17 @@ def test_one_trace_covers_every_stage_in_order(traced):
     assert prefills[-1]["end_ns"] <= kv["start_ns"] <= decode["start_ns"]
     assert prefills[-1]["end_ns"] <= detok["start_ns"]
     assert decode["end_ns"] <= root["end_ns"]
+    # The one-way route: each stage entered once, in order, on the way in (a stage's
+    # consecutive spans are one visit); the tokenizer again for the token stream back.
+    visits = []
+    for s in sorted(spans, key=lambda s: s["start_ns"]):
+        if s["name"] != "detokenize" and (not visits or visits[-1] != s["service"]):
+            visits.append(s["service"])
+    assert visits == ["gateway", "tokenizer", "scheduler", "prefill", "decode"], [
+        (s["service"], s["name"]) for s in sorted(spans, key=lambda s: s["start_ns"])
+    ]
+    assert len(by_name["detokenize"]) == 1
+    assert len(by_name["tokenize"]) == 1 and len(by_name["queue"]) == 1
 
     attrs = root["attributes"]
     assert attrs["gen_ai.request.id"] == request_id

@@ -142,93 +142,96 @@ def test_a_client_certificate_needs_its_key():
     assert tls_context_from_env({}) is None
 
 
-def test_a_submit_goes_again_until_the_scheduler_and_the_tokenizer_ack_it(nats_url, monkeypatch):
-    """A stage that was not subscribed when a request was sent (NATS restarted, it is still
-    reconnecting) gets it again; the scheduler takes it once, however often it comes (with
-    no worker there, taking it means refusing it: one 503 delta); with a stage that never
-    answers, the request fails with 503 naming it."""
-    from tandem.engine.client import EngineOverloaded
+class _Streams:
+    """The tokenizer's stream table, as the Submitter uses it (the relay's own tests are
+    the cluster's)."""
+
+    def __init__(self) -> None:
+        self.hub = self
+        self.streams: dict[str, object] = {}
+        self.closed: list[str] = []
+
+    def open(self, spec, carrier) -> None:
+        self.streams[spec.request_id] = spec
+
+    def close(self, request_id: str, error=None) -> None:
+        self.streams.pop(request_id, None)
+        self.closed.append(request_id)
+
+
+def _spec(request_id: str, prompt=(1, 2, 3)):
     from tandem.engine.request import Request, SamplingParams
-    from tandem.services.gateway import cluster_client
-    from tandem.services.scheduler.core import ClusterScheduler
-    from tandem.services.scheduler.service import SchedulerService
     from tandem.services.transport import codec
 
-    def submit_msg(request_id: str) -> engine_pb2.SubmitRequest:
-        request = Request(request_id, [1, 2, 3], SamplingParams(max_tokens=4))
-        deltas = subject("gateway", "test", "deltas")
-        return engine_pb2.SubmitRequest(request=codec.request_to_spec(request, deltas))
+    request = Request(request_id, list(prompt), SamplingParams(max_tokens=4))
+    return codec.request_to_spec(request, subject("gateway", "test", "deltas"))
+
+
+def test_a_submit_goes_again_until_the_scheduler_acks_it(nats_url, monkeypatch):
+    """The tokenizer's submit reaches a scheduler that was not subscribed yet (NATS
+    restarted, it is still reconnecting) by being sent again; the scheduler takes it once,
+    however often it comes (with no worker there, taking it means refusing it: one 503,
+    through the tokenizer); with no scheduler at all, the request fails with 503 and its
+    streams close."""
+    from tandem.engine.client import EngineOverloaded
+    from tandem.services.scheduler.core import ClusterScheduler
+    from tandem.services.scheduler.service import SchedulerService
+    from tandem.services.tokenizer import submit
 
     async def scenario():
-        gateway = cluster_client.ClusterEngineClient(nats_url, "unused:0")
-        gateway.bus = await Bus.connect(nats_url, "gateway")
-        await gateway.bus.subscribe(gateway.ack_subject, engine_pb2.SubmitAck, gateway._on_ack)
+        bus = await Bus.connect(nats_url, "tokenizer")
         refused = []
 
-        async def on_delta(delta, raw):
-            refused.append((delta.request_id, delta.error_code))
+        async def on_tokens(batch, raw):
+            refused.extend((t.request_id, t.error_code) for t in batch.requests)
 
-        await gateway.bus.subscribe(subject("gateway", "test", "deltas"), engine_pb2.TextDelta,
-                                    on_delta)  # fmt: skip
-        tokenizer = await Bus.connect(nats_url, "tokenizer")
-        received = []
-
-        async def tokenizer_acks(msg, raw):
-            received.append(msg.request.request_id)
-            ack = engine_pb2.SubmitAck(request_id=msg.request.request_id, stage="tokenizer")
-            await tokenizer.publish(raw.reply, ack)
-
-        await tokenizer.subscribe(subject("submit"), engine_pb2.SubmitRequest, tokenizer_acks)
-        await tokenizer.flush()
-        submitting = asyncio.create_task(gateway._submit(submit_msg("r1"), None))
-        await asyncio.sleep(0.2)  # the first send reached the tokenizer only
+        await bus.subscribe(subject("tokens"), engine_pb2.TokenBatch, on_tokens)
+        streams = _Streams()
+        submitter = submit.Submitter(bus, None, streams)
+        submitting = asyncio.create_task(submitter.submit([_spec("r1")], {}))
+        await asyncio.sleep(0.3)  # sent while no scheduler listens
+        assert not submitting.done()
         scheduler = SchedulerService(await Bus.connect(nats_url, "scheduler"),
                                      ClusterScheduler(), None)  # fmt: skip
         await scheduler.start()
         await asyncio.wait_for(submitting, 10)
-        # a third time, as a resend crossing a late ack would
-        await gateway.bus.publish(subject("submit"), submit_msg("r1"), reply=gateway.ack_subject)
-        await gateway.bus.flush()
+        await submitter.submit([_spec("r1")], {})  # again, as a call sent twice would
         await asyncio.sleep(0.5)
+        assert "r1" in streams.streams
 
-        monkeypatch.setattr(cluster_client, "SUBMIT_TIMEOUT", 1.0)
-        await tokenizer.close()
-        with pytest.raises(EngineOverloaded, match="tokenizer unreachable"):
-            await gateway._submit(submit_msg("r2"), None)
+        monkeypatch.setattr(submit, "SUBMIT_TIMEOUT", 1.0)
         await scheduler.bus.close()
-        await gateway.bus.close()
-        return received, refused
+        with pytest.raises(EngineOverloaded, match="scheduler did not take"):
+            await submitter.submit([_spec("r2")], {})
+        await bus.close()
+        return refused, streams
 
-    received, refused = asyncio.run(scenario())
-    assert received == ["r1", "r1", "r1"]  # sent twice: the scheduler had missed the first
-    assert refused == [("r1", 503), ("r2", 503)]  # each taken once, however often sent
+    refused, streams = asyncio.run(scenario())
+    assert refused == [("r1", 503)]  # taken once, however often sent
+    assert "r2" in streams.closed and "r2" not in streams.streams
 
 
-def test_a_submit_a_stage_refuses_fails_at_once_with_the_reason(nats_url):
-    """The refusal is an error reply naming the request: the gateway fails it now (a 400),
-    instead of sending it again until it gives up."""
-    from tandem.engine.request import Request, SamplingParams
-    from tandem.services.gateway import cluster_client
+def test_a_submit_the_scheduler_refuses_fails_at_once_with_the_reason(nats_url):
+    """The refusal is an error reply naming the request: the tokenizer fails it now (a
+    400), instead of sending it again until it gives up."""
+    from tandem.engine.client import InvalidRequest
     from tandem.services.scheduler.core import ClusterScheduler
     from tandem.services.scheduler.service import SchedulerService
-    from tandem.services.transport import codec
+    from tandem.services.tokenizer.submit import Submitter
 
     async def scenario():
-        gateway = cluster_client.ClusterEngineClient(nats_url, "unused:0")
-        gateway.bus = await Bus.connect(nats_url, "gateway")
-        await gateway.bus.subscribe(gateway.ack_subject, engine_pb2.SubmitAck, gateway._on_ack,
-                                    on_error=gateway._on_refused)  # fmt: skip
+        bus = await Bus.connect(nats_url, "tokenizer")
         scheduler = SchedulerService(await Bus.connect(nats_url, "scheduler"),
                                      ClusterScheduler(), None)  # fmt: skip
         await scheduler.start()
-        request = Request("bad", [1, -7], SamplingParams(max_tokens=4))
-        spec = codec.request_to_spec(request, subject("gateway", "test", "deltas"))
+        streams = _Streams()
         start = time.monotonic()
-        with pytest.raises(ValueError, match="prompt_token_ids"):
-            await gateway._submit(engine_pb2.SubmitRequest(request=spec), None)
+        with pytest.raises(InvalidRequest, match="prompt_token_ids"):
+            await Submitter(bus, None, streams).submit([_spec("bad", [1, -7])], {})
         elapsed = time.monotonic() - start
         await scheduler.bus.close()
-        await gateway.bus.close()
-        return elapsed
+        await bus.close()
+        return elapsed, streams
 
-    assert asyncio.run(scenario()) < 2.0
+    elapsed, streams = asyncio.run(scenario())
+    assert elapsed < 2.0 and streams.closed == ["bad"]

@@ -168,7 +168,7 @@ def test_a_reservation_whose_hand_off_never_comes_is_a_lease_that_expires(tiny_l
         await worker.tick()
         assert not worker.reserved and llm.engine.kv.num_free_blocks == 32
         llm.engine.kv.check_integrity()
-        worker.thread.shutdown()
+        worker.driver.shutdown()
 
     asyncio.run(scenario())
 
@@ -225,7 +225,7 @@ def test_kv_goes_through_shared_memory_and_over_nats_when_the_file_cannot_be_map
         for bus in buses:
             await bus.close()
         for worker in (decode, prefill):
-            worker.thread.shutdown()
+            worker.driver.shutdown()
         return prefill, decode
 
     try:

@@ -72,3 +72,42 @@ def test_a_stream_takes_each_output_position_once(core):
     assert send(2, [12], worker="prefill-0") == [12]  # re-prefilled: its next token
     assert send(2, [12]) is None  # the old holder, late
     assert send(1, [11, 12, 13]) == [13]  # partly new
+
+
+class _Bus:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, object]] = []
+
+    async def publish(self, subj, msg, headers=None) -> None:
+        self.sent.append((subj, msg))
+
+
+@pytest.mark.parametrize("abort_first", [True, False])
+def test_a_request_ended_with_an_error_gets_it_whichever_comes_first(core, abort_first):
+    """A stage that refuses a request sends its error (final tokens), then `abort`; the two
+    subjects' handlers may run in either order: the client gets the error either way."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from tandem.services.observability.metrics import TokenizerMetrics
+    from tandem.services.tokenizer.stream import StreamRelay
+
+    async def scenario() -> list:
+        bus = _Bus()
+        relay = StreamRelay(bus, DetokenizerHub(core), TokenizerMetrics(CollectorRegistry()))
+        relay.open(_spec("r"), None)
+        error = engine_pb2.TokenBatch(worker_id="scheduler")
+        error.requests.add(request_id="r", finish_reason="abort", stop_reason="full",
+                           error_code=503)  # fmt: skip
+        abort = engine_pb2.AbortRequest(request_id="r", reason="error")
+        if abort_first:
+            await relay._on_abort(abort, None)
+        await relay._on_tokens(error, None)
+        if not abort_first:
+            await relay._on_abort(abort, None)
+        await relay._on_tokens(error, None)  # once more: no second answer
+        return bus.sent
+
+    sent = asyncio.run(scenario())
+    assert [(subj, d.error, d.error_code) for subj, d in sent] == [("gw.r", "full", 503)]

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from tandem.services.worker.shell import EngineThread
+from tandem.engine.driver import EngineDriver
 
 
 def _openmp_threads_of_this_thread():
@@ -33,7 +33,7 @@ def test_engine_thread_uses_the_configured_torch_threads():
         t = threading.Thread(target=lambda: plain.append(omp_threads()))
         t.start()
         t.join()
-        thread = EngineThread(config=None)
+        thread = EngineDriver(config=None)
         on_engine_thread = asyncio.run(thread.call(omp_threads))
         thread.shutdown()
     finally:
