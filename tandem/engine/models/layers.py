@@ -69,7 +69,9 @@ class Linear(nn.Module):
         if self.weight_t is None:
             return F.linear(x, self.weight, self.bias)
         if self.packed is not None and x.shape[0] >= self.packed_from and x.dim() == 2:
-            return self.forward_packed(x)
+            return in_row_buckets(self.forward_packed, x)
+        if x.dtype == torch.bfloat16 and x.dim() == 2:  # oneDNN's product too
+            return in_row_buckets(self.forward_plain, x)
         return self.forward_plain(x)
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +81,25 @@ class Linear(nn.Module):
 
     def forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+ROW_BUCKET = 64  # above this many rows, products run on a multiple of it
+
+
+def in_row_buckets(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+    """`product(x)` with x's rows padded (zeros) to a multiple of ROW_BUCKET when it has
+    more: each row's result is its own, the padding's is dropped.
+
+    oneDNN compiles and caches a kernel for every row count it meets (its primitive cache and
+    ideep's, 1,024 each). A prefill worker's steps have nearly every count up to the token
+    budget: the caches grew without bound in use, then fragmented the heap as they evicted
+    (docs/robustness.md, memory). With buckets a weight shape meets at most ROW_BUCKET +
+    budget / ROW_BUCKET counts, which the caches hold for good."""
+    rows = x.shape[0]
+    if rows <= ROW_BUCKET or rows % ROW_BUCKET == 0:
+        return product(x)
+    padded = F.pad(x, (0, 0, 0, ROW_BUCKET - rows % ROW_BUCKET))
+    return product(padded)[:rows]
 
 
 def _best_of(fn: Callable[[], object], repeats: int) -> float:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.request import Request
@@ -263,7 +264,8 @@ class PrefillWorker(WorkerShell):
                 span.set_attribute("tandem.kv_blocks_reused", sent.num_reused)
                 span.set_attribute("tandem.kv_bytes", sent.num_bytes)
                 span.set_attribute("tandem.kv_shared_memory", sent.shared_memory)
-        except NoRespondersError:  # the decode worker left: the request is queued again
+        except NoRespondersError:  # the decode worker left (or never answered its probe):
+            # nothing of the request reached it, so it is queued again
             logger.warning("%s gone: %s goes back to the scheduler", decode_id, request_id)
             msg = engine_pb2.Preempted(request=spec, worker_id=self.worker_id)
             await self.bus.publish(subject("scheduler", "preempted"), msg, headers=carrier)
@@ -287,12 +289,15 @@ class PrefillWorker(WorkerShell):
                 if request.request_id in self.aborted:  # while it waited for the lane
                     return None
                 domain = "" if decode_id in self.no_shared_memory else kv_shm.domain()
-                probe = await self.bus.request(
-                    subject("decode", decode_id, "probe"),
-                    engine_pb2.KVProbe(request=spec, shm_domain=domain),
-                    engine_pb2.KVProbeReply,
-                    timeout=HANDOFF_TIMEOUT,
-                )
+                try:
+                    probe = await self.bus.request(
+                        subject("decode", decode_id, "probe"),
+                        engine_pb2.KVProbe(request=spec, shm_domain=domain),
+                        engine_pb2.KVProbeReply,
+                        timeout=HANDOFF_TIMEOUT,
+                    )
+                except NatsTimeout:  # killed before NATS noticed: nothing was sent yet
+                    raise NoRespondersError() from None
                 num_reused = probe.num_cached_blocks  # the decode worker holds these already
                 sent = kv[num_reused:]
                 num_chunks = 0

@@ -247,6 +247,12 @@ def test_memory_report_compares_the_end_with_the_first_sample_past_the_mark():
     late = memory_report(samples, mark_s=999.0, max_growth_pct=5.0)
     assert late["rss_mark_s"] == 45.0 and late["rss_worst"]["growth_pct"] == 0.0
     assert memory_report([(0.0, {})], 0.0, 5.0)["rss_worst"] is None
+    # a small process's few MiB are not what the bound is about
+    small = [(0.0, {"redis (5)": 7.0, "decode (2)": 3000.0}),
+             (30.0, {"redis (5)": 7.7, "decode (2)": 3010.0})]  # fmt: skip
+    r = memory_report(small, mark_s=0.0, max_growth_pct=5.0)
+    assert r["rss_growth_pct_after_mark"]["redis (5)"] == pytest.approx(10.0)
+    assert r["rss_within_bound"] and r["rss_worst"]["process"] == "decode (2)"
 
 
 def test_soak_report_fails_on_memory_growth_past_the_bound():

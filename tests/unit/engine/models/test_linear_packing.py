@@ -105,3 +105,24 @@ def test_calibration_on_the_clock_leaves_every_layer_correct():
         bias = None if bias is None else bias.detach()
         want = torch.nn.functional.linear(x, weight, bias)
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
+
+
+def test_products_run_on_few_row_counts_and_rows_keep_their_results():
+    """Above ROW_BUCKET rows a product runs on a multiple of it (oneDNN caches a kernel per
+    row count it meets): a prefill's every count up to 300 reaches it as 64 + 4 counts, and
+    each row's result is the one it gets alone."""
+    from tandem.engine.models.layers import ROW_BUCKET, in_row_buckets
+
+    weight = torch.randn(48, 32)
+    seen: set[int] = set()
+
+    def product(x):
+        seen.add(x.shape[0])
+        return x @ weight.t()
+
+    for rows in range(1, 301):
+        x = torch.randn(rows, 32)
+        out = in_row_buckets(product, x)
+        assert out.shape == (rows, 48)
+        torch.testing.assert_close(out, x @ weight.t())
+    assert len(seen) == ROW_BUCKET + 4 and max(seen) == 320  # 128, 192, 256, 320
