@@ -108,10 +108,10 @@ def test_calibration_on_the_clock_leaves_every_layer_correct():
 
 
 def test_products_run_on_few_row_counts_and_rows_keep_their_results():
-    """Above ROW_BUCKET rows a product runs on a multiple of it (oneDNN caches a kernel per
-    row count it meets): a prefill's every count up to 300 reaches it as 64 + 4 counts, and
+    """Above 64 rows a product runs on a rounded-up row count (oneDNN caches a kernel per
+    row count it meets): a prefill's every count up to 2,048 reaches it as 116 counts, and
     each row's result is the one it gets alone."""
-    from tandem.engine.models.layers import ROW_BUCKET, in_row_buckets
+    from tandem.engine.models.layers import bucket_rows, in_row_buckets
 
     weight = torch.randn(48, 32)
     seen: set[int] = set()
@@ -120,9 +120,16 @@ def test_products_run_on_few_row_counts_and_rows_keep_their_results():
         seen.add(x.shape[0])
         return x @ weight.t()
 
-    for rows in range(1, 301):
+    for rows in (*range(1, 300), 511, 512, 513, 1000, 2048):
         x = torch.randn(rows, 32)
         out = in_row_buckets(product, x)
         assert out.shape == (rows, 48)
         torch.testing.assert_close(out, x @ weight.t())
-    assert len(seen) == ROW_BUCKET + 4 and max(seen) == 320  # 128, 192, 256, 320
+    assert {bucket_rows(r) for r in range(1, 2049)} == {
+        *range(1, 65),
+        *range(80, 513, 16),
+        *range(576, 2049, 64),
+    }
+    assert len({bucket_rows(r) for r in range(1, 2049)}) == 116
+    assert all(bucket_rows(r) - r <= (15 if r <= 512 else 63) for r in range(1, 4096))
+    assert seen <= {bucket_rows(r) for r in range(1, 2049)}
