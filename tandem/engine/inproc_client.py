@@ -124,10 +124,7 @@ class InProcessEngineClient:
         check_ids_free(inputs.request_ids, self._subs)
         prompts, params = prepare(self.tokenizer, inputs, self.vocab_size, self.max_model_len)
         requests = engine_requests(inputs, prompts, params, time.time())
-        queued = 0
-        for request in requests:  # all or none
-            queued += request.num_tokens
-            self._admit(request, queued, len(requests))
+        self._admit(requests)  # all or none
         streams = []
         for request in requests:
             streams.extend(self._streams_of(request))
@@ -156,17 +153,17 @@ class InProcessEngineClient:
 
         return [self._stream(rid, self._subs[rid], submit) for rid in request_ids]
 
-    def _admit(self, request: Request, new_tokens: int, new_requests: int = 1) -> None:
-        """The queue bounds (read without a lock: a snapshot is enough for admission), with
-        `new_requests` more holding `new_tokens`. Requests still in the inbox count as
-        queued."""
+    def _admit(self, requests: list[Request]) -> None:
+        """The queue bounds, with `requests` added (read without a lock: a snapshot is
+        enough for admission). Requests still in the inbox count as queued."""
         waiting = list(self.engine.scheduler.waiting)
-        num_queued = len(waiting) + self._inbox.qsize() + new_requests - 1
-        if self.max_queued_requests is not None and num_queued >= self.max_queued_requests:
-            raise EngineOverloaded(f"the queue holds {num_queued} requests (the maximum)")
+        num_queued = len(waiting) + self._inbox.qsize()
+        bound = self.max_queued_requests
+        if bound is not None and num_queued + len(requests) > bound:
+            raise EngineOverloaded(f"the queue holds {num_queued} requests (at most {bound})")
         if self.max_queued_tokens is not None:
             queued = sum(r.num_tokens for r in waiting)
-            if queued + new_tokens > self.max_queued_tokens:
+            if queued + sum(r.num_tokens for r in requests) > self.max_queued_tokens:
                 raise EngineOverloaded(
                     f"the queue holds {queued} tokens (at most {self.max_queued_tokens})"
                 )
