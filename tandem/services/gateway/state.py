@@ -68,12 +68,13 @@ class GatewayState:
         except ValueError as e:
             raise APIError(400, str(e), "BadRequestError", "messages") from None
 
-    def check_token_ids(self, ids: list[int], param: str, name: str | None = None) -> None:
-        """Every id is in the vocabulary; the message calls them `name` (default: param)."""
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """Every id is in the vocabulary (/detokenize's; a prompt's are checked where it is
+        tokenized, `engine.preprocess`)."""
         if any(not 0 <= t < self.client.vocab_size for t in ids):
             raise APIError(
                 400,
-                f"{name or param} must be in [0, {self.client.vocab_size})",
+                f"{param} must be in [0, {self.client.vocab_size})",
                 "BadRequestError",
                 param,
             )
