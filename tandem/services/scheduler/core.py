@@ -324,7 +324,10 @@ class ClusterScheduler:
 
     def _overlap(self, request: PendingRequest, worker_id: str) -> int:
         """Leading blocks of the request the worker holds: per the index, or because a
-        request placed there lately had them (whichever is longer)."""
+        request placed there lately had them (whichever is longer). Once the request is
+        placed on the worker, what was expected then: its own blocks are no hit."""
+        if request.prefill_worker_id == worker_id and request.request_id in self.prefilling:
+            return request.cached_blocks
         placed = self.placed_blocks.get(worker_id, {})
         num_placed = 0
         for block_hash in request.block_hashes:
@@ -396,6 +399,7 @@ class ClusterScheduler:
             if prefill is None:
                 break
             self.waiting.pop()
+            request.cached_blocks = self._overlap(request, prefill.worker_id)
             request.prefill_worker_id, request.decode_worker_id = (
                 prefill.worker_id,
                 decode.worker_id,

@@ -60,6 +60,7 @@ class PendingRequest:
     decode_worker_id: str = ""
     num_planned: int = 0
     overlap: dict[str, int] = field(default_factory=dict)  # worker -> leading blocks cached
+    cached_blocks: int = 0  # leading blocks its prefill worker was expected to hold, as placed
     block_hashes: list[int] = field(default_factory=list)  # its full blocks' chained hashes
     refused_by: set[str] = field(default_factory=set)  # prefill workers that could not run it
     placed_step: int = -1  # the step id of the plan with its first chunk

@@ -212,15 +212,17 @@ def test_a_new_prefix_follows_the_request_that_brought_it_before_the_index_knows
     from tandem.services.scheduler.core import Router
 
     core = make_two_prefill(Router.KV_AWARE)
-    first, second, other = req("first", 1100), req("second", 1100), req("other", 1100)
+    first, second = req("first", 1100), req("second", 1100)
     first.block_hashes = list(range(100, 168))  # 68 full blocks, none in the index yet
     second.block_hashes = list(range(100, 160)) + [999] * 8  # shares 60 of them
-    other.block_hashes = list(range(500, 568))
-    for r in (first, second, other):
-        core.add_request(r)
-    core.schedule()
-    assert core.prefilling["second"].prefill_worker_id == core.prefilling["first"].prefill_worker_id
-    assert core.prefilling["other"].prefill_worker_id != core.prefilling["first"].prefill_worker_id
+    core.add_request(first)
+    (plan,) = core.schedule()
+    home = core.prefilling["first"].prefill_worker_id
+    core.on_report(home, prefilled_ids=["first"], step_id=plan.step_id)
+    core.add_request(second)  # both workers idle: 960 cached tokens decide
+    (plan,) = core.schedule()
+    assert core.prefilling["second"].prefill_worker_id == home
+    assert chunks(plan) == [("second", 1100, True)]  # 140 computed tokens, under the budget
 
 
 def test_expected_cache_hits_cost_no_budget_and_no_room():
@@ -380,3 +382,20 @@ def test_a_report_speaks_only_of_requests_placed_by_that_worker_and_plan_or_earl
     assert again.step_id > plan.step_id and chunks(again) == [("a", 30, True)]
     core.on_report("p0", failed_ids=["a"], step_id=plan.step_id)  # late, about the first
     assert core.prefilling["a"].prefill_worker_id == "p0" and len(core.waiting) == 0
+
+
+def test_a_placed_request_s_own_blocks_are_no_cache_hit():
+    """Placing a request remembers its blocks on the worker (the next request with that
+    prefix follows it); its own plans, and the worker's queued load, still count its
+    whole prompt as work: chunked under the budget, not planned in one step."""
+    core, _ = make(budget=256)
+    long = req("long", 1500)
+    long.block_hashes = list(range(1000, 1093))  # 93 full blocks, none cached
+    core.add_request(long)
+    first, second = core.schedule()
+    assert chunks(first) == [("long", 256, True)] and chunks(second) == [("long", 256, False)]
+    assert core._prefill_load(core.workers["p0"]) == 1500
+    assert core._unplanned_tokens(core.workers["p0"]) == 1500 - 512
+    follower = req("follower", 1500)
+    follower.block_hashes = list(range(1000, 1093))
+    assert core._overlap(follower, "p0") == 93  # the prefix follows the request that brought it
