@@ -86,7 +86,13 @@ async def _scenario(url: str, prompts, args: argparse.Namespace) -> dict:
     argv[argv.index("--worker-id") + 1] = new_id
     load = asyncio.create_task(
         run_load(
-            url, prompts, args.output_len, args.max_concurrency, args.request_rate, args.seed
+            url,
+            prompts,
+            args.output_len,
+            args.max_concurrency,
+            args.request_rate,
+            args.seed,
+            desc="elastic",
         )  # fmt: skip
     )
     start = time.perf_counter()

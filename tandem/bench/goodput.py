@@ -16,8 +16,9 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
+from tandem.bench import plots
 from tandem.bench.load import (
     RequestResult,
     ServerInfo,
@@ -30,6 +31,7 @@ from tandem.bench.load import (
     wait_idle,
     warm_up,
 )
+from tandem.bench.progress import RequestBar
 
 TARGET = 0.9  # the attainment that counts a rate as served
 STOP_BELOW = 0.5  # the sweep stops after STOP_AFTER rates in a row below this
@@ -49,7 +51,6 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-input-len", type=int, default=2048)
     g.add_argument("--min-output-len", type=int, default=64)
     g.add_argument("--max-output-len", type=int, default=256)
-    g.add_argument("--plot", default=None, help="attainment PNG (default: next to --json)")
 
 
 # -- pure helpers ----------------------------------------------------------------------------
@@ -151,29 +152,34 @@ def stop_sweep(attainments: list[float]) -> bool:
 
 
 async def _run_rate(
-    url: str, requests: list[TimedRequest], slo: Slo, warm: list[list[int]]
+    url: str, requests: list[TimedRequest], slo: Slo, warm: list[list[int]], desc: str
 ) -> list[RequestResult]:
-    """Send the requests on time, wait for them; cancel only what is past its SLO deadline."""
+    """Send the requests on time, wait for them; cancel only what is past its SLO deadline.
+    A bar named `desc` on a terminal's stderr."""
     if not requests:
         return []
     async with client(url, None) as http:
         if warm:
             await warm_up(http, warm, 2)
         await wait_idle(http, IDLE_TIMEOUT_S)
-        start = time.perf_counter()
+        with RequestBar(len(requests), desc) as bar:
+            start = time.perf_counter()
 
-        async def one(r: TimedRequest) -> RequestResult:
-            await asyncio.sleep(max(0.0, start + r.offset - time.perf_counter()))
-            return await send_request(http, r.prompt, r.output_len)
+            async def one(r: TimedRequest) -> RequestResult:
+                await asyncio.sleep(max(0.0, start + r.offset - time.perf_counter()))
+                bar.sent()
+                result = await send_request(http, r.prompt, r.output_len)
+                bar.done(result.ok)
+                return result
 
-        tasks = [asyncio.create_task(one(r)) for r in requests]
-        # Nothing is cancelled before the last request's deadline: what still runs then has
-        # missed its SLO whatever happens, and no cancellation eased the load on the others.
-        end = start + max(r.offset + slo.deadline(r.output_len) for r in requests) + 1.0
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, end - time.perf_counter()))
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+            tasks = [asyncio.create_task(one(r)) for r in requests]
+            # Nothing is cancelled before the last request's deadline: what still runs then has
+            # missed its SLO whatever happens, and no cancellation eased the load on the others.
+            end = start + max(r.offset + slo.deadline(r.output_len) for r in requests) + 1.0
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, end - time.perf_counter()))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         return [RequestResult(False, error=CANCELLED) if t.cancelled() else t.result()
                 for t in tasks]  # fmt: skip
 
@@ -201,7 +207,8 @@ def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict
                   f"skipped {', '.join(f'{r:g}' for r in skipped)} req/s")  # fmt: skip
             break
         requests = sample_requests(rate, args.duration_s, lens, info, args.seed)
-        results = asyncio.run(_run_rate(url, requests, slo, warm if i == 0 else []))
+        desc = f"{name} {rate:g} req/s"
+        results = asyncio.run(_run_rate(url, requests, slo, warm if i == 0 else [], desc))
         row = rate_figures(rate, results, slo)
         rows.append(row)
         t, p = row["ttft_ms"], row["tpot_ms"]
@@ -218,37 +225,6 @@ def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict
 # -- report ----------------------------------------------------------------------------------
 
 
-def plot_attainment(runs: dict[str, dict], path: Path, title: str) -> None:
-    """Attainment against rate, one line per deployment (its goodput in the legend), with
-    the 90% line."""
-    import matplotlib  # only here: a plotting library is not needed to serve or to bench
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = [("o", "-"), ("s", "--"), ("^", ":")]  # lines that coincide stay visible
-    for (name, f), (marker, line) in zip(runs.items(), styles * len(runs)):
-        rates = [row["rate"] for row in f["rates"]]
-        attained = [100 * row["attainment"] for row in f["rates"]]
-        label = f"{name} (goodput {f['goodput']:g} req/s)"
-        ax.plot(rates, attained, marker=marker, linestyle=line, label=label)
-    rates = sorted({row["rate"] for f in runs.values() for row in f["rates"]})
-    ax.axhline(100 * TARGET, color="gray", linestyle="--", linewidth=1, label=f"{TARGET:.0%}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(rates, [f"{r:g}" for r in rates])
-    ax.minorticks_off()
-    ax.set_xlabel("request rate (req/s, Poisson)")
-    ax.set_ylabel("SLO attainment (%)")
-    ax.set_ylim(-2, 102)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def report(runs: dict[str, dict], args: argparse.Namespace) -> tuple[dict, bool]:
     """Attainment side by side, goodput per deployment, the plot; the JSON report."""
     rates = sorted({row["rate"] for f in runs.values() for row in f["rates"]})
@@ -260,15 +236,11 @@ def report(runs: dict[str, dict], args: argparse.Namespace) -> tuple[dict, bool]
         cells = [f"{t[rate]:.1%}" if rate in t else "skipped" for t in table.values()]
         print(f"{f'{rate:g} req/s':<18}" + "".join(f"{c:>16}" for c in cells))
     print(f"{'goodput (req/s)':<18}" + "".join(f"{f['goodput']:>16g}" for f in runs.values()))
-    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
-    if plot:
-        try:
-            title = f"TTFT <= {args.ttft_slo_ms:g} ms, mean ITL <= {args.itl_slo_ms:g} ms"
-            plot_attainment(runs, Path(plot), title)
-            print(f"plot: {plot}")
-        except ImportError:
-            print("plot skipped: matplotlib is not installed (pip install -e '.[dev]')")
-            plot = None
+    path, plot = plots.plot_path(args), None
+    title = f"goodput: TTFT <= {args.ttft_slo_ms:g} ms, mean ITL <= {args.itl_slo_ms:g} ms"
+    draw = partial(plots.plot_attainment, runs, TARGET, title=title)
+    if path and plots.try_plot(path, draw):
+        plot = str(path)
     result = {
         "workload": "goodput",
         "params": {k: getattr(args, k) for k in PARAMS}

@@ -18,7 +18,9 @@ from typing import Any
 
 import httpx
 
+from tandem.bench import plots
 from tandem.bench.load import (
+    SAMPLES,
     RequestResult,
     ServerInfo,
     arrivals_within,
@@ -29,6 +31,7 @@ from tandem.bench.load import (
     stats_ms,
     warm_up,
 )
+from tandem.bench.progress import tick_seconds
 
 PARAMS = ("num_decoders", "decode_input_len", "decode_output_len", "long_input_len",
           "long_output_len", "long_prompt_rate", "baseline_s", "warmup_s", "duration_s",
@@ -128,8 +131,9 @@ async def _stats(http: httpx.AsyncClient) -> dict:
     return (await http.get("/stats")).raise_for_status().json()
 
 
-async def _drive(url: str, info: ServerInfo, args: argparse.Namespace) -> dict:
-    """Warm up, start the decoders, time phases A and B; the raw streams and results."""
+async def _drive(url: str, info: ServerInfo, args: argparse.Namespace, name: str) -> dict:
+    """Warm up, start the decoders, time phases A and B; the raw streams and results. A bar
+    of the seconds on a terminal's stderr."""
     decode_rng = random.Random(f"{args.seed}:decoders")
     long_rng = random.Random(f"{args.seed}:long")
     offsets = arrivals_within(args.duration_s, args.long_prompt_rate, f"{args.seed}:arrivals")
@@ -157,30 +161,44 @@ async def _drive(url: str, info: ServerInfo, args: argparse.Namespace) -> dict:
 
         slots = [asyncio.create_task(slot(n))
                  for n in first_output_lens(args.num_decoders, args.decode_output_len)]  # fmt: skip
+        phase = ["warm-up"]
+        longs: list[asyncio.Task] = []
+
+        def status() -> str:
+            done = sum(t.done() for t in longs)
+            return (f"{phase[0]}; decoder requests done {sum(r.ok for r in decoded)}, "
+                    f"long prompts done {done}/{len(offsets)}")  # fmt: skip
+
+        total_s = args.warmup_s + args.baseline_s + args.duration_s
+        tasks = slots  # cancelled at the end: the decoders, and the bar once it runs
         try:
             deadline = time.perf_counter() + ALL_DECODING_TIMEOUT_S
             while not all(content_times(s) for s in streams[: args.num_decoders]):
                 if time.perf_counter() > deadline:
                     raise RuntimeError(f"decoders not all decoding: {decoded[-1:]}")
                 await asyncio.sleep(0.05)
+            bar = tick_seconds(total_s, f"interference {name}", status)
+            tasks = [*slots, asyncio.create_task(bar)]
             await asyncio.sleep(args.warmup_s)
             a_start, stats_a = time.perf_counter(), await _stats(http)
+            phase[0] = "phase A"
             await asyncio.sleep(args.baseline_s)
             b_start, stats_b = time.perf_counter(), await _stats(http)
+            phase[0] = "phase B"
 
             async def long_prompt(offset: float, prompt: list[int]) -> RequestResult:
                 await asyncio.sleep(max(0.0, b_start + offset - time.perf_counter()))
                 return await send_request(http, prompt, args.long_output_len)
 
-            longs = [asyncio.create_task(long_prompt(o, p)) for o, p in zip(offsets, long_prompts)]
+            longs += [asyncio.create_task(long_prompt(o, p)) for o, p in zip(offsets, long_prompts)]
             await asyncio.sleep(max(0.0, b_start + args.duration_s - time.perf_counter()))
             b_end, stats_end = time.perf_counter(), await _stats(http)
             long_results = await asyncio.gather(*longs)  # each sent before b_end
             stats = await _stats(http)
         finally:
-            for task in slots:
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*slots, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
     return {"streams": [content_times(s) for s in streams], "decoded": decoded,
             "long": long_results, "stats": stats, "phases": (a_start, b_start, b_end),
             "steps": {"phase_a": step_rates(stats_a, stats_b, b_start - a_start),
@@ -191,7 +209,7 @@ def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict
     """Drive one server; its figures per phase, the long prompts' TTFT, the ITL p99 ratio."""
     if info.max_model_len and args.long_input_len + args.long_output_len > info.max_model_len:
         raise ValueError(f"long prompts must fit max_model_len ({info.max_model_len})")
-    raw = asyncio.run(_drive(url, info, args))
+    raw = asyncio.run(_drive(url, info, args, name))
     a_start, b_start, b_end = raw["phases"]
     phase_a = phase_figures(raw["streams"], a_start, b_start)
     phase_b = phase_figures(raw["streams"], b_start, b_end)
@@ -221,10 +239,20 @@ def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict
         "kv_transfer_share_of_ttft": kv_transfer_share(kv_transfer, ttft_ms["mean"]),
     }
     print_figures(name, figures, args)
-    return figures
+    gaps = {"phase_a": gaps_within(raw["streams"], a_start, b_start),
+            "phase_b": gaps_within(raw["streams"], b_start, b_end)}  # fmt: skip
+    return figures | {SAMPLES: gaps}
 
 
 # -- report ----------------------------------------------------------------------------------
+
+
+def plot(runs: dict[str, dict], samples: dict[str, dict], args: argparse.Namespace, path) -> None:
+    """Each deployment's decode ITL CDF, phase A against phase B."""
+    title = (f"interference: {args.num_decoders} decoders; long prompts of {args.long_input_len} "
+             f"tokens at {args.long_prompt_rate:g}/s in phase B")  # fmt: skip
+    ratios = {name: f["itl_p99_ratio"] for name, f in runs.items()}
+    plots.plot_interference(samples, ratios, path, title)
 
 
 def print_figures(name: str, f: dict, args: argparse.Namespace) -> None:

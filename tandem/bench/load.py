@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from tandem.bench.progress import RequestBar
+
 DEFAULT_VOCAB_SIZE = 49152  # SmolLM2's, the default model
 SSE_DONE = "[DONE]"
 TIMEOUT = httpx.Timeout(600.0, connect=30.0, pool=None)
@@ -137,6 +139,22 @@ def tpot(result: RequestResult) -> float:
     return (result.e2e - result.ttft) / (n - 1) if n > 1 else 0.0
 
 
+SAMPLES = "samples"  # the key of a run's raw samples among its figures, taken out before JSON
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySamples:
+    """A run's raw latencies in seconds, for plots (the JSON report has their statistics)."""
+
+    ttft_s: list[float]
+    itl_s: list[float]
+
+
+def latency_samples(results: list[RequestResult]) -> LatencySamples:
+    done = [r for r in results if r.ok]
+    return LatencySamples([r.ttft for r in done], [gap for r in done for gap in r.itl])
+
+
 def summarize(results: list[RequestResult], duration_s: float) -> dict:
     """The run's figures: counts, throughput, latency stats in ms, per-request token counts."""
     done = [r for r in results if r.ok]
@@ -244,24 +262,30 @@ async def run_load(
     rate: float,
     seed: int,
     extra_body: dict | None = None,
+    desc: str = "requests",
 ) -> tuple[list[RequestResult], float]:
     """Two warm-up requests (prompts[:2]), then the rest at Poisson arrivals, at most
-    max_concurrency in flight (<= 0: no cap). Returns the results and the duration."""
+    max_concurrency in flight (<= 0: no cap), a bar named `desc` on a terminal's stderr.
+    Returns the results and the duration."""
     limit = max_concurrency if max_concurrency > 0 else len(prompts)
     sem = asyncio.Semaphore(limit)
     async with client(url, limit + 2) as http:
         await warm_up(http, prompts[:2], 4)
         timed = prompts[2:]
         offsets = arrival_offsets(len(timed), rate, seed)
-        start = time.perf_counter()
+        with RequestBar(len(timed), desc) as bar:
+            start = time.perf_counter()
 
-        async def one(prompt: list[int], offset: float) -> RequestResult:
-            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-            async with sem:
-                return await send_request(http, prompt, output_len, extra_body=extra_body)
+            async def one(prompt: list[int], offset: float) -> RequestResult:
+                await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+                async with sem:
+                    bar.sent()
+                    result = await send_request(http, prompt, output_len, extra_body=extra_body)
+                bar.done(result.ok)
+                return result
 
-        results = await asyncio.gather(*(one(p, o) for p, o in zip(timed, offsets)))
-        return list(results), time.perf_counter() - start
+            results = await asyncio.gather(*(one(p, o) for p, o in zip(timed, offsets)))
+            return list(results), time.perf_counter() - start
 
 
 async def wait_idle(http: httpx.AsyncClient, timeout: float) -> bool:

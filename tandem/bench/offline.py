@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.bench import progress
 from tandem.engine.llm import LLM
 from tandem.engine.request import SamplingParams
 
@@ -68,7 +69,7 @@ def bench_engine(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
     llm.generate(prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
     llm.engine.reset_prefix_cache()
     t = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - t
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == len(prompts) * output_len, produced
@@ -94,6 +95,21 @@ def decode_step_ms_batch1(llm: LLM, steps: int = 32) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
+class _TokenCounter:
+    """HF generate's streamer (its `put` and `end`): moves a bar by each step's new tokens.
+    The prompt comes first (2-D), then one token per sequence per step (1-D)."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() == 1:
+            self.bar.update(value.numel())
+
+    def end(self) -> None:
+        pass
+
+
 def bench_hf(
     model_dir: str, prompts: list[list[int]], output_len: int, dtype: torch.dtype
 ) -> float:
@@ -107,11 +123,14 @@ def bench_hf(
         model.generate(
             ids[:2, :16], attention_mask=mask[:2, :16], max_new_tokens=8, min_new_tokens=8, **kw
         )
-        t = time.perf_counter()
-        out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len, **kw
-        )
-        elapsed = time.perf_counter() - t
+        with progress.bar(len(prompts) * output_len, f"hf generate ({dtype})", "tok") as bar:
+            streamer = None if bar.disable else _TokenCounter(bar)  # no bar: nothing added
+            t = time.perf_counter()
+            out = model.generate(
+                ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
+                streamer=streamer, **kw,
+            )  # fmt: skip
+            elapsed = time.perf_counter() - t
     produced = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     assert produced == len(prompts) * output_len, produced
     return produced / elapsed

@@ -246,7 +246,8 @@ def format_profile(profile: dict) -> str:
 
 
 def cmd_bench_profile(args: argparse.Namespace) -> int:
-    from tandem.engine.args import engine_config, resolve_model
+    from tandem.engine.args import engine_config
+    from tandem.model_source import resolve_model
 
     args.model = resolve_model(args.model)
     if args.torch_threads:

@@ -26,7 +26,7 @@ def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict
     for round_ in range(args.rounds):
         for mode, extra in (("greedy", None), ("penalized", PENALIZED)):
             load = run_load(url, prompts, args.output_len, args.max_concurrency,
-                            args.request_rate, args.seed, extra)  # fmt: skip
+                            args.request_rate, args.seed, extra, desc=f"{name} {mode}")  # fmt: skip
             results, duration = asyncio.run(load)
             f = summarize(results, duration)
             figures[mode].append(f)

@@ -14,6 +14,10 @@ where each one's processes sit on the cores, and drives the same workload at bot
 - elastic: a decode worker joins and another drains under the throughput load (elastic.py).
 - soak: steady mixed load with random client disconnects; failures, leaked blocks and memory
   growth per process (soak.py).
+
+A bar shows each load's progress on stderr when it is a terminal. `--plot` (by default next to
+`--json`) draws the deployments side by side: latency CDFs and output throughput (throughput,
+shared-prefix), ITL CDFs of both phases (interference), SLO attainment (goodput); plots.py.
 """
 
 from __future__ import annotations
@@ -26,20 +30,31 @@ import math
 import shlex
 from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tandem.bench import (
     elastic,
     goodput,
     interference,
+    plots,
     sampling_cost,
     shared_prefix,
     soak,
     tracing_cost,
 )
 from tandem.bench.deploy import DEPLOYMENT_FLAGS, deployment, placement, print_placement
-from tandem.bench.load import ServerInfo, random_prompts, run_load, server_info, summarize
+from tandem.bench.load import (
+    SAMPLES,
+    LatencySamples,
+    ServerInfo,
+    latency_samples,
+    random_prompts,
+    run_load,
+    server_info,
+    summarize,
+)
 
 
 class Workload(NamedTuple):
@@ -52,6 +67,8 @@ class Workload(NamedTuple):
     # every deployment started at once, the runs interleaved (`args.rounds` of each);
     # `report` then gets a list of figures per deployment
     interleaved: bool = False
+    # draws the figures and the raw samples (by deployment) into a PNG: `--plot`
+    plot: Callable[[dict[str, dict], dict[str, Any], argparse.Namespace, Path], None] | None = None
 
 
 # -- throughput ------------------------------------------------------------------------------
@@ -77,11 +94,11 @@ def run_throughput(name: str, url: str, info: ServerInfo, args: argparse.Namespa
         raise ValueError(f"input_len + output_len must be <= max_model_len ({info.max_model_len})")
     prompts = random_prompts(args.num_prompts + 2, args.input_len, info.vocab_size, args.seed)
     load = run_load(url, prompts, args.output_len, args.max_concurrency, args.request_rate,
-                    args.seed)  # fmt: skip
+                    args.seed, desc=name)  # fmt: skip
     results, duration = asyncio.run(load)
     figures = summarize(results, duration)
     print_figures(name, figures)
-    return figures
+    return figures | {SAMPLES: latency_samples(results)}
 
 
 def report_throughput(runs: dict[str, dict], args: argparse.Namespace) -> tuple[dict, bool]:
@@ -102,11 +119,23 @@ def report_throughput(runs: dict[str, dict], args: argparse.Namespace) -> tuple[
     return report, all(r["failed"] == 0 for r in runs.values())
 
 
+def plot_throughput(
+    runs: dict[str, dict], samples: dict[str, LatencySamples], args: argparse.Namespace, path: Path
+) -> None:
+    """TTFT and ITL CDFs per deployment, and their output tok/s side by side."""
+    rate = "" if math.isinf(args.request_rate) else f", Poisson {args.request_rate:g} req/s"
+    title = (f"throughput: {args.num_prompts} requests of {args.input_len} -> {args.output_len} "
+             f"tokens, at most {args.max_concurrency} in flight{rate}")  # fmt: skip
+    plots.plot_latency(samples, {name: f["output_tok_s"] for name, f in runs.items()}, path, title)
+
+
 WORKLOADS = {
-    "throughput": Workload(run_throughput, report_throughput),
-    "interference": Workload(interference.run, interference.report),
-    "goodput": Workload(goodput.run, goodput.report),
-    "shared-prefix": Workload(shared_prefix.run, shared_prefix.report, shared_prefix.DEPLOYMENTS),
+    "throughput": Workload(run_throughput, report_throughput, plot=plot_throughput),
+    "interference": Workload(interference.run, interference.report, plot=interference.plot),
+    "goodput": Workload(goodput.run, goodput.report),  # its report draws its own plot
+    "shared-prefix": Workload(
+        shared_prefix.run, shared_prefix.report, shared_prefix.DEPLOYMENTS, plot=shared_prefix.plot
+    ),
     "tracing": Workload(run_throughput, tracing_cost.report, tracing_cost.DEPLOYMENTS, True),
     "sampling": Workload(sampling_cost.run, sampling_cost.report, sampling_cost.DEPLOYMENTS),
     "elastic": Workload(elastic.run, elastic.report, elastic.DEPLOYMENTS),
@@ -166,10 +195,26 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                 flags = [*server_args, *known[name]]
                 with deployment(flags, args.startup_timeout) as (url, pid):
                     runs[name] = bench_one(name, url, pid, args)
-    report, ok = WORKLOADS[args.workload].report(runs, args)
+    samples = take_samples(runs)
+    workload = WORKLOADS[args.workload]
+    report, ok = workload.report(runs, args)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    path = plots.plot_path(args)
+    if workload.plot is not None and path is not None and samples:
+        plots.try_plot(path, partial(workload.plot, runs, samples, args))
     return 0 if ok else 1
+
+
+def take_samples(runs: dict[str, dict | list[dict]]) -> dict[str, Any]:
+    """Take the raw samples out of each deployment's figures (they stay out of the JSON
+    report): deployment -> its samples (of the first run, where runs are interleaved)."""
+    samples = {}
+    for name, figures in runs.items():
+        for f in figures if isinstance(figures, list) else [figures]:
+            if SAMPLES in f:
+                samples.setdefault(name, f.pop(SAMPLES))
+    return samples
 
 
 def add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -181,6 +226,11 @@ def add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=None, help="default: the model's config")
     p.add_argument("--json", default=None, help="write the figures to this file")
+    p.add_argument(
+        "--plot", default=None,
+        help="write the plots (latency CDFs, throughput, goodput attainment) to this PNG "
+        "(default: next to --json, same name, .png); needs matplotlib",
+    )  # fmt: skip
     p.add_argument(
         "--server-args", default="", help='flags for both servers, e.g. "--dtype float32"'
     )

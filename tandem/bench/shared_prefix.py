@@ -22,9 +22,12 @@ import time
 
 import httpx
 
+from tandem.bench import plots
 from tandem.bench.load import (
+    SAMPLES,
     ServerInfo,
     client,
+    latency_samples,
     random_token_ids,
     run_load,
     send_request,
@@ -117,11 +120,12 @@ def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict
     settle(url)
     queries0, hits0 = prefill_counters(url)
     load = run_load(url, prompts, args.shared_output_len, args.shared_concurrency, float("inf"),
-                    args.seed)  # fmt: skip
+                    args.seed, desc=name)  # fmt: skip
     results, duration = asyncio.run(load)
     settle(url)
     queries1, hits1 = prefill_counters(url)
     figures = summarize(results, duration)
+    figures[SAMPLES] = latency_samples(results)
     figures["hit_rate"] = (hits1 - hits0) / (queries1 - queries0) if queries1 > queries0 else 0.0
     scheduler = httpx.get(f"{url}/stats", timeout=10).json().get("scheduler", {})
     figures["index_lookup_p50_ms"] = scheduler.get("index_lookup_p50_ms")
@@ -138,6 +142,15 @@ def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict
         mt = figures["multi_turn_ttft_ms"]
         print(f"multi-turn TTFT (turns 2+) p50 / p99 (ms): {mt['p50']:.1f} / {mt['p99']:.1f}")
     return figures
+
+
+def plot(runs: dict[str, dict], samples: dict, args: argparse.Namespace, path) -> None:
+    """TTFT and ITL CDFs and output tok/s of the three clusters."""
+    title = (
+        f"shared prefix: {args.shared_requests} requests on {args.num_system_prompts} system "
+        f"prompts of {args.system_len} tokens, {args.shared_concurrency} at a time"
+    )
+    plots.plot_latency(samples, {name: f["output_tok_s"] for name, f in runs.items()}, path, title)
 
 
 def report(runs: dict[str, dict], args: argparse.Namespace) -> tuple[dict, bool]:

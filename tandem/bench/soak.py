@@ -30,6 +30,7 @@ from tandem.bench.load import (
     send_request,
     wait_idle,
 )
+from tandem.bench.progress import tick_seconds
 
 DEPLOYMENTS = {"disaggregated": [], "colocated": ["--colocated"]}
 SETTLE_S = 300.0  # the bound: no process grows more than 5% after its first 5 minutes
@@ -153,7 +154,7 @@ async def _sample_rss(pids: list[int], t0: float, interval_s: float, samples: li
         samples.append((time.perf_counter() - t0, rss_mib(pids)))
 
 
-async def _soak(url: str, info: ServerInfo, args) -> dict:
+async def _soak(url: str, info: ServerInfo, args, name: str) -> dict:
     counts = {"completed": 0, "failed": 0, "disconnected": 0, "output_tokens": 0, "errors": []}
     pids = server_processes(url)
     async with client(url, args.max_concurrency + 2) as http:
@@ -163,7 +164,16 @@ async def _soak(url: str, info: ServerInfo, args) -> dict:
         sampler = asyncio.create_task(_sample_rss(pids, t0, args.rss_interval_s, samples))
         until = t0 + args.duration_s
         rngs = [random.Random(f"{args.seed}-{i}") for i in range(args.max_concurrency)]
+
+        def status() -> str:
+            return (f"completed {counts['completed']}, failed {counts['failed']}, "
+                    f"disconnected {counts['disconnected']}")  # fmt: skip
+
+        bar = asyncio.create_task(tick_seconds(args.duration_s, f"soak {name}", status))
         await asyncio.gather(*(_client(http, r, info, args, until, counts) for r in rngs))
+        bar.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await bar
         load_s = time.perf_counter() - t0
         idle = await wait_idle(http, 120)
         sampler.cancel()
@@ -202,7 +212,7 @@ def print_memory(f: dict) -> None:
 
 
 def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict:
-    f = asyncio.run(_soak(url, info, args))
+    f = asyncio.run(_soak(url, info, args, name))
     print(f"{'=' * 20} soak ({name}, {args.duration_s:.0f} s) {'=' * 20}")
     print(f"completed {f['completed']}, failed {f['failed']}, "
           f"disconnected by the client {f['disconnected']}; "

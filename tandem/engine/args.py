@@ -19,13 +19,27 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="Hugging Face model folder (default: the prepared SmolLM2-135M-Instruct)",
+        help="a Hugging Face folder, a .gguf file or a Hugging Face id in the local HF cache "
+        "(default: the prepared SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        type=_dtype,
+        help="auto, bfloat16, float16 (half) or float32 (float); auto: bfloat16 on CUDA and on "
+        "CPUs that multiply it fast (AMX, AVX-512 BF16), else float32",
+    )
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=256, help="requests in a batch, at most")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="the token budget of a step (prefill chunks and decodes)",
+    )
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument(
         "--num-gpu-blocks-override",
         type=int,
@@ -39,9 +53,25 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="GiB of memory for the KV cache on the CPU (default 4; `tandem serve` splits that "
         "among its workers)",
     )
-    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of the GPU's memory the worker may use (weights, activations, KV cache)",
+    )
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV blocks of prompt prefixes seen before",
+    )
+    p.add_argument(
+        "--scheduling-policy",
+        default="fcfs",
+        choices=["fcfs", "priority"],
+        help="priority: a lower `priority` value is served first",
+    )
+    p.add_argument("--seed", type=int, default=0, help="of the sampler, for unseeded requests")
     p.add_argument(
         "--logprobs-mode",
         default="raw_logprobs",
@@ -77,6 +107,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(
             args.block_size,
             args.num_gpu_blocks_override,
+            args.gpu_memory_utilization,
             **(
                 {"cpu_kv_cache_space_gib": args.cpu_kv_cache_space}
                 if args.cpu_kv_cache_space
@@ -90,9 +121,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def resolve_model(path: str | None) -> str:
-    if path:
-        return path
-    from tandem.model_prep import prepare_default_model
-
-    return str(prepare_default_model())
+def _dtype(text: str) -> str:
+    """vLLM's dtype names: half and float stand for float16 and float32."""
+    name = {"half": "float16", "float": "float32"}.get(text, text)
+    if name not in ("auto", "bfloat16", "float16", "float32"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected auto, bfloat16, float16 (half) or float32 (float)"
+        )
+    return name

@@ -50,8 +50,10 @@ class InProcessEngineClient:
         config: EngineConfig,
         max_queued_requests: int | None = None,
         max_queued_tokens: int | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self.config = config
+        self.chat_template = chat_template
         self.max_queued_requests = max_queued_requests
         self.max_queued_tokens = max_queued_tokens
         self.max_model_len = config.model.max_model_len or 0
@@ -207,7 +209,9 @@ class InProcessEngineClient:
 
         try:
             self.engine = await self.driver.start()
-            self.tokenizer = await self.driver.call(load_tokenizer, self.config.model.model)
+            self.tokenizer = await self.driver.call(
+                load_tokenizer, self.config.model.model, self.chat_template
+            )
             self.max_model_len = self.engine.max_model_len
             self.vocab_size = self.engine.runner.info.vocab_size
         except BaseException as e:  # reported through /health and the launcher

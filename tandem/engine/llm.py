@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Sequence
 
 from tandem.engine.config import (
@@ -63,8 +64,11 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: Sequence[int] | None = None,
+        use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the prompts' order."""
+        """Run every prompt to completion; outputs come back in the prompts' order. With
+        `use_tqdm`, a bar of output tokens (out of every request's max_tokens) on stderr when
+        it is a terminal."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -92,9 +96,15 @@ class LLM:
                 if params.logprobs is not None:
                     logprobs[sample_id] = []
         samples: dict[str, Request] = {}
+        bar = _token_bar(sampling_params) if use_tqdm else None
         while self.engine.has_unfinished:
             for out in self.engine.step():
                 samples[out.request.request_id] = out.request
+                if bar is not None:
+                    bar.update(len(out.new_token_ids))
+                    if out.finished:  # stopped early: its unused budget counts as done
+                        max_tokens = out.request.sampling_params.max_tokens
+                        bar.update(max_tokens - len(out.request.output_token_ids))
                 detok = detoks[out.request.request_id]
                 detok.add_tokens(out.new_token_ids, out.finished)
                 if out.logprobs:
@@ -102,6 +112,8 @@ class LLM:
                 if detok.stopped_on is not None and not out.finished:
                     out.request.stop_reason = detok.stopped_on
                     self.engine.finish(out.request.request_id, RequestStatus.FINISHED_STOPPED)
+        if bar is not None:
+            bar.close()
         return [self._output(r, samples, detoks, texts[r.request_id], logprobs) for r in order]
 
     @staticmethod
@@ -131,3 +143,12 @@ class LLM:
             if req.sampling_params.prompt_logprobs is not None
             else None,
         )
+
+
+def _token_bar(sampling_params: Sequence[SamplingParams]):
+    """Output tokens out of the most the requests may produce; off where stderr is not a TTY."""
+    from tqdm import tqdm
+
+    total = sum(p.max_tokens * p.n for p in sampling_params)
+    return tqdm(total=total, desc="generating", unit="tok", file=sys.stderr, disable=None,
+                leave=False)  # fmt: skip

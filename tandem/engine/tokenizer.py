@@ -8,11 +8,26 @@ from pathlib import Path
 from tokenizers.decoders import DecodeStream
 
 
-def load_tokenizer(model_dir: str | Path):
-    """The folder's fast tokenizer (tokenizer.json + chat template), no remote code."""
+def load_tokenizer(model_dir: str | Path, chat_template: str | None = None):
+    """The folder's fast tokenizer (tokenizer.json + chat template), no remote code.
+    `chat_template` (vLLM's --chat-template: a file, or the Jinja template itself) replaces
+    the folder's template."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    if chat_template:
+        tokenizer.chat_template = read_chat_template(chat_template)
+    return tokenizer
+
+
+def read_chat_template(spec: str) -> str:
+    """A file's text, or `spec` itself when it is a template (it has Jinja's `{`)."""
+    if "{" in spec:
+        return spec
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--chat-template {spec}: no such file (nor a Jinja template)")
+    return path.read_text()
 
 
 def token_texts(tokenizer, token_ids: list[int]) -> list[str]:

@@ -79,6 +79,14 @@ def load_cpu_kernels() -> bool:
     out = build_directory()
     out.mkdir(parents=True, exist_ok=True)
     clear_stale_lock(out)
+    built = is_built(out)
+    if not built:
+        if (out / "lock").exists():
+            logger.info("CPU kernels: another process is building them in %s; waiting", out)
+        else:
+            logger.info("CPU kernels: compiling C++ for this machine into %s (about 30 s, "
+                        "once) ...", out)  # fmt: skip
+    start = time.monotonic()
     try:
         load(
             name="tandem_cpu_kernels",
@@ -91,7 +99,16 @@ def load_cpu_kernels() -> bool:
     except Exception as e:  # no compiler, no headers: torch's path still works
         logger.warning("CPU kernels unavailable (%s); attention runs through torch", e)
         return False
+    if built:
+        logger.info("CPU kernels ready: %s", out)
+    else:
+        logger.info("CPU kernels built in %.1f s: %s", time.monotonic() - start, out)
     return True
+
+
+def is_built(directory: Path) -> bool:
+    """Whether `directory` holds a finished build (the library is its last output)."""
+    return (directory / "tandem_cpu_kernels.so").is_file()
 
 
 def paged_decode_attention(

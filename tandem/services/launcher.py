@@ -1,7 +1,8 @@
 """`tandem serve`: the whole cluster on one machine. Starts NATS and Redis (unless NATS_URL /
 REDIS_URL name existing ones), then the tokenizer, the scheduler, the prefill and decode
-workers and the gateway, each as its own process; waits until the gateway is healthy; and on
-Ctrl-C or SIGTERM stops everything it started.
+workers and the gateway, each as its own process; waits until the gateway is healthy, logging
+each stage as it comes up and what it still waits for; and on Ctrl-C or SIGTERM stops
+everything it started.
 
 The NATS server it starts has one account per role (gateway, tokenizer, scheduler, prefill,
 decode), each allowed only its own subjects, with passwords made up for the run; each stage
@@ -13,6 +14,7 @@ drained (someone sent it SIGTERM) and leaves for good."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import secrets
@@ -23,17 +25,19 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NoReturn
 
 from tandem.services.servers import (
     LocalServer,
     free_port,
     pinned_to,
-    redact,
     start_nats,
     start_redis,
 )
+from tandem.services.startup import WAITS_FOR, StartupProgress, observe
 from tandem.services.transport import kv_shm
+from tandem.services.transport.bus import redact
 from tandem.services.transport.subjects import Role
 
 logger = logging.getLogger(__name__)
@@ -134,6 +138,7 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--cpu-kv-cache-space", str(space)]
     if not args.enable_prefix_caching:
         argv += ["--no-enable-prefix-caching"]
+    argv += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     argv += ["--logprobs-mode", args.logprobs_mode]
     if args.logits_processors:
         argv += ["--logits-processors", *args.logits_processors]
@@ -162,8 +167,9 @@ def plan_stages(
     """The stages' command lines; each gets its role's NATS URL (`nats_urls`)."""
     tandem = [sys.executable, "-m", "tandem.cli"]
     nats = observability_argv(args)  # the servers' URLs go by environment (credentials)
+    template = ["--chat-template", args.chat_template] if args.chat_template else []
     stages = [
-        Stage("tokenizer", [*tandem, "tokenizer", "--model", args.model,
+        Stage("tokenizer", [*tandem, "tokenizer", "--model", args.model, *template,
                             "--port", str(tokenizer_port), *nats], Role.TOKENIZER, light_cores),
         Stage("scheduler", [*tandem, "scheduler", *nats,
                             "--scheduling-policy", args.scheduling_policy,
@@ -186,15 +192,31 @@ def plan_stages(
         stages.append(Stage(worker_id, argv, Role(role), worker_cores, nice))
     gateway = [*tandem, "gateway", *nats, "--tokenizer-url", f"127.0.0.1:{tokenizer_port}",
                "--model", args.model, "--host", args.host, "--port", str(args.port)]  # fmt: skip
-    if args.served_model_name:
-        gateway += ["--served-model-name", args.served_model_name]
-    gateway += ["--max-request-body-bytes", str(args.max_request_body_bytes)]
+    gateway += http_argv(args)
     # The key goes by environment: a command line is readable by every local user.
     secrets = {"TANDEM_API_KEY": args.api_key} if args.api_key else {}
     stages.append(Stage("gateway", gateway, Role.GATEWAY, light_cores, env=secrets))
     for stage in stages:  # by environment: a command line is readable by every local user
         stage.env |= {"NATS_URL": nats_urls[stage.role], "REDIS_URL": redis_url}
     return stages
+
+
+def http_argv(args: argparse.Namespace) -> list[str]:
+    """The HTTP flags of `tandem serve`, as the gateway's command line (the API key aside)."""
+    argv = ["--max-request-body-bytes", str(args.max_request_body_bytes),
+            "--uvicorn-log-level", args.uvicorn_log_level,
+            "--allowed-origins", json.dumps(args.allowed_origins),
+            "--allowed-methods", json.dumps(args.allowed_methods),
+            "--allowed-headers", json.dumps(args.allowed_headers)]  # fmt: skip
+    if args.served_model_name:
+        argv += ["--served-model-name", *args.served_model_name]
+    for flag in ("root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "max_log_len"):
+        if getattr(args, flag) is not None:
+            argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    for switch in ("allow_credentials", "disable_fastapi_docs", "enable_log_requests"):
+        if getattr(args, switch):
+            argv.append("--" + switch.replace("_", "-"))
+    return argv
 
 
 def queue_argv(args: argparse.Namespace) -> list[str]:
@@ -251,8 +273,12 @@ class Cluster:
         self.clock = clock
         self.servers: list[LocalServer] = []
         self.stages: list[Stage] = []
+        self.startup: StartupProgress | None = None  # stages not seen ready yet
+        self._look: Callable[[], None] = lambda: None  # one look at them (startup.observe)
 
     def start(self, timeout: float = 300.0) -> str:
+        """Start the servers and the stages; wait until the gateway is healthy, saying on the
+        way what came up and what is still awaited (startup.py). Its URL."""
         roles = worker_roles(self.args)
         cores = sorted(os.sched_getaffinity(0))
         placements = place_workers(cores, len(roles), self.args.worker_placement)
@@ -260,31 +286,51 @@ class Cluster:
         nats_url = os.environ.get("NATS_URL")
         if nats_url:  # the user's server: one URL for every stage
             nats_urls = dict.fromkeys(Role, nats_url)
+            logger.info("nats: using NATS_URL %s", redact(nats_url))
         else:  # the servers it starts take credentials made up for this run
             accounts = {role: secrets.token_urlsafe(24) for role in Role}
             self.servers.append(start_nats(cores=light_cores, accounts=accounts))
             nats_url = self.servers[-1].url  # without credentials: for the log
             nats_urls = {role: self.servers[-1].url_for(role) for role in Role}
+            logger.info("nats-server: started on %s (pid %d)", nats_url, self.servers[-1].proc.pid)
         redis_url = os.environ.get("REDIS_URL")
-        if not redis_url:
+        if redis_url:
+            logger.info("redis: using REDIS_URL %s", redact(redis_url))
+        else:
             password = secrets.token_urlsafe(24)
             self.servers.append(start_redis(cores=light_cores, password=password))
             redis_url = self.servers[-1].url
+            logger.info("redis: started on %s (pid %d)", redact(redis_url),
+                        self.servers[-1].proc.pid)  # fmt: skip
+        tokenizer_port = free_port()
         self.stages = plan_stages(
-            self.args, nats_urls, redis_url, free_port(), placements, light_cores
+            self.args, nats_urls, redis_url, tokenizer_port, placements, light_cores
         )
+        self.startup = progress = StartupProgress({s.name: WAITS_FOR[s.role] for s in self.stages})
         for stage in self.stages:
             stage.backoff = Backoff(self.clock)
             _start(stage)
+            logger.info("%s: started (pid %d); %s", stage.name, stage.proc.pid,
+                        progress.waiting[stage.name])  # fmt: skip
         url = f"http://{self.args.host}:{self.args.port}"
+        workers = [s.name for s in self.stages if s.is_worker]
+        self._look = partial(observe, progress, url, tokenizer_port, workers)
         deadline = time.monotonic() + timeout
         while not _healthy(url):
             dead = [s.name for s in self.stages if s.proc.poll() is not None]
             if dead:
                 raise RuntimeError(f"stage(s) {', '.join(dead)} exited during start-up")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the cluster was not healthy within {timeout:.0f} s")
+                pending = ", ".join(f"{n} ({w})" for n, w in progress.waiting.items())
+                raise RuntimeError(
+                    f"the cluster was not healthy within {timeout:.0f} s; waiting for {pending}"
+                )
+            self._look()
+            progress.remind()
             time.sleep(0.2)
+        self._look()
+        later = f" ({', '.join(progress.waiting)} still starting)" if progress.waiting else ""
+        logger.info("ready: %s in %.1f s%s", url, progress.elapsed(), later)
         logger.info("NATS %s, Redis %s", redact(nats_url), redact(redis_url))
         for stage in self.stages:
             where = f"cores {stage.cores}" if stage.cores else "unpinned"
@@ -292,9 +338,12 @@ class Cluster:
         return url
 
     def wait(self) -> NoReturn:
-        """Watch the stages until a signal stops the cluster (see the module doc)."""
+        """Watch the stages until a signal stops the cluster (see the module doc); say when
+        a stage still starting at `ready` (a second worker of a role) comes up."""
         while True:
             self.tend()
+            if self.startup is not None and self.startup.waiting:
+                self._look()
             time.sleep(0.5)
 
     def tend(self) -> None:

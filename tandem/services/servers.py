@@ -1,6 +1,7 @@
-"""Start the real infrastructure locally: a NATS server (JetStream on) and a Redis server,
-each on a free loopback port, as child processes. Used by `tandem serve` and by the test
-fixtures; `NATS_URL` / `REDIS_URL` point at existing servers instead.
+"""Start the real infrastructure locally: a NATS server (core NATS only: Tandem keeps nothing
+in NATS, so no JetStream) and a Redis server, each on a free loopback port, as child
+processes. Used by `tandem serve` and by the test fixtures; `NATS_URL` / `REDIS_URL` point at
+existing servers instead.
 
 Also renders nats-server's config: one account per role (`subjects.Role`), each allowed
 only its rows of the subject table, for `tandem serve` and, with the passwords read from the
@@ -257,26 +258,26 @@ def start_nats(
     password: str | None = None,
     accounts: Mapping[str, str] | None = None,
 ) -> LocalServer:
-    """nats-server on loopback with JetStream, its store in a temporary directory. With
-    `user` and `password`, clients must give them (they are in the returned URL). With
-    `accounts` (role name -> password), each role connects as itself and may use only its
-    own subjects; `url_for(role)` is its URL, `url` has no credentials."""
+    """nats-server on loopback, without JetStream, its log and config in a temporary
+    directory. With `user` and `password`, clients must give them (they are in the returned
+    URL). With `accounts` (role name -> password), each role connects as itself and may use
+    only its own subjects; `url_for(role)` is its URL, `url` has no credentials."""
     port = _claim(port, "nats-server")
-    store = Path(tempfile.mkdtemp(prefix="tandem-nats-"))
-    cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
+    scratch = Path(tempfile.mkdtemp(prefix="tandem-nats-"))
+    cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)]
     url = f"nats://127.0.0.1:{port}"
     urls = {}
     if accounts:
         if user:
             raise ValueError("start_nats: a user with every right or accounts, not both")
         conf = accounts_conf(accounts)
-        cmd += ["-c", str(_secret_file(store, "accounts.conf", conf))]
+        cmd += ["-c", str(_secret_file(scratch, "accounts.conf", conf))]
         urls = {str(role): with_credentials(url, str(role), pw) for role, pw in accounts.items()}
     elif user and password:
         auth = nats_conf({"authorization": {"user": user, "password": password}}) + "\n"
-        cmd += ["-c", str(_secret_file(store, "auth.conf", auth))]
+        cmd += ["-c", str(_secret_file(scratch, "auth.conf", auth))]
         url = urls[user] = with_credentials(url, user, password)
-    server = launch("nats-server", cmd, port, url, store, timeout, cores)
+    server = launch("nats-server", cmd, port, url, scratch, timeout, cores)
     server.urls = urls
     return server
 
@@ -298,8 +299,3 @@ def start_redis(
     auth = f":{quote(password)}@" if password else ""
     url = f"redis://{auth}127.0.0.1:{port}/0"
     return launch("redis-server", cmd, port, url, scratch, timeout, cores)
-
-
-def redact(url: str) -> str:
-    """A server URL fit for a log: its password replaced."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

@@ -1,7 +1,7 @@
 """The OpenAI-compatible REST gateway. It sees only an EngineClient.
 
 `build_app` assembles it: the shared state, the error handlers (every error in OpenAI's
-shape), the guard (API key, body size) and the routes (in routes.py)."""
+shape), the guard (API key, body size), CORS and the routes (in routes.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import contextlib
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -26,28 +28,53 @@ from tandem.services.gateway.telemetry import Telemetry
 logger = logging.getLogger(__name__)
 
 
-def build_app(
-    client: EngineClient,
-    served_model_name: str,
-    model_path: str,
-    api_key: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-) -> FastAPI:
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """What `tandem serve` / `tandem gateway` set of the HTTP side (vLLM's flags)."""
+
+    served_model_names: tuple[str, ...]
+    model_path: str
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    allowed_origins: tuple[str, ...] = ("*",)  # CORS, as vLLM: everything by default
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    disable_fastapi_docs: bool = False  # no /docs, /redoc, /openapi.json
+    log_requests: bool = False
+    max_log_len: int | None = None
+
+
+def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
     state = GatewayState(
         client=client,
-        telemetry=Telemetry(served_model_name),
-        served_model_name=served_model_name,
-        model_path=model_path,
+        telemetry=Telemetry(settings.served_model_names[0]),
+        served_model_names=settings.served_model_names,
+        model_path=settings.model_path,
         created=int(time.time()),
-        api_key=api_key,
-        max_body_bytes=max_body_bytes,
+        log_requests=settings.log_requests,
+        max_log_len=settings.max_log_len,
     )
     # FastAPI's own spans (three per call, health checks included) are off: the gateway
     # opens one span per generation request itself, the root of the request's trace.
     off = {"tracing": False, "metrics": False, "logs": False}
-    app = FastAPI(title="Tandem", version="0.1.0", lifespan=lifespan, telemetry=off)
+    docs = {"openapi_url": None, "docs_url": None, "redoc_url": None}
+    app = FastAPI(
+        title="Tandem",
+        version="0.1.0",
+        lifespan=lifespan,
+        telemetry=off,
+        **(docs if settings.disable_fastapi_docs else {}),
+    )
     app.state.gateway = state
-    app.add_middleware(Guard, api_key=state.api_key, max_body_bytes=state.max_body_bytes)
+    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.allowed_origins),
+        allow_methods=list(settings.allowed_methods),
+        allow_headers=list(settings.allowed_headers),
+        allow_credentials=settings.allow_credentials,
+    )
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

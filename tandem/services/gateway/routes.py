@@ -90,13 +90,16 @@ async def stats(gateway: Gateway) -> JSONResponse:
 
 @router.get("/v1/models")
 async def models(gateway: Gateway) -> ModelList:
-    card = ModelCard(
-        id=gateway.served_model_name,
-        created=gateway.created,
-        root=gateway.model_path,
-        max_model_len=gateway.client.max_model_len or None,
-    )
-    return ModelList(data=[card])
+    cards = [
+        ModelCard(
+            id=name,
+            created=gateway.created,
+            root=gateway.model_path,
+            max_model_len=gateway.client.max_model_len or None,
+        )
+        for name in gateway.served_model_names
+    ]
+    return ModelList(data=cards)
 
 
 @router.post("/v1/completions")

@@ -5,6 +5,7 @@ Rendering, tokenizing and the checks that need token counts are the engine side'
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,27 +16,33 @@ from tandem.services.gateway.protocol import GenerateRequest
 from tandem.services.gateway.streaming import APIError, Choice, engine_error, param_of
 from tandem.services.gateway.telemetry import ApiRequest, Telemetry
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class GatewayState:
-    """The gateway's parts, set once by `build_app`: the engine client, telemetry, the name
-    and path of the model served, when it was listed as created, and the guard's settings.
-    Its methods raise APIError (OpenAI's error shape) for what a client got wrong."""
+    """The gateway's parts, set once by `build_app`: the engine client, telemetry, the names
+    and path of the model served, when it was listed as created, and whether requests are
+    logged. Its methods raise APIError (OpenAI's error shape) for what a client got wrong."""
 
     client: EngineClient
     telemetry: Telemetry
-    served_model_name: str
+    served_model_names: tuple[str, ...]  # the first names the model in responses
     model_path: str
     created: int  # unix time, as /v1/models lists it
-    api_key: str | None
-    max_body_bytes: int
+    log_requests: bool = False
+    max_log_len: int | None = None  # of a logged prompt: characters and token ids
+
+    @property
+    def served_model_name(self) -> str:
+        return self.served_model_names[0]
 
     def check_ready(self) -> None:
         if not self.client.ready:
             raise APIError(503, "the engine is still starting", "ServiceUnavailableError")
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served_model_name:
+        if model is not None and model not in self.served_model_names:
             raise APIError(
                 404,
                 f"The model `{model}` does not exist.",
@@ -100,6 +107,8 @@ class GatewayState:
             raise APIError(400, str(e), "BadRequestError", e.param) from None
         except ValueError as e:
             raise engine_error(e) from None
+        if self.log_requests:
+            self._log(base_id, prompts, inputs)
         streams, choices = [], []
         for i, prompt in enumerate(prompts):
             for j in range(body.n):
@@ -112,3 +121,13 @@ class GatewayState:
                 choice.wants_prompt_logprobs = inputs.params.prompt_logprobs is not None
                 choices.append(choice)
         return streams, choices, sum(len(p.token_ids) for p in prompts)
+
+    def _log(self, base_id: str, prompts, inputs: GenerateInput) -> None:
+        """vLLM's --enable-log-requests line, one per prompt."""
+        n = self.max_log_len
+        for i, prompt in enumerate(prompts):
+            logger.info(
+                "Received request %s (prompt %d): prompt: %r, params: %s, prompt_token_ids: %s",
+                base_id, i, prompt.text[:n] if n is not None else prompt.text, inputs.params,
+                prompt.token_ids[:n] if n is not None else prompt.token_ids,
+            )  # fmt: skip

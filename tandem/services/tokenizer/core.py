@@ -12,9 +12,9 @@ from tandem.v1 import common_pb2, engine_pb2
 class TokenizerCore:
     """A model folder's tokenizer and chat template. Bad input raises ValueError."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, chat_template: str | None = None) -> None:
         self.model_dir = model_dir
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = load_tokenizer(model_dir, chat_template)
         self.vocab_size = len(self.tokenizer)
         self.eos_token_id = self.tokenizer.eos_token_id
 

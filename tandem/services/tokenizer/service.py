@@ -103,7 +103,11 @@ async def start_server(
 
 
 async def serve(
-    model_dir: str, address: str, nats_url: str | None = None, health_port: int | None = None
+    model_dir: str,
+    address: str,
+    nats_url: str | None = None,
+    health_port: int | None = None,
+    chat_template: str | None = None,
 ) -> None:
     """Run the stage until cancelled (the `tandem tokenizer` entry point): gRPC on
     `address`, and with `nats_url` the detokenizing stream relay too; `/health` on
@@ -113,7 +117,7 @@ async def serve(
     from tandem.services.tokenizer.stream import StreamRelay
     from tandem.services.transport.bus import Bus
 
-    core = TokenizerCore(model_dir)
+    core = TokenizerCore(model_dir, chat_template)
     registry = CollectorRegistry()
     metrics = TokenizerMetrics(registry)
     bus = publisher = submitter = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -114,6 +115,11 @@ class SubmitInbox:
         return True
 
 
+def redact(url: str) -> str:
+    """A server URL (or text holding one) fit for a log: its password replaced."""
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", url)
+
+
 class Bus:
     """A NATS connection that sends and receives protobuf messages."""
 
@@ -127,7 +133,7 @@ class Bus:
         reconnect forever, calling the async `on_reconnect()` after each reconnection."""
 
         async def on_error(e: Exception) -> None:
-            logger.warning("NATS %s: %s", url, e or type(e).__name__)
+            logger.warning("NATS %s: %s", redact(url), redact(str(e) or type(e).__name__))
 
         tls = tls_context_from_env()
         connect = nats.connect(

@@ -49,3 +49,9 @@ def test_bench_serve_compares_disaggregated_with_colocated(default_model, tmp_pa
     assert {"gateway", "tokenizer", "scheduler", "prefill", "decode", "nats-server"} <= stages
     printed = capsys.readouterr().out
     assert "placement of colocated" in printed and "TTFT" in printed
+    # the raw samples went to the plot (next to the JSON), not into the JSON
+    assert set(report) == {"output_tok_s", "colocated_tok_s", "ratio", "ttft_p50_ms",
+                           "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "deployments"}  # fmt: skip
+    assert not any("samples" in run for run in report["deployments"].values())
+    assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"plot: {tmp_path / 'serve.png'}" in printed

@@ -60,7 +60,8 @@ def test_interference_measures_itl_before_and_during_long_prompts(default_model,
         long = run["long_prompts"]
         assert long["sent"] >= 1 and long["failed"] == 0 == run["decoders"]["failed"]
         assert 0 < long["ttft_ms"]["p50"] <= long["ttft_ms"]["p99"]
-        assert run["placement"]
+        assert run["placement"] and "samples" not in run
+    assert (tmp_path / "interference.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_goodput_sweeps_rates_and_plots_attainment(default_model, tmp_path, capsys):

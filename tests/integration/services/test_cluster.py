@@ -22,11 +22,18 @@ from tests.helpers.cluster import assert_all_blocks_free, group_is_gone, start_c
 
 
 @pytest.fixture(scope="module")
-def cluster(default_model):
+def cluster_log(tmp_path_factory):
+    """What `tandem serve` printed (stdout and stderr)."""
+    return tmp_path_factory.mktemp("cluster") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def cluster(default_model, cluster_log):
     proc, base = start_cluster(
         default_model,
         "--prefill-workers", "2", "--decode-workers", "2",
         "--cpu-kv-cache-space", "0.25", "--max-model-len", "1024",
+        log_path=cluster_log,
     )  # fmt: skip
     yield base
     stop_cluster(proc)
@@ -60,6 +67,21 @@ def _greedy(reference: LLM, prompts: list[list[int]], max_tokens: list[int]) -> 
         params = SamplingParams(max_tokens=n, temperature=0.0)
         outs.append(reference.generate([ids], params)[0].outputs[0].text)
     return outs
+
+
+def test_the_launcher_says_what_came_up_and_what_it_waits_for(cluster, cluster_log):
+    expected = ["nats-server: started on nats://127.0.0.1:", "redis: started on redis://",
+                "prefill-1: started (pid", "; loading the model",
+                "tokenizer: gRPC ready on 127.0.0.1:", "gateway: listening on http://",
+                "scheduler: up", "decode-1: model loaded, heartbeating",
+                f"ready: {cluster} in ", "Tandem is serving"]  # fmt: skip
+    # "ready" comes once the launcher saw /health itself, and one worker of each role may
+    # still be loading then: it is announced when it comes up
+    deadline = time.monotonic() + 120
+    while not all(line in cluster_log.read_text() for line in expected):
+        assert time.monotonic() < deadline, cluster_log.read_text()
+        time.sleep(0.1)
+    assert ":***@" in cluster_log.read_text()  # Redis's password never in the log
 
 
 def test_greedy_completion_and_chat_equal_the_engine(client, reference):

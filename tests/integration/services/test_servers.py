@@ -8,24 +8,35 @@ from tandem.services.servers import start_nats, start_redis
 from tests.helpers.nats import can_connect
 
 
-def test_nats_server_with_jetstream():
+def test_nats_server_runs_core_nats_without_jetstream():
+    """Tandem needs only publish/subscribe and request/reply, so the server keeps nothing:
+    no JetStream, no store on disk."""
     import nats
+    from nats.js.errors import ServiceUnavailableError
 
     server = start_nats()
     try:
+        assert "-js" not in server.proc.args and "-sd" not in server.proc.args
 
         async def roundtrip():
             nc = await nats.connect(server.url)
             sub = await nc.subscribe("t.echo")
             await nc.publish("t.echo", b"hi")
             msg = await sub.next_msg(timeout=2)
-            js_info = await nc.jetstream().account_info()
+
+            async def answer(m):
+                await m.respond(m.data.upper())
+
+            await nc.subscribe("t.ask", cb=answer)
+            reply = await nc.request("t.ask", b"ping", timeout=2)
+            with pytest.raises(ServiceUnavailableError):  # no JetStream answers
+                await nc.jetstream().account_info()
             payload = nc.max_payload
             await nc.close()
-            return msg.data, js_info, payload
+            return msg.data, reply.data, payload
 
-        data, info, payload = asyncio.run(roundtrip())
-        assert data == b"hi" and info is not None and payload >= 1 << 20
+        data, reply, payload = asyncio.run(roundtrip())
+        assert data == b"hi" and reply == b"PING" and payload >= 1 << 20
     finally:
         server.stop()
     assert server.proc.poll() is not None and not server.scratch.exists()
@@ -58,7 +69,7 @@ def test_a_taken_port_is_a_clear_error():
 def test_servers_started_with_credentials_refuse_clients_without_them():
     import redis
 
-    from tandem.services.servers import redact
+    from tandem.services.transport.bus import redact
 
     n = start_nats(user="tandem", password="pw-1")
     r = start_redis(password="pw-2")

@@ -168,19 +168,21 @@ def k8s_nats_conf() -> str:
     return config["data"]["tandem.conf"]
 
 
-@pytest.mark.parametrize("where", ["compose", "k8s"])
+@pytest.mark.parametrize("where", ["compose", "k8s", "helm"])
 def test_the_nats_accounts_allow_each_role_exactly_its_subjects(where):
-    """The permission rules shipped for docker-compose and Kubernetes are the subject
-    table's, so they cannot go stale. To refresh them, write servers.deploy_accounts_conf()
-    to deploy/nats/tandem.conf and into the ConfigMap nats-accounts of deploy/k8s/nats.yaml."""
+    """The permission rules shipped for docker-compose, Kubernetes and the Helm chart are the
+    subject table's, so they cannot go stale. To refresh them, write
+    servers.deploy_accounts_conf() to deploy/nats/tandem.conf,
+    deploy/helm/tandem/files/nats-accounts.conf and into the ConfigMap nats-accounts of
+    deploy/k8s/nats.yaml."""
     from tandem.services.servers import deploy_accounts_conf, password_env
     from tandem.services.transport.subjects import Role, permissions
 
-    text = (
-        (REPO_ROOT / "deploy/nats/tandem.conf").read_text()
-        if where == "compose"
-        else k8s_nats_conf()
-    )
+    text = {
+        "compose": lambda: (REPO_ROOT / "deploy/nats/tandem.conf").read_text(),
+        "k8s": k8s_nats_conf,
+        "helm": lambda: (REPO_ROOT / "deploy/helm/tandem/files/nats-accounts.conf").read_text(),
+    }[where]()
     users = nats_users(text)
     assert set(users) == set(Role)
     for role in Role:

@@ -1,0 +1,218 @@
+"""What each `tandem` subcommand runs. Each imports what it uses when it runs: `tandem
+gateway` loads no torch, `tandem --help` no benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from tandem.model_source import resolve_model, served_name
+
+logger = logging.getLogger("tandem")
+
+
+def set_torch_threads(args: argparse.Namespace) -> None:
+    """torch's intra-op threads: --torch-threads, else every core."""
+    import torch
+
+    torch.set_num_threads(getattr(args, "torch_threads", None) or os.cpu_count() or 1)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`tandem serve [MODEL]`: the whole cluster (the launcher), or one process with
+    --colocated. The model is served under the name it was given by."""
+    args.served_model_name = args.served_model_name or [served_name(args.model)]
+    args.model = resolve_model(args.model)
+    if args.chat_template:
+        from tandem.engine.tokenizer import read_chat_template
+
+        read_chat_template(args.chat_template)  # a missing file fails here, not in a stage
+    if not args.colocated:
+        from tandem.services.launcher import serve_cluster
+
+        return serve_cluster(args)
+    from tandem.engine.args import engine_config
+    from tandem.engine.inproc_client import InProcessEngineClient
+
+    set_torch_threads(args)
+    client = InProcessEngineClient(
+        engine_config(args),
+        args.max_num_queued_requests,
+        args.max_num_queued_tokens,
+        args.chat_template,
+    )
+    return _run_gateway(args, client)
+
+
+def _run_gateway(args: argparse.Namespace, client) -> int:
+    import uvicorn
+
+    from tandem.services.gateway.app import GatewaySettings, build_app
+
+    names = tuple(args.served_model_name or [served_name(args.model)])
+    settings = GatewaySettings(
+        served_model_names=names,
+        model_path=args.model,
+        api_key=args.api_key,
+        max_body_bytes=args.max_request_body_bytes,
+        allowed_origins=tuple(args.allowed_origins),
+        allowed_methods=tuple(args.allowed_methods),
+        allowed_headers=tuple(args.allowed_headers),
+        allow_credentials=args.allow_credentials,
+        disable_fastapi_docs=args.disable_fastapi_docs,
+        log_requests=args.enable_log_requests,
+        max_log_len=args.max_log_len,
+    )
+    app = build_app(client, settings)
+    scheme = "https" if args.ssl_certfile else "http"
+    logger.info("serving %s as %r on %s://%s:%d", args.model, names[0], scheme, args.host,
+                args.port)  # fmt: skip
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        root_path=args.root_path or "",
+        log_level=args.uvicorn_log_level,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+        timeout_graceful_shutdown=getattr(args, "shutdown_timeout", None),
+    )
+    return 0
+
+
+def run_stage(main) -> None:
+    """asyncio.run for a stage's coroutine, with a bounded exit: a task some library leaves
+    running (the NATS client retrying a server that stopped first, as when a whole
+    deployment stops at once) gets 3 s after cancellation, then the process exits anyway."""
+    runner = asyncio.Runner()
+    try:
+        runner.run(main)
+    finally:
+        loop = runner.get_loop()
+        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in tasks:
+            task.cancel()
+        stuck = set()
+        if tasks:
+            _, stuck = loop.run_until_complete(asyncio.wait(tasks, timeout=3.0))
+        if stuck:  # closing the runner would wait for them again
+            logger.warning("%d task(s) did not stop: exiting without them", len(stuck))
+        else:
+            runner.close()
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from tandem.model_prep import default_model_dir
+    from tandem.services.gateway.cluster_client import ClusterEngineClient
+
+    args.model = args.model or str(default_model_dir())  # for its name only: no model loaded
+    return _run_gateway(args, ClusterEngineClient(args.nats_url, args.tokenizer_url))
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from tandem.services.tokenizer.service import serve
+
+    address = f"{args.host}:{args.port}"
+    model = resolve_model(args.model)
+    run_stage(serve(model, address, args.nats_url, args.health_port, args.chat_template))
+    return 0
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from tandem.engine.config import SchedulingPolicy
+    from tandem.services.scheduler.core import Router
+    from tandem.services.scheduler.service import serve
+
+    policy = SchedulingPolicy(args.scheduling_policy)
+    router = Router(args.router)
+    run_stage(
+        serve(
+            args.nats_url,
+            args.redis_url,
+            policy,
+            args.worker_timeout,
+            router,
+            args.kv_overlap_weight,
+            args.health_port,
+            args.max_num_queued_requests,
+            args.max_num_queued_tokens,
+            args.no_worker_timeout,
+        )
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from tandem.engine.args import engine_config
+    from tandem.services.worker.shell import run_worker, worker_id_for
+
+    args.model = resolve_model(args.model)
+    if args.command == "prefill":
+        from tandem.services.prefill.service import PrefillWorker as worker_cls
+    else:
+        from tandem.services.decode.service import DecodeWorker as worker_cls
+    worker_id = worker_id_for(args.command, args.worker_id)
+    set_torch_threads(args)
+    config = engine_config(args)
+    run_stage(
+        run_worker(
+            worker_cls,
+            config,
+            args.nats_url,
+            worker_id,
+            args.health_port,
+            args.shutdown_timeout,
+        )
+    )
+    return 0
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    from tandem.model_prep import prepare_default_model
+
+    print(prepare_default_model(force=args.force))
+    return 0
+
+
+def cmd_kernels_build(args: argparse.Namespace) -> int:
+    from tandem.kernels.cpu import build_directory, load_cpu_kernels
+
+    if not load_cpu_kernels():
+        print("CPU kernels unavailable: attention runs through torch (see the warning above)")
+        return 0
+    print(build_directory())
+    return 0
+
+
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from tandem.bench.offline import OfflineBenchArgs, run
+
+    set_torch_threads(args)
+    run(
+        OfflineBenchArgs(
+            model=resolve_model(args.model),
+            num_prompts=args.num_prompts,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            dtype=args.dtype,
+            seed=args.seed,
+            skip_hf=args.skip_hf,
+            json_path=args.json,
+        )
+    )
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from tandem.services.observability.tracing import read_spans, request_trace, waterfall
+
+    spans = request_trace(read_spans(args.trace_file), args.request_id)
+    if not spans:
+        print(f"no spans of request {args.request_id} in {args.trace_file}", file=sys.stderr)
+        return 1
+    print(waterfall(spans))
+    return 0
