@@ -473,3 +473,18 @@ def assert_replicas_pinned_or_left_to_keda(objects: Objects) -> None:
     for stage in SCALED_STAGES:
         workload, _ = objects.stage(stage)
         assert ("replicas" in workload["spec"]) != (workload["metadata"]["name"] in scaled), stage
+
+
+# What every deployment (the plain manifests, the chart under each value set) must hold.
+DEPLOYMENT_CHECKS = (
+    assert_stage_args_parse,
+    assert_services_select_one_workload_on_declared_ports,
+    assert_workload_selectors_match_their_pods,
+    assert_probes_use_declared_ports,
+    assert_stops_finish_within_the_grace_period,
+    assert_replicas_pinned_or_left_to_keda,
+    assert_pods_run_as_non_root_with_bounded_resources,
+    assert_no_service_links,
+    assert_a_disruption_budget_per_stage,
+    assert_no_jetstream,
+)

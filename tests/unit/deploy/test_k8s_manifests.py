@@ -151,18 +151,7 @@ def test_nats_reads_its_accounts_from_the_config_map_it_mounts():
 
 @pytest.mark.parametrize(
     "check",
-    [
-        k8s.assert_stage_args_parse,
-        k8s.assert_services_select_one_workload_on_declared_ports,
-        k8s.assert_workload_selectors_match_their_pods,
-        k8s.assert_probes_use_declared_ports,
-        k8s.assert_stops_finish_within_the_grace_period,
-        k8s.assert_replicas_pinned_or_left_to_keda,
-        k8s.assert_pods_run_as_non_root_with_bounded_resources,
-        k8s.assert_no_service_links,
-        k8s.assert_a_disruption_budget_per_stage,
-        k8s.assert_no_jetstream,
-    ],
+    k8s.DEPLOYMENT_CHECKS,
     ids=lambda f: f.__name__.removeprefix("assert_"),
 )
 def test_what_every_deployment_holds(check):
