@@ -11,6 +11,7 @@ What it does goes to stderr (stdout is left to the folder's path, for scripts).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -59,8 +60,6 @@ def prepare_default_model(force: bool = False, out: Path | None = None) -> Path:
 
 def gguf_folder(gguf: Path) -> Path:
     """Where a .gguf file given as the model is converted to: one folder per file."""
-    import hashlib
-
     stem = hashlib.sha256(str(gguf.resolve()).encode()).hexdigest()[:8]
     return cache_dir() / "models" / f"{gguf.stem}-{stem}"
 
@@ -68,8 +67,6 @@ def gguf_folder(gguf: Path) -> Path:
 def _fingerprint(gguf: Path) -> dict:
     """The file's name, size and a hash of its first and last MiB: the same file installed
     in another place (another virtualenv) matches; a different one does not."""
-    import hashlib
-
     size = gguf.stat().st_size
     digest = hashlib.sha256()
     with gguf.open("rb") as f:

@@ -16,10 +16,15 @@ def hub_cache() -> Path:
     return Path(home) / "hub"
 
 
+def is_hub_id(spec: str) -> bool:
+    """`org/name`, as the Hugging Face hub names models."""
+    return spec.count("/") == 1 and all(spec.split("/"))
+
+
 def cached_snapshot(model_id: str) -> Path | None:
     """The folder of `org/name` in the local hub cache (the snapshot `refs/main` names, else
     the only one), or None when it is not there."""
-    if model_id.count("/") != 1 or any(not part for part in model_id.split("/")):
+    if not is_hub_id(model_id):
         return None
     repo = hub_cache() / ("models--" + model_id.replace("/", "--"))
     snapshots = repo / "snapshots"
@@ -70,7 +75,7 @@ def served_name(spec: str | None) -> str:
     if not spec:
         return DEFAULT_MODEL_NAME
     path = Path(spec.rstrip("/"))
-    if not path.exists() and spec.count("/") == 1:
+    if not path.exists() and is_hub_id(spec):
         return spec  # a hub id, as vLLM serves it
     return path.stem if path.suffix == ".gguf" else path.name
 
