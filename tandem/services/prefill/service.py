@@ -264,8 +264,9 @@ class PrefillWorker(WorkerShell):
                 span.set_attribute("tandem.kv_blocks_reused", sent.num_reused)
                 span.set_attribute("tandem.kv_bytes", sent.num_bytes)
                 span.set_attribute("tandem.kv_shared_memory", sent.shared_memory)
-        except NoRespondersError:  # the decode worker left (or never answered its probe):
-            # nothing of the request reached it, so it is queued again
+        except NoRespondersError:  # the decode worker left, or stopped answering mid-hand-off:
+            # it does not run the request, so it is queued again (a worker that was only slow
+            # and took it after all decodes it twice; the stream takes each position once)
             logger.warning("%s gone: %s goes back to the scheduler", decode_id, request_id)
             msg = engine_pb2.Preempted(request=spec, worker_id=self.worker_id)
             await self.bus.publish(subject("scheduler", "preempted"), msg, headers=carrier)
@@ -289,15 +290,12 @@ class PrefillWorker(WorkerShell):
                 if request.request_id in self.aborted:  # while it waited for the lane
                     return None
                 domain = "" if decode_id in self.no_shared_memory else kv_shm.domain()
-                try:
-                    probe = await self.bus.request(
-                        subject("decode", decode_id, "probe"),
-                        engine_pb2.KVProbe(request=spec, shm_domain=domain),
-                        engine_pb2.KVProbeReply,
-                        timeout=HANDOFF_TIMEOUT,
-                    )
-                except NatsTimeout:  # killed before NATS noticed: nothing was sent yet
-                    raise NoRespondersError() from None
+                probe = await self.bus.request(
+                    subject("decode", decode_id, "probe"),
+                    engine_pb2.KVProbe(request=spec, shm_domain=domain),
+                    engine_pb2.KVProbeReply,
+                    timeout=HANDOFF_TIMEOUT,
+                )
                 num_reused = probe.num_cached_blocks  # the decode worker holds these already
                 sent = kv[num_reused:]
                 num_chunks = 0
@@ -328,6 +326,8 @@ class PrefillWorker(WorkerShell):
                 timeout=HANDOFF_TIMEOUT,
                 headers=carrier,
             )
+        except NatsTimeout:  # the decode worker stopped answering (killed before NATS noticed)
+            raise NoRespondersError() from None
         finally:
             if kv_file is not None:  # mapped by now, or never will be
                 kv_shm.remove(kv_file.name)
