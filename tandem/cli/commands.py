@@ -65,6 +65,7 @@ def _run_gateway(args: argparse.Namespace, client) -> int:
         disable_fastapi_docs=args.disable_fastapi_docs,
         log_requests=args.enable_log_requests,
         max_log_len=args.max_log_len,
+        structured_outputs=args.structured_outputs_config,
     )
     app = build_app(client, settings)
     scheme = "https" if args.ssl_certfile else "http"

@@ -9,6 +9,7 @@ import argparse
 from tandem.cli.commands import cmd_gateway, cmd_scheduler, cmd_serve, cmd_tokenizer, cmd_worker
 from tandem.cli.parser import Parser, json_list, port
 from tandem.cli.vllm_flags import add_absent_flags
+from tandem.engine.structured_output.params import StructuredOutputsConfig
 
 NATS_URL = "nats://127.0.0.1:4222"
 
@@ -89,6 +90,21 @@ def add_http_args(p: Parser, default_port: int, env: bool) -> None:
         default=None,
         help="characters and token ids of a prompt that a request's log line shows",
     )
+    g.add_argument(
+        "--structured-outputs-config",
+        type=structured_outputs_config,
+        default=StructuredOutputsConfig(),
+        help='structured outputs, vLLM\'s JSON: {"backend": "auto" | "xgrammar" | "guidance", '
+        '"disable_any_whitespace": true, "disable_fallback": false} (the defaults; auto is '
+        "xgrammar, and guidance for what xgrammar does not enforce)",
+    )
+
+
+def structured_outputs_config(text: str) -> StructuredOutputsConfig:
+    try:
+        return StructuredOutputsConfig.parse(text)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_chat_template_arg(p: argparse.ArgumentParser) -> None:

@@ -43,8 +43,10 @@ ABSENT = (
     Absent(("--enable-auto-tool-choice",), "tool calling is not supported", switch=True),
     Absent(("--tool-call-parser",), "tool calling is not supported"),
     Absent(("--reasoning-parser",), "reasoning parsers are not supported"),
-    Absent(("--structured-outputs-config",), "structured outputs are not supported"),
-    Absent(("--guided-decoding-backend",), "structured outputs are not supported"),
+    Absent(
+        ("--guided-decoding-backend",),
+        'vLLM\'s older flag: use --structured-outputs-config \'{"backend": "..."}\'',
+    ),
     Absent(("--runner",), "pooling models are not supported", ("auto", "generate")),
     Absent(("--task",), "pooling models are not supported", ("auto", "generate")),
     Absent(("--convert",), "pooling models are not supported", ("auto", "none")),

@@ -23,6 +23,7 @@ from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.utils import cdiv
 
 logger = logging.getLogger(__name__)
+GRAMMAR_WAIT = 0.02  # seconds an engine with only grammar-waiting requests sleeps per step
 
 
 @dataclass(slots=True)
@@ -72,6 +73,7 @@ class EngineCore:
             info.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, info.max_model_len)
+        self.grammars = self.runner.grammars
         self.num_steps = 0
         self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed, all steps
         self.last_batch_size = 0  # requests in the latest step
@@ -80,6 +82,7 @@ class EngineCore:
         """Validate against the engine's limits and queue. Raises ValueError on bad input."""
         self.check_request(request)
         self.scheduler.add_request(request)
+        self.grammars.start(request)
 
     def check_request(self, request: Request) -> None:
         """ValueError naming what in the request this engine cannot run: token ids outside
@@ -122,6 +125,7 @@ class EngineCore:
             raise ValueError(f"{num_blocks} KV blocks do not hold {num_computed_tokens} tokens")
         if not self.scheduler.add_computed_request(request, num_computed_tokens, list(reused)):
             return False
+        self.grammars.start(request)  # replays the tokens it has when compiled
         self.kv.pool.free(reversed(reused))  # the request holds its own references now
         block_ids, first = self.kv.block_ids(request.request_id), len(reused)
         for part in kv:
@@ -176,16 +180,47 @@ class EngineCore:
         return self.scheduler.has_unfinished
 
     def step(self) -> list[StepOutput]:
-        """Schedule, run the model once, and report each request that produced a token."""
-        return self._run(self.scheduler.schedule())
+        """Schedule, run the model once, and report each request that produced a token.
+        With nothing to run but requests waiting on their grammars, wait for a compile."""
+        failed = self._grammar_failures()
+        plan = self.scheduler.schedule()
+        if plan.is_empty and self.num_waiting_for_grammar:
+            self.grammars.wait(GRAMMAR_WAIT)
+        return failed + self._run(plan)
 
-    def step_plan(self, plan: dict[str, int]) -> tuple[list[StepOutput], list[str]]:
+    def step_plan(self, plan: dict[str, int]) -> tuple[list[StepOutput], list[str], list[str]]:
         """Run one step of a plan made elsewhere (see Scheduler.schedule_plan). Returns the
-        step's outputs and the ids of planned requests that did not fit (now dropped)."""
+        step's outputs, the ids of planned requests that did not fit (now dropped) and of
+        those that stopped short of their last token, their grammar compiling."""
+        failed = self._grammar_failures()
         out = self.scheduler.schedule_plan(plan)
         if out.failed_ids:
             self.runner.release(out.failed_ids)
-        return self._run(out), out.failed_ids
+        return failed + self._run(out), out.failed_ids, out.deferred_ids
+
+    @property
+    def num_waiting_for_grammar(self) -> int:
+        """Requests whose structured-output grammar is still compiling."""
+        return sum(
+            1
+            for r in self.scheduler.requests.values()
+            if r.grammar is not None and r.grammar.matcher is None
+        )
+
+    def _grammar_failures(self) -> list[StepOutput]:
+        """End the requests whose grammar failed to compile here, with the error."""
+        outputs = []
+        for request in list(self.scheduler.requests.values()):
+            grammar = request.grammar
+            if grammar is None or grammar.matcher is not None or grammar.is_ready():
+                continue
+            if grammar.failed:
+                request.stop_reason = grammar.error
+                self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+                self.runner.release([request.request_id])
+                outputs.append(StepOutput(request, [], True, error=grammar.error))
+        self.grammars.stats.num_waiting = self.num_waiting_for_grammar
+        return outputs
 
     def _run(self, plan) -> list[StepOutput]:
         if plan.is_empty:
@@ -205,6 +240,9 @@ class EngineCore:
             if is_worker_fault(e):
                 raise
             return self._isolate_failure(plan, e)
+        for request, token in zip(plan.requests, sampled):
+            if token is not None and request.grammar is not None:
+                request.grammar.accept(token)
         children = self._admit_forks(forks, forked)  # before a parent that ended is freed
         finished = self.scheduler.update_from_output(plan, sampled)
         if finished:
@@ -253,6 +291,9 @@ class EngineCore:
         for i, (r, n) in enumerate(zip(requests, num_scheduled)):
             if r.fork_ids and r.num_computed_tokens + n == r.num_tokens:
                 forks[i] = [r.fork(fid, j) for j, fid in enumerate(r.fork_ids, 1)]
+                if r.grammar is not None:  # each sample its own matcher, from the same state
+                    for child in forks[i]:
+                        child.grammar = r.grammar.fork()
         return forks
 
     def _admit_forks(self, forks: dict[int, list], forked: dict[str, tuple]) -> list[StepOutput]:
@@ -269,6 +310,8 @@ class EngineCore:
             for child in children:
                 token, lp = forked[child.request_id]
                 child.append_output_token(token)
+                if child.grammar is not None:
+                    child.grammar.accept(token)
                 if self.scheduler.add_computed_request(child, num_prompt, blocks[:num_full]):
                     if num_full < len(blocks) and num_prompt % self.kv.block_size:
                         src = blocks[num_full].block_id

@@ -20,6 +20,7 @@ from tandem.engine.sampler import (
     gather_logprobs,
     sample,
 )
+from tandem.engine.structured_output.manager import GrammarManager
 from tandem.kernels.cpu import load_cpu_kernels
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class ModelRunner:
             for _ in range(a.num_layers)
         ]
         self.generators: dict[str, torch.Generator] = {}
+        self.grammars = GrammarManager(model_config.model, a.vocab_size, self.eos_token_id)
         self.logprobs_mode = LogprobsMode(model_config.logprobs_mode)
         self.logits_processors = load_logits_processors(
             model_config.logits_processors, a.vocab_size, self.device
@@ -229,6 +231,9 @@ class ModelRunner:
         gens = [self._generator(r) for r in sampling]
         st = SamplingTensors.build(sampling, gens, self.info.vocab_size, dev)
         st.processors = [(p, sampling) for p in self.logits_processors]
+        masked = self.grammars.bitmask(sampling)
+        if masked is not None:
+            st.grammar = (torch.tensor(masked[0], device=dev), masked[1])
         token_ids, row_logprobs = sample(logits, st, self.logprobs_mode)
         for row, (req, token) in enumerate(zip(sampling, token_ids.tolist())):  # one sync
             lp = row_logprobs[row] if row_logprobs is not None else None

@@ -50,7 +50,7 @@ def bad_words_ids(tokenizer, words: list[str]) -> tuple[tuple[int, ...], ...]:
 
 
 def _param_of(message: str) -> str | None:
-    match = re.match(r"([a-z_]+) must", message)
+    match = re.match(r"([a-z_]+)[a-z_.]* must", message)
     return match.group(1) if match else None
 
 

@@ -7,6 +7,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from tandem.engine.structured_output.params import StructuredOutputsParams
+
 
 class RequestStatus(enum.Enum):
     WAITING = enum.auto()
@@ -71,6 +73,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     n: int = 1  # samples of the prompt, which is prefilled once (see Request.fork_ids)
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output follows
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -193,6 +196,9 @@ class Request:
     # them forks off with its own first token, sharing the prompt's KV blocks.
     fork_ids: tuple[str, ...] = ()
     parent_id: str | None = None  # the request this one forked from
+    # structured outputs: this engine's RequestGrammar (compiling, then a matcher); never
+    # on the wire (the spec is, in sampling_params, and the receiver replays the tokens)
+    grammar: object | None = None
 
     def fork(self, request_id: str, index: int) -> Request:
         """The `index`-th sample (1..n-1) of this request: its seed is seed + index, as in

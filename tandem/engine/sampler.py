@@ -1,9 +1,9 @@
 """Batched sampling with vLLM V1's parameters and order, and logprobs.
 
 Per step, on the rows that sample: (1) the raw logprobs, when asked for; (2) bans and
-biases: allowed_token_ids, bad words, EOS and stop tokens before min_tokens, logit_bias;
-(3) penalties: repetition (prompt and output), frequency and presence (output), then the
-global logits processors (logits_processors.py); then greedy
+biases: a structured output's grammar, allowed_token_ids, bad words, EOS and stop tokens
+before min_tokens, logit_bias; (3) penalties: repetition (prompt and output), frequency
+and presence (output), then the global logits processors (logits_processors.py); then greedy
 rows take the argmax and random rows apply temperature, top-k, top-p and min-p and sample
 by Gumbel-max (argmax of probs / Exp(1) noise: no sync, no multinomial). A seeded request
 draws its noise from its own generator, so its tokens do not depend on what else shares
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.engine.request import Request
+from tandem.engine.structured_output.manager import apply_bitmask
 
 
 class LogprobsMode(enum.Enum):
@@ -69,6 +70,8 @@ class SamplingTensors:
     penalties: _Penalties | None = None
     logprobs: list[int | None] | None = None  # per row: alternatives asked for (None: none)
     processors: list = field(default_factory=list)  # (global logits processor, requests)
+    # structured outputs: (rows, int32 bitmask of their allowed tokens), see manager.py
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(
@@ -208,7 +211,10 @@ def apply_top_k_top_p(
 
 
 def process_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """Bans, biases and penalties (steps 2 and 3 of the module doc), on every row."""
+    """Bans, biases and penalties (steps 2 and 3 of the module doc), on every row; a
+    structured output's grammar first (its banned tokens stay banned whatever follows)."""
+    if st.grammar is not None:
+        apply_bitmask(logits, *st.grammar)
     if st.allowed_rows is not None:
         rows = logits[st.allowed_rows]
         logits[st.allowed_rows] = rows.masked_fill(~st.allowed_mask, float("-inf"))
@@ -228,7 +234,8 @@ def sample(
     """(N, vocab) fp32 logits -> (N,) token ids, and each row's logprobs where asked."""
     raw = logits if st.logprobs is not None and mode.name.startswith("RAW") else None
     if (
-        st.allowed_rows is not None
+        st.grammar is not None
+        or st.allowed_rows is not None
         or st.additive is not None
         or st.penalties is not None
         or st.processors

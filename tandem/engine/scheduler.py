@@ -27,6 +27,7 @@ class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
     failed_ids: list[str] = field(default_factory=list)  # plan entries that did not fit
+    deferred_ids: list[str] = field(default_factory=list)  # short of their last token (grammar)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -149,7 +150,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(self._computable(request) - request.num_computed_tokens, budget)
             if num_new <= 0:
                 i += 1
                 continue
@@ -173,28 +174,42 @@ class Scheduler:
                 break
             request = self.waiting.peek()
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
-            num_new = request.num_tokens - num_hit_tokens
+            num_new = self._computable(request) - num_hit_tokens
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
             num_new = min(num_new, budget)
             if self.kv.allocate_slots(request, num_new, hits) is None:
                 break
             self.waiting.pop()
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_hit_tokens
-            request.num_computed_tokens = num_hit_tokens
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            self._schedule(request, num_new, out)
+            self._start_running(request, num_hit_tokens)
+            if num_new > 0:  # 0: all it can compute before its grammar is cached
+                self._schedule(request, num_new, out)
             budget -= num_new
         return out
+
+    def _computable(self, request: Request) -> int:
+        """How many of its tokens a request may have computed after this step: all, but
+        the one it samples from while its structured-output grammar compiles."""
+        grammar = request.grammar
+        if grammar is not None and not grammar.is_ready():
+            return request.num_tokens - 1
+        return request.num_tokens
+
+    def _start_running(self, request: Request, num_hit_tokens: int) -> None:
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit_tokens
+        request.num_computed_tokens = num_hit_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
 
     def schedule_plan(self, plan: dict[str, int]) -> SchedulerOutput:
         """Run a plan made elsewhere (the central scheduler's, on a prefill worker):
         `{request_id: num_tokens}` over requests already added. New requests reuse local
         prefix-cache hits first, so they may compute fewer tokens than planned. A request
         whose blocks do not fit is taken out (freed) and listed in `failed_ids` for the
-        planner to re-queue; nothing is preempted."""
+        planner to re-queue; nothing is preempted. One whose grammar still compiles stops
+        short of its last token and is listed in `deferred_ids`: the caller runs the rest
+        when the grammar is ready."""
         out = SchedulerOutput()
         for request_id, num_tokens in plan.items():
             request = self.requests.get(request_id)
@@ -208,18 +223,21 @@ class Scheduler:
                 num_hit_tokens = request.num_computed_tokens
             remaining = request.num_tokens - num_hit_tokens
             num_new = min(num_tokens, remaining)
-            if num_new <= 0 or self.kv.allocate_slots(request, num_new, hits) is None:
+            deferred = num_new > 0 and num_new > self._computable(request) - num_hit_tokens
+            if deferred:
+                num_new = self._computable(request) - num_hit_tokens
+                out.deferred_ids.append(request_id)
+            if (num_new <= 0 and not deferred) or self.kv.allocate_slots(
+                request, num_new, hits
+            ) is None:
                 self.finish(request, RequestStatus.FINISHED_ABORTED)
                 out.failed_ids.append(request_id)
                 continue
             if request.status is not RequestStatus.RUNNING:
                 self.waiting.remove(request)
-                request.num_computed_tokens = num_hit_tokens
-                if request.num_cached_tokens < 0:
-                    request.num_cached_tokens = num_hit_tokens
-                request.status = RequestStatus.RUNNING
-                self.running.append(request)
-            self._schedule(request, num_new, out)
+                self._start_running(request, num_hit_tokens)
+            if num_new > 0:
+                self._schedule(request, num_new, out)
         return out
 
     def _schedule(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
@@ -287,6 +305,8 @@ class Scheduler:
     def check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         """Whether `token_id`, just appended, ends the request (and how)."""
         params = request.sampling_params
+        if request.grammar is not None and request.grammar.terminated:
+            return RequestStatus.FINISHED_STOPPED  # its grammar ended (or refused the token)
         if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id == request.eos_token_id:
                 return RequestStatus.FINISHED_STOPPED

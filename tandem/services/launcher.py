@@ -210,6 +210,7 @@ def http_argv(args: argparse.Namespace) -> list[str]:
             "--allowed-headers", json.dumps(args.allowed_headers)]  # fmt: skip
     if args.served_model_name:
         argv += ["--served-model-name", *args.served_model_name]
+    argv += ["--structured-outputs-config", args.structured_outputs_config.to_json()]
     for flag in ("root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "max_log_len"):
         if getattr(args, flag) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]

@@ -102,17 +102,19 @@ class ScheduledChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., request: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ..., decode_worker_id: _Optional[str] = ...) -> None: ...
 
 class StepPlan(_message.Message):
-    __slots__ = ("worker_id", "step_id", "chunks")
+    __slots__ = ("worker_id", "step_id", "chunks", "local")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step_id: int
     chunks: _containers.RepeatedCompositeFieldContainer[ScheduledChunk]
-    def __init__(self, worker_id: _Optional[str] = ..., step_id: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[ScheduledChunk, _Mapping]]] = ...) -> None: ...
+    local: bool
+    def __init__(self, worker_id: _Optional[str] = ..., step_id: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[ScheduledChunk, _Mapping]]] = ..., local: _Optional[bool] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("worker_id", "step_id", "prefilled_request_ids", "failed_request_ids", "heartbeat", "finished_request_ids", "refused")
+    __slots__ = ("worker_id", "step_id", "prefilled_request_ids", "failed_request_ids", "heartbeat", "finished_request_ids", "refused", "local")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILLED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +122,7 @@ class StepReport(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step_id: int
     prefilled_request_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -127,7 +130,8 @@ class StepReport(_message.Message):
     heartbeat: Heartbeat
     finished_request_ids: _containers.RepeatedScalarFieldContainer[str]
     refused: _containers.RepeatedCompositeFieldContainer[RefusedRequest]
-    def __init__(self, worker_id: _Optional[str] = ..., step_id: _Optional[int] = ..., prefilled_request_ids: _Optional[_Iterable[str]] = ..., failed_request_ids: _Optional[_Iterable[str]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., refused: _Optional[_Iterable[_Union[RefusedRequest, _Mapping]]] = ...) -> None: ...
+    local: bool
+    def __init__(self, worker_id: _Optional[str] = ..., step_id: _Optional[int] = ..., prefilled_request_ids: _Optional[_Iterable[str]] = ..., failed_request_ids: _Optional[_Iterable[str]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., refused: _Optional[_Iterable[_Union[RefusedRequest, _Mapping]]] = ..., local: _Optional[bool] = ...) -> None: ...
 
 class RefusedRequest(_message.Message):
     __slots__ = ("request_id", "error")

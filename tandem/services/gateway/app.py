@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.engine.client import EngineClient
+from tandem.engine.structured_output.params import StructuredOutputsConfig
 from tandem.services.gateway.guard import DEFAULT_MAX_BODY_BYTES, Guard
 from tandem.services.gateway.routes import router
 from tandem.services.gateway.state import GatewayState
@@ -43,6 +44,7 @@ class GatewaySettings:
     disable_fastapi_docs: bool = False  # no /docs, /redoc, /openapi.json
     log_requests: bool = False
     max_log_len: int | None = None
+    structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
 
 
 def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
@@ -54,6 +56,7 @@ def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
         created=int(time.time()),
         log_requests=settings.log_requests,
         max_log_len=settings.max_log_len,
+        structured_outputs=settings.structured_outputs,
     )
     # FastAPI's own spans (three per call, health checks included) are off: the gateway
     # opens one span per generation request itself, the root of the request's trace.

@@ -2,15 +2,65 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tandem.engine.request import SamplingParams
+from tandem.engine.structured_output.params import StructuredOutputsParams
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, json_object, or json_schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's structured_outputs request object: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: str | dict[str, Any] | bool | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
+
+    def params(self) -> StructuredOutputsParams:
+        """ValueError (naming structured_outputs) unless exactly one constraint is set."""
+
+        def text(value):  # noqa: E306
+            return value if value is None or isinstance(value, str) else json.dumps(value)
+
+        return StructuredOutputsParams(
+            json=text(self.json_),
+            regex=self.regex,
+            choice=None if self.choice is None else tuple(self.choice),
+            grammar=self.grammar,
+            json_object=bool(self.json_object),
+            structural_tag=text(self.structural_tag),
+        )
 
 
 class GenerateRequest(BaseModel):
@@ -54,6 +104,33 @@ class GenerateRequest(BaseModel):
     # printable, no spaces, bounded: every stage keys on it (the route's checks refuse others)
     request_id: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[!-~]+$")
     cache_salt: str | None = None  # enters the first block's hash: tenants share no cache
+    # structured outputs: OpenAI's response_format, or vLLM's structured_outputs
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+
+    def structured_param(self) -> str:
+        """The request field a structured output's constraint came from (for errors)."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
+
+    def structured_output_params(self) -> StructuredOutputsParams | None:
+        """The constraint asked for, if any; ValueError naming the field when it is not
+        one constraint (the spec itself is checked with a backend, by the gateway)."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "text":
+            fmt = None
+        if fmt is not None and self.structured_outputs is not None:
+            raise ValueError(
+                "response_format must not be given with structured_outputs: one constraint"
+            )
+        if self.structured_outputs is not None:
+            return self.structured_outputs.params()
+        if fmt is None:
+            return None
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise ValueError("response_format must have json_schema.schema for type json_schema")
+        return StructuredOutputsParams(json=json.dumps(fmt.json_schema.schema_))
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -130,6 +207,7 @@ class GenerateRequest(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             n=self.n,
+            structured_outputs=self.structured_output_params(),
         )
 
 

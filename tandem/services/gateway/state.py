@@ -1,10 +1,11 @@
 """What every route of the gateway shares: its state, and the checks and submission of a
-generation request (readiness, model, the body's sampling parameters, fan-out into streams).
-Rendering, tokenizing and the checks that need token counts are the engine side's
-(`engine.preprocess`): the gateway keeps HTTP."""
+generation request (readiness, model, the body's sampling parameters and structured-output
+spec, fan-out into streams). Rendering, tokenizing and the checks that need token counts
+are the engine side's (`engine.preprocess`): the gateway keeps HTTP."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 from tandem.engine.client import EngineClient, GenerateInput, GenerationChunk, InvalidRequest
 from tandem.engine.request import SamplingParams
+from tandem.engine.structured_output import backends
+from tandem.engine.structured_output.params import StructuredOutputsConfig
 from tandem.services.gateway.protocol import GenerateRequest
 from tandem.services.gateway.streaming import APIError, Choice, engine_error, param_of
 from tandem.services.gateway.telemetry import ApiRequest, Telemetry
@@ -32,6 +35,7 @@ class GatewayState:
     created: int  # unix time, as /v1/models lists it
     log_requests: bool = False
     max_log_len: int | None = None  # of a logged prompt: characters and token ids
+    structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
 
     @property
     def served_model_name(self) -> str:
@@ -65,9 +69,17 @@ class GatewayState:
     ) -> SamplingParams:
         """The body's sampling parameters (what needs the tokenizer is checked later)."""
         try:
-            return body.sampling_params(default_max_tokens)
+            params = body.sampling_params(default_max_tokens)
         except ValueError as e:
             raise APIError(400, str(e), "BadRequestError", param_of(str(e))) from None
+        if params.structured_outputs is None:
+            return params
+        param = body.structured_param()
+        try:
+            checked = backends.check(params.structured_outputs, self.structured_outputs, param)
+        except backends.SpecError as e:
+            raise APIError(400, str(e), "BadRequestError", param) from None
+        return dataclasses.replace(params, structured_outputs=checked)
 
     async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         try:

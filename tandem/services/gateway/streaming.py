@@ -62,7 +62,7 @@ def error_response(
 
 
 def param_of(message: str) -> str | None:
-    match = re.match(r"([a-z_]+) must", message)
+    match = re.match(r"([a-z_]+)[a-z_.]* must", message)
     return match.group(1) if match else None
 
 

@@ -125,6 +125,16 @@ def record_span(
     span.end(end_time=end_ns)
 
 
+def record_compile_span(
+    carrier: Mapping, request_id: str, start_ns: int, end_ns: int, hit: bool, error
+) -> None:
+    """A structured output's grammar compile (or cache hit) on a worker, under the request's
+    span (its W3C context in `carrier`)."""
+    attributes = {"gen_ai.request.id": request_id, "tandem.grammar.cache_hit": hit}
+    span = start_span("structured_output.compile", extract(carrier), attributes, start_ns)
+    end_span(span, error, end_ns)
+
+
 def end_span(span: Span, error: str | None = None, end_ns: int | None = None) -> None:
     if error:
         span.set_status(Status(StatusCode.ERROR, error))

@@ -18,6 +18,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from tandem.engine.config import EngineConfig
 from tandem.engine.request import Request
 from tandem.services.observability import tracing
+from tandem.services.observability.tracing import record_compile_span
 from tandem.services.transport import codec, kv_shm
 from tandem.services.transport.bus import Bus
 from tandem.services.transport.kv_transfer import send_kv
@@ -63,6 +64,30 @@ class PrefillWorker(WorkerShell):
         self.num_kv_file_transfers = 0  # of those, through shared memory
         self.kv_transfer_seconds = 0.0
         self.kv_transfer_bytes = 0
+        # request id -> step id of the plan it stopped short in: its grammar was compiling
+        self.deferred: dict[str, int] = {}
+        self.engine_loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        self.engine_loop = asyncio.get_running_loop()
+        self.engine.grammars.on_compiled = self._on_compiled
+
+    def _on_compiled(self, request_id: str, start_ns, end_ns, hit: bool, error) -> None:
+        """On the grammar thread: a compile ended. A request that stopped short of its last
+        token for it gets a step of its own (an error ends it in that step)."""
+        self.engine_loop.call_soon_threadsafe(self._resume, request_id)
+        carrier = self.trace_of.get(request_id)
+        if carrier is not None:
+            record_compile_span(carrier, request_id, start_ns, end_ns, hit, error)
+
+    def _resume(self, request_id: str) -> None:
+        step_id = self.deferred.pop(request_id, None)
+        if step_id is not None and request_id not in self.aborted:
+            chunk = engine_pb2.ScheduledChunk(request_id=request_id, num_tokens=1 << 30)
+            plan = engine_pb2.StepPlan(worker_id=self.worker_id, step_id=step_id, local=True)
+            plan.chunks.append(chunk)
+            self.plans.put_nowait(plan)
 
     async def subscribe(self) -> None:
         await self.bus.subscribe(
@@ -119,6 +144,7 @@ class PrefillWorker(WorkerShell):
 
     def forget(self, request_id: str) -> None:
         self.decode_of.pop(request_id, None)
+        self.deferred.pop(request_id, None)
         self.trace_of.pop(request_id, None)
         transfer = self.transfers.get(request_id)
         if transfer is not None:  # aborted while its KV moves: its lane is free at once
@@ -134,7 +160,9 @@ class PrefillWorker(WorkerShell):
                 self.busy = False
 
     async def _run_plan(self, plan: engine_pb2.StepPlan) -> None:
-        report = engine_pb2.StepReport(worker_id=self.worker_id, step_id=plan.step_id)
+        report = engine_pb2.StepReport(
+            worker_id=self.worker_id, step_id=plan.step_id, local=plan.local
+        )
         budget: dict[str, int] = {}
         new: list[Request] = []
         for chunk in plan.chunks:
@@ -152,9 +180,13 @@ class PrefillWorker(WorkerShell):
                     self.trace_of[chunk.request_id] = dict(chunk.request.trace_context)
             budget[chunk.request_id] = chunk.num_tokens
         planned = dict(budget)
-        (outputs, failed, refused, handoffs), start_ns, end_ns = await self.timed_step(
+        (outputs, failed, refused, handoffs, deferred), start_ns, end_ns = await self.timed_step(
             self._step, new, budget
         )
+        for request_id, ready in deferred:
+            self.deferred[request_id] = plan.step_id
+            if ready:  # compiled while the step ran
+                self._resume(request_id)
         report.failed_request_ids.extend(failed)
         for request_id, error in refused.items():
             report.refused.add(request_id=request_id, error=error)
@@ -223,9 +255,11 @@ class PrefillWorker(WorkerShell):
                 logger.warning("request %s refused: %s", request.request_id, e)
                 refused[request.request_id] = str(e)
                 budget.pop(request.request_id, None)
-        outputs, not_fitting = self.engine.step_plan(budget)
+        outputs, not_fitting, short = self.engine.step_plan(budget)
         handoffs = [self.engine.hand_off(o.request.request_id) for o in outputs if not o.finished]
-        return outputs, not_fitting, refused, handoffs
+        requests = self.engine.scheduler.requests
+        deferred = [(rid, requests[rid].grammar.future.done()) for rid in short]
+        return outputs, not_fitting, refused, handoffs, deferred
 
     async def _hand_off(self, request: Request, kv: torch.Tensor) -> None:
         """Send the KV the decode worker lacks, then the request itself, to its decode worker."""

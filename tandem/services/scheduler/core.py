@@ -114,15 +114,18 @@ class ClusterScheduler:
         failed_ids=(),
         refused_ids=(),
         step_id: int | None = None,
+        local: bool = False,
     ) -> list[PendingRequest]:
         """A prefill worker ran a plan (`step_id`): prefilled requests are on their way to
         their decode worker, finished ones ended there, failed ones (no blocks) wait again.
         A refused one (the worker could not run it) waits again once, placed elsewhere when
         another worker can take it; refused a second time, it is returned: the caller ends
         it. A report speaks only of requests placed on that worker, by that plan or an
-        earlier one: never of one placed again since."""
+        earlier one: never of one placed again since. A `local` report is of a step the
+        worker made itself (a request's last token once its grammar compiled): no plan of
+        ours ended."""
         worker = self.workers.get(worker_id)
-        if worker is not None:
+        if worker is not None and not local:
             worker.plans_in_flight = max(0, worker.plans_in_flight - 1)
 
         def placed_here(request_id: str) -> PendingRequest | None:

@@ -147,6 +147,7 @@ class SchedulerService:
             failed_ids=report.failed_request_ids,
             refused_ids=list(errors),
             step_id=report.step_id,
+            local=report.local,
         )
         for request in given_up:
             error = errors[request.request_id]

@@ -7,6 +7,7 @@ import json
 
 from tandem.engine.client import GenerateInput
 from tandem.engine.request import Request, SamplingParams
+from tandem.engine.structured_output.params import KINDS, StructuredOutputsParams
 from tandem.v1 import common_pb2, engine_pb2, tokenizer_pb2
 
 KV_DTYPES = frozenset({"float32", "bfloat16", "float16"})  # the KV dtypes a hand-off may carry
@@ -42,7 +43,24 @@ def sampling_params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         msg.logprobs = p.logprobs
     if p.prompt_logprobs is not None:
         msg.prompt_logprobs = p.prompt_logprobs
+    so = p.structured_outputs
+    if so is not None:
+        msg.structured_outputs.CopyFrom(common_pb2.StructuredOutputs(
+            kind=so.kind, spec=so.spec, backend=so.backend, any_whitespace=so.any_whitespace
+        ))  # fmt: skip
     return msg
+
+
+def structured_outputs_from_proto(m: common_pb2.StructuredOutputs) -> StructuredOutputsParams:
+    if m.kind not in KINDS:
+        raise ValueError(f"structured_outputs kind must be one of {', '.join(KINDS)}")
+    if m.kind == "choice":
+        value = tuple(json.loads(m.spec))
+    else:
+        value = True if m.kind == "json_object" else m.spec
+    return StructuredOutputsParams(
+        **{m.kind: value}, backend=m.backend or "auto", any_whitespace=m.any_whitespace
+    )
 
 
 def sampling_params_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
@@ -70,6 +88,9 @@ def sampling_params_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
         skip_special_tokens=not m.keep_special_tokens,
         spaces_between_special_tokens=not m.no_spaces_between_special_tokens,
         n=m.n or 1,
+        structured_outputs=structured_outputs_from_proto(m.structured_outputs)
+        if m.HasField("structured_outputs")
+        else None,
     )
 
 

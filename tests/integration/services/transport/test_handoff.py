@@ -108,7 +108,7 @@ def test_planned_chunked_prefill_then_decode_matches_one_engine(tiny_llama):
     steps = 0
     while remaining:
         plan = {rid: min(8, left) for rid, left in remaining.items()}
-        outs, failed = prefill.step_plan(plan)
+        outs, failed, _ = prefill.step_plan(plan)
         assert not failed
         steps += 1
         for rid, n in plan.items():
@@ -134,7 +134,7 @@ def test_plan_entry_that_does_not_fit_fails_and_frees(tiny_llama):
     ).engine
     prefill.add_request(Request("a", list(range(3, 63)), SamplingParams(max_tokens=2)))
     prefill.add_request(Request("b", list(range(100, 160)), SamplingParams(max_tokens=2)))
-    outs, failed = prefill.step_plan({"a": 60, "b": 60})  # 15 blocks each, 24 in the pool
+    outs, failed, _ = prefill.step_plan({"a": 60, "b": 60})  # 15 blocks each, 24 in the pool
     assert failed == ["b"] and [o.request.request_id for o in outs] == ["a"]
     assert "b" not in prefill.scheduler.requests
     prefill.hand_off("a")

@@ -1,0 +1,241 @@
+"""Compiling grammars off the step loop, caching them, and each request's matcher.
+
+A request with a constraint gets a `RequestGrammar` when it enters an engine. Its grammar
+compiles on this worker's grammar thread (once per spec: compiled grammars are cached, LRU),
+and meanwhile the request waits, as vLLM's WAITING_FOR_FSM: it may compute every token but
+the one it samples from, and the rest of the batch keeps stepping. When the compile is done
+the matcher is built and the request's tokens so far are replayed into it: that is how a
+request prefilled elsewhere, moved after a preemption, or re-queued after its decode
+worker died continues exactly where it was.
+
+Per step, the sampling rows of constrained requests get their allowed tokens as a bitmask
+(one int32 per 32 tokens, xgrammar's and llguidance's shared layout), applied to the logits
+before anything else (`sampler.process_logits`); each sampled token then advances its
+matcher, and a grammar that reached its end (EOS accepted) ends the request."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tandem.engine.structured_output import backends
+from tandem.engine.structured_output.params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+CACHE_SIZE = 256  # compiled grammars kept per worker
+
+
+@dataclass(slots=True)
+class GrammarStats:
+    """What /metrics shows: compile times (seconds, each a cache miss), hits, and the
+    requests waiting on a compile now."""
+
+    compile_seconds: list[float] = field(default_factory=list)
+    cache_hits: int = 0
+    num_waiting: int = 0
+    last_compile: tuple[float, bool] | None = None  # (seconds, cache hit) of the latest
+
+
+class RequestGrammar:
+    """One request's constraint: compiling, then a matcher (or the compile's error)."""
+
+    __slots__ = ("future", "matcher", "error", "replay", "rejected", "make")
+
+    def __init__(self, future: Future | None, replay: list[int], make) -> None:
+        self.future = future
+        self.matcher = None
+        self.error: str | None = None
+        self.replay = replay  # tokens generated before the matcher existed
+        self.rejected = False  # a sampled token the grammar did not allow
+        self.make = make  # compiled grammar -> matcher
+
+    def is_ready(self) -> bool:
+        """Whether the matcher exists (built here, on the engine's thread, once the compile
+        is done: the tokens so far replayed into it)."""
+        if self.matcher is not None:
+            return True
+        if self.future is None or not self.future.done() or self.error is not None:
+            return False
+        try:
+            matcher = self.make(self.future.result())
+        except Exception as e:  # a compile that failed here although the spec was checked
+            self.error = f"structured output grammar could not be compiled: {e}"
+            return False
+        for token_id in self.replay:
+            if not matcher.accept(token_id):
+                self.error = f"token {token_id} generated earlier breaks the grammar"
+                return False
+        self.matcher, self.replay = matcher, []
+        return True
+
+    @property
+    def failed(self) -> bool:
+        if self.error is None and self.future is not None and self.future.done():
+            exc = self.future.exception()
+            if exc is not None:
+                self.error = f"structured output grammar could not be compiled: {exc}"
+        return self.error is not None
+
+    @property
+    def terminated(self) -> bool:
+        return self.rejected or (self.matcher is not None and self.matcher.terminated)
+
+    def accept(self, token_id: int) -> None:
+        if not self.matcher.accept(token_id):
+            self.rejected = True
+            logger.warning("token %d is outside the grammar: the request ends", token_id)
+
+    def fork(self) -> RequestGrammar:
+        """An independent copy at the same position (a sample of n > 1)."""
+        copy = RequestGrammar(self.future, list(self.replay), self.make)
+        copy.matcher = None if self.matcher is None else self.matcher.fork()
+        return copy
+
+
+class GrammarManager:
+    """A worker's compiles, cache and matchers, for the model folder's tokenizer."""
+
+    def __init__(self, model_dir: str | Path, vocab_size: int, eos_token_id: int | None) -> None:
+        self.model_dir = model_dir
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.pool: ThreadPoolExecutor | None = None  # started with the first constraint
+        self.cache: OrderedDict[tuple, object] = OrderedDict()
+        self.lock = threading.Lock()
+        self.ready = threading.Event()  # set when any compile ends
+        self.stats = GrammarStats()
+        # called on the grammar thread as each compile ends:
+        # (request_id, start_ns, end_ns (wall clock), cache_hit, error or None) -> None
+        self.on_compiled = None
+        self._tokenizer = None
+        self._xgrammar = None  # GrammarCompiler
+        self._guidance = None  # LLTokenizer
+
+    # -- the grammar thread ------------------------------------------------------------------
+
+    def _hf_tokenizer(self):
+        if self._tokenizer is None:
+            from tandem.engine.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_dir)
+        return self._tokenizer
+
+    def _xgrammar_compiler(self):
+        if self._xgrammar is None:
+            import xgrammar as xgr
+
+            stop = [] if self.eos_token_id is None else [self.eos_token_id]
+            info = xgr.TokenizerInfo.from_huggingface(
+                self._hf_tokenizer(), vocab_size=self.vocab_size, stop_token_ids=stop
+            )
+            self._xgrammar = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        return self._xgrammar
+
+    def _guidance_tokenizer(self):
+        if self._guidance is None:
+            import llguidance.hf
+
+            self._guidance = llguidance.hf.from_tokenizer(self._hf_tokenizer(), self.vocab_size)
+        return self._guidance
+
+    def warm_up(self) -> None:
+        """Load the tokenizer and xgrammar's view of it now (not on the first request)."""
+        self._xgrammar_compiler()
+
+    def _compile(self, params: StructuredOutputsParams, request_id: str):
+        start, start_ns = time.perf_counter(), time.time_ns()
+        with self.lock:
+            compiled = self.cache.get(params.key)
+            if compiled is not None:
+                self.cache.move_to_end(params.key)
+        hit = compiled is not None
+        error = None
+        try:
+            if compiled is None:
+                if params.backend == "guidance":
+                    compiled = backends.guidance_grammar(params)
+                    self._guidance_tokenizer()
+                else:
+                    compiled = backends.xgrammar_compile(self._xgrammar_compiler(), params)
+                with self.lock:
+                    self.cache[params.key] = compiled
+                    if len(self.cache) > CACHE_SIZE:
+                        self.cache.popitem(last=False)
+            return compiled
+        except Exception as e:
+            error = str(e)
+            raise
+        finally:
+            seconds = time.perf_counter() - start
+            with self.lock:
+                if hit:
+                    self.stats.cache_hits += 1
+                elif error is None:
+                    self.stats.compile_seconds.append(seconds)
+                self.stats.last_compile = (seconds, hit)
+            self.ready.set()
+            if self.on_compiled is not None:
+                self.on_compiled(request_id, start_ns, time.time_ns(), hit, error)
+
+    # -- the engine's thread -----------------------------------------------------------------
+
+    def start(self, request) -> None:
+        """Give a constrained request its grammar: compiling, or at once from the cache."""
+        params = request.sampling_params.structured_outputs
+        if params is None:
+            return
+        if params.backend == "guidance":
+
+            def make(grammar):  # noqa: E306
+                return backends.GuidanceMatcher.new(
+                    self._guidance_tokenizer(), grammar, self.eos_token_id
+                )
+        else:
+            make = backends.XgrammarMatcher.new
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        future = self.pool.submit(self._compile, params, request.request_id)
+        request.grammar = RequestGrammar(future, list(request.output_token_ids), make)
+
+    def wait(self, timeout: float) -> None:
+        """Block until some compile ends (or `timeout` seconds): an engine with nothing to
+        step but requests waiting on their grammars sleeps here rather than spinning."""
+        self.ready.wait(timeout)
+        self.ready.clear()
+
+    def bitmask(self, requests: list) -> tuple[list[int], torch.Tensor] | None:
+        """The rows (indices into `requests`) of constrained requests and their allowed
+        tokens as an int32 bitmask (rows, ceil(vocab / 32)); None when none is constrained."""
+        rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        if not rows:
+            return None
+        bitmask = torch.full((len(rows), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        for j, i in enumerate(rows):
+            grammar = requests[i].grammar
+            if grammar.matcher is not None and not grammar.terminated:
+                grammar.matcher.fill(bitmask, j)
+        return rows, bitmask
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# byte value -> its 8 bits, lowest first: unpacks a bitmask with one gather
+_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
+
+
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set to -inf, in place, each listed row's logits of tokens its bitmask bans."""
+    vocab = logits.shape[-1]
+    table = _BITS.to(logits.device)
+    as_bytes = bitmask.to(logits.device).contiguous().view(torch.uint8).long()
+    allowed = table[as_bytes].view(bitmask.shape[0], -1)[:, :vocab]
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
