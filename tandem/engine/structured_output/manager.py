@@ -15,6 +15,7 @@ matcher, and a grammar that reached its end (EOS accepted) ends the request."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -64,7 +65,7 @@ class RequestGrammar:
         if self.future is None or not self.future.done() or self.error is not None:
             return False
         try:
-            matcher = self.make(self.future.result())
+            matcher = self.make(self.future.result()[0])
         except Exception as e:  # a compile that failed here although the spec was checked
             self.error = f"structured output grammar could not be compiled: {e}"
             return False
@@ -149,40 +150,42 @@ class GrammarManager:
         """Load the tokenizer and xgrammar's view of it now (not on the first request)."""
         self._xgrammar_compiler()
 
-    def _compile(self, params: StructuredOutputsParams, request_id: str):
+    def _compile(self, params: StructuredOutputsParams) -> tuple:
+        """(compiled grammar, start and end (wall clock, ns), whether the cache had it)."""
         start, start_ns = time.perf_counter(), time.time_ns()
         with self.lock:
             compiled = self.cache.get(params.key)
-            if compiled is not None:
+            hit = compiled is not None
+            if hit:
                 self.cache.move_to_end(params.key)
-        hit = compiled is not None
-        error = None
-        try:
-            if compiled is None:
-                if params.backend == "guidance":
-                    compiled = backends.guidance_grammar(params)
-                    self._guidance_tokenizer()
-                else:
-                    compiled = backends.xgrammar_compile(self._xgrammar_compiler(), params)
-                with self.lock:
-                    self.cache[params.key] = compiled
-                    if len(self.cache) > CACHE_SIZE:
-                        self.cache.popitem(last=False)
-            return compiled
-        except Exception as e:
-            error = str(e)
-            raise
-        finally:
-            seconds = time.perf_counter() - start
+                self.stats.cache_hits += 1
+        if not hit:
+            if params.backend == "guidance":
+                compiled = backends.guidance_grammar(params)
+                self._guidance_tokenizer()
+            else:
+                compiled = backends.xgrammar_compile(self._xgrammar_compiler(), params)
             with self.lock:
-                if hit:
-                    self.stats.cache_hits += 1
-                elif error is None:
-                    self.stats.compile_seconds.append(seconds)
-                self.stats.last_compile = (seconds, hit)
-            self.ready.set()
-            if self.on_compiled is not None:
-                self.on_compiled(request_id, start_ns, time.time_ns(), hit, error)
+                self.cache[params.key] = compiled
+                if len(self.cache) > CACHE_SIZE:
+                    self.cache.popitem(last=False)
+                self.stats.compile_seconds.append(time.perf_counter() - start)
+        self.stats.last_compile = (time.perf_counter() - start, hit)
+        return compiled, start_ns, time.time_ns(), hit
+
+    def _done(self, request_id: str, future: Future) -> None:
+        """On the grammar thread, once the future holds the result: wake a waiting engine
+        and tell the owner (`on_compiled`)."""
+        self.ready.set()
+        if self.on_compiled is None or future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            now = time.time_ns()
+            self.on_compiled(request_id, now, now, False, str(error))
+        else:
+            _, start_ns, end_ns, hit = future.result()
+            self.on_compiled(request_id, start_ns, end_ns, hit, None)
 
     # -- the engine's thread -----------------------------------------------------------------
 
@@ -201,8 +204,9 @@ class GrammarManager:
             make = backends.XgrammarMatcher.new
         if self.pool is None:
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
-        future = self.pool.submit(self._compile, params, request.request_id)
+        future = self.pool.submit(self._compile, params)
         request.grammar = RequestGrammar(future, list(request.output_token_ids), make)
+        future.add_done_callback(functools.partial(self._done, request.request_id))
 
     def wait(self, timeout: float) -> None:
         """Block until some compile ends (or `timeout` seconds): an engine with nothing to

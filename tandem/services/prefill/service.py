@@ -183,9 +183,9 @@ class PrefillWorker(WorkerShell):
         (outputs, failed, refused, handoffs, deferred), start_ns, end_ns = await self.timed_step(
             self._step, new, budget
         )
-        for request_id, ready in deferred:
+        for request_id, compile_done in deferred:
             self.deferred[request_id] = plan.step_id
-            if ready:  # compiled while the step ran
+            if compile_done.done():  # compiled since: its callback may have come already
                 self._resume(request_id)
         report.failed_request_ids.extend(failed)
         for request_id, error in refused.items():
@@ -258,7 +258,7 @@ class PrefillWorker(WorkerShell):
         outputs, not_fitting, short = self.engine.step_plan(budget)
         handoffs = [self.engine.hand_off(o.request.request_id) for o in outputs if not o.finished]
         requests = self.engine.scheduler.requests
-        deferred = [(rid, requests[rid].grammar.future.done()) for rid in short]
+        deferred = [(rid, requests[rid].grammar.future) for rid in short]
         return outputs, not_fitting, refused, handoffs, deferred
 
     async def _hand_off(self, request: Request, kv: torch.Tensor) -> None:
