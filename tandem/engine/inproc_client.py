@@ -209,6 +209,7 @@ class InProcessEngineClient:
 
         try:
             self.engine = await self.driver.start()
+            self.engine.grammars.on_compiled = self._grammar_ready
             self.tokenizer = await self.driver.call(
                 load_tokenizer, self.config.model.model, self.chat_template
             )
@@ -252,6 +253,9 @@ class InProcessEngineClient:
                     sub.loop.call_soon_threadsafe(sub.out.put_nowait, RuntimeError(str(e)))
                 return True
 
+    def _grammar_ready(self, request_id: str, start_ns: int, end_ns: int, hit: bool, error):
+        self.worker_metrics.observe_compile(start_ns, end_ns, hit)  # from the grammar thread
+
     def _handle(self, kind: str, payload) -> None:
         if kind == "abort":
             self.engine.abort(payload)
@@ -276,6 +280,7 @@ class InProcessEngineClient:
         outputs = self.engine.step()
         self.worker_metrics.step_seconds.observe(time.perf_counter() - start)
         self.worker_metrics.batch_size.observe(self.engine.last_batch_size)
+        self.worker_metrics.observe_grammars(self.engine)
         now = time.time()
         for out in outputs:
             req = out.request

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -231,10 +232,14 @@ class ModelRunner:
         gens = [self._generator(r) for r in sampling]
         st = SamplingTensors.build(sampling, gens, self.info.vocab_size, dev)
         st.processors = [(p, sampling) for p in self.logits_processors]
+        start = time.perf_counter()
         masked = self.grammars.bitmask(sampling)
         if masked is not None:
             st.grammar = (torch.tensor(masked[0], device=dev), masked[1])
+            fill = time.perf_counter() - start
         token_ids, row_logprobs = sample(logits, st, self.logprobs_mode)
+        if masked is not None:
+            self.grammars.stats.mask_seconds.append(fill + st.grammar_seconds)
         for row, (req, token) in enumerate(zip(sampling, token_ids.tolist())):  # one sync
             lp = row_logprobs[row] if row_logprobs is not None else None
             if row < len(sample_reqs):

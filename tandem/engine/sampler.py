@@ -14,6 +14,7 @@ the batch. Everything is a tensor operation over the batch; Python only lists wh
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,7 @@ class SamplingTensors:
     processors: list = field(default_factory=list)  # (global logits processor, requests)
     # structured outputs: (rows, int32 bitmask of their allowed tokens), see manager.py
     grammar: tuple[torch.Tensor, torch.Tensor] | None = None
+    grammar_seconds: float = 0.0  # the time its application took (for /metrics)
 
     @classmethod
     def build(
@@ -214,7 +216,9 @@ def process_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """Bans, biases and penalties (steps 2 and 3 of the module doc), on every row; a
     structured output's grammar first (its banned tokens stay banned whatever follows)."""
     if st.grammar is not None:
+        start = time.perf_counter()
         apply_bitmask(logits, *st.grammar)
+        st.grammar_seconds = time.perf_counter() - start
     if st.allowed_rows is not None:
         rows = logits[st.allowed_rows]
         logits[st.allowed_rows] = rows.masked_fill(~st.allowed_mask, float("-inf"))

@@ -35,13 +35,15 @@ CACHE_SIZE = 256  # compiled grammars kept per worker
 
 @dataclass(slots=True)
 class GrammarStats:
-    """What /metrics shows: compile times (seconds, each a cache miss), hits, and the
-    requests waiting on a compile now."""
+    """For /metrics: the time each step spent on bitmasks (filled and applied) since the
+    owner last drained them, and the requests waiting on a compile now."""
 
-    compile_seconds: list[float] = field(default_factory=list)
-    cache_hits: int = 0
+    mask_seconds: list[float] = field(default_factory=list)
     num_waiting: int = 0
-    last_compile: tuple[float, bool] | None = None  # (seconds, cache hit) of the latest
+
+    def drain_mask_seconds(self) -> list[float]:
+        taken, self.mask_seconds = self.mask_seconds, []
+        return taken
 
 
 class RequestGrammar:
@@ -112,8 +114,8 @@ class GrammarManager:
         self.lock = threading.Lock()
         self.ready = threading.Event()  # set when any compile ends
         self.stats = GrammarStats()
-        # called on the grammar thread as each compile ends:
-        # (request_id, start_ns, end_ns (wall clock), cache_hit, error or None) -> None
+        # called on the grammar thread as each request's grammar is ready (or failed):
+        # (request_id, submitted_ns, done_ns (wall clock), cache_hit, error or None) -> None
         self.on_compiled = None
         self._tokenizer = None
         self._xgrammar = None  # GrammarCompiler
@@ -151,41 +153,33 @@ class GrammarManager:
         self._xgrammar_compiler()
 
     def _compile(self, params: StructuredOutputsParams) -> tuple:
-        """(compiled grammar, start and end (wall clock, ns), whether the cache had it)."""
-        start, start_ns = time.perf_counter(), time.time_ns()
+        """(compiled grammar, whether the cache had it)."""
         with self.lock:
             compiled = self.cache.get(params.key)
-            hit = compiled is not None
-            if hit:
+            if compiled is not None:
                 self.cache.move_to_end(params.key)
-                self.stats.cache_hits += 1
-        if not hit:
-            if params.backend == "guidance":
-                compiled = backends.guidance_grammar(params)
-                self._guidance_tokenizer()
-            else:
-                compiled = backends.xgrammar_compile(self._xgrammar_compiler(), params)
-            with self.lock:
-                self.cache[params.key] = compiled
-                if len(self.cache) > CACHE_SIZE:
-                    self.cache.popitem(last=False)
-                self.stats.compile_seconds.append(time.perf_counter() - start)
-        self.stats.last_compile = (time.perf_counter() - start, hit)
-        return compiled, start_ns, time.time_ns(), hit
+                return compiled, True
+        if params.backend == "guidance":
+            compiled = backends.guidance_grammar(params)
+            self._guidance_tokenizer()
+        else:
+            compiled = backends.xgrammar_compile(self._xgrammar_compiler(), params)
+        with self.lock:
+            self.cache[params.key] = compiled
+            if len(self.cache) > CACHE_SIZE:
+                self.cache.popitem(last=False)
+        return compiled, False
 
-    def _done(self, request_id: str, future: Future) -> None:
+    def _done(self, request_id: str, submitted_ns: int, future: Future) -> None:
         """On the grammar thread, once the future holds the result: wake a waiting engine
-        and tell the owner (`on_compiled`)."""
+        and tell the owner (`on_compiled`) how long the request waited."""
         self.ready.set()
         if self.on_compiled is None or future.cancelled():
             return
         error = future.exception()
-        if error is not None:
-            now = time.time_ns()
-            self.on_compiled(request_id, now, now, False, str(error))
-        else:
-            _, start_ns, end_ns, hit = future.result()
-            self.on_compiled(request_id, start_ns, end_ns, hit, None)
+        hit = error is None and future.result()[1]
+        self.on_compiled(request_id, submitted_ns, time.time_ns(), hit,
+                         None if error is None else str(error))  # fmt: skip
 
     # -- the engine's thread -----------------------------------------------------------------
 
@@ -204,9 +198,10 @@ class GrammarManager:
             make = backends.XgrammarMatcher.new
         if self.pool is None:
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        submitted = time.time_ns()
         future = self.pool.submit(self._compile, params)
         request.grammar = RequestGrammar(future, list(request.output_token_ids), make)
-        future.add_done_callback(functools.partial(self._done, request.request_id))
+        future.add_done_callback(functools.partial(self._done, request.request_id, submitted))
 
     def wait(self, timeout: float) -> None:
         """Block until some compile ends (or `timeout` seconds): an engine with nothing to

@@ -204,6 +204,10 @@ class DecodeWorker(WorkerShell):
         self.arrivals.append(Arrival(request, kv, handoff.num_computed_tokens, reused))
         self.wake.set()
 
+    def trace_parent(self, request_id: str):
+        span, _ = self.spans.get(request_id, (None, None))
+        return None if span is None else tracing.context_of(span)
+
     def _take_kv(self, request_id: str, num_chunks: int) -> list[torch.Tensor]:
         if num_chunks == 0:  # every block was reused
             return []

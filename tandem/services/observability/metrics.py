@@ -247,6 +247,31 @@ class WorkerMetrics:
         self.kv_blocks_reused = child(Counter(
             "tandem:kv_transfer_reused_blocks", "Blocks a hand-off did not send: the decode "
             "worker held them already.", names, registry=r))  # fmt: skip
+        compile_seconds = Histogram(
+            "tandem:structured_output_compile_seconds", "Time a structured-output request "
+            "waited for its grammar on this worker (compiled, or from the cache).",
+            [*names, "cache_hit"], buckets=FAST_BUCKETS, registry=r)  # fmt: skip
+        self.grammar_compile = {
+            hit: compile_seconds.labels(**labels, cache_hit=str(hit).lower())
+            for hit in (False, True)
+        }
+        self.grammar_mask_seconds = child(Histogram(
+            "tandem:structured_output_mask_seconds", "Time of one step's grammar bitmasks "
+            "(filled for the constrained rows, applied to the logits).", names,
+            buckets=FAST_BUCKETS, registry=r))  # fmt: skip
+        self.grammar_waiting = child(Gauge(
+            "tandem:structured_output_waiting_requests", "Requests waiting for their grammar "
+            "to compile (vLLM's WAITING_FOR_FSM).", names, registry=r))  # fmt: skip
+
+    def observe_grammars(self, engine) -> None:
+        """After a step: its bitmask time, and the requests waiting on a compile."""
+        stats = engine.grammars.stats
+        for seconds in stats.drain_mask_seconds():
+            self.grammar_mask_seconds.observe(seconds)
+        self.grammar_waiting.set(stats.num_waiting)
+
+    def observe_compile(self, start_ns: int, end_ns: int, hit: bool) -> None:
+        self.grammar_compile[hit].observe((end_ns - start_ns) / 1e9)
 
 
 class SchedulerMetrics:

@@ -126,13 +126,17 @@ def record_span(
 
 
 def record_compile_span(
-    carrier: Mapping, request_id: str, start_ns: int, end_ns: int, hit: bool, error
+    parent: Context, request_id: str, start_ns: int, end_ns: int, hit: bool, error
 ) -> None:
-    """A structured output's grammar compile (or cache hit) on a worker, under the request's
-    span (its W3C context in `carrier`)."""
+    """A structured output's grammar compile (or cache hit) on a worker, under `parent`."""
     attributes = {"gen_ai.request.id": request_id, "tandem.grammar.cache_hit": hit}
-    span = start_span("structured_output.compile", extract(carrier), attributes, start_ns)
+    span = start_span("structured_output.compile", parent, attributes, start_ns)
     end_span(span, error, end_ns)
+
+
+def context_of(span: Span) -> Context:
+    """A context whose current span is `span` (to start spans under it)."""
+    return trace.set_span_in_context(span)
 
 
 def end_span(span: Span, error: str | None = None, end_ns: int | None = None) -> None:

@@ -18,7 +18,6 @@ from nats.errors import TimeoutError as NatsTimeout
 from tandem.engine.config import EngineConfig
 from tandem.engine.request import Request
 from tandem.services.observability import tracing
-from tandem.services.observability.tracing import record_compile_span
 from tandem.services.transport import codec, kv_shm
 from tandem.services.transport.bus import Bus
 from tandem.services.transport.kv_transfer import send_kv
@@ -66,20 +65,16 @@ class PrefillWorker(WorkerShell):
         self.kv_transfer_bytes = 0
         # request id -> step id of the plan it stopped short in: its grammar was compiling
         self.deferred: dict[str, int] = {}
-        self.engine_loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self) -> None:
-        await super().start()
-        self.engine_loop = asyncio.get_running_loop()
-        self.engine.grammars.on_compiled = self._on_compiled
+    def grammar_ready(self, request_id: str, start_ns: int, end_ns: int, hit: bool, error):
+        """A request that stopped short of its last token for its grammar gets a step of
+        its own (an error ends it in that step)."""
+        super().grammar_ready(request_id, start_ns, end_ns, hit, error)
+        self._resume(request_id)
 
-    def _on_compiled(self, request_id: str, start_ns, end_ns, hit: bool, error) -> None:
-        """On the grammar thread: a compile ended. A request that stopped short of its last
-        token for it gets a step of its own (an error ends it in that step)."""
-        self.engine_loop.call_soon_threadsafe(self._resume, request_id)
+    def trace_parent(self, request_id: str):
         carrier = self.trace_of.get(request_id)
-        if carrier is not None:
-            record_compile_span(carrier, request_id, start_ns, end_ns, hit, error)
+        return None if carrier is None else tracing.extract(carrier)
 
     def _resume(self, request_id: str) -> None:
         step_id = self.deferred.pop(request_id, None)

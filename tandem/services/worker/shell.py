@@ -4,6 +4,7 @@ engine's driver), the heartbeat and token messages they publish."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from tandem.engine.block_pool import KVCacheEvent, KVEventKind
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import EngineCore, StepOutput
 from tandem.engine.driver import EngineDriver
+from tandem.services.observability import tracing
 from tandem.services.observability.metrics import EngineCollector, WorkerMetrics, engine_stats
 from tandem.services.observability.metrics_push import MetricsPublisher
 from tandem.services.transport import codec
@@ -111,6 +113,10 @@ class WorkerShell:
     async def start(self) -> None:
         self.engine = await self.driver.start()
         self.engine.kv.pool.enable_events()
+        loop = asyncio.get_running_loop()
+        self.engine.grammars.on_compiled = functools.partial(
+            loop.call_soon_threadsafe, self.grammar_ready
+        )
         await self.subscribe()
         subs = [
             (subject("abort"), engine_pb2.AbortRequest, self._on_abort),
@@ -219,7 +225,20 @@ class WorkerShell:
         end = time.time_ns()
         self.metrics.step_seconds.observe((end - start) / 1e9)
         self.metrics.batch_size.observe(self.engine.last_batch_size)
+        self.metrics.observe_grammars(self.engine)
         return result, start, end
+
+    def grammar_ready(self, request_id: str, start_ns: int, end_ns: int, hit: bool, error):
+        """On the event loop: a request's grammar compiled (or came from the cache, or
+        failed): into the metrics, and a span under the request's when it is traced."""
+        self.metrics.observe_compile(start_ns, end_ns, hit)
+        parent = self.trace_parent(request_id)
+        if parent is not None:
+            tracing.record_compile_span(parent, request_id, start_ns, end_ns, hit, error)
+
+    def trace_parent(self, request_id: str):
+        """The trace context a span of this request's work here goes under (None: none)."""
+        return None
 
     async def publish_tokens(self, outputs: list[StepOutput], step_id: int) -> None:
         """One step's new tokens of all its requests, stamped for the stream-lag metric."""
