@@ -7,6 +7,7 @@ background thread; workers drive it from token-budget plans.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from tandem.engine.model_runner import ModelRunner
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.sampler import TokenLogprobs
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
+from tandem.engine.structured_output import backends
+from tandem.engine.structured_output.params import StructuredOutputsConfig
 from tandem.utils import cdiv
 
 logger = logging.getLogger(__name__)
@@ -97,6 +100,12 @@ class EngineCore:
             if any(not 0 <= t < vocab for t in ids):
                 raise ValueError(f"{name} token ids must be in [0, {vocab})")
         request.sampling_params.check_vocab(vocab)
+        so = request.sampling_params.structured_outputs
+        if so is not None and so.backend == "auto":  # not checked upstream (offline use)
+            request.sampling_params = dataclasses.replace(
+                request.sampling_params,
+                structured_outputs=backends.check(so, StructuredOutputsConfig()),
+            )
         ids = (request.request_id, *request.fork_ids)
         if len(set(ids)) != len(ids):
             raise ValueError("fork ids must differ from each other and from the request's")

@@ -1,5 +1,6 @@
 """The gateway's HTTP side as vLLM's flags set it (CORS, root path, served names, docs,
-request logs), over an engine client that answers with fixed tokens."""
+request logs, the structured-outputs backend), over an engine client that answers with
+fixed tokens."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 from fastapi.testclient import TestClient
 
 from tandem.engine.client import GenerationChunk, PreparedPrompt
+from tandem.engine.structured_output.params import StructuredOutputsConfig
 from tandem.services.gateway.app import GatewaySettings, build_app
 
 
@@ -28,6 +30,8 @@ class FixedClient:
         pass
 
     async def submit(self, inputs):
+        self.last = inputs
+
         async def stream():
             yield GenerationChunk("ok", [7], "stop", num_prompt_tokens=2)
 
@@ -41,9 +45,9 @@ class FixedClient:
         pass
 
 
-def client(root_path: str = "", **settings) -> TestClient:
+def client(root_path: str = "", engine=None, **settings) -> TestClient:
     base = {"served_model_names": ("tiny", "alias"), "model_path": "/models/tiny"}
-    app = build_app(FixedClient(), GatewaySettings(**(base | settings)))
+    app = build_app(engine or FixedClient(), GatewaySettings(**(base | settings)))
     return TestClient(app, root_path=root_path)  # as uvicorn's --root-path sets it
 
 
@@ -88,3 +92,56 @@ def test_requests_are_logged_only_when_asked(caplog):
         http.post("/v1/completions", json={"prompt": "hi"})
     assert "Received request cmpl-" in caplog.text and "prompt: 'h'" in caplog.text
     assert "prompt_token_ids: [1]" in caplog.text
+
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+def test_response_format_and_structured_outputs_reach_the_engine_checked():
+    engine = FixedClient()
+    with client(engine=engine) as http:
+        asks = {
+            "json_schema": {"response_format": {"type": "json_schema",
+                            "json_schema": {"name": "n", "schema": SCHEMA, "strict": True}}},
+            "json_object": {"response_format": {"type": "json_object"}},
+            "choice": {"structured_outputs": {"choice": ["a", "b"]}},
+            "multipleOf": {"structured_outputs": {"json": {"type": "integer", "multipleOf": 3}}},
+        }  # fmt: skip
+        backend = {}
+        for name, body in asks.items():
+            messages = [{"role": "user", "content": "hi"}]
+            r = http.post("/v1/chat/completions", json={"messages": messages, **body})
+            assert r.status_code == 200, r.text
+            spec = engine.last.params.structured_outputs
+            backend[name] = spec.backend
+            assert spec.any_whitespace is False  # compact by default
+        assert backend == {"json_schema": "xgrammar", "json_object": "xgrammar",
+                           "choice": "xgrammar", "multipleOf": "guidance"}  # fmt: skip
+        r = http.post("/v1/completions", json={"prompt": "hi", "response_format": {"type": "text"}})
+        assert r.status_code == 200 and engine.last.params.structured_outputs is None
+
+
+def test_bad_structured_output_requests_are_400s_naming_the_parameter():
+    config = StructuredOutputsConfig(backend="xgrammar")
+    with client(structured_outputs=config) as http:
+        cases = [
+            ({"structured_outputs": {"json": SCHEMA, "regex": "a"}}, "structured_outputs"),
+            ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+            ({"structured_outputs": {"regex": "("}}, "structured_outputs"),
+            ({"structured_outputs": {"json": {"type": "foo"}}}, "structured_outputs"),
+            ({"structured_outputs": {"json": {"type": "integer", "multipleOf": 3}}},
+             "structured_outputs"),
+            ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+             "response_format"),
+            ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+             "response_format"),
+            ({"response_format": {"type": "xml"}}, None),
+        ]  # fmt: skip
+        for body, param in cases:
+            r = http.post("/v1/completions", json={"prompt": "hi", **body})
+            assert r.status_code == 400, (body, r.text)
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            if param is not None:
+                assert error["param"] == param, (body, error)
+        assert http.post("/v1/completions", json={"prompt": "hi"}).status_code == 200
