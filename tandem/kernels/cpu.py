@@ -4,7 +4,8 @@ Torch has no paged attention on CPUs: its path gathers each request's blocks int
 buffer and reads them again in two matmuls. `paged_decode_attention` reads the cache in
 place. `prefill_attention_bf16` multiplies bf16 with AVX-512 BF16's dot products, where
 torch's CPU flash attention runs bf16 at its fp32 speed. `rms_norm` and `add_rms_norm` do
-in one pass what torch does in five kernels.
+in one pass what torch does in five kernels; `apply_token_bitmask` applies a structured
+output's allowed tokens with AVX-512 store masks.
 
 They are built with the machine's own vector width (`-march=native`) into the cache
 directory, keyed by the source, torch's version and the CPU's flags, so a cache shared
@@ -179,6 +180,12 @@ def add_rms_norm(
 ) -> torch.Tensor:
     """residual += x (in place), then rms_norm(residual)."""
     return torch.ops.tandem_cpu.add_rms_norm(residual, x, weight, eps)
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: -inf at each listed row's tokens whose bit in its bitmask row is clear
+    ((N, vocab) fp32 logits, int64 rows, (len(rows), ceil(vocab / 32)) int32 bitmask)."""
+    torch.ops.tandem_cpu.apply_token_bitmask(logits, rows, bitmask)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -28,6 +28,8 @@ import torch
 
 from tandem.engine.structured_output import backends
 from tandem.engine.structured_output.params import StructuredOutputsParams
+from tandem.kernels import cpu as cpu_kernels
+from tandem.kernels.cpu import load_cpu_kernels
 
 logger = logging.getLogger(__name__)
 CACHE_SIZE = 256  # compiled grammars kept per worker
@@ -227,14 +229,31 @@ class GrammarManager:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-# byte value -> its 8 bits, lowest first: unpacks a bitmask with one gather
-_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)  # a byte's bits
 
 
 def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set to -inf, in place, each listed row's logits of tokens its bitmask bans."""
-    vocab = logits.shape[-1]
-    table = _BITS.to(logits.device)
-    as_bytes = bitmask.to(logits.device).contiguous().view(torch.uint8).long()
-    allowed = table[as_bytes].view(bitmask.shape[0], -1)[:, :vocab]
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    """Set to -inf, in place, each listed row's logits of tokens its bitmask bans: the CPU
+    kernel where it is built, else through torch (any device)."""
+    if (
+        logits.device.type == "cpu"
+        and logits.dtype == torch.float32
+        and logits.is_contiguous()
+        and has_cpu_bitmask_kernel()
+    ):
+        cpu_kernels.apply_token_bitmask(logits, rows, bitmask.contiguous())
+        return
+    bitmask = bitmask.to(logits.device)
+    bits = _BITS.to(logits.device)
+    banned = bitmask.contiguous().view(torch.uint8).unsqueeze(-1).bitwise_and(bits).eq(0)
+    banned = banned.view(bitmask.shape[0], -1)[:, : logits.shape[-1]]
+    if rows.numel() == logits.shape[0] and torch.equal(rows.cpu(), torch.arange(rows.numel())):
+        logits.masked_fill_(banned, float("-inf"))
+    else:
+        sub = logits.index_select(0, rows).masked_fill_(banned, float("-inf"))
+        logits.index_copy_(0, rows, sub)
+
+
+@functools.cache
+def has_cpu_bitmask_kernel() -> bool:
+    return load_cpu_kernels() and hasattr(torch.ops.tandem_cpu, "apply_token_bitmask")

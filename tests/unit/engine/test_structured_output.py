@@ -15,8 +15,7 @@ from tandem.engine.core import EngineCore
 from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.request import Request, SamplingParams
 from tandem.engine.scheduler import Scheduler
-from tandem.engine.structured_output import backends
-from tandem.engine.structured_output.manager import apply_bitmask
+from tandem.engine.structured_output import backends, manager
 from tandem.engine.structured_output.params import (
     StructuredOutputsConfig,
     StructuredOutputsParams,
@@ -134,8 +133,13 @@ def test_the_spec_travels_on_the_wire_unchanged():
 # -- the bitmask ---------------------------------------------------------------------------------
 
 
-def test_apply_bitmask_bans_exactly_the_cleared_bits():
-    vocab, rows = 70, torch.tensor([0, 2])  # not a multiple of 32: the last word is partial
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_apply_bitmask_bans_exactly_the_cleared_bits(path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setattr(manager, "has_cpu_bitmask_kernel", lambda: False)
+    else:
+        assert manager.has_cpu_bitmask_kernel()  # built wherever the tests run
+    vocab, rows = 70, torch.tensor([2, 0])  # not a multiple of 32: the last word is partial
     g = torch.Generator().manual_seed(0)
     bitmask = torch.randint(-(2**31), 2**31 - 1, (2, 3), generator=g, dtype=torch.int32)
     logits = torch.randn(3, vocab, generator=g)
@@ -144,7 +148,7 @@ def test_apply_bitmask_bans_exactly_the_cleared_bits():
         for token in range(vocab):
             if not (int(bitmask[j, token // 32]) >> (token % 32)) & 1:
                 expected[row, token] = float("-inf")
-    apply_bitmask(logits, rows, bitmask)
+    manager.apply_bitmask(logits, rows, bitmask)
     assert torch.equal(logits, expected)
 
 
