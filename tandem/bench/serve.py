@@ -11,6 +11,8 @@ where each one's processes sit on the cores, and drives the same workload at bot
 - shared-prefix: cluster-wide prefix caching and KV-aware routing (shared_prefix.py).
 - tracing: throughput with every request traced against tracing off (tracing_cost.py).
 - sampling: throughput with full sampling and every penalty against greedy (sampling_cost.py).
+- structured: throughput with every request constrained by a JSON schema against unconstrained,
+  bitmask time per step and grammar compile times (structured_cost.py).
 - elastic: a decode worker joins and another drains under the throughput load (elastic.py).
 - soak: steady mixed load with random client disconnects; failures, leaked blocks and memory
   growth per process (soak.py).
@@ -42,6 +44,7 @@ from tandem.bench import (
     sampling_cost,
     shared_prefix,
     soak,
+    structured_cost,
     tracing_cost,
 )
 from tandem.bench.deploy import DEPLOYMENT_FLAGS, deployment, placement, print_placement
@@ -138,6 +141,9 @@ WORKLOADS = {
     ),
     "tracing": Workload(run_throughput, tracing_cost.report, tracing_cost.DEPLOYMENTS, True),
     "sampling": Workload(sampling_cost.run, sampling_cost.report, sampling_cost.DEPLOYMENTS),
+    "structured": Workload(
+        structured_cost.run, structured_cost.report, structured_cost.DEPLOYMENTS
+    ),
     "elastic": Workload(elastic.run, elastic.report, elastic.DEPLOYMENTS),
     "soak": Workload(soak.run, soak.report, soak.DEPLOYMENTS),
 }

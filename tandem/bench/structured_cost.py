@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import time
 
@@ -90,9 +91,11 @@ def add(into: Totals, after: Totals, before: Totals) -> None:
 
 def pooled(totals: Totals, family: str, roles=DECODING_ROLES) -> tuple[float, float]:
     """(sum, count) of a histogram over every worker of these roles."""
-    sums = [v for (n, role, _, _), v in totals.items() if n == f"{family}_sum" and role in roles]
-    counts = [v for (n, role, _, _), v in totals.items() if n == f"{family}_count" and role in roles]  # fmt: skip
-    return sum(sums), sum(counts)
+
+    def total(sample: str) -> float:
+        return sum(v for (n, role, _, _), v in totals.items() if n == sample and role in roles)
+
+    return total(f"{family}_sum"), total(f"{family}_count")
 
 
 def compile_ms(totals: Totals, cache_hit: bool) -> dict[str, float]:
@@ -130,12 +133,13 @@ async def send_one(url: str, prompt: list[int], output_len: int, extra: dict) ->
 
 
 def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict:
-    seeds = iter(range(args.seed, args.seed + 2 + 2 * args.rounds))
+    seeds = itertools.count(args.seed)  # prompts of its own for every load
 
     def load(extra: dict | None, desc: str) -> dict:
         prompts = random_prompts(args.num_prompts + 2, args.input_len, info.vocab_size, next(seeds))
-        results, duration = asyncio.run(run_load(url, prompts, args.output_len, args.max_concurrency,
-                                                 args.request_rate, args.seed, extra, desc))  # fmt: skip
+        results, duration = asyncio.run(run_load(url, prompts, args.output_len,
+                                                 args.max_concurrency, args.request_rate,
+                                                 args.seed, extra, desc))  # fmt: skip
         return summarize(results, duration)
 
     plain = load(None, f"{name} plain")
@@ -179,7 +183,7 @@ def _mean(values: dict[str, float]) -> float | None:
 
 
 def _per_worker(values: dict[str, float]) -> str:
-    return ", ".join(f"{worker} {ms:.2f}" for worker, ms in values.items()) or "none measured"
+    return ", ".join(f"{worker} {ms:.2f}" for worker, ms in values.items())
 
 
 def report(runs: dict[str, dict], args: argparse.Namespace) -> tuple[dict, bool]:
@@ -203,10 +207,10 @@ def report(runs: dict[str, dict], args: argparse.Namespace) -> tuple[dict, bool]
               f"{decode['mean_batch'] or 0:.1f}, {decode['mask_share_of_step']:.1%} of the "
               f"{decode['step_ms'] or 0:.1f} ms step (unconstrained step "
               f"{plain_decode['step_ms'] or 0:.1f} ms)")  # fmt: skip
-    print(f"grammar compile, first request: "
-          + (f"{cold:.2f} ms ({_per_worker(f['compile_ms_cold'])})" if cold else "none measured"))
-    print(f"grammar compile, from the cache: "
-          + (f"{cached:.2f} ms ({_per_worker(f['compile_ms_cached'])})" if cached else "none measured"))  # fmt: skip
+    for label, mean, key in (("first request", cold, "compile_ms_cold"),
+                             ("from the cache", cached, "compile_ms_cached")):  # fmt: skip
+        figure = "none measured" if mean is None else f"{mean:.2f} ms ({_per_worker(f[key])})"
+        print(f"grammar compile, {label}: {figure}")
     result = {
         "ratio": ratio,
         "ratio_ok": ratio >= 0.9,

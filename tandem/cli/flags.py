@@ -93,7 +93,7 @@ def add_http_args(p: Parser, default_port: int, env: bool) -> None:
     g.add_argument(
         "--structured-outputs-config",
         type=structured_outputs_config,
-        default=StructuredOutputsConfig(),
+        default="auto",  # a string default goes through `type` too
         help='structured outputs, vLLM\'s JSON: {"backend": "auto" | "xgrammar" | "guidance", '
         '"disable_any_whitespace": true, "disable_fallback": false} (the defaults; auto is '
         "xgrammar, and guidance for what xgrammar does not enforce)",

@@ -125,6 +125,7 @@ SAME_AS_VLLM = (
     "--max-num-batched-tokens", "--block-size", "--num-gpu-blocks-override",
     "--gpu-memory-utilization", "--enable-prefix-caching", "--scheduling-policy", "--seed",
     "--logprobs-mode", "--logits-processors", "--otlp-traces-endpoint",
+    "--structured-outputs-config",
 )  # fmt: skip
 
 
