@@ -150,9 +150,16 @@ class GrammarManager:
             self._guidance = llguidance.hf.from_tokenizer(self._hf_tokenizer(), self.vocab_size)
         return self._guidance
 
+    def _executor(self) -> ThreadPoolExecutor:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        return self.pool
+
     def warm_up(self) -> None:
-        """Load the tokenizer and xgrammar's view of it now (not on the first request)."""
-        self._xgrammar_compiler()
+        """Load the tokenizer and xgrammar's view of it on the grammar thread now, so that
+        the first constrained request does not wait for it (~1 s of a cold compile here; the
+        compile itself takes milliseconds). Servers call it at start; offline use does not."""
+        self._executor().submit(self._xgrammar_compiler)
 
     def _compile(self, params: StructuredOutputsParams) -> tuple:
         """(compiled grammar, whether the cache had it)."""
@@ -198,10 +205,8 @@ class GrammarManager:
                 )
         else:
             make = backends.XgrammarMatcher.new
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
         submitted = time.time_ns()
-        future = self.pool.submit(self._compile, params)
+        future = self._executor().submit(self._compile, params)
         request.grammar = RequestGrammar(future, list(request.output_token_ids), make)
         future.add_done_callback(functools.partial(self._done, request.request_id, submitted))
 

@@ -1,5 +1,5 @@
-"""`tandem bench serve`'s interference, goodput and soak workloads end to end, shrunk: both
-deployments of the default model, seconds of load each, then the JSON report's keys."""
+"""`tandem bench serve`'s interference, goodput, soak and structured workloads end to end,
+shrunk: deployments of the default model, seconds of load each, then the JSON report's keys."""
 
 import argparse
 import json
@@ -152,3 +152,77 @@ def test_soak_samples_every_process_memory_and_reports_growth_after_the_mark(
         assert report["rss_worst"][name] == run["rss_worst"]
         assert run["rss_worst"]["process"] in run["rss_mib_end"]
     assert "worst growth after the mark" in capsys.readouterr().out
+
+
+def _shortest_instance(schema: dict):
+    """The shortest value the kinds of schema the structured workload uses allow."""
+    kind = schema["type"]
+    if kind == "object":
+        return {key: _shortest_instance(schema["properties"][key]) for key in schema["required"]}
+    if kind == "array":
+        return [_shortest_instance(schema["items"])] * schema.get("minItems", 0)
+    if kind == "string":
+        return "a" * schema.get("minLength", 0)
+    if kind == "integer":
+        return schema.get("minimum", 0)
+    assert kind == "boolean", kind
+    return True
+
+
+def test_structured_schema_shortest_output_is_past_128_tokens_whatever_the_tokens(
+    default_model,
+):
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    from tandem.bench.structured_cost import SCHEMA
+
+    shortest = _shortest_instance(SCHEMA)
+    jsonschema.validate(shortest, SCHEMA)
+    text = json.dumps(shortest)  # ", " and ": ": the layout the server generates
+    tokenizer = AutoTokenizer.from_pretrained(default_model)
+    assert len(tokenizer(text)["input_ids"]) > 128
+    # any tokenization: no token holds two digits, and the output holds more than 128 digits
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert all(sum(c.isdigit() for c in token) <= 1 for token in tokens)
+    assert sum(c.isdigit() for c in text) > 128
+
+
+def test_structured_measures_constrained_against_unconstrained_and_grammar_costs(
+    default_model, tmp_path, capsys
+):
+    out = tmp_path / "structured.json"
+    args = _parse(
+        [
+            "serve",
+            "--workload",
+            "structured",
+            "--model",
+            default_model,
+            "--server-args",
+            "--dtype float32 --torch-threads 1",
+            "--json",
+            str(out),
+            "--num-prompts",
+            "4",
+            "--max-concurrency",
+            "2",
+            "--input-len",
+            "16",
+            "--output-len",
+            "8",
+            "--rounds",
+            "1",
+        ]  # fmt: skip
+    )
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert report["ratio"] > 0 and report["baseline_ratio"] > 0
+    assert len(report["output_tok_s_constrained"]) == 1 == len(report["output_tok_s_unconstrained"])
+    assert 0 < report["mask_ms_per_step"] < 1000 and 0 < report["mask_share_of_step"] < 1
+    assert 0 < report["compile_ms_cold"] < 60_000 and 0 <= report["compile_ms_cached"] < 60_000
+    assert {key.split()[0] for key in report["compile_ms_cold_per_worker"]} == {"prefill", "decode"}
+    run = report["deployments"]["disaggregated"]
+    assert run["first_request"]["output_head"].startswith('{"sensor"')
+    assert run["decode"]["unconstrained"]["num_masked_steps"] == 0
+    assert "ratio constrained / unconstrained" in capsys.readouterr().out
