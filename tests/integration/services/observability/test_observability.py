@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 import time
@@ -133,6 +134,42 @@ def test_one_trace_covers_every_stage_in_order(traced):
         assert name in out
     for stage in STAGES:
         assert stage in out
+
+
+def test_a_grammar_compile_is_a_span_on_each_worker_and_in_the_metrics(traced):
+    base, trace_file, _ = traced
+    before = _settled(base)
+    ids = []
+    for _ in range(2):  # compiled, then from each worker's cache
+        body = {
+            "prompt": "The quick",
+            "max_tokens": 12,
+            "structured_outputs": {"regex": "[a-z]{6}"},
+        }
+        r = httpx.post(base + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert re.fullmatch("[a-z]{6}", r.json()["choices"][0]["text"])
+        ids.append(r.json()["id"])
+
+    for request_id, hit in zip(ids, (False, True)):
+        spans = _eventually(lambda rid=request_id: _trace_of(trace_file, rid))
+        compiles = [s for s in spans if s["name"] == "structured_output.compile"]
+        assert {s["service"] for s in compiles} == {"prefill", "decode"}, compiles
+        assert all(s["attributes"]["tandem.grammar.cache_hit"] is hit for s in compiles)
+
+    def check():
+        after = _scrape(base)
+        for role in ("prefill", "decode"):
+            for hit, count in (("false", 1), ("true", 1)):
+                name = "tandem:structured_output_compile_seconds_count"
+                got = _total(after, name, role=role, cache_hit=hit)
+                got -= _total(before, name, role=role, cache_hit=hit)
+                assert got == count, (role, hit, got)
+        masks = _total(after, "tandem:structured_output_mask_seconds_count", role="decode")
+        assert masks - _total(before, "tandem:structured_output_mask_seconds_count") > 0
+        assert _total(after, "tandem:structured_output_waiting_requests") == 0
+
+    _eventually(check)
 
 
 def _scrape(base: str) -> dict:
