@@ -152,24 +152,11 @@ def _xgrammar_grammar(p: StructuredOutputsParams, param: str):
 
 def xgrammar_compile(compiler, p: StructuredOutputsParams):
     """A CompiledGrammar for the worker's tokenizer (its token masks precomputed)."""
-    import xgrammar as xgr
-
     kind = p.kind
     if kind == "json":
         return compiler.compile_json_schema(p.json, any_whitespace=p.any_whitespace)
     if kind == "json_object":
         return compiler.compile_json_schema('{"type": "object"}', any_whitespace=p.any_whitespace)
-    if kind == "structural_tag":
-        tag = json.loads(p.structural_tag)
-        if "structures" in tag:
-            items = [
-                xgr.StructuralTagItem(
-                    begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"]
-                )  # fmt: skip
-                for s in tag["structures"]
-            ]
-            return compiler.compile_structural_tag(items, tag["triggers"])
-        return compiler.compile_structural_tag(p.structural_tag)
     return compiler.compile_grammar(_xgrammar_grammar(p, "structured_outputs"))
 
 

@@ -206,7 +206,15 @@ class GrammarManager:
         else:
             make = backends.XgrammarMatcher.new
         submitted = time.time_ns()
-        future = self._executor().submit(self._compile, params)
+        with self.lock:
+            compiled = self.cache.get(params.key)
+            if compiled is not None:
+                self.cache.move_to_end(params.key)
+        if compiled is not None:  # cached: ready now, no trip through the grammar thread
+            future = Future()
+            future.set_result((compiled, True))
+        else:
+            future = self._executor().submit(self._compile, params)
         request.grammar = RequestGrammar(future, list(request.output_token_ids), make)
         future.add_done_callback(functools.partial(self._done, request.request_id, submitted))
 

@@ -213,3 +213,30 @@ def test_top_p_candidates_path_draws_what_the_full_path_draws(monkeypatch):
         gens = [torch.Generator().manual_seed(seed * 7 + i) for i in range(5)]
         want, _ = sampler._sample_full(scaled, None, top_p, min_p, gens)
         assert got.tolist() == want.tolist()
+
+
+def test_a_grammar_bitmask_bans_first_and_raw_logprobs_stay_the_models():
+    from tandem.engine.sampler import LogprobsMode
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 40)
+    allowed = [7, 33]  # row 0's grammar allows these two tokens only; row 1 is free
+    bitmask = torch.zeros(1, 2, dtype=torch.int32)
+    for t in allowed:
+        bitmask[0, t // 32] |= 1 << (t % 32)
+    params = [SamplingParams(temperature=1.0, seed=4, logprobs=2, logit_bias={9: 100.0}),
+              SamplingParams(temperature=0, logprobs=2)]  # fmt: skip
+
+    def run(mode):
+        st = _st(params, gens=[torch.Generator().manual_seed(4), None], vocab=40)
+        st.grammar = (torch.tensor([0]), bitmask)
+        return sample_with_logprobs(logits.clone(), st, mode)
+
+    ids, raw = run(LogprobsMode.RAW_LOGPROBS)
+    assert ids[0].item() in allowed  # the bias on a banned token cannot bring it back
+    assert ids[1].item() == logits[1].argmax().item()
+    full = logits[0].log_softmax(-1)
+    assert abs(raw[0].logprob - full[ids[0]].item()) < 1e-6  # the model's own distribution
+    _, processed = run(LogprobsMode.PROCESSED_LOGPROBS)
+    assert set(processed[0].top_ids) == set(allowed)
+    assert abs(sum(torch.tensor(processed[0].top_logprobs).exp().tolist()) - 1) < 1e-5

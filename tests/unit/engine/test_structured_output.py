@@ -298,6 +298,23 @@ def test_a_moved_request_replays_its_tokens_and_continues_the_same(engine, token
     assert len(json.loads(text(tokenizer, whole))) == 3
 
 
+def test_a_structural_tag_constrains_what_follows_its_trigger(engine, tokenizer):
+    tag = {
+        "structures": [{"begin": "<f>", "schema": {"enum": ["fox", "dog"]}, "end": "</f>"}],
+        "triggers": ["<f>"],
+    }
+    spec = backends.check(SO(structural_tag=json.dumps(tag)), AUTO)
+    assert spec.backend == "xgrammar"
+    with pytest.raises(backends.SpecError, match="xgrammar"):
+        backends.check(SO(structural_tag=json.dumps(tag)), StructuredOutputsConfig("guidance"))
+    prompt = tokenizer.encode("the quick <f>")
+    r = Request("tag", prompt, SamplingParams(max_tokens=30, temperature=1.0, seed=2,
+                                              structured_outputs=spec))  # fmt: skip
+    out = text(tokenizer, run(engine, [r])["tag"])
+    for match in re.finditer("<f>(.*?)</f>", out):
+        assert json.loads(match.group(1)) in ("fox", "dog")
+
+
 def test_a_cut_off_output_ends_with_length(engine):
     r = constrained("len", SO(regex="[a-z]{50}"), max_tokens=5)
     run(engine, [r])
