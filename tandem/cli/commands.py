@@ -30,6 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from tandem.engine.tokenizer import read_chat_template
 
         read_chat_template(args.chat_template)  # a missing file fails here, not in a stage
+    check_tool_parser(args)
     if not args.colocated:
         from tandem.services.launcher import serve_cluster
 
@@ -45,6 +46,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.chat_template,
     )
     return _run_gateway(args, client)
+
+
+def check_tool_parser(args: argparse.Namespace) -> None:
+    """Load the tool parser plugin and check the parser's name, before serving."""
+    from tandem.services.gateway import tool_parsers
+
+    if args.tool_parser_plugin:
+        tool_parsers.load_plugin(args.tool_parser_plugin)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser")
+    if args.tool_call_parser:
+        try:
+            tool_parsers.get_parser(args.tool_call_parser)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
 
 
 def _run_gateway(args: argparse.Namespace, client) -> int:
@@ -66,7 +82,10 @@ def _run_gateway(args: argparse.Namespace, client) -> int:
         log_requests=args.enable_log_requests,
         max_log_len=args.max_log_len,
         structured_outputs=args.structured_outputs_config,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
     )
+    check_tool_parser(args)
     app = build_app(client, settings)
     scheme = "https" if args.ssl_certfile else "http"
     logger.info("serving %s as %r on %s://%s:%d", args.model, names[0], scheme, args.host,

@@ -99,6 +99,24 @@ def add_http_args(p: Parser, default_port: int, env: bool) -> None:
         "xgrammar, and guidance for what xgrammar does not enforce)",
     )
 
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='tool_choice "auto": the model\'s own calls, found by --tool-call-parser',
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="how the model writes tool calls: hermes, llama3_json, mistral, pythonic (or "
+        "one a --tool-parser-plugin registers)",
+    )
+    g.add_argument(
+        "--tool-parser-plugin",
+        default=None,
+        help="a Python file that registers tool parsers (tandem.services.gateway."
+        "tool_parsers.register)",
+    )
+
 
 def structured_outputs_config(text: str) -> StructuredOutputsConfig:
     try:

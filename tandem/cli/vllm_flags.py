@@ -40,8 +40,6 @@ ABSENT = (
     Absent(("--max-loras",), "LoRA adapters are not supported"),
     Absent(("--max-lora-rank",), "LoRA adapters are not supported"),
     Absent(("--speculative-config",), "speculative decoding is not supported"),
-    Absent(("--enable-auto-tool-choice",), "tool calling is not supported", switch=True),
-    Absent(("--tool-call-parser",), "tool calling is not supported"),
     Absent(("--reasoning-parser",), "reasoning parsers are not supported"),
     Absent(
         ("--guided-decoding-backend",),
@@ -125,7 +123,8 @@ SAME_AS_VLLM = (
     "--max-num-batched-tokens", "--block-size", "--num-gpu-blocks-override",
     "--gpu-memory-utilization", "--enable-prefix-caching", "--scheduling-policy", "--seed",
     "--logprobs-mode", "--logits-processors", "--otlp-traces-endpoint",
-    "--structured-outputs-config",
+    "--structured-outputs-config", "--enable-auto-tool-choice", "--tool-call-parser",
+    "--tool-parser-plugin",
 )  # fmt: skip
 
 

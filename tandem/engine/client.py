@@ -48,6 +48,8 @@ class GenerateInput:
     prompts: list[str | list[int]] = field(default_factory=list)
     messages: list[dict] | None = None
     add_generation_prompt: bool = True
+    tools: list[dict] | None = None  # chat: the tools, as the chat template takes them
+    chat_template_kwargs: dict | None = None  # chat: more variables for the template
     truncate_prompt_tokens: int | None = None
     bad_words: list[str] = field(default_factory=list)
     fill_context: bool = False

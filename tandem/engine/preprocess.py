@@ -15,10 +15,15 @@ from tandem.engine.request import Request, SamplingParams
 
 
 def render_chat(
-    tokenizer, messages: list[dict], add_generation_prompt: bool
+    tokenizer,
+    messages: list[dict],
+    add_generation_prompt: bool,
+    tools: list[dict] | None = None,
+    template_kwargs: dict | None = None,
 ) -> tuple[str, list[int]]:
     """The templated prompt and its ids: encoded without special tokens, since the template
-    places its own (as vLLM does)."""
+    places its own (as vLLM does). `tools` reach templates that take them;
+    `template_kwargs` (vLLM's chat_template_kwargs) are more variables for the template."""
     from jinja2 import TemplateError
 
     if not messages:
@@ -28,8 +33,14 @@ def render_chat(
             "messages must not be given: the model's tokenizer has no chat template", "messages"
         )
     try:
+        reserved = {"messages", "tools", "tokenize", "add_generation_prompt", "chat_template"}
+        kwargs = {k: v for k, v in (template_kwargs or {}).items() if k not in reserved}
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
         )
     except (TemplateError, KeyError, TypeError, ValueError) as e:
         raise InvalidRequest(
@@ -61,7 +72,8 @@ def prepare(
     parameters; InvalidRequest when it cannot run."""
     param = "messages" if inputs.messages is not None else "prompt"
     if inputs.messages is not None:
-        text, ids = render_chat(tokenizer, inputs.messages, inputs.add_generation_prompt)
+        text, ids = render_chat(tokenizer, inputs.messages, inputs.add_generation_prompt,
+                                inputs.tools, inputs.chat_template_kwargs)  # fmt: skip
         prompts = [PreparedPrompt(ids, text if inputs.return_prompt_text else "")]
     else:
         if not inputs.prompts:

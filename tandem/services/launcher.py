@@ -211,10 +211,12 @@ def http_argv(args: argparse.Namespace) -> list[str]:
     if args.served_model_name:
         argv += ["--served-model-name", *args.served_model_name]
     argv += ["--structured-outputs-config", args.structured_outputs_config.to_json()]
-    for flag in ("root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "max_log_len"):
+    for flag in ("root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "max_log_len",
+                 "tool_call_parser", "tool_parser_plugin"):  # fmt: skip
         if getattr(args, flag) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    for switch in ("allow_credentials", "disable_fastapi_docs", "enable_log_requests"):
+    for switch in ("allow_credentials", "disable_fastapi_docs", "enable_log_requests",
+                   "enable_auto_tool_choice"):  # fmt: skip
         if getattr(args, switch):
             argv.append("--" + switch.replace("_", "-"))
     return argv

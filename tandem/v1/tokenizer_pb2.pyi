@@ -76,7 +76,7 @@ class PromptInput(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[_common_pb2.TokenSequence, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_ids", "prompts", "messages_json", "add_generation_prompt", "truncate_prompt_tokens", "bad_words", "params", "fill_context", "return_prompt_text", "priority", "cache_salt", "reply_subject", "trace_context", "arrival_time")
+    __slots__ = ("request_ids", "prompts", "messages_json", "add_generation_prompt", "truncate_prompt_tokens", "bad_words", "params", "fill_context", "return_prompt_text", "priority", "cache_salt", "reply_subject", "trace_context", "arrival_time", "tools_json", "chat_template_kwargs_json")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,8 @@ class GenerateRequest(_message.Message):
     REPLY_SUBJECT_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_TIME_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     prompts: _containers.RepeatedCompositeFieldContainer[PromptInput]
     messages_json: str
@@ -112,7 +114,9 @@ class GenerateRequest(_message.Message):
     reply_subject: str
     trace_context: _containers.ScalarMap[str, str]
     arrival_time: float
-    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., prompts: _Optional[_Iterable[_Union[PromptInput, _Mapping]]] = ..., messages_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., truncate_prompt_tokens: _Optional[int] = ..., bad_words: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., fill_context: _Optional[bool] = ..., return_prompt_text: _Optional[bool] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ..., reply_subject: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., arrival_time: _Optional[float] = ...) -> None: ...
+    tools_json: str
+    chat_template_kwargs_json: str
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., prompts: _Optional[_Iterable[_Union[PromptInput, _Mapping]]] = ..., messages_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., truncate_prompt_tokens: _Optional[int] = ..., bad_words: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., fill_context: _Optional[bool] = ..., return_prompt_text: _Optional[bool] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ..., reply_subject: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., arrival_time: _Optional[float] = ..., tools_json: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ...) -> None: ...
 
 class PreparedPrompt(_message.Message):
     __slots__ = ("token_ids", "text")

@@ -45,6 +45,8 @@ class GatewaySettings:
     log_requests: bool = False
     max_log_len: int | None = None
     structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
 
 def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
@@ -57,6 +59,8 @@ def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
         log_requests=settings.log_requests,
         max_log_len=settings.max_log_len,
         structured_outputs=settings.structured_outputs,
+        enable_auto_tool_choice=settings.enable_auto_tool_choice,
+        tool_call_parser=settings.tool_call_parser,
     )
     # FastAPI's own spans (three per call, health checks included) are off: the gateway
     # opens one span per generation request itself, the root of the request's trace.

@@ -39,6 +39,7 @@ from tandem.services.gateway.streaming import (
     stream_sse,
     usage_of,
 )
+from tandem.services.gateway.tools import message_of, tool_chat_chunks
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -135,11 +136,14 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
     # Without max_tokens, the reply may fill the rest of the context (known once tokenized).
     fill_context = body.requested_max_tokens() is None
     params = gateway.sampling_params(body, gateway.client.max_model_len or 1 << 30)
+    plan, params = gateway.tool_plan(body, params)
     api = gateway.telemetry.observe("/v1/chat/completions", base_id, params)
     with api.failing():
         inputs = generate_input(body, params, messages=body.template_messages())
         inputs.add_generation_prompt = body.add_generation_prompt
         inputs.fill_context = fill_context
+        inputs.tools = None if plan is None else plan.tools
+        inputs.chat_template_kwargs = body.chat_template_kwargs
         streams, choices, num_prompt_tokens = await gateway.submit(api, base_id, body, inputs)
     if body.stream:
         meta = response_meta(gateway, base_id, "chat.completion.chunk")
@@ -152,20 +156,19 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
             }
             for c in choices
         ]
-        return await sse_response(
-            streams, choices, num_prompt_tokens, meta, body, chat_chunk, roles
-        )
+        render = chat_chunk if plan is None else tool_chat_chunks(plan)
+        return await sse_response(streams, choices, num_prompt_tokens, meta, body, render, roles)
     meta = response_meta(gateway, base_id, "chat.completion")
     completion_tokens = await collect(streams, choices)
-    rendered = [
-        {
-            "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": chat_logprobs(c.logprobs),
-            **c.finish(),
-        }
-        for c in choices
-    ]
+    rendered = []
+    for c in choices:
+        message, called = message_of(plan, c.text)
+        finish = c.finish()
+        if called:
+            finish["finish_reason"] = "tool_calls"
+        rendered.append(
+            {"index": c.index, "message": message, "logprobs": chat_logprobs(c.logprobs), **finish}
+        )
     return dict(meta, choices=rendered, usage=usage_of(num_prompt_tokens, completion_tokens))
 
 
@@ -226,7 +229,7 @@ async def sse_response(
     num_prompt_tokens: int,
     meta: dict,
     body: GenerateRequest,
-    format_choice: Callable[[Choice, GenerationChunk], dict | None],
+    format_choice: Callable[[Choice, GenerationChunk], dict | list[dict] | None],
     preamble: Sequence[dict] = (),
 ) -> StreamingResponse:
     """The streams as server-sent events, once the first chunk is there (see `started`)."""

@@ -15,9 +15,10 @@ from tandem.engine.client import EngineClient, GenerateInput, GenerationChunk, I
 from tandem.engine.request import SamplingParams
 from tandem.engine.structured_output import backends
 from tandem.engine.structured_output.params import StructuredOutputsConfig
-from tandem.services.gateway.protocol import GenerateRequest
+from tandem.services.gateway.protocol import ChatCompletionRequest, GenerateRequest
 from tandem.services.gateway.streaming import APIError, Choice, engine_error, param_of
 from tandem.services.gateway.telemetry import ApiRequest, Telemetry
+from tandem.services.gateway.tools import ToolChoiceError, parameters_of, plan_tools
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class GatewayState:
     log_requests: bool = False
     max_log_len: int | None = None  # of a logged prompt: characters and token ids
     structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
     @property
     def served_model_name(self) -> str:
@@ -80,6 +83,26 @@ class GatewayState:
         except backends.SpecError as e:
             raise APIError(400, str(e), "BadRequestError", param) from None
         return dataclasses.replace(params, structured_outputs=checked)
+
+    def tool_plan(self, body: ChatCompletionRequest, params: SamplingParams):
+        """The request's tool plan (None without tools) and its sampling parameters with
+        the constraint a `required` or named tool choice decodes under."""
+        try:
+            plan = plan_tools(body, self.enable_auto_tool_choice, self.tool_call_parser)
+        except ToolChoiceError as e:
+            raise APIError(400, str(e), "BadRequestError", e.param) from None
+        constraint = None if plan is None else plan.constraint(parameters_of(body))
+        if constraint is None:
+            return plan, params
+        if params.structured_outputs is not None:
+            raise APIError(400, f"tool_choice {plan.mode!r} is a constraint of its own: "
+                           "response_format and structured_outputs must not be given with it",
+                           "BadRequestError", "tool_choice")  # fmt: skip
+        try:
+            checked = backends.check(constraint, self.structured_outputs, "tools")
+        except backends.SpecError as e:
+            raise APIError(400, str(e), "BadRequestError", "tools") from None
+        return plan, dataclasses.replace(params, structured_outputs=checked)
 
     async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         try:

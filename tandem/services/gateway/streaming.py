@@ -252,12 +252,12 @@ async def stream_sse(
     num_prompt_tokens: int,
     meta: dict,
     include_usage: bool,
-    format_choice: Callable[[Choice, GenerationChunk], dict | None],
+    format_choice: Callable[[Choice, GenerationChunk], dict | list[dict] | None],
     preamble: Sequence[dict] = (),
 ) -> AsyncIterator[str]:
-    """SSE of `started` chunks: the preamble's choices, then one event per chunk per choice
-    (as format_choice renders it; None skips the chunk), then usage (when asked), then
-    [DONE]. Closing the response (client gone) aborts whatever is still running."""
+    """SSE of `started` chunks: the preamble's choices, then the events of each chunk per
+    choice (as format_choice renders it: one, a list, or None to skip it), then usage (when
+    asked), then [DONE]. Closing the response (client gone) aborts whatever is still running."""
     completion_tokens = 0
     try:
         for choice in preamble:
@@ -269,8 +269,9 @@ async def stream_sse(
             if chunk.prompt_logprobs is not None:
                 choices[i].prompt_logprobs = chunk.prompt_logprobs
             rendered = format_choice(choices[i], chunk)
-            if rendered is not None:
-                yield sse(dict(meta, choices=[rendered]))
+            for choice in rendered if isinstance(rendered, list) else [rendered]:
+                if choice is not None:
+                    yield sse(dict(meta, choices=[choice]))
         if include_usage:
             usage = usage_of(num_prompt_tokens, completion_tokens)
             yield sse(dict(meta, choices=[], usage=usage))

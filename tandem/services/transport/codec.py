@@ -157,6 +157,10 @@ def generate_input_to_proto(
     )
     if inputs.messages is not None:
         msg.messages_json = json.dumps(inputs.messages)
+    if inputs.tools is not None:
+        msg.tools_json = json.dumps(inputs.tools)
+    if inputs.chat_template_kwargs is not None:
+        msg.chat_template_kwargs_json = json.dumps(inputs.chat_template_kwargs)
     for prompt in inputs.prompts:
         if isinstance(prompt, str):
             msg.prompts.add(text=prompt)
@@ -165,6 +169,19 @@ def generate_input_to_proto(
     if inputs.truncate_prompt_tokens is not None:
         msg.truncate_prompt_tokens = inputs.truncate_prompt_tokens
     return msg
+
+
+def _json_field(text: str, name: str, kind: type):
+    """An optional JSON field of a message (empty: None); ValueError naming it."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"{name} must be JSON") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} must be a JSON {kind.__name__}")
+    return value
 
 
 def generate_input_from_proto(msg: tokenizer_pb2.GenerateRequest) -> GenerateInput:
@@ -177,6 +194,8 @@ def generate_input_from_proto(msg: tokenizer_pb2.GenerateRequest) -> GenerateInp
             raise ValueError("messages must be JSON") from None
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a list of objects")
+    tools = _json_field(msg.tools_json, "tools", list)
+    kwargs = _json_field(msg.chat_template_kwargs_json, "chat_template_kwargs", dict)
     return GenerateInput(
         request_ids=list(msg.request_ids),
         params=sampling_params_from_proto(msg.params),
@@ -186,6 +205,8 @@ def generate_input_from_proto(msg: tokenizer_pb2.GenerateRequest) -> GenerateInp
         ],
         messages=messages,
         add_generation_prompt=msg.add_generation_prompt,
+        tools=tools,
+        chat_template_kwargs=kwargs,
         truncate_prompt_tokens=(
             msg.truncate_prompt_tokens if msg.HasField("truncate_prompt_tokens") else None
         ),

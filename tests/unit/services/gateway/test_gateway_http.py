@@ -4,6 +4,7 @@ fixed tokens."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi.testclient import TestClient
@@ -145,3 +146,85 @@ def test_bad_structured_output_requests_are_400s_naming_the_parameter():
             if param is not None:
                 assert error["param"] == param, (body, error)
         assert http.post("/v1/completions", json={"prompt": "hi"}).status_code == 200
+
+
+class ReplyClient(FixedClient):
+    """Answers with a given text, in pieces of 3 characters (as a stream would)."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+
+    async def submit(self, inputs):
+        self.last = inputs
+        reply = self.reply
+
+        async def stream():
+            pieces = [reply[i : i + 3] for i in range(0, len(reply), 3)]
+            for k, piece in enumerate(pieces):
+                last = k == len(pieces) - 1
+                yield GenerationChunk(piece, [7], "stop" if last else None, num_prompt_tokens=2)
+
+        return [PreparedPrompt([1, 2], "")], [stream() for _ in inputs.request_ids]
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+HERMES = 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+
+
+def test_auto_tool_choice_parses_calls_whole_and_streamed():
+    engine = ReplyClient(HERMES)
+    history = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "user", "content": "And Paris?"},
+    ]  # fmt: skip
+    body = {"messages": history, "tools": [TOOL], "chat_template_kwargs": {"enable_thinking": 0}}
+    with client(engine=engine, enable_auto_tool_choice=True, tool_call_parser="hermes") as http:
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "Checking."
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        sent = engine.last  # the history as the chat template gets it
+        assert sent.messages[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Rome"}
+        assert sent.messages[3] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
+        assert sent.messages[0]["role"] == "developer" and sent.messages[1]["content"] == "Weather?"
+        assert sent.tools == [TOOL] and sent.chat_template_kwargs == {"enable_thinking": 0}
+
+        with http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines()
+                      if line.startswith("data: {")]  # fmt: skip
+    deltas = [e["choices"][0]["delta"] for e in events]
+    content = "".join(d.get("content") or "" for d in deltas)
+    assert content == "Checking."  # no markup leaks into content
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert calls[0]["id"] and calls[0]["function"]["name"] == "get_weather"
+    assert calls[1] == {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_tool_requests_vllm_refuses_are_400s():
+    with client() as http:
+        base = {"messages": [{"role": "user", "content": "hi"}], "tools": [TOOL]}
+        for body, param in (
+            (base, "tool_choice"),  # auto without --enable-auto-tool-choice
+            (base | {"tool_choice": {"type": "function", "function": {"name": "x"}}},
+             "tool_choice"),
+            (base | {"tool_choice": "required", "response_format": {"type": "json_object"}},
+             "tool_choice"),
+            ({"messages": [{"role": "user", "content": None}]}, None),
+            ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, None),
+        ):  # fmt: skip
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400, (body, r.text)
+            if param is not None:
+                assert r.json()["error"]["param"] == param
+        r = http.post("/v1/chat/completions", json=base | {"tool_choice": "required"})
+        assert r.status_code == 200  # FixedClient's "ok" is no call: plain content
+        assert r.json()["choices"][0]["message"]["content"].endswith("ok")
