@@ -424,3 +424,99 @@ def test_a_constrained_stream_survives_its_decode_worker_killed(default_server):
     # re-queued mid-stream: it went on elsewhere from the tokens it had, its grammar replayed
     requeued = re.search(rf"{victim} lost: \S+ re-queued after (\d+) tokens", log.read_text())
     assert requeued and int(requeued[1]) >= 1, "the request was not re-queued mid-stream"
+
+
+# -- tool calling (required and named choices are structured outputs) --------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["city", "unit"],
+            "properties": {
+                "city": {"type": "string", "maxLength": 24},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["zone"],
+            "properties": {"zone": {"type": "string", "maxLength": 12}},
+        },
+    },
+}
+TOOLS = [WEATHER_TOOL, TIME_TOOL]
+ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]  # fmt: skip
+
+
+def sdk(server: Served) -> tuple[openai.OpenAI, str]:
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0)
+    return client, client.models.list().data[0].id
+
+
+def check_call(call) -> None:
+    """A call to one of TOOLS with arguments valid for its schema."""
+    schema = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    assert call.type == "function" and call.id
+    jsonschema.validate(json.loads(call.function.arguments), schema[call.function.name])
+
+
+def test_named_and_required_tool_calls_are_always_valid(default_server):
+    client, model = sdk(default_server)
+    named = {"type": "function", "function": {"name": "get_time"}}
+    asks = [(choice, seed) for choice in ("required", named) for seed in range(10)]
+
+    def ask(case):
+        choice, seed = case
+        return client.chat.completions.create(model=model, messages=ASK, tools=TOOLS,
+                                              tool_choice=choice, temperature=1.0, seed=seed,
+                                              max_tokens=MAX_TOKENS)  # fmt: skip
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        for (choice, _), reply in zip(asks, pool.map(ask, asks)):
+            out = reply.choices[0]
+            assert out.finish_reason == "tool_calls" and out.message.content is None
+            assert out.message.tool_calls
+            for call in out.message.tool_calls:
+                check_call(call)
+                if choice is named:
+                    assert call.function.name == "get_time"
+
+
+def test_a_streamed_tool_call_and_a_second_turn_with_its_result(default_server):
+    client, model = sdk(default_server)
+    with client.beta.chat.completions.stream(model=model, messages=ASK, tools=[WEATHER_TOOL],
+                                             tool_choice="required", temperature=0,
+                                             max_tokens=MAX_TOKENS) as stream:  # fmt: skip
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion().choices[0]
+    whole = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER_TOOL],
+                                           tool_choice="required", temperature=0,
+                                           max_tokens=MAX_TOKENS).choices[0]  # fmt: skip
+    assert streamed.finish_reason == whole.finish_reason == "tool_calls"
+    (call,) = streamed.message.tool_calls
+    check_call(call)
+    assert call.function.arguments == whole.message.tool_calls[0].function.arguments
+    history = [*ASK, whole.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'}]  # fmt: skip
+    reply = client.chat.completions.create(model=model, messages=history, tools=[WEATHER_TOOL],
+                                           tool_choice="none", temperature=0,
+                                           max_tokens=40)  # fmt: skip
+    answer = reply.choices[0]
+    assert answer.message.content and not answer.message.tool_calls
+    # the tool's result reached the model: it changes the reply
+    without = client.chat.completions.create(model=model, messages=ASK, temperature=0,
+                                             max_tokens=40).choices[0].message.content  # fmt: skip
+    assert answer.message.content != without
