@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Literal
 
@@ -142,6 +143,8 @@ class GenerateRequest(BaseModel):
     def check(self) -> None:
         """What the engine cannot check: ValueError naming the parameter."""
         self._check_int_sizes()
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options must only be given with stream: true")
         if self.n < 1:
             raise ValueError("n must be >= 1")
         if self.n > 128:
@@ -220,6 +223,29 @@ class CompletionRequest(GenerateRequest):
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def prompt_only(self) -> bool:
+        """`max_tokens: 0` with `echo`: the prompt alone comes back (with its logprobs)."""
+        return self.echo and self.max_tokens == 0
+
+    def requested_max_tokens(self) -> int | None:
+        return 1 if self.prompt_only else self.max_tokens  # its one token is dropped
+
+    def sampling_params(
+        self, default_max_tokens: int = 16, bad_words_token_ids=()
+    ) -> SamplingParams:
+        """With `echo` and `logprobs`, the prompt's logprobs too (as vLLM does)."""
+        params = super().sampling_params(default_max_tokens, bad_words_token_ids)
+        if self.echo and self.logprobs is not None:
+            k = max(params.prompt_logprobs or 0, self.logprobs)
+            params = dataclasses.replace(params, prompt_logprobs=k)
+        return params
+
+    def check(self) -> None:
+        super().check()
+        if self.prompt_only and self.stream:
+            raise ValueError("max_tokens must be >= 1 when streaming (0 with echo: not streamed)")
 
     @field_validator("prompt")
     @classmethod

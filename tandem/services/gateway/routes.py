@@ -34,6 +34,7 @@ from tandem.services.gateway.streaming import (
     collect,
     completion_chunk,
     completion_logprobs,
+    echo_logprobs,
     include_usage,
     started,
     stream_sse,
@@ -117,15 +118,19 @@ async def completions(body: CompletionRequest, gateway: Gateway):
     if body.stream:
         return await sse_response(streams, choices, num_prompt_tokens, meta, body, completion_chunk)
     completion_tokens = await collect(streams, choices)
-    rendered = [
-        {
-            "index": c.index,
-            "text": c.text,
-            "logprobs": completion_logprobs(c.logprobs, len(c.prefix)),
-            **c.finish(),
-        }
-        for c in choices
-    ]
+    rendered = []
+    for c in choices:
+        logprobs = completion_logprobs(c.logprobs, len(c.prefix))
+        out = {"index": c.index, "text": c.text, "logprobs": logprobs, **c.finish()}
+        if body.prompt_only:  # the one token generated is dropped
+            out.update(text=c.prefix, finish_reason="length", stop_reason=None)
+        if body.echo and body.logprobs is not None:
+            first = await gateway.client.decode(c.prompt_ids[:1], skip_special_tokens=False)
+            generated = None if body.prompt_only else c.logprobs
+            out["logprobs"] = echo_logprobs(first, c.prompt_logprobs, generated)
+        rendered.append(out)
+    if body.prompt_only:
+        completion_tokens = 0
     return dict(meta, choices=rendered, usage=usage_of(num_prompt_tokens, completion_tokens))
 
 

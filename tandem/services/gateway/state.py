@@ -153,7 +153,8 @@ class GatewayState:
                 )
                 prompt_ids = prompt.token_ids if body.return_token_ids else None
                 choice = Choice(index, prompt.text, prompt_ids)
-                choice.wants_prompt_logprobs = inputs.params.prompt_logprobs is not None
+                choice.wants_prompt_logprobs = body.prompt_logprobs is not None
+                choice.prompt_ids = prompt.token_ids
                 choices.append(choice)
         return streams, choices, sum(len(p.token_ids) for p in prompts)
 

@@ -95,6 +95,31 @@ def completion_logprobs(entries: list[LogprobEntry] | None, offset: int) -> dict
     }
 
 
+def echo_logprobs(
+    first: str, prompt: list[LogprobEntry] | None, generated: list[LogprobEntry] | None
+) -> dict:
+    """`echo` with `logprobs`, as vLLM returns them: the prompt's tokens (the first without
+    a logprob, the others with the prompt token among their alternatives), then the
+    generated ones, over the one text they make."""
+    prompt, generated = prompt or [], generated or []
+    tops: list[dict | None] = [None]
+    for e in prompt:
+        tops.append({e.token: e.logprob} | {t: lp for t, lp in _by_text(e.top).items()
+                                             if t != e.token})  # fmt: skip
+    tops += [_by_text(e.top) for e in generated]
+    tokens = [first] + [e.token for e in prompt + generated]
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None] + [e.logprob for e in prompt + generated],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
 def _by_text(top: list[tuple[int, str, float]]) -> dict[str, float]:
     """Alternatives keyed by text; tokens that render alike keep the likelier one."""
     out: dict[str, float] = {}
@@ -146,6 +171,7 @@ class Choice:
         self.logprobs: list[LogprobEntry] | None = None
         self.prompt_logprobs: list[LogprobEntry] | None = None
         self.wants_prompt_logprobs = False
+        self.prompt_ids: list[int] = []  # the prompt's token ids, as it went to the engine
         self.last: GenerationChunk | None = None
         self.sent = 0  # characters streamed so far
 

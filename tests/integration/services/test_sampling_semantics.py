@@ -100,6 +100,32 @@ def test_api_logprobs_match_hf_on_both_deployments(server, hf_llama):
         assert entry["bytes"] == list(entry["token"].encode())
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_reads_it(server, hf_llama):
+    base = server[0]
+    ref = hf_logprobs(hf_llama, PROMPT)
+    for max_tokens in (0, 1):
+        body = {"prompt": PROMPT, "max_tokens": max_tokens, "echo": True, "logprobs": 1,
+                "temperature": 0}  # fmt: skip
+        r = httpx.post(base + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(PROMPT) + max_tokens == len(lp["text_offset"])
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        for p in range(1, len(PROMPT)):
+            assert abs(lp["token_logprobs"][p] - ref[p - 1, PROMPT[p]].item()) < 1e-4
+            assert lp["tokens"][p] in lp["top_logprobs"][p]  # the prompt token among them
+        assert lp["text_offset"] == sorted(lp["text_offset"])
+        if max_tokens == 0:
+            assert (
+                choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 0
+            )
+        else:
+            assert lp["token_logprobs"][-1] is not None
+    no_echo = {"prompt": PROMPT, "max_tokens": 0}
+    assert httpx.post(base + "/v1/completions", json=no_echo, timeout=60).status_code == 400
+
+
 def test_seeded_sampling_ignores_the_batch_and_the_deployment(server, llm):
     base = server[0]
     body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "top_k": 50, "seed": 1234,
