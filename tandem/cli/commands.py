@@ -49,18 +49,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def check_tool_parser(args: argparse.Namespace) -> None:
-    """Load the tool parser plugin and check the parser's name, before serving."""
-    from tandem.services.gateway import tool_parsers
+    """Load the tool parser plugin and check the parsers' names, before serving."""
+    from tandem.services.gateway import reasoning, tool_parsers
 
     if args.tool_parser_plugin:
         tool_parsers.load_plugin(args.tool_parser_plugin)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser")
-    if args.tool_call_parser:
-        try:
+    try:
+        if args.tool_call_parser:
             tool_parsers.get_parser(args.tool_call_parser)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
+        if args.reasoning_parser:
+            reasoning.get_parser(args.reasoning_parser)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _run_gateway(args: argparse.Namespace, client) -> int:
@@ -84,6 +86,7 @@ def _run_gateway(args: argparse.Namespace, client) -> int:
         structured_outputs=args.structured_outputs_config,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     check_tool_parser(args)
     app = build_app(client, settings)

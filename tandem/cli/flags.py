@@ -111,6 +111,12 @@ def add_http_args(p: Parser, default_port: int, env: bool) -> None:
         "one a --tool-parser-plugin registers)",
     )
     g.add_argument(
+        "--reasoning-parser",
+        default=None,
+        help="deepseek_r1 or qwen3: the text in <think>...</think> goes to the message's "
+        "`reasoning` (and `reasoning_content`)",
+    )
+    g.add_argument(
         "--tool-parser-plugin",
         default=None,
         help="a Python file that registers tool parsers (tandem.services.gateway."

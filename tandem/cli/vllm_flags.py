@@ -40,7 +40,6 @@ ABSENT = (
     Absent(("--max-loras",), "LoRA adapters are not supported"),
     Absent(("--max-lora-rank",), "LoRA adapters are not supported"),
     Absent(("--speculative-config",), "speculative decoding is not supported"),
-    Absent(("--reasoning-parser",), "reasoning parsers are not supported"),
     Absent(
         ("--guided-decoding-backend",),
         'vLLM\'s older flag: use --structured-outputs-config \'{"backend": "..."}\'',
@@ -124,7 +123,7 @@ SAME_AS_VLLM = (
     "--gpu-memory-utilization", "--enable-prefix-caching", "--scheduling-policy", "--seed",
     "--logprobs-mode", "--logits-processors", "--otlp-traces-endpoint",
     "--structured-outputs-config", "--enable-auto-tool-choice", "--tool-call-parser",
-    "--tool-parser-plugin",
+    "--tool-parser-plugin", "--reasoning-parser",
 )  # fmt: skip
 
 

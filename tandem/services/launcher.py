@@ -212,7 +212,7 @@ def http_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--served-model-name", *args.served_model_name]
     argv += ["--structured-outputs-config", args.structured_outputs_config.to_json()]
     for flag in ("root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "max_log_len",
-                 "tool_call_parser", "tool_parser_plugin"):  # fmt: skip
+                 "tool_call_parser", "tool_parser_plugin", "reasoning_parser"):  # fmt: skip
         if getattr(args, flag) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     for switch in ("allow_credentials", "disable_fastapi_docs", "enable_log_requests",

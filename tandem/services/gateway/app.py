@@ -47,6 +47,7 @@ class GatewaySettings:
     structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
@@ -61,6 +62,7 @@ def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
         structured_outputs=settings.structured_outputs,
         enable_auto_tool_choice=settings.enable_auto_tool_choice,
         tool_call_parser=settings.tool_call_parser,
+        reasoning_parser=settings.reasoning_parser,
     )
     # FastAPI's own spans (three per call, health checks included) are off: the gateway
     # opens one span per generation request itself, the root of the request's trace.

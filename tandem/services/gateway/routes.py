@@ -14,8 +14,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from tandem import __version__
 from tandem.engine.client import GenerateInput, GenerationChunk
 from tandem.engine.request import SamplingParams
+from tandem.services.gateway import reasoning
 from tandem.services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -25,6 +27,7 @@ from tandem.services.gateway.protocol import (
     ModelList,
     TokenizeRequest,
 )
+from tandem.services.gateway.reasoning import reasoning_chunks
 from tandem.services.gateway.state import GatewayState
 from tandem.services.gateway.streaming import (
     APIError,
@@ -69,6 +72,11 @@ async def health(gateway: Gateway) -> JSONResponse:
     if not gateway.client.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
     return JSONResponse({"status": "ok"})
+
+
+@router.get("/version")
+async def version() -> JSONResponse:
+    return JSONResponse({"version": __version__})
 
 
 @router.get("/metrics")
@@ -142,6 +150,7 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
     fill_context = body.requested_max_tokens() is None
     params = gateway.sampling_params(body, gateway.client.max_model_len or 1 << 30)
     plan, params = gateway.tool_plan(body, params)
+    thinking = gateway.reasoning_parser and reasoning.get_parser(gateway.reasoning_parser)
     api = gateway.telemetry.observe("/v1/chat/completions", base_id, params)
     with api.failing():
         inputs = generate_input(body, params, messages=body.template_messages())
@@ -162,12 +171,17 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
             for c in choices
         ]
         render = chat_chunk if plan is None else tool_chat_chunks(plan)
+        if thinking is not None:
+            render = reasoning_chunks(thinking, render)
         return await sse_response(streams, choices, num_prompt_tokens, meta, body, render, roles)
     meta = response_meta(gateway, base_id, "chat.completion")
     completion_tokens = await collect(streams, choices)
     rendered = []
     for c in choices:
-        message, called = message_of(plan, c.text)
+        thought, text = (None, c.text) if thinking is None else thinking.split(c.text)
+        message, called = message_of(plan, text)
+        if thinking is not None:
+            message["reasoning"] = message["reasoning_content"] = thought
         finish = c.finish()
         if called:
             finish["finish_reason"] = "tool_calls"

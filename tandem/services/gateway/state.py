@@ -39,6 +39,7 @@ class GatewayState:
     structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     @property
     def served_model_name(self) -> str:

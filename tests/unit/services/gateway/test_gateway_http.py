@@ -76,6 +76,13 @@ def test_every_served_name_is_listed_and_answered_the_first_in_responses():
         assert http.post("/v1/completions", json={"model": "x", "prompt": "hi"}).status_code == 404
 
 
+def test_version_is_served():
+    from tandem import __version__
+
+    with client() as http:
+        assert http.get("/version").json() == {"version": __version__}
+
+
 def test_root_path_and_disabled_docs():
     with client(root_path="/api") as http:
         assert http.get("/openapi.json").json()["servers"] == [{"url": "/api"}]
@@ -228,3 +235,22 @@ def test_tool_requests_vllm_refuses_are_400s():
         r = http.post("/v1/chat/completions", json=base | {"tool_choice": "required"})
         assert r.status_code == 200  # FixedClient's "ok" is no call: plain content
         assert r.json()["choices"][0]["message"]["content"].endswith("ok")
+
+
+def test_reasoning_goes_to_its_own_field_and_the_rest_to_tools():
+    reply = "<think>Paris: call the tool.</think>" + HERMES
+    engine = ReplyClient(reply)
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [TOOL]}
+    with client(engine=engine, enable_auto_tool_choice=True, tool_call_parser="hermes",
+                reasoning_parser="qwen3") as http:  # fmt: skip
+        message = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        assert message["reasoning"] == message["reasoning_content"] == "Paris: call the tool."
+        assert message["content"] == "Checking."
+        assert message["tool_calls"][0]["function"]["name"] == "get_weather"
+        with http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as s:
+            deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in s.iter_lines()
+                      if line.startswith("data: {")]  # fmt: skip
+    assert "".join(d.get("reasoning") or "" for d in deltas) == "Paris: call the tool."
+    assert "".join(d.get("content") or "" for d in deltas) == "Checking."
+    assert [c["function"].get("name") for d in deltas for c in d.get("tool_calls", [])] == [
+        "get_weather", None]  # fmt: skip

@@ -1,6 +1,6 @@
 """Tool calling at the gateway: each parser on recorded model outputs (whole and streamed in
 small pieces, never leaking markup into content), the constraint of `required` and named
-choices, and the requests vLLM refuses."""
+choices, and the requests vLLM refuses; reasoning split from content, whole and streamed."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import jsonschema
 import pytest
 
 from tandem.services.gateway.protocol import ChatCompletionRequest
+from tandem.services.gateway.reasoning import ReasoningStream
+from tandem.services.gateway.reasoning import get_parser as get_reasoning_parser
 from tandem.services.gateway.tool_parsers import PARSERS, ParsedCall, ToolParser, get_parser
 from tandem.services.gateway.tools import ToolChoiceError, ToolStream, parameters_of, plan_tools
 
@@ -149,3 +151,33 @@ def test_a_plugin_registers_its_own_parser(tmp_path):
         PARSERS.pop("calls", None)
     with pytest.raises(ValueError, match="--tool-call-parser must be one of"):
         get_parser("calls")
+
+
+# -- reasoning ------------------------------------------------------------------------------------
+
+THOUGHT = "<think>\nThe user wants the weather.\n</think>\n\nIt is sunny."
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "reasoning", "content"),
+    [
+        ("qwen3", THOUGHT, "\nThe user wants the weather.\n", "\n\nIt is sunny."),
+        ("qwen3", "It is sunny.", None, "It is sunny."),  # thinking off: no tags
+        ("qwen3", "<think>unfinished", "unfinished", ""),  # cut off while thinking
+        ("deepseek_r1", THOUGHT, "\nThe user wants the weather.\n", "\n\nIt is sunny."),
+        ("deepseek_r1", "Weather, then.</think>Sunny.", "Weather, then.", "Sunny."),
+        ("deepseek_r1", "still thinking", "still thinking", ""),
+    ],
+)
+def test_reasoning_is_split_whole_and_streamed(name, text, reasoning, content):
+    parser = get_reasoning_parser(name)
+    assert parser.split(text) == (reasoning, content)
+    for size in (1, 2, 5):
+        stream, thought, said = ReasoningStream(parser), "", ""
+        for at in range(0, len(text), size):
+            r, c = stream.feed(text[at : at + size], at + size >= len(text))
+            thought, said = thought + r, said + c
+        if name == "qwen3" and reasoning is None:
+            assert (thought, said) == ("", text)
+        else:
+            assert (thought, said) == (reasoning or "", content), size
