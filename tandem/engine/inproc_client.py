@@ -210,7 +210,6 @@ class InProcessEngineClient:
         try:
             self.engine = await self.driver.start()
             self.engine.grammars.on_compiled = self._grammar_ready
-            self.engine.grammars.warm_up()
             self.tokenizer = await self.driver.call(
                 load_tokenizer, self.config.model.model, self.chat_template
             )

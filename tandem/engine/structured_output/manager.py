@@ -8,6 +8,11 @@ the matcher is built and the request's tokens so far are replayed into it: that 
 request prefilled elsewhere, moved after a preemption, or re-queued after its decode
 worker died continues exactly where it was.
 
+The tokenizer (and each backend's view of it) loads on the grammar thread with a worker's
+first constrained request: about 3 s of CPU here, mostly importing transformers, which a
+server that never sees one does not pay (done at start, it slowed every start and the first
+seconds of serving on a 2-core machine).
+
 Per step, the sampling rows of constrained requests get their allowed tokens as a bitmask
 (one int32 per 32 tokens, xgrammar's and llguidance's shared layout), applied to the logits
 before anything else (`sampler.process_logits`); each sampled token then advances its
@@ -154,12 +159,6 @@ class GrammarManager:
         if self.pool is None:
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
         return self.pool
-
-    def warm_up(self) -> None:
-        """Load the tokenizer and xgrammar's view of it on the grammar thread now, so that
-        the first constrained request does not wait for it (~1 s of a cold compile here; the
-        compile itself takes milliseconds). Servers call it at start; offline use does not."""
-        self._executor().submit(self._xgrammar_compiler)
 
     def _compile(self, params: StructuredOutputsParams) -> tuple:
         """(compiled grammar, whether the cache had it)."""

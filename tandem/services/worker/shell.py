@@ -117,7 +117,6 @@ class WorkerShell:
         self.engine.grammars.on_compiled = functools.partial(
             loop.call_soon_threadsafe, self.grammar_ready
         )
-        self.engine.grammars.warm_up()
         await self.subscribe()
         subs = [
             (subject("abort"), engine_pb2.AbortRequest, self._on_abort),
