@@ -389,6 +389,8 @@ class ChatCompletionRequest(GenerateRequest):
     # vLLM's extras
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False  # the reply continues the last (assistant) message
+    documents: list[dict[str, str]] | None = None  # for templates that take documents (RAG)
 
     _check_messages = field_validator("messages")(_messages_non_empty)
 
@@ -412,6 +414,19 @@ class ChatCompletionRequest(GenerateRequest):
             raise ValueError("top_logprobs must come with logprobs: true")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
             raise ValueError("top_logprobs must be in [0, 20]")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError(
+                "continue_final_message must not be set with add_generation_prompt: true"
+            )
+
+    def template_kwargs(self) -> dict | None:
+        """What the chat template gets besides the messages and the tools."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.continue_final_message:
+            kwargs["continue_final_message"] = True
+        if self.documents is not None:
+            kwargs["documents"] = self.documents
+        return kwargs or None
 
     def template_messages(self) -> list[dict]:
         return [m.to_template() for m in self.messages]

@@ -157,7 +157,7 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
         inputs.add_generation_prompt = body.add_generation_prompt
         inputs.fill_context = fill_context
         inputs.tools = None if plan is None else plan.tools
-        inputs.chat_template_kwargs = body.chat_template_kwargs
+        inputs.chat_template_kwargs = body.template_kwargs()
         streams, choices, num_prompt_tokens = await gateway.submit(api, base_id, body, inputs)
     if body.stream:
         meta = response_meta(gateway, base_id, "chat.completion.chunk")

@@ -89,3 +89,28 @@ def test_a_template_that_fails_is_a_400_on_messages(tokenizer):
     with pytest.raises(InvalidRequest, match="messages must fit") as e:
         render_chat(tokenizer, [{"content": "no role"}], True)
     assert e.value.param == "messages"
+
+
+def test_tools_and_template_kwargs_reach_the_template(default_model):
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+        "{% for c in m.get('tool_calls', []) %} call {{ c.function.name }}"
+        "({{ c.function.arguments.city }}){% endfor %} | {% endfor %}"
+        "{% for t in tools or [] %}tool {{ t.function.name }} | {% endfor %}"
+        "{% if greeting %}{{ greeting }} | {% endif %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    tokenizer = load_tokenizer(default_model, chat_template=template)
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    ]  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    text, _ = render_chat(tokenizer, messages, True, tools, {"greeting": "hi", "tools": "no"})
+    assert text == (
+        "[user] Weather? | [assistant]  call get_weather(Rome) | [tool] sunny | "
+        "tool get_weather | hi | [assistant]"
+    ), text

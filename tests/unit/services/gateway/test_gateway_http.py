@@ -254,3 +254,21 @@ def test_reasoning_goes_to_its_own_field_and_the_rest_to_tools():
     assert "".join(d.get("content") or "" for d in deltas) == "Checking."
     assert [c["function"].get("name") for d in deltas for c in d.get("tool_calls", [])] == [
         "get_weather", None]  # fmt: skip
+
+
+def test_template_options_reach_the_engine_side():
+    engine = ReplyClient("ok")
+    messages = [{"role": "user", "content": "Say"}, {"role": "assistant", "content": "Hel"}]
+    docs = [{"title": "a", "text": "b"}]
+    with client(engine=engine) as http:
+        body = {"messages": messages, "continue_final_message": True,
+                "add_generation_prompt": False, "documents": docs,
+                "chat_template_kwargs": {"enable_thinking": False}}  # fmt: skip
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+        want = {"enable_thinking": False, "continue_final_message": True, "documents": docs}
+        assert engine.last.chat_template_kwargs == want
+        assert engine.last.add_generation_prompt is False
+        r = http.post("/v1/chat/completions", json=body | {"add_generation_prompt": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+        r = http.post("/v1/completions", json={"prompt": "hi", "stream_options": {}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
