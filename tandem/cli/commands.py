@@ -87,6 +87,7 @@ def _run_gateway(args: argparse.Namespace, client) -> int:
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
     )
     check_tool_parser(args)
     app = build_app(client, settings)

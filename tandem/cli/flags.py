@@ -111,6 +111,12 @@ def add_http_args(p: Parser, default_port: int, env: bool) -> None:
         "one a --tool-parser-plugin registers)",
     )
     g.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="usage.prompt_tokens_details.cached_tokens: the prompt tokens served from the "
+        "prefix cache",
+    )
+    g.add_argument(
         "--reasoning-parser",
         default=None,
         help="deepseek_r1 or qwen3: the text in <think>...</think> goes to the message's "

@@ -123,7 +123,7 @@ SAME_AS_VLLM = (
     "--gpu-memory-utilization", "--enable-prefix-caching", "--scheduling-policy", "--seed",
     "--logprobs-mode", "--logits-processors", "--otlp-traces-endpoint",
     "--structured-outputs-config", "--enable-auto-tool-choice", "--tool-call-parser",
-    "--tool-parser-plugin", "--reasoning-parser",
+    "--tool-parser-plugin", "--reasoning-parser", "--enable-prompt-tokens-details",
 )  # fmt: skip
 
 

@@ -216,7 +216,7 @@ def http_argv(args: argparse.Namespace) -> list[str]:
         if getattr(args, flag) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     for switch in ("allow_credentials", "disable_fastapi_docs", "enable_log_requests",
-                   "enable_auto_tool_choice"):  # fmt: skip
+                   "enable_auto_tool_choice", "enable_prompt_tokens_details"):  # fmt: skip
         if getattr(args, switch):
             argv.append("--" + switch.replace("_", "-"))
     return argv

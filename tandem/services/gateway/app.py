@@ -48,6 +48,7 @@ class GatewaySettings:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    enable_prompt_tokens_details: bool = False
 
 
 def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
@@ -63,6 +64,7 @@ def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
         enable_auto_tool_choice=settings.enable_auto_tool_choice,
         tool_call_parser=settings.tool_call_parser,
         reasoning_parser=settings.reasoning_parser,
+        enable_prompt_tokens_details=settings.enable_prompt_tokens_details,
     )
     # FastAPI's own spans (three per call, health checks included) are off: the gateway
     # opens one span per generation request itself, the root of the request's trace.

@@ -14,6 +14,7 @@ from tandem.engine.structured_output.params import StructuredOutputsParams
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk
 
 
 class JsonSchemaFormat(BaseModel):

@@ -32,16 +32,15 @@ from tandem.services.gateway.state import GatewayState
 from tandem.services.gateway.streaming import (
     APIError,
     Choice,
+    UsageOptions,
     chat_chunk,
     chat_logprobs,
     collect,
     completion_chunk,
     completion_logprobs,
     echo_logprobs,
-    include_usage,
     started,
     stream_sse,
-    usage_of,
 )
 from tandem.services.gateway.tools import message_of, tool_chat_chunks
 
@@ -124,7 +123,10 @@ async def completions(body: CompletionRequest, gateway: Gateway):
         streams, choices, num_prompt_tokens = await gateway.submit(api, base_id, body, inputs)
     meta = response_meta(gateway, base_id, "text_completion")
     if body.stream:
-        return await sse_response(streams, choices, num_prompt_tokens, meta, body, completion_chunk)
+        usage = gateway.usage_options(body)
+        return await sse_response(
+            streams, choices, num_prompt_tokens, meta, usage, completion_chunk
+        )
     completion_tokens = await collect(streams, choices)
     rendered = []
     for c in choices:
@@ -139,7 +141,8 @@ async def completions(body: CompletionRequest, gateway: Gateway):
         rendered.append(out)
     if body.prompt_only:
         completion_tokens = 0
-    return dict(meta, choices=rendered, usage=usage_of(num_prompt_tokens, completion_tokens))
+    usage = gateway.usage_options(body).usage(num_prompt_tokens, completion_tokens, choices)
+    return dict(meta, choices=rendered, usage=usage)
 
 
 @router.post("/v1/chat/completions")
@@ -173,7 +176,8 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
         render = chat_chunk if plan is None else tool_chat_chunks(plan)
         if thinking is not None:
             render = reasoning_chunks(thinking, render)
-        return await sse_response(streams, choices, num_prompt_tokens, meta, body, render, roles)
+        usage = gateway.usage_options(body)
+        return await sse_response(streams, choices, num_prompt_tokens, meta, usage, render, roles)
     meta = response_meta(gateway, base_id, "chat.completion")
     completion_tokens = await collect(streams, choices)
     rendered = []
@@ -188,7 +192,8 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
         rendered.append(
             {"index": c.index, "message": message, "logprobs": chat_logprobs(c.logprobs), **finish}
         )
-    return dict(meta, choices=rendered, usage=usage_of(num_prompt_tokens, completion_tokens))
+    usage = gateway.usage_options(body).usage(num_prompt_tokens, completion_tokens, choices)
+    return dict(meta, choices=rendered, usage=usage)
 
 
 def generate_input(body: GenerateRequest, params: SamplingParams, **prompt) -> GenerateInput:
@@ -247,13 +252,11 @@ async def sse_response(
     choices: list[Choice],
     num_prompt_tokens: int,
     meta: dict,
-    body: GenerateRequest,
+    usage: UsageOptions,
     format_choice: Callable[[Choice, GenerationChunk], dict | list[dict] | None],
     preamble: Sequence[dict] = (),
 ) -> StreamingResponse:
     """The streams as server-sent events, once the first chunk is there (see `started`)."""
     chunks = await started(streams)
-    events = stream_sse(
-        chunks, choices, num_prompt_tokens, meta, include_usage(body), format_choice, preamble
-    )
+    events = stream_sse(chunks, choices, num_prompt_tokens, meta, usage, format_choice, preamble)
     return StreamingResponse(events, media_type="text/event-stream")

@@ -16,7 +16,13 @@ from tandem.engine.request import SamplingParams
 from tandem.engine.structured_output import backends
 from tandem.engine.structured_output.params import StructuredOutputsConfig
 from tandem.services.gateway.protocol import ChatCompletionRequest, GenerateRequest
-from tandem.services.gateway.streaming import APIError, Choice, engine_error, param_of
+from tandem.services.gateway.streaming import (
+    APIError,
+    Choice,
+    UsageOptions,
+    engine_error,
+    param_of,
+)
 from tandem.services.gateway.telemetry import ApiRequest, Telemetry
 from tandem.services.gateway.tools import ToolChoiceError, parameters_of, plan_tools
 
@@ -40,6 +46,7 @@ class GatewayState:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    enable_prompt_tokens_details: bool = False
 
     @property
     def served_model_name(self) -> str:
@@ -84,6 +91,9 @@ class GatewayState:
         except backends.SpecError as e:
             raise APIError(400, str(e), "BadRequestError", param) from None
         return dataclasses.replace(params, structured_outputs=checked)
+
+    def usage_options(self, body: GenerateRequest) -> UsageOptions:
+        return UsageOptions.of(body, self.enable_prompt_tokens_details)
 
     def tool_plan(self, body: ChatCompletionRequest, params: SamplingParams):
         """The request's tool plan (None without tools) and its sampling parameters with

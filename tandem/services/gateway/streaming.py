@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
 
@@ -66,8 +67,29 @@ def param_of(message: str) -> str | None:
     return match.group(1) if match else None
 
 
-def include_usage(body: GenerateRequest) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
+@dataclass(frozen=True, slots=True)
+class UsageOptions:
+    """What a response says of its usage: at the end of a stream (`include`), on every
+    chunk (`continuous`), with the prompt's prefix-cache hits (`details`, vLLM's
+    --enable-prompt-tokens-details); `n` samples per prompt."""
+
+    include: bool = False
+    continuous: bool = False
+    details: bool = False
+    n: int = 1
+
+    @classmethod
+    def of(cls, body: GenerateRequest, details: bool) -> UsageOptions:
+        options = body.stream_options
+        return cls(bool(options and options.include_usage),
+                   bool(options and options.continuous_usage_stats), details, body.n)  # fmt: skip
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, choices: list[Choice]) -> dict:
+        out = usage_of(prompt_tokens, completion_tokens)
+        if self.details:
+            cached = sum(c.last.num_cached_tokens for c in choices[:: self.n] if c.last)
+            out["prompt_tokens_details"] = {"cached_tokens": cached}
+        return out
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -277,7 +299,7 @@ async def stream_sse(
     choices: list[Choice],
     num_prompt_tokens: int,
     meta: dict,
-    include_usage: bool,
+    usage: UsageOptions,
     format_choice: Callable[[Choice, GenerationChunk], dict | list[dict] | None],
     preamble: Sequence[dict] = (),
 ) -> AsyncIterator[str]:
@@ -296,11 +318,15 @@ async def stream_sse(
                 choices[i].prompt_logprobs = chunk.prompt_logprobs
             rendered = format_choice(choices[i], chunk)
             for choice in rendered if isinstance(rendered, list) else [rendered]:
-                if choice is not None:
-                    yield sse(dict(meta, choices=[choice]))
-        if include_usage:
-            usage = usage_of(num_prompt_tokens, completion_tokens)
-            yield sse(dict(meta, choices=[], usage=usage))
+                if choice is None:
+                    continue
+                event = dict(meta, choices=[choice])
+                if usage.continuous:
+                    event["usage"] = usage.usage(num_prompt_tokens, completion_tokens, choices)
+                yield sse(event)
+        if usage.include:
+            so_far = usage.usage(num_prompt_tokens, completion_tokens, choices)
+            yield sse(dict(meta, choices=[], usage=so_far))
         yield "data: [DONE]\n\n"
     except (ValueError, RuntimeError) as e:
         bad_input = isinstance(e, ValueError)

@@ -272,3 +272,35 @@ def test_template_options_reach_the_engine_side():
         assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
         r = http.post("/v1/completions", json={"prompt": "hi", "stream_options": {}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+
+
+class CachedClient(ReplyClient):
+    """Each prompt's first 16 tokens came from the prefix cache."""
+
+    async def submit(self, inputs):
+        self.last = inputs
+
+        async def stream():
+            yield GenerationChunk("o", [7], None, num_prompt_tokens=20, num_cached_tokens=16)
+            yield GenerationChunk("k", [8], "stop", num_prompt_tokens=20, num_cached_tokens=16)
+
+        prompts = [PreparedPrompt(list(range(20)), "")] * inputs.num_prompts
+        return prompts, [stream() for _ in inputs.request_ids]
+
+
+def test_usage_details_and_continuous_usage_stats():
+    with client(engine=CachedClient("ok"), enable_prompt_tokens_details=True) as http:
+        body = {"prompt": ["a", "b"], "n": 2, "max_tokens": 2}
+        usage = http.post("/v1/completions", json=body).json()["usage"]
+        assert usage["prompt_tokens_details"] == {"cached_tokens": 32}  # per prompt, not sample
+        assert usage["completion_tokens"] == 8
+        options = {"include_usage": True, "continuous_usage_stats": True}
+        stream = {"prompt": "a", "max_tokens": 2, "stream": True, "stream_options": options}
+        with http.stream("POST", "/v1/completions", json=stream) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines()
+                      if line.startswith("data: {")]  # fmt: skip
+    assert [e["usage"]["completion_tokens"] for e in events] == [1, 2, 2]
+    assert events[-1]["choices"] == [] and events[0]["usage"]["prompt_tokens"] == 20
+    with client(engine=CachedClient("ok")) as http:
+        usage = http.post("/v1/completions", json={"prompt": "a"}).json()["usage"]
+        assert "prompt_tokens_details" not in usage  # as vLLM, unless asked for
