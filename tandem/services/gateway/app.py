@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tandem.engine.client import EngineClient
 from tandem.engine.structured_output.params import StructuredOutputsConfig
 from tandem.services.gateway.guard import DEFAULT_MAX_BODY_BYTES, Guard
+from tandem.services.gateway.responses import router as responses_router
 from tandem.services.gateway.routes import router
 from tandem.services.gateway.state import GatewayState
 from tandem.services.gateway.streaming import APIError, error_response
@@ -90,6 +91,7 @@ def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.include_router(router)
+    app.include_router(responses_router)
     return app
 
 

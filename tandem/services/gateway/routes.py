@@ -8,6 +8,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -42,7 +43,7 @@ from tandem.services.gateway.streaming import (
     started,
     stream_sse,
 )
-from tandem.services.gateway.tools import message_of, tool_chat_chunks
+from tandem.services.gateway.tools import ToolPlan, message_of, tool_chat_chunks
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -145,16 +146,28 @@ async def completions(body: CompletionRequest, gateway: Gateway):
     return dict(meta, choices=rendered, usage=usage)
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
+@dataclass(slots=True)
+class ChatRun:
+    """A chat request submitted: its tool plan, reasoning parser, streams and choices."""
+
+    base_id: str
+    plan: ToolPlan | None
+    thinking: reasoning.ReasoningParser | None
+    streams: list
+    choices: list[Choice]
+    num_prompt_tokens: int
+
+
+async def start_chat(body: ChatCompletionRequest, gateway: GatewayState, route: str,
+                     base_id: str) -> ChatRun:  # fmt: skip
+    """Check, render and submit a chat request (for /v1/chat/completions and /v1/responses)."""
     gateway.check_request(body)
-    base_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
     # Without max_tokens, the reply may fill the rest of the context (known once tokenized).
     fill_context = body.requested_max_tokens() is None
     params = gateway.sampling_params(body, gateway.client.max_model_len or 1 << 30)
     plan, params = gateway.tool_plan(body, params)
     thinking = gateway.reasoning_parser and reasoning.get_parser(gateway.reasoning_parser)
-    api = gateway.telemetry.observe("/v1/chat/completions", base_id, params)
+    api = gateway.telemetry.observe(route, base_id, params)
     with api.failing():
         inputs = generate_input(body, params, messages=body.template_messages())
         inputs.add_generation_prompt = body.add_generation_prompt
@@ -162,6 +175,15 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
         inputs.tools = None if plan is None else plan.tools
         inputs.chat_template_kwargs = body.template_kwargs()
         streams, choices, num_prompt_tokens = await gateway.submit(api, base_id, body, inputs)
+    return ChatRun(base_id, plan, thinking or None, streams, choices, num_prompt_tokens)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
+    base_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
+    run = await start_chat(body, gateway, "/v1/chat/completions", base_id)
+    plan, thinking, streams, choices = run.plan, run.thinking, run.streams, run.choices
+    num_prompt_tokens = run.num_prompt_tokens
     if body.stream:
         meta = response_meta(gateway, base_id, "chat.completion.chunk")
         roles = [

@@ -520,3 +520,58 @@ def test_a_streamed_tool_call_and_a_second_turn_with_its_result(default_server):
     without = client.chat.completions.create(model=model, messages=ASK, temperature=0,
                                              max_tokens=40).choices[0].message.content  # fmt: skip
     assert answer.message.content != without
+
+
+# -- the Responses API ----------------------------------------------------------------------------
+
+FLAT_WEATHER = {"type": "function", **WEATHER_TOOL["function"]}
+
+
+def test_responses_text_json_and_a_function_call_round_trip(default_server):
+    client, model = sdk(default_server)
+    r = client.responses.create(model=model, input="Say hello.", instructions="Be brief.",
+                                max_output_tokens=200, temperature=0)  # fmt: skip
+    assert r.status == "completed" and r.output_text and r.usage.output_tokens > 0
+    schema = {"type": "object", "additionalProperties": False, "required": ["name"],
+              "properties": {"name": {"type": "string", "maxLength": 12}}}  # fmt: skip
+    fmt = {"format": {"type": "json_schema", "name": "person", "schema": schema}}
+    r = client.responses.create(model=model, input="A person as JSON.", text=fmt,
+                                max_output_tokens=MAX_TOKENS, temperature=0)  # fmt: skip
+    jsonschema.validate(json.loads(r.output_text), schema)
+    r = client.responses.create(model=model, input=ASK[0]["content"], tools=[FLAT_WEATHER],
+                                tool_choice="required", max_output_tokens=MAX_TOKENS,
+                                temperature=0)  # fmt: skip
+    (call,) = [o for o in r.output if o.type == "function_call"]
+    assert call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER_TOOL["function"]["parameters"])
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "21 C"}
+    made = {"type": "function_call", "call_id": call.call_id, "name": call.name,
+            "arguments": call.arguments}  # fmt: skip
+    again = client.responses.create(model=model, input=[ASK[0], made, result],
+                                    tools=[FLAT_WEATHER], tool_choice="none",
+                                    max_output_tokens=40, temperature=0)  # fmt: skip
+    assert again.output_text and not [o for o in again.output if o.type == "function_call"]
+
+
+def test_responses_stream_text_and_a_call_as_the_sdk_reads_them(default_server):
+    client, model = sdk(default_server)
+    with client.responses.stream(model=model, input="Say hello.", max_output_tokens=200,
+                                 temperature=0) as stream:  # fmt: skip
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    whole = client.responses.create(model=model, input="Say hello.", max_output_tokens=200,
+                                    temperature=0)  # fmt: skip
+    assert "".join(deltas) == final.output_text == whole.output_text
+    with client.responses.stream(model=model, input=ASK[0]["content"], tools=[FLAT_WEATHER],
+                                 tool_choice="required", max_output_tokens=MAX_TOKENS,
+                                 temperature=0) as stream:  # fmt: skip
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    (call,) = final.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER_TOOL["function"]["parameters"])
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert "response.function_call_arguments.delta" in kinds and kinds[-1] == "response.completed"
+    r = httpx.post(default_server.base + "/v1/responses", timeout=60,
+                   json={"input": "hi", "previous_response_id": "resp_1"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"

@@ -304,3 +304,28 @@ def test_usage_details_and_continuous_usage_stats():
     with client(engine=CachedClient("ok")) as http:
         usage = http.post("/v1/completions", json={"prompt": "a"}).json()["usage"]
         assert "prompt_tokens_details" not in usage  # as vLLM, unless asked for
+
+
+def test_responses_input_items_become_the_chat_history():
+    engine = ReplyClient(HERMES)
+    items = [
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather",
+         "arguments": '{"city": "Rome"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+    ]  # fmt: skip
+    flat = {"type": "function", **TOOL["function"]}
+    with client(engine=engine, enable_auto_tool_choice=True, tool_call_parser="hermes") as http:
+        r = http.post("/v1/responses", json={"input": items, "instructions": "Be brief.",
+                                             "tools": [flat], "max_output_tokens": 9})  # fmt: skip
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert [o["type"] for o in out["output"]] == ["message", "function_call"]
+        assert out["output"][0]["content"][0]["text"] == "Checking."
+        assert out["output"][1]["name"] == "get_weather" and out["status"] == "completed"
+        roles = [m["role"] for m in engine.last.messages]
+        assert roles == ["system", "user", "assistant", "tool"]
+        assert engine.last.messages[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Rome"}
+        assert engine.last.params.max_tokens == 9 and engine.last.tools == [TOOL]
+        bad = http.post("/v1/responses", json={"input": [{"type": "web_search_call"}]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
