@@ -114,3 +114,29 @@ def test_tools_and_template_kwargs_reach_the_template(default_model):
         "[user] Weather? | [assistant]  call get_weather(Rome) | [tool] sunny | "
         "tool get_weather | hi | [assistant]"
     ), text
+
+
+def test_the_example_hermes_template_renders_tools_and_calls_the_parser_reads(default_model):
+    from pathlib import Path
+
+    from tandem.services.gateway.tool_parsers import ParsedCall, get_parser
+
+    path = Path(__file__).parents[3] / "examples" / "tool_chat_template_hermes.jinja"
+    tokenizer = load_tokenizer(default_model, chat_template=str(path))
+    city = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": city}}]
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}  # fmt: skip
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Rome?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    ]
+    text, ids = render_chat(tokenizer, messages, True, tools)
+    assert '"name": "get_weather"' in text and "Be brief." in text
+    assert "<tool_response>\nsunny\n</tool_response>" in text
+    assert text.endswith("<|im_start|>assistant\n") and ids
+    turn = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+    assert get_parser("hermes").extract(turn) == (
+        None, [ParsedCall("get_weather", '{"city": "Rome"}')])  # fmt: skip
