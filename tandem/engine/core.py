@@ -210,25 +210,25 @@ class EngineCore:
     @property
     def num_waiting_for_grammar(self) -> int:
         """Requests whose structured-output grammar is still compiling."""
-        return sum(
-            1
-            for r in self.scheduler.requests.values()
-            if r.grammar is not None and r.grammar.matcher is None
-        )
+        return sum(1 for r in self.grammars.pending.values() if r.grammar.matcher is None)
 
     def _grammar_failures(self) -> list[StepOutput]:
-        """End the requests whose grammar failed to compile here, with the error."""
+        """End the requests whose grammar failed to compile here, with the error; forget
+        those whose grammar is ready or that ended. Only requests still waiting on a
+        compile are looked at (`GrammarManager.pending`), not the whole batch."""
         outputs = []
-        for request in list(self.scheduler.requests.values()):
+        for request_id, request in list(self.grammars.pending.items()):
             grammar = request.grammar
-            if grammar is None or grammar.matcher is not None or grammar.is_ready():
-                continue
-            if grammar.failed:
+            gone = self.scheduler.requests.get(request_id) is not request  # ended or moved
+            if gone or request.is_finished or grammar.is_ready():
+                del self.grammars.pending[request_id]
+            elif grammar.failed:
+                del self.grammars.pending[request_id]
                 request.stop_reason = grammar.error
                 self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
                 self.runner.release([request.request_id])
                 outputs.append(StepOutput(request, [], True, error=grammar.error))
-        self.grammars.stats.num_waiting = self.num_waiting_for_grammar
+        self.grammars.stats.num_waiting = len(self.grammars.pending)
         return outputs
 
     def _run(self, plan) -> list[StepOutput]:

@@ -121,6 +121,7 @@ class GrammarManager:
         self.lock = threading.Lock()
         self.ready = threading.Event()  # set when any compile ends
         self.stats = GrammarStats()
+        self.pending: dict[str, object] = {}  # request id -> request, its grammar compiling
         # called on the grammar thread as each request's grammar is ready (or failed):
         # (request_id, submitted_ns, done_ns (wall clock), cache_hit, error or None) -> None
         self.on_compiled = None
@@ -215,6 +216,7 @@ class GrammarManager:
         else:
             future = self._executor().submit(self._compile, params)
         request.grammar = RequestGrammar(future, list(request.output_token_ids), make)
+        self.pending[request.request_id] = request
         future.add_done_callback(functools.partial(self._done, request.request_id, submitted))
 
     def wait(self, timeout: float) -> None:
