@@ -95,8 +95,10 @@ def add_http_args(p: Parser, default_port: int, env: bool) -> None:
         type=structured_outputs_config,
         default="auto",  # a string default goes through `type` too
         help='structured outputs, vLLM\'s JSON: {"backend": "auto" | "xgrammar" | "guidance", '
-        '"disable_any_whitespace": true, "disable_fallback": false} (the defaults; auto is '
-        "xgrammar, and guidance for what xgrammar does not enforce)",
+        '"disable_any_whitespace": true, "disable_fallback": false, "enable_in_reasoning": '
+        "false} (the defaults; auto is xgrammar, and guidance for what xgrammar does not "
+        "enforce; with a reasoning parser a constraint starts where the reasoning ends unless "
+        "enable_in_reasoning)",
     )
 
     g.add_argument(

@@ -16,7 +16,11 @@ seconds of serving on a 2-core machine).
 Per step, the sampling rows of constrained requests get their allowed tokens as a bitmask
 (one int32 per 32 tokens, xgrammar's and llguidance's shared layout), applied to the logits
 before anything else (`sampler.process_logits`); each sampled token then advances its
-matcher, and a grammar that reached its end (EOS accepted) ends the request."""
+matcher, and a grammar that reached its end (EOS accepted) ends the request.
+
+With a reasoning parser (a chat request to a server started with `--reasoning-parser`), the
+constraint starts where the reasoning ends, as in vLLM: tokens up to and including the end
+marker (`</think>`) are free and never reach the matcher (`ReasoningGate`)."""
 
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from pathlib import Path
 import torch
 
 from tandem.engine.structured_output import backends
-from tandem.engine.structured_output.params import StructuredOutputsParams
+from tandem.engine.structured_output.params import REASONING_MARKERS, StructuredOutputsParams
 from tandem.kernels import cpu as cpu_kernels
 from tandem.kernels.cpu import load_cpu_kernels
 
@@ -53,10 +57,46 @@ class GrammarStats:
         return taken
 
 
+class ReasoningGate:
+    """Whether a request is still reasoning. The prompt's last marker decides where it
+    starts, as vLLM's `is_reasoning_end` (a template that closed the thinking, e.g. Qwen3's
+    with `enable_thinking: false`, starts past it); in the output, the reasoning ends with
+    the end marker, for good."""
+
+    __slots__ = ("end", "recent", "ended")
+
+    def __init__(self, start: list[int], end: list[int], prompt: list[int]) -> None:
+        self.end = end
+        self.recent: list[int] = []
+        self.ended = _last_marker(prompt, start, end) == "end"
+
+    def feed(self, token_id: int) -> bool:
+        """Take one output token; True when it belongs to the constrained part."""
+        if self.ended:
+            return True
+        self.recent = (self.recent + [token_id])[-len(self.end) :]
+        self.ended = self.recent == self.end
+        return False  # reasoning, or the end marker's own last token
+
+    def fork(self) -> ReasoningGate:
+        copy = ReasoningGate([], self.end, [])
+        copy.recent, copy.ended = list(self.recent), self.ended
+        return copy
+
+
+def _last_marker(ids: list[int], start: list[int], end: list[int]) -> str | None:
+    """Which of the two token sequences occurs last in `ids` ("start", "end" or None)."""
+    for i in range(len(ids) - 1, -1, -1):
+        for name, marker in (("end", end), ("start", start)):
+            if marker and ids[i : i + len(marker)] == marker:
+                return name
+    return None
+
+
 class RequestGrammar:
     """One request's constraint: compiling, then a matcher (or the compile's error)."""
 
-    __slots__ = ("future", "matcher", "error", "replay", "rejected", "make")
+    __slots__ = ("future", "matcher", "error", "replay", "rejected", "make", "gate")
 
     def __init__(self, future: Future | None, replay: list[int], make) -> None:
         self.future = future
@@ -64,7 +104,8 @@ class RequestGrammar:
         self.error: str | None = None
         self.replay = replay  # tokens generated before the matcher existed
         self.rejected = False  # a sampled token the grammar did not allow
-        self.make = make  # compiled grammar -> matcher
+        self.make = make  # compiled grammar -> (matcher, ReasoningGate or None)
+        self.gate: ReasoningGate | None = None
 
     def is_ready(self) -> bool:
         """Whether the matcher exists (built here, on the engine's thread, once the compile
@@ -74,11 +115,13 @@ class RequestGrammar:
         if self.future is None or not self.future.done() or self.error is not None:
             return False
         try:
-            matcher = self.make(self.future.result()[0])
+            matcher, self.gate = self.make(self.future.result()[0])
         except Exception as e:  # a compile that failed here although the spec was checked
             self.error = f"structured output grammar could not be compiled: {e}"
             return False
         for token_id in self.replay:
+            if self.gate is not None and not self.gate.feed(token_id):
+                continue
             if not matcher.accept(token_id):
                 self.error = f"token {token_id} generated earlier breaks the grammar"
                 return False
@@ -97,7 +140,18 @@ class RequestGrammar:
     def terminated(self) -> bool:
         return self.rejected or (self.matcher is not None and self.matcher.terminated)
 
+    @property
+    def constraining(self) -> bool:
+        """Whether the next token is masked: the matcher is there, reasoning (if any) over."""
+        return (
+            self.matcher is not None
+            and not self.terminated
+            and (self.gate is None or self.gate.ended)
+        )
+
     def accept(self, token_id: int) -> None:
+        if self.gate is not None and not self.gate.feed(token_id):
+            return
         if not self.matcher.accept(token_id):
             self.rejected = True
             logger.warning("token %d is outside the grammar: the request ends", token_id)
@@ -106,6 +160,7 @@ class RequestGrammar:
         """An independent copy at the same position (a sample of n > 1)."""
         copy = RequestGrammar(self.future, list(self.replay), self.make)
         copy.matcher = None if self.matcher is None else self.matcher.fork()
+        copy.gate = None if self.gate is None else self.gate.fork()
         return copy
 
 
@@ -199,12 +254,17 @@ class GrammarManager:
             return
         if params.backend == "guidance":
 
-            def make(grammar):  # noqa: E306
+            def new_matcher(grammar):  # noqa: E306
                 return backends.GuidanceMatcher.new(
                     self._guidance_tokenizer(), grammar, self.eos_token_id
                 )
         else:
-            make = backends.XgrammarMatcher.new
+            new_matcher = backends.XgrammarMatcher.new
+        prompt = request.prompt_token_ids
+
+        def make(grammar):  # on the engine thread, once compiled (the tokenizer is loaded)
+            return new_matcher(grammar), self._reasoning_gate(params.reasoning_parser, prompt)
+
         submitted = time.time_ns()
         with self.lock:
             compiled = self.cache.get(params.key)
@@ -219,6 +279,14 @@ class GrammarManager:
         self.pending[request.request_id] = request
         future.add_done_callback(functools.partial(self._done, request.request_id, submitted))
 
+    def _reasoning_gate(self, parser: str | None, prompt: list[int]) -> ReasoningGate | None:
+        if parser is None:
+            return None
+        tokenizer = self._hf_tokenizer()
+        start, end = (tokenizer.encode(m, add_special_tokens=False)
+                      for m in REASONING_MARKERS[parser])  # fmt: skip
+        return ReasoningGate(start, end, prompt)
+
     def wait(self, timeout: float) -> None:
         """Block until some compile ends (or `timeout` seconds): an engine with nothing to
         step but requests waiting on their grammars sleeps here rather than spinning."""
@@ -226,16 +294,15 @@ class GrammarManager:
         self.ready.clear()
 
     def bitmask(self, requests: list) -> tuple[list[int], torch.Tensor] | None:
-        """The rows (indices into `requests`) of constrained requests and their allowed
-        tokens as an int32 bitmask (rows, ceil(vocab / 32)); None when none is constrained."""
-        rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        """The rows (indices into `requests`) of requests constrained at this token and their
+        allowed tokens as an int32 bitmask (rows, ceil(vocab / 32)); None when there are none
+        (a request still reasoning, or whose grammar ended, is not)."""
+        rows = [i for i, r in enumerate(requests) if r.grammar and r.grammar.constraining]
         if not rows:
             return None
         bitmask = torch.full((len(rows), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
         for j, i in enumerate(rows):
-            grammar = requests[i].grammar
-            if grammar.matcher is not None and not grammar.terminated:
-                grammar.matcher.fill(bitmask, j)
+            requests[i].grammar.matcher.fill(bitmask, j)
         return rows, bitmask
 
     def shutdown(self) -> None:

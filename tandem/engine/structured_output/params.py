@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, fields
 
 BACKENDS = ("auto", "xgrammar", "guidance")
+# What opens and closes a reasoning parser's thinking (`--reasoning-parser`).
+REASONING_MARKERS = {"deepseek_r1": ("<think>", "</think>"), "qwen3": ("<think>", "</think>")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +17,9 @@ class StructuredOutputsParams:
     JSON text; `choice`: the output is exactly one of these strings; `grammar`: EBNF (GBNF)
     or Lark; `structural_tag`: xgrammar's structural tag as JSON text. `backend` is resolved
     when the request is checked (never `auto` past that point) and `any_whitespace` comes
-    from the server's config: both travel, so every worker compiles the same grammar."""
+    from the server's config: both travel, so every worker compiles the same grammar.
+    `reasoning_parser` (a chat request to a server with `--reasoning-parser`): the
+    constraint applies once the reasoning ends, as in vLLM (the thinking is free text)."""
 
     json: str | None = None
     regex: str | None = None
@@ -25,6 +29,7 @@ class StructuredOutputsParams:
     structural_tag: str | None = None
     backend: str = "auto"
     any_whitespace: bool = False
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.choice is not None:
@@ -45,6 +50,8 @@ class StructuredOutputsParams:
                 raise ValueError(f"structured_outputs.{name} must be a non-empty string")
         if self.backend not in BACKENDS:
             raise ValueError(f"structured_outputs backend must be one of {', '.join(BACKENDS)}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_MARKERS:
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}")
 
     @property
     def kind(self) -> str:
@@ -73,11 +80,13 @@ class StructuredOutputsConfig:
     falling back to guidance for what xgrammar cannot enforce), xgrammar or guidance;
     `disable_any_whitespace` (here true by default: JSON comes out in one fixed layout, so a
     small model cannot spend its tokens on whitespace); `disable_fallback`: auto never falls
-    back."""
+    back; `enable_in_reasoning`: with a reasoning parser, constrain the reasoning too
+    (by default the constraint starts where the reasoning ends)."""
 
     backend: str = "auto"
     disable_any_whitespace: bool = True
     disable_fallback: bool = False
+    enable_in_reasoning: bool = False
 
     @classmethod
     def parse(cls, text: str | None) -> StructuredOutputsConfig:

@@ -387,6 +387,14 @@ class ChatCompletionRequest(GenerateRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # OpenAI's fields that change nothing here (kept, so clients that send them are served)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None  # true (store the completion) is refused
+    service_tier: str | None = None  # auto | default
+    prompt_cache_key: str | None = None  # prefix caching here needs no hint
+    safety_identifier: str | None = None
+    modalities: list[str] | None = None  # ["text"]
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None  # to the template
     # vLLM's extras
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -415,6 +423,12 @@ class ChatCompletionRequest(GenerateRequest):
             raise ValueError("top_logprobs must come with logprobs: true")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
             raise ValueError("top_logprobs must be in [0, 20]")
+        if self.store:
+            raise ValueError("store must be false: stored completions are not supported")
+        if self.service_tier not in (None, "auto", "default"):
+            raise ValueError("service_tier must be auto or default")
+        if self.modalities is not None and set(self.modalities) != {"text"}:
+            raise ValueError('modalities must be ["text"]: only text output is supported')
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError(
                 "continue_final_message must not be set with add_generation_prompt: true"
@@ -422,7 +436,10 @@ class ChatCompletionRequest(GenerateRequest):
 
     def template_kwargs(self) -> dict | None:
         """What the chat template gets besides the messages and the tools."""
-        kwargs = dict(self.chat_template_kwargs or {})
+        effort = self.reasoning_effort
+        kwargs = ({} if effort is None else {"reasoning_effort": effort}) | dict(
+            self.chat_template_kwargs or {}
+        )
         if self.continue_final_message:
             kwargs["continue_final_message"] = True
         if self.documents is not None:

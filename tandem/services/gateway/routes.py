@@ -123,7 +123,10 @@ async def completions(body: CompletionRequest, gateway: Gateway):
         inputs.return_prompt_text = body.echo
         streams, choices, num_prompt_tokens = await gateway.submit(api, base_id, body, inputs)
     meta = response_meta(gateway, base_id, "text_completion")
+    echo_scores = body.echo and body.logprobs is not None
     if body.stream:
+        for c in choices if echo_scores else ():
+            c.echo_first = await gateway.client.decode(c.prompt_ids[:1], skip_special_tokens=False)
         usage = gateway.usage_options(body)
         return await sse_response(
             streams, choices, num_prompt_tokens, meta, usage, completion_chunk
@@ -135,7 +138,7 @@ async def completions(body: CompletionRequest, gateway: Gateway):
         out = {"index": c.index, "text": c.text, "logprobs": logprobs, **c.finish()}
         if body.prompt_only:  # the one token generated is dropped
             out.update(text=c.prefix, finish_reason="length", stop_reason=None)
-        if body.echo and body.logprobs is not None:
+        if echo_scores:
             first = await gateway.client.decode(c.prompt_ids[:1], skip_special_tokens=False)
             generated = None if body.prompt_only else c.logprobs
             out["logprobs"] = echo_logprobs(first, c.prompt_logprobs, generated)
@@ -166,6 +169,7 @@ async def start_chat(body: ChatCompletionRequest, gateway: GatewayState, route: 
     fill_context = body.requested_max_tokens() is None
     params = gateway.sampling_params(body, gateway.client.max_model_len or 1 << 30)
     plan, params = gateway.tool_plan(body, params)
+    params = gateway.after_reasoning(params)
     thinking = gateway.reasoning_parser and reasoning.get_parser(gateway.reasoning_parser)
     api = gateway.telemetry.observe(route, base_id, params)
     with api.failing():

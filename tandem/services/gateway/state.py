@@ -115,6 +115,15 @@ class GatewayState:
             raise APIError(400, str(e), "BadRequestError", "tools") from None
         return plan, dataclasses.replace(params, structured_outputs=checked)
 
+    def after_reasoning(self, params: SamplingParams) -> SamplingParams:
+        """A chat request's constraint, to start where its reasoning ends (with a reasoning
+        parser, unless the config's `enable_in_reasoning` says otherwise)."""
+        so = params.structured_outputs
+        if so is None or not self.reasoning_parser or self.structured_outputs.enable_in_reasoning:
+            return params
+        so = dataclasses.replace(so, reasoning_parser=self.reasoning_parser)
+        return dataclasses.replace(params, structured_outputs=so)
+
     async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         try:
             return await self.client.apply_chat_template(messages, add_generation_prompt)

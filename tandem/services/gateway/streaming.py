@@ -194,6 +194,7 @@ class Choice:
         self.prompt_logprobs: list[LogprobEntry] | None = None
         self.wants_prompt_logprobs = False
         self.prompt_ids: list[int] = []  # the prompt's token ids, as it went to the engine
+        self.echo_first: str | None = None  # echo with logprobs: the prompt's first token
         self.last: GenerationChunk | None = None
         self.sent = 0  # characters streamed so far
 
@@ -226,15 +227,13 @@ class Choice:
 
 
 def completion_chunk(choice: Choice, chunk: GenerationChunk) -> dict:
-    text = chunk.text
+    text, logprobs = chunk.text, completion_logprobs(chunk.logprobs, choice.sent)
     if choice.sent == 0 and choice.prefix:
         text = choice.prefix + text
-    out = {
-        "index": choice.index,
-        "text": text,
-        "logprobs": completion_logprobs(chunk.logprobs, choice.sent),
-        "finish_reason": chunk.finish_reason,
-    }
+        if choice.echo_first is not None:  # the prompt's logprobs lead the first chunk
+            logprobs = echo_logprobs(choice.echo_first, chunk.prompt_logprobs, chunk.logprobs)
+    out = {"index": choice.index, "text": text, "logprobs": logprobs,
+           "finish_reason": chunk.finish_reason}  # fmt: skip
     choice.sent += len(text)
     if chunk.finish_reason is not None:
         out.update(choice.finish())

@@ -46,7 +46,8 @@ def sampling_params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
     so = p.structured_outputs
     if so is not None:
         msg.structured_outputs.CopyFrom(common_pb2.StructuredOutputs(
-            kind=so.kind, spec=so.spec, backend=so.backend, any_whitespace=so.any_whitespace
+            kind=so.kind, spec=so.spec, backend=so.backend, any_whitespace=so.any_whitespace,
+            reasoning_parser=so.reasoning_parser or "",
         ))  # fmt: skip
     return msg
 
@@ -59,8 +60,9 @@ def structured_outputs_from_proto(m: common_pb2.StructuredOutputs) -> Structured
     else:
         value = True if m.kind == "json_object" else m.spec
     return StructuredOutputsParams(
-        **{m.kind: value}, backend=m.backend or "auto", any_whitespace=m.any_whitespace
-    )
+        **{m.kind: value}, backend=m.backend or "auto", any_whitespace=m.any_whitespace,
+        reasoning_parser=m.reasoning_parser or None,
+    )  # fmt: skip
 
 
 def sampling_params_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:

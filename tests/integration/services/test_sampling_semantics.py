@@ -5,7 +5,9 @@ the batch or the deployment, n, echo, token ids, bans and biases, through both d
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,6 +28,8 @@ def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
         logits = model(torch.tensor([ids])).logits[0].float()
     return logits.log_softmax(dim=-1)
 
+
+REPO = Path(__file__).resolve().parents[3]
 
 PROMPT = [5, 9, 33, 71, 2, 18, 101, 7, 64, 200, 13, 44, 81, 90, 6, 12, 150, 3, 77]  # > a block
 
@@ -122,6 +126,23 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_reads_it(server, hf_lla
             )
         else:
             assert lp["token_logprobs"][-1] is not None
+    # Streamed: the first chunk leads with the prompt and its logprobs (as vLLM streams it).
+    body = {"prompt": PROMPT, "max_tokens": 3, "echo": True, "logprobs": 1, "temperature": 0,
+            "stream": True, "ignore_eos": True}  # fmt: skip
+    whole = httpx.post(base + "/v1/completions", json=dict(body, stream=False), timeout=60)
+    whole = whole.json()["choices"][0]
+    chunks = []
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:])["choices"][0])
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    joined = {k: [v for c in chunks for v in c["logprobs"][k]] for k in whole["logprobs"]}
+    first = chunks[0]["logprobs"]
+    assert len(first["tokens"]) > len(PROMPT)
+    assert first["text_offset"] == whole["logprobs"]["text_offset"][: len(first["tokens"])]
+    for key in ("tokens", "token_logprobs", "top_logprobs"):  # offsets: of the text sent
+        assert joined[key] == whole["logprobs"][key]
     no_echo = {"prompt": PROMPT, "max_tokens": 0}
     assert httpx.post(base + "/v1/completions", json=no_echo, timeout=60).status_code == 400
 
@@ -376,3 +397,73 @@ def test_stop_token_ids_and_stop_strings_as_in_vllm(server):
     assert cut["text"] == text[: text.index(stop)] and cut["stop_reason"] == stop
     assert kept["text"] == text[: text.index(stop) + len(stop)]
     assert cut["finish_reason"] == kept["finish_reason"] == "stop"
+
+
+def test_lm_eval_scores_and_generates_as_hugging_face(server, tiny_llama, hf_llama, monkeypatch):
+    """lm-eval itself against the gateway: `local-completions` (loglikelihood and
+    generate_until) and `local-chat-completions`, on the task in tests/data/lm_eval, with the
+    local tokenizer and nothing downloaded. Loglikelihoods equal Hugging Face's in fp32."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(REPO)  # the task's data_files path is relative to the repository
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    base = server[0]
+    tasks = TaskManager(include_path=str(REPO / "tests/data/lm_eval"))
+    common = f"model=tiny-llama,tokenizer={tiny_llama},num_concurrent=2,max_retries=1"
+    out = simple_evaluate(
+        model="local-completions",
+        model_args=f"{common},base_url={base}/v1/completions,tokenizer_backend=huggingface",
+        tasks=["tandem_tiny_choice", "tandem_tiny_gen"],
+        task_manager=tasks,
+        log_samples=True,
+    )
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    scored = 0
+    for sample in out["samples"]["tandem_tiny_choice"]:
+        for (context, continuation), (ll, greedy) in zip(
+            (r for r in sample["arguments"]), (r[0] for r in sample["resps"])
+        ):
+            ctx = tok.encode(context, add_special_tokens=False)
+            cont = tok.encode(context + continuation, add_special_tokens=False)[len(ctx) :]
+            ref = hf_logprobs(hf_llama, ctx + cont)
+            rows = ref[len(ctx) - 1 : -1]
+            expected = rows.gather(1, torch.tensor(cont)[:, None]).sum().item()
+            assert abs(ll - expected) < 1e-3, (context, continuation, ll, expected)
+            assert greedy == bool((rows.argmax(-1) == torch.tensor(cont)).all())
+            scored += 1
+    assert scored == 10  # 3 + 2 + 3 + 2 choices
+    assert len(out["samples"]["tandem_tiny_gen"]) == 4
+    for sample in out["samples"]["tandem_tiny_gen"]:
+        ids = tok.encode(sample["arguments"][0][0], add_special_tokens=False)
+        expected = _hf_greedy_text(hf_llama, tok, ids, 6).split("\n")[0]
+        assert sample["resps"][0][0] == expected
+
+    chat = simple_evaluate(
+        model="local-chat-completions",
+        model_args=f"{common},base_url={base}/v1/chat/completions",
+        tasks=["tandem_tiny_gen"],
+        task_manager=tasks,
+        apply_chat_template=True,
+        log_samples=True,
+    )
+    assert len(chat["samples"]["tandem_tiny_gen"]) == 4
+    for sample in chat["samples"]["tandem_tiny_gen"]:
+        messages = [{"role": "user", "content": sample["doc"]["context"]}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok.encode(text, add_special_tokens=False)
+        expected = _hf_greedy_text(hf_llama, tok, ids, 6).split("\n")[0]
+        assert sample["resps"][0][0] == expected
+
+
+def _hf_greedy_text(model, tok, ids: list[int], max_new: int) -> str:
+    """Hugging Face's greedy continuation of `ids`, stopped at EOS, as text."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=0
+        )[0, len(ids) :].tolist()
+    if tok.eos_token_id in out:
+        out = out[: out.index(tok.eos_token_id)]
+    return tok.decode(out, skip_special_tokens=True)

@@ -116,27 +116,53 @@ def test_tools_and_template_kwargs_reach_the_template(default_model):
     ), text
 
 
-def test_the_example_hermes_template_renders_tools_and_calls_the_parser_reads(default_model):
+@pytest.mark.parametrize(
+    ("parser", "result"),
+    [
+        ("hermes", "<tool_response>\nsunny\n</tool_response>"),
+        ("llama3_json", "<|im_start|>ipython\nsunny"),
+        ("mistral", '[TOOL_RESULTS]{"call_id": "c1", "content": "sunny"}[/TOOL_RESULTS]'),
+        ("pythonic", "<|im_start|>tool\nsunny"),
+    ],
+)
+def test_the_example_tool_templates_render_tools_and_calls_their_parser_reads(
+    default_model, parser, result
+):
+    """examples/tool_chat_template_<parser>.jinja: the tools, the history's calls and
+    results rendered; the calls as the model is told to write them read back by the parser."""
     from pathlib import Path
 
     from tandem.services.gateway.tool_parsers import ParsedCall, get_parser
 
-    path = Path(__file__).parents[3] / "examples" / "tool_chat_template_hermes.jinja"
+    path = Path(__file__).parents[3] / "examples" / f"tool_chat_template_{parser}.jinja"
     tokenizer = load_tokenizer(default_model, chat_template=str(path))
-    city = {"type": "object", "properties": {"city": {"type": "string"}}}
+    city = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    }
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": city}}]
-    call = {"id": "c1", "type": "function",
-            "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}  # fmt: skip
+
+    def call(i, city, days):
+        arguments = {"city": city, "days": days}
+        return {"id": f"c{i}", "type": "function",
+                "function": {"name": "get_weather", "arguments": arguments}}  # fmt: skip
+
     messages = [
         {"role": "developer", "content": "Be brief."},
-        {"role": "user", "content": "Weather in Rome?"},
-        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "user", "content": "Weather in Rome and Oslo?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [call(1, "Rome", 2), call(2, "Oslo", 1)],
+        },
         {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
     ]
     text, ids = render_chat(tokenizer, messages, True, tools)
-    assert '"name": "get_weather"' in text and "Be brief." in text
-    assert "<tool_response>\nsunny\n</tool_response>" in text
+    assert '"name": "get_weather"' in text and "Be brief." in text and result in text
     assert text.endswith("<|im_start|>assistant\n") and ids
     turn = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
-    assert get_parser("hermes").extract(turn) == (
-        None, [ParsedCall("get_weather", '{"city": "Rome"}')])  # fmt: skip
+    _, calls = get_parser(parser).extract(turn)
+    assert calls == [ParsedCall("get_weather", '{"city": "Rome", "days": 2}'),
+                     ParsedCall("get_weather", '{"city": "Oslo", "days": 1}')]  # fmt: skip
+    plain, _ = render_chat(tokenizer, messages[:2], True, None)  # without tools: no list
+    assert "get_weather" not in plain and plain.endswith("<|im_start|>assistant\n")

@@ -16,6 +16,7 @@ from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.request import Request, SamplingParams
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.structured_output import backends, manager
+from tandem.engine.structured_output.manager import ReasoningGate
 from tandem.engine.structured_output.params import (
     StructuredOutputsConfig,
     StructuredOutputsParams,
@@ -118,6 +119,7 @@ def test_the_spec_travels_on_the_wire_unchanged():
         SO(choice=("a", "b, c"), backend="guidance", any_whitespace=True),
         SO(json_object=True, backend="xgrammar"),
         SO(regex="[0-9]+", backend="xgrammar"),
+        SO(regex="[0-9]+", backend="xgrammar", reasoning_parser="qwen3"),
     ):
         params = SamplingParams(structured_outputs=spec)
         back = codec.sampling_params_from_proto(codec.sampling_params_to_proto(params))
@@ -332,3 +334,39 @@ def test_a_grammar_that_fails_to_compile_ends_its_request_with_the_error(engine,
         errors += [s.error for s in engine.step() if s.error]
     assert errors and "no compiler today" in errors[0]
     assert "bad" not in engine.kv.req_to_blocks  # its blocks are free
+
+
+# -- after the reasoning -------------------------------------------------------------------------
+
+
+def test_the_reasoning_gate_opens_after_the_end_marker():
+    gate = ReasoningGate([1, 2], [3, 4], prompt=[3, 4, 9, 1, 2, 7])  # the template opened it
+    assert not gate.ended
+    fork = gate.fork()
+    assert [gate.feed(t) for t in (5, 3, 4, 6, 1, 2, 7)] == [False] * 3 + [True] * 4
+    assert gate.ended and not fork.ended  # the fork's tokens are its own
+    assert [fork.feed(t) for t in (3, 5, 3, 4, 8)] == [False] * 4 + [True]
+    closed = ReasoningGate([1, 2], [3, 4], prompt=[1, 2, 3, 4, 8])  # thinking switched off
+    assert closed.ended and closed.feed(5)
+    assert not ReasoningGate([1, 2], [3, 4], prompt=[8, 9]).ended  # never opened: still not
+
+
+def test_the_constraint_starts_where_the_reasoning_ends(engine, tokenizer):
+    spec = SO(regex="(fox|dog)", backend="xgrammar", reasoning_parser="deepseek_r1")
+    thinking = tokenizer.encode("the quick <think>")
+    free = dict(max_tokens=10, temperature=1.0, seed=4, ignore_eos=True)
+    # Still reasoning: sampled exactly as without the constraint.
+    plain = run(engine, [Request("p", thinking, SamplingParams(**free))])["p"]
+    gated = run(engine, [Request("r", thinking, SamplingParams(**free, structured_outputs=spec))])
+    assert "</think>" not in text(tokenizer, plain) and gated["r"] == plain
+    # A request that reasoned elsewhere (the tokens come with it): constrained after "</think>".
+    moved = Request("m", thinking, SamplingParams(max_tokens=30, temperature=1.0, seed=4,
+                                                  structured_outputs=spec))  # fmt: skip
+    moved.output_token_ids = tokenizer.encode("lazy dog</think>")
+    moved.all_token_ids = moved.prompt_token_ids + moved.output_token_ids
+    assert re.fullmatch("(fox|dog)", text(tokenizer, run(engine, [moved])["m"]))
+    # The template closed the thinking (Qwen3's enable_thinking: false): constrained at once.
+    closed = tokenizer.encode("the quick <think></think>")
+    r = Request("c", closed, SamplingParams(max_tokens=30, temperature=1.0, seed=4,
+                                            structured_outputs=spec))  # fmt: skip
+    assert re.fullmatch("(fox|dog)", text(tokenizer, run(engine, [r])["c"]))

@@ -250,6 +250,16 @@ def test_reasoning_goes_to_its_own_field_and_the_rest_to_tools():
         with http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as s:
             deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in s.iter_lines()
                       if line.startswith("data: {")]  # fmt: skip
+        # A constraint (here a required tool call's) starts where the reasoning ends.
+        http.post("/v1/chat/completions", json=body | {"tool_choice": "required"})
+        assert engine.last.params.structured_outputs.reasoning_parser == "qwen3"
+        schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
+        http.post("/v1/completions", json={"prompt": "hi", "response_format": schema})
+        assert engine.last.params.structured_outputs.reasoning_parser is None  # no split there
+    config = StructuredOutputsConfig(enable_in_reasoning=True)  # vLLM's: constrain it all
+    with client(engine=engine, reasoning_parser="qwen3", structured_outputs=config) as http:
+        http.post("/v1/chat/completions", json=body | {"tool_choice": "required"})
+        assert engine.last.params.structured_outputs.reasoning_parser is None
     assert "".join(d.get("reasoning") or "" for d in deltas) == "Paris: call the tool."
     assert "".join(d.get("content") or "" for d in deltas) == "Checking."
     assert [c["function"].get("name") for d in deltas for c in d.get("tool_calls", [])] == [
@@ -272,6 +282,26 @@ def test_template_options_reach_the_engine_side():
         assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
         r = http.post("/v1/completions", json={"prompt": "hi", "stream_options": {}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+
+
+def test_openai_fields_that_change_nothing_are_served_and_the_unsupported_named():
+    engine = ReplyClient("ok")
+    base = {"messages": [{"role": "user", "content": "hi"}]}
+    served = {"metadata": {"team": "a"}, "store": False, "service_tier": "auto",
+              "prompt_cache_key": "k", "safety_identifier": "u1", "modalities": ["text"],
+              "reasoning_effort": "low", "user": "u"}  # fmt: skip
+    with client(engine=engine) as http:
+        r = http.post("/v1/chat/completions", json=base | served)
+        assert r.status_code == 200, r.text
+        assert engine.last.chat_template_kwargs == {"reasoning_effort": "low"}
+        for field, value in (("store", True), ("service_tier", "flex"),
+                             ("modalities", ["text", "audio"]), ("reasoning_effort", "max"),
+                             ("audio", {"voice": "x"}), ("prediction", {"type": "content"}),
+                             ("functions", []), ("suffix", "x")):  # fmt: skip
+            r = http.post("/v1/chat/completions", json=base | {field: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+        r = http.post("/v1/completions", json={"prompt": "hi", "suffix": "x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
 
 
 class CachedClient(ReplyClient):
