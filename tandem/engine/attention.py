@@ -4,10 +4,17 @@ The batch is flat (all requests' tokens concatenated, decodes first). Decodes (o
 token each) share one batched call over their gathered blocks; each prefill chunk gets its
 own call, causal over its cached prefix plus itself. Only the blocks a request owns are
 read: never a copy of the whole cache. Metadata is built once per step, not per layer.
+
+On CUDA the triton kernels (`kernels/triton_attention.py`) take over: one launch stores the
+step's K and V, one attends for the whole batch, decodes and prefill chunks alike, straight
+off the block tables (no gathered copy of any context).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +26,8 @@ from tandem.kernels.cpu import (
     paged_decode_attention,
     prefill_attention_bf16,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -51,10 +60,21 @@ class DecodeGroup:
 
 
 @dataclass(slots=True)
+class TritonBatch:
+    """The whole batch as the triton kernels read it (CUDA)."""
+
+    query_start_loc: torch.Tensor  # (num_seqs + 1,) int32
+    seq_lens: torch.Tensor  # (num_seqs,) int32, this step's tokens included
+    block_tables: torch.Tensor  # (num_seqs, max_blocks) int32, padded with block 0
+    max_query_len: int
+
+
+@dataclass(slots=True)
 class AttnMetadata:
     """Where this step's keys go (`slot_mapping`) and what each query may read."""
 
     slot_mapping: torch.Tensor  # (T,) int64, cache slot of each batch token
+    triton: TritonBatch | None = None  # on CUDA: the kernels' view, and nothing else
     num_decodes: int = 0
     cache_rows: torch.Tensor | None = None  # slot_mapping per KV head (see _cache_rows)
     decode_groups: list[DecodeGroup] = field(default_factory=list)
@@ -84,6 +104,9 @@ def build_attn_metadata(
         for pos in range(ctx_len - q_len, ctx_len):
             slots.append(table[pos // block_size] * block_size + pos % block_size)
     meta = AttnMetadata(slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device))
+    if use_triton(device):
+        meta.triton = _triton_batch(query_lens, context_lens, block_tables, device)
+        return meta
     num_decodes = 0
     while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
         num_decodes += 1
@@ -117,6 +140,40 @@ def build_attn_metadata(
     return meta
 
 
+def _triton_batch(query_lens, context_lens, block_tables, device) -> TritonBatch:
+    width = max((len(t) for t in block_tables), default=1) or 1
+    padded = [t + [0] * (width - len(t)) for t in block_tables]
+    starts = [0]
+    for q_len in query_lens:
+        starts.append(starts[-1] + q_len)
+
+    def i32(values):  # noqa: E306
+        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+    return TritonBatch(i32(starts), i32(context_lens), i32(padded), max(query_lens, default=0))
+
+
+def use_triton(device: torch.device) -> bool:
+    """The triton kernels on CUDA; `TANDEM_ATTENTION_BACKEND=triton` forces them anywhere
+    (with `TRITON_INTERPRET=1`, on the CPU: how the tests run a whole model through them),
+    `=torch` keeps torch's path on CUDA."""
+    backend = os.environ.get("TANDEM_ATTENTION_BACKEND", "auto")
+    if backend == "auto":
+        return device.type == "cuda" and has_triton()
+    return backend == "triton"
+
+
+@functools.cache
+def has_triton() -> bool:
+    """Whether triton imports (it is a dependency; a broken install falls back to torch)."""
+    try:
+        import tandem.kernels.triton_attention  # noqa: F401
+    except Exception:  # ImportError, or a triton that cannot find its compiler
+        logger.warning("triton is unavailable: CUDA attention runs through torch")
+        return False
+    return True
+
+
 def _decode_group(start, end, context_lens, block_tables, max_blocks, device):
     padded = [t + [0] * (max_blocks - len(t)) for t in block_tables[start:end]]
     tables = torch.tensor(padded, dtype=torch.int64, device=device)
@@ -140,6 +197,8 @@ def paged_attention(
     (2-3x faster than gathering per head on CPU), and a block moves between workers as one
     contiguous slice.
     """
+    if meta.triton is not None:
+        return _triton_attention(q, k, v, k_cache, v_cache, meta, scale)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     if meta.cache_rows is None:  # once per step: every layer writes the same rows
         meta.cache_rows = _cache_rows(meta.slot_mapping, num_kv_heads, block_size)
@@ -177,6 +236,18 @@ def paged_attention(
         )
         out[span.start : span.end] = op[0].transpose(0, 1)  # (T, H, D)
     return out
+
+
+def _triton_attention(q, k, v, k_cache, v_cache, meta: AttnMetadata, scale: float):
+    from tandem.kernels.triton_attention import reshape_and_cache, unified_attention
+
+    b = meta.triton
+    reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = q.new_empty(q.shape)  # contiguous (q is a view into the fused projection)
+    return unified_attention(
+        q, k_cache, v_cache, out, b.query_start_loc, b.seq_lens, b.block_tables,
+        b.max_query_len, scale,
+    )  # fmt: skip
 
 
 def _prefill_bf16(q, k, v, k_cache, v_cache, span: PrefillSpan, scale: float):
