@@ -60,7 +60,9 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.runner = ModelRunner(config.model, config.cache)
+        self.runner = ModelRunner(config.model, config.cache,
+                                  config.scheduler.max_num_batched_tokens,
+                                  config.scheduler.max_num_seqs)  # fmt: skip
         info = self.runner.info
         self.max_model_len = info.max_model_len
         self.eos_token_id = self.runner.eos_token_id

@@ -94,6 +94,29 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def gpu_kv_budget(mem_info: tuple[int, int], reserved: int, utilization: float,
+                  activations: int) -> int:  # fmt: skip
+    """Bytes for the KV cache on a GPU, with vLLM's meaning of `--gpu-memory-utilization`:
+    the fraction of the card's memory this worker may hold in all (weights, activations,
+    cache), so two workers sharing a card at 0.45 each both fit. `mem_info`: (free, total)
+    now, with the weights loaded; `reserved`: what torch holds for this process (the
+    weights); `activations`: the peak a step's temporaries may take. Never more than is
+    free now (another process may hold the rest)."""
+    free, total = mem_info
+    return int(min(total * utilization - reserved, free) - activations)
+
+
+def activation_bytes(args, max_num_batched_tokens: int, max_num_seqs: int,
+                     dtype: torch.dtype) -> int:  # fmt: skip
+    """An upper estimate of one step's temporaries: per batched token, the residual stream,
+    the fused QKV and MLP projections (gate and up, and their product) twice over for
+    allocator slack; per sequence, fp32 logits three times (raw, processed, sorted)."""
+    elem = torch.finfo(dtype).bits // 8
+    qkv = (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
+    per_token = (4 * args.hidden_size + qkv + 3 * args.intermediate_size) * elem
+    return 2 * max_num_batched_tokens * per_token + 3 * max_num_seqs * args.vocab_size * 4
+
+
 @dataclass(frozen=True, slots=True)
 class RunnerInfo:
     """Values fixed at start-up from the model and the device."""
@@ -109,7 +132,8 @@ class RunnerInfo:
 class ModelRunner:
     """Owns the model, the paged KV cache tensors and the per-request sampling generators."""
 
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig) -> None:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256) -> None:  # fmt: skip
         self.device = select_device()
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         if self.device.type == "cpu":
@@ -129,7 +153,7 @@ class ModelRunner:
         elem = torch.finfo(self.dtype).bits // 8
         block_bytes = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * elem
         num_blocks = cache_config.num_gpu_blocks_override or self._blocks_for_memory(
-            cache_config, block_bytes
+            cache_config, block_bytes, max_num_batched_tokens, max_num_seqs
         )
         self.info = RunnerInfo(
             self.device, self.dtype, num_blocks, max_model_len, a.vocab_size, block_bytes
@@ -160,13 +184,23 @@ class ModelRunner:
             num_blocks * block_bytes / 2**30,
         )
 
-    def _blocks_for_memory(self, cache_config: CacheConfig, block_bytes: int) -> int:
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info()
-            budget = free - total * (1 - cache_config.gpu_memory_utilization)
-        else:
-            budget = cache_config.cpu_kv_cache_space_gib * 2**30
-        return max(int(budget // block_bytes), 1)
+    def _blocks_for_memory(self, cache_config: CacheConfig, block_bytes: int,
+                           max_num_batched_tokens: int, max_num_seqs: int) -> int:  # fmt: skip
+        if self.device.type != "cuda":
+            return max(int(cache_config.cpu_kv_cache_space_gib * 2**30 // block_bytes), 1)
+        budget = gpu_kv_budget(
+            torch.cuda.mem_get_info(self.device),
+            torch.cuda.memory_reserved(self.device),
+            cache_config.gpu_memory_utilization,
+            activation_bytes(self.model.args, max_num_batched_tokens, max_num_seqs, self.dtype),
+        )
+        if budget < block_bytes:
+            raise ValueError(
+                f"no GPU memory left for the KV cache at --gpu-memory-utilization "
+                f"{cache_config.gpu_memory_utilization}: raise it, or give this worker a GPU "
+                "of its own"
+            )
+        return int(budget // block_bytes)
 
     @torch.inference_mode()
     def execute(
@@ -288,13 +322,21 @@ class ModelRunner:
         return (len(self.kv_caches), 2, num_kv_heads, block_size, head_dim)
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """Copy blocks out of the cache: (len(block_ids), layers, 2, Hkv, block_size, D)."""
+        """Copy blocks out of the cache, into host memory (they leave for another process):
+        (len(block_ids), layers, 2, Hkv, block_size, D). From a GPU, through pinned memory:
+        one gather on the device, one DMA copy, one wait."""
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         per_layer = [
             torch.stack((k.index_select(0, ids), v.index_select(0, ids)), 1)
             for k, v in self.kv_caches
         ]  # each (n, 2, Hkv, bs, D)
-        return torch.stack(per_layer, 1)
+        tiles = torch.stack(per_layer, 1)
+        if tiles.device.type == "cpu":
+            return tiles
+        host = torch.empty(tiles.shape, dtype=tiles.dtype, pin_memory=True)
+        host.copy_(tiles, non_blocking=True)
+        torch.cuda.current_stream(tiles.device).synchronize()
+        return host
 
     def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
         """Copy (n, layers, 2, Hkv, block_size, D) tiles into the given blocks."""

@@ -178,6 +178,7 @@ def plan_stages(
                             *queue_argv(args)], Role.SCHEDULER, light_cores),
     ]  # fmt: skip
     roles = worker_roles(args)
+    gpus = place_on_gpus(visible_gpus(), len(roles), args.gpu_memory_utilization)
     for i, (role, (worker_cores, threads)) in enumerate(zip(roles, placements)):
         index = i if role == "prefill" else i - args.prefill_workers
         worker_id = f"{role}-{index}"
@@ -189,7 +190,12 @@ def plan_stages(
         # the token stream (latency), its prompts are throughput work.
         shares = role == "prefill" and bool(set(worker_cores) & set(light_cores))
         nice = PREFILL_NICE if shares else 0
-        stages.append(Stage(worker_id, argv, Role(role), worker_cores, nice))
+        stage = Stage(worker_id, argv, Role(role), worker_cores, nice)
+        if gpus:
+            device, utilization = gpus[i]
+            stage.env["CUDA_VISIBLE_DEVICES"] = device
+            argv += ["--gpu-memory-utilization", f"{utilization:.4f}"]  # the later one counts
+        stages.append(stage)
     gateway = [*tandem, "gateway", *nats, "--tokenizer-url", f"127.0.0.1:{tokenizer_port}",
                "--model", args.model, "--host", args.host, "--port", str(args.port)]  # fmt: skip
     gateway += http_argv(args)
@@ -199,6 +205,27 @@ def plan_stages(
     for stage in stages:  # by environment: a command line is readable by every local user
         stage.env |= {"NATS_URL": nats_urls[stage.role], "REDIS_URL": redis_url}
     return stages
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this launcher may hand out (CUDA_VISIBLE_DEVICES when set)."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [d.strip() for d in given.split(",") if d.strip() and d.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def place_on_gpus(gpus: list[str], num_workers: int, utilization: float) -> list[tuple[str, float]]:
+    """Each worker's device and `--gpu-memory-utilization`: a GPU of its own while there are
+    enough (prefill and decode on different devices), else round-robin, the workers that
+    share a card splitting its memory (vLLM's per-instance meaning of the fraction). Empty
+    without GPUs."""
+    if not gpus:
+        return []
+    devices = [gpus[i % len(gpus)] for i in range(num_workers)]
+    return [(d, utilization / devices.count(d)) for d in devices]
 
 
 def http_argv(args: argparse.Namespace) -> list[str]:

@@ -98,6 +98,7 @@ def kv_to_chunks(
     num_blocks = kv.shape[0]
     if num_blocks == 0:
         return []
+    kv = kv.cpu()  # a no-op for the engines' tiles (read_blocks hands them over on the host)
     raw = kv.contiguous().view(torch.uint8).view(num_blocks, -1)  # bytes per block, in order
     block_bytes = raw.shape[1]
     per_chunk = max_bytes // block_bytes
