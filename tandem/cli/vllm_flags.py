@@ -75,7 +75,6 @@ ABSENT = (
     Absent(("--headless",), "the gateway is a stage of its own (`tandem gateway`)", switch=True),
     Absent(("--disable-custom-all-reduce",), "there is no all-reduce", switch=True, ignore=True),
     # What these ask for is what Tandem always does: accepted without a word.
-    Absent(("--enforce-eager",), "", switch=True, accepts=("",)),
     Absent(("--enable-chunked-prefill",), "", switch=True, accepts=("",)),
     Absent(("--disable-log-stats",), "", switch=True, accepts=("",)),
 )
@@ -124,6 +123,7 @@ SAME_AS_VLLM = (
     "--logprobs-mode", "--logits-processors", "--otlp-traces-endpoint",
     "--structured-outputs-config", "--enable-auto-tool-choice", "--tool-call-parser",
     "--tool-parser-plugin", "--reasoning-parser", "--enable-prompt-tokens-details",
+    "--enforce-eager", "--cuda-graph-sizes",
 )  # fmt: skip
 
 

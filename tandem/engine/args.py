@@ -87,6 +87,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "tandem.engine.logits_processors:NoRepeatNGramLogitsProcessor",
     )
     p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs",
+    )
+    p.add_argument(
+        "--cuda-graph-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="decode batch sizes captured as CUDA graphs at start-up (default 1, 2, 4 and "
+        "multiples of 8 up to 512, at most --max-num-seqs)",
+    )
+    p.add_argument(
         "--torch-threads",
         type=int,
         default=None,
@@ -103,6 +116,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             args.seed,
             args.logprobs_mode,
             tuple(args.logits_processors or ()),
+            args.enforce_eager,
+            tuple(args.cuda_graph_sizes or ()),
         ),
         cache=CacheConfig(
             args.block_size,

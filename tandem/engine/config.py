@@ -21,6 +21,8 @@ class ModelConfig:
     seed: int = 0
     logprobs_mode: str = "raw_logprobs"  # see sampler.LogprobsMode
     logits_processors: tuple[str, ...] = ()  # "module:Class" each (logits_processors.py)
+    enforce_eager: bool = False  # CUDA: no graphs for decode steps (cuda_graphs.py)
+    cuda_graph_sizes: tuple[int, ...] = ()  # decode batch sizes captured (empty: vLLM's)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
@@ -32,6 +34,8 @@ class ModelConfig:
             raise ValueError(f"logprobs_mode must be one of {', '.join(modes)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if any(size < 1 for size in self.cuda_graph_sizes):
+            raise ValueError("cuda_graph_sizes must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)

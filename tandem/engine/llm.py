@@ -43,11 +43,18 @@ class LLM:
         seed: int = 0,
         logprobs_mode: str = "raw_logprobs",
         logits_processors: Sequence[str] = (),
+        enforce_eager: bool = False,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(
-                model, dtype, max_model_len, seed, logprobs_mode, tuple(logits_processors)
-            ),
+                model,
+                dtype,
+                max_model_len,
+                seed,
+                logprobs_mode,
+                tuple(logits_processors),
+                enforce_eager,
+            ),  # fmt: skip
             cache=CacheConfig(
                 block_size, num_gpu_blocks_override, enable_prefix_caching=enable_prefix_caching
             ),

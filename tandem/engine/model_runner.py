@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.engine.attention import build_attn_metadata
+from tandem.engine.attention import build_attn_metadata, use_triton
 from tandem.engine.config import CacheConfig, ModelConfig
+from tandem.engine.cuda_graphs import DecodeGraphs, default_capture_sizes
 from tandem.engine.loader import load_model, read_hf_config
 from tandem.engine.logits_processors import load_logits_processors
 from tandem.engine.request import Request
@@ -168,6 +169,17 @@ class ModelRunner:
             )
             for _ in range(a.num_layers)
         ]
+        self.graphs: DecodeGraphs | None = None
+        if (
+            self.device.type == "cuda"
+            and not model_config.enforce_eager
+            and use_triton(self.device)
+        ):
+            sizes = model_config.cuda_graph_sizes or default_capture_sizes(max_num_seqs)
+            max_blocks = -(-max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, list(sizes), max_blocks,
+                                       self.device)  # fmt: skip
+            self.graphs.capture()
         self.generators: dict[str, torch.Generator] = {}
         self.grammars = GrammarManager(model_config.model, a.vocab_size, self.eos_token_id)
         self.logprobs_mode = LogprobsMode(model_config.logprobs_mode)
@@ -244,13 +256,24 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sample_reqs.append(i)
         dev = self.device
-        meta = build_attn_metadata(query_lens, context_lens, tables, self.block_size, dev)
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            meta,
-            self.kv_caches,
+        graphed = (
+            self.graphs is not None
+            and len(query_lens) == len(input_ids)  # decodes only
+            and self.graphs.fits(len(input_ids))
         )
+        if graphed:
+            bs = self.block_size
+            slots = [t[(c - 1) // bs] * bs + (c - 1) % bs for t, c in zip(tables, context_lens)]
+            slot_tensor = torch.tensor(slots, dtype=torch.int64)
+            hidden = self.graphs.run(input_ids, positions, context_lens, tables, slot_tensor)
+        else:
+            meta = build_attn_metadata(query_lens, context_lens, tables, self.block_size, dev)
+            hidden = self.model(
+                torch.tensor(input_ids, dtype=torch.int64, device=dev),
+                torch.tensor(positions, dtype=torch.int64, device=dev),
+                meta,
+                self.kv_caches,
+            )
         for req, row, first, end in prompt_rows:
             self._prompt_logprobs(req, hidden[row : row + end - first], first)
         results: list[int | None] = [None] * len(requests)

@@ -142,6 +142,10 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--logprobs-mode", args.logprobs_mode]
     if args.logits_processors:
         argv += ["--logits-processors", *args.logits_processors]
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
+    if args.cuda_graph_sizes:
+        argv += ["--cuda-graph-sizes", *map(str, args.cuda_graph_sizes)]
     return argv
 
 

@@ -136,3 +136,46 @@ def test_a_model_runs_through_the_kernels_as_hugging_face(tiny_llama):
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     assert first == [hf_greedy(hf, p, 5) for p in prompts]
     assert again == first[:1]
+
+
+def test_a_padded_decode_batch_gives_each_real_row_what_eager_gives(tiny_llama):
+    """CUDA graphs' padding (cuda_graphs.py) with the graph replaced by a plain forward pass
+    at the padded size: padded rows write no KV and change no real row."""
+    from tandem.engine.attention import AttnMetadata, TritonBatch
+    from tandem.engine.config import CacheConfig, ModelConfig
+    from tandem.engine.cuda_graphs import DecodeGraphs, default_capture_sizes, padded_size
+    from tandem.engine.model_runner import ModelRunner
+
+    assert default_capture_sizes(20) == [1, 2, 4, 8, 16]
+    assert padded_size(3, [1, 2, 4, 8]) == 4 and padded_size(9, [1, 2, 4, 8]) is None
+
+    class Unrecorded(DecodeGraphs):
+        def _replay(self, size):
+            return self._forward(size)
+
+    runner = ModelRunner(ModelConfig(tiny_llama, dtype="float32", max_model_len=64),
+                         CacheConfig(num_gpu_blocks_override=16))  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    for k, v in runner.kv_caches:
+        k.copy_(torch.randn(k.shape, generator=gen))
+        v.copy_(torch.randn(v.shape, generator=gen))
+    graphs = Unrecorded(runner.model, runner.kv_caches, [1, 4, 8], 4, torch.device("cpu"))
+    tables, lens = [[3, 7], [5], [9, 2, 11]], [20, 9, 40]
+    ids, positions = [11, 22, 33], [c - 1 for c in lens]
+    slots = torch.tensor([t[(c - 1) // 16] * 16 + (c - 1) % 16 for t, c in zip(tables, lens)])
+    untouched = [k.clone() for k, _ in runner.kv_caches]
+    with torch.inference_mode():
+        graphed = graphs.run(ids, positions, lens, tables, slots).clone()  # padded to 4
+        after = [k.clone() for k, _ in runner.kv_caches]
+        eager = runner.model(
+            torch.tensor(ids), torch.tensor(positions),
+            AttnMetadata(slots, TritonBatch(torch.tensor([0, 1, 2, 3], dtype=torch.int32),
+                                            torch.tensor(lens, dtype=torch.int32),
+                                            torch.tensor([t + [0] * (3 - len(t)) for t in tables],
+                                                         dtype=torch.int32), 1)),
+            runner.kv_caches,
+        )  # fmt: skip
+    torch.testing.assert_close(graphed, eager)
+    for before, now in zip(untouched, after):  # only the three real rows' slots changed
+        changed = (before != now).any(-1).nonzero()[:, [0, 2]].unique(dim=0)
+        assert sorted((b * 16 + o) for b, o in changed.tolist()) == sorted(slots.tolist())
