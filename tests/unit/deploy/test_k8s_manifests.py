@@ -194,3 +194,41 @@ def test_stages_name_only_services_that_exist():
         for sd in job.get("dns_sd_configs", ()):
             for host in sd["names"]:
                 _assert_service_endpoint(job["job_name"], f"{host}:{sd['port']}")
+
+
+def _merge(base, patch):
+    """Kubernetes' strategic merge for what the GPU patch uses: maps merge, containers merge
+    by name, other lists and scalars are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for key, value in patch.items():
+            if key == "containers":
+                by_name = {c["name"]: c for c in patch[key]}
+                out[key] = [_merge(c, by_name[c["name"]]) if c["name"] in by_name else c
+                            for c in base.get(key, [])]  # fmt: skip
+            else:
+                out[key] = _merge(base.get(key), value) if key in base else value
+        return out
+    return patch
+
+
+def test_the_gpu_variant_gives_each_worker_a_gpu_and_stays_valid():
+    gpu_dir = K8S_DIR / "gpu"
+    kustomization = yaml.safe_load((gpu_dir / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../"]
+    patches = [d for p in kustomization["patches"]
+               for d in yaml.safe_load_all((gpu_dir / p["path"]).read_text()) if d]  # fmt: skip
+    deployments = _named("Deployment")
+    assert {p["metadata"]["name"] for p in patches} == {"prefill", "decode"}
+    for patch in patches:
+        name = patch["metadata"]["name"]
+        merged = _merge(copy.deepcopy(deployments[name]), patch)
+        kubernetes_validate.validate(merged, K8S_VERSION, strict=True)
+        (container,) = merged["spec"]["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert container["args"][0] == name and arg(container, "--torch-threads") == "2"
+        # the rest of the base (probes, NATS credentials, security) is kept
+        base = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+        for key in ("env", "envFrom", "startupProbe", "securityContext", "image"):
+            assert container[key] == base[key]
+    assert len(SCALED_OBJECTS) >= 2  # KEDA still scales the workers: the base's objects

@@ -153,28 +153,26 @@ def test_a_padded_decode_batch_gives_each_real_row_what_eager_gives(tiny_llama):
         def _replay(self, size):
             return self._forward(size)
 
-    runner = ModelRunner(ModelConfig(tiny_llama, dtype="float32", max_model_len=64),
-                         CacheConfig(num_gpu_blocks_override=16))  # fmt: skip
+    model = ModelConfig(tiny_llama, dtype="float32", max_model_len=64, enforce_eager=True)
+    runner = ModelRunner(model, CacheConfig(num_gpu_blocks_override=16))
+    dev = runner.device
     gen = torch.Generator().manual_seed(0)
     for k, v in runner.kv_caches:
         k.copy_(torch.randn(k.shape, generator=gen))
         v.copy_(torch.randn(v.shape, generator=gen))
-    graphs = Unrecorded(runner.model, runner.kv_caches, [1, 4, 8], 4, torch.device("cpu"))
+    graphs = Unrecorded(runner.model, runner.kv_caches, [1, 4, 8], 4, dev)
     tables, lens = [[3, 7], [5], [9, 2, 11]], [20, 9, 40]
     ids, positions = [11, 22, 33], [c - 1 for c in lens]
     slots = torch.tensor([t[(c - 1) // 16] * 16 + (c - 1) % 16 for t, c in zip(tables, lens)])
     untouched = [k.clone() for k, _ in runner.kv_caches]
+    padded = torch.tensor([t + [0] * (3 - len(t)) for t in tables], dtype=torch.int32)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=dev)
+    batch = TritonBatch(torch.arange(4, dtype=torch.int32, device=dev), lens_t, padded.to(dev), 1)
     with torch.inference_mode():
         graphed = graphs.run(ids, positions, lens, tables, slots).clone()  # padded to 4
         after = [k.clone() for k, _ in runner.kv_caches]
-        eager = runner.model(
-            torch.tensor(ids), torch.tensor(positions),
-            AttnMetadata(slots, TritonBatch(torch.tensor([0, 1, 2, 3], dtype=torch.int32),
-                                            torch.tensor(lens, dtype=torch.int32),
-                                            torch.tensor([t + [0] * (3 - len(t)) for t in tables],
-                                                         dtype=torch.int32), 1)),
-            runner.kv_caches,
-        )  # fmt: skip
+        eager = runner.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
+                             AttnMetadata(slots.to(dev), batch), runner.kv_caches)  # fmt: skip
     torch.testing.assert_close(graphed, eager)
     for before, now in zip(untouched, after):  # only the three real rows' slots changed
         changed = (before != now).any(-1).nonzero()[:, [0, 2]].unique(dim=0)
