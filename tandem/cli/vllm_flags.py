@@ -44,9 +44,7 @@ ABSENT = (
         ("--guided-decoding-backend",),
         'vLLM\'s older flag: use --structured-outputs-config \'{"backend": "..."}\'',
     ),
-    Absent(("--runner",), "pooling models are not supported", ("auto", "generate")),
-    Absent(("--task",), "pooling models are not supported", ("auto", "generate")),
-    Absent(("--convert",), "pooling models are not supported", ("auto", "none")),
+    Absent(("--task",), "vLLM's older flag: use --runner and --convert", ("auto", "generate")),
     Absent(
         ("--kv-transfer-config",),
         "the prefill and decode workers hand KV blocks over "
@@ -123,7 +121,7 @@ SAME_AS_VLLM = (
     "--logprobs-mode", "--logits-processors", "--otlp-traces-endpoint",
     "--structured-outputs-config", "--enable-auto-tool-choice", "--tool-call-parser",
     "--tool-parser-plugin", "--reasoning-parser", "--enable-prompt-tokens-details",
-    "--enforce-eager", "--cuda-graph-sizes",
+    "--enforce-eager", "--cuda-graph-sizes", "--runner", "--convert", "--pooler-config",
 )  # fmt: skip
 
 

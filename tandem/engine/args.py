@@ -86,6 +86,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="global logits processors applied to every batch, e.g. "
         "tandem.engine.logits_processors:NoRepeatNGramLogitsProcessor",
     )
+    add_runner_args(p)
+    p.add_argument(
+        "--pooler-config",
+        default=None,
+        help='a pooling model\'s pooling, JSON over what its folder says: {"pooling_type": '
+        '"LAST" | "MEAN" | "CLS" | "ALL", "normalize": bool, "softmax": bool}',
+    )
     p.add_argument(
         "--enforce-eager",
         action="store_true",
@@ -107,6 +114,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_runner_args(p: argparse.ArgumentParser) -> None:
+    """What kind of model is served (the gateway needs it too: its endpoints differ)."""
+    p.add_argument(
+        "--runner",
+        default="auto",
+        choices=["auto", "generate", "pooling"],
+        help="generate (completions, chat) or pooling (embeddings, scores, classification); "
+        "auto: pooling for an encoder (BERT) or a sentence-transformers folder",
+    )
+    p.add_argument(
+        "--convert",
+        default="auto",
+        choices=["auto", "none", "embed"],
+        help="embed: serve a generative model as an embedder (last-token pooling, normalized)",
+    )
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(
@@ -118,6 +142,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             tuple(args.logits_processors or ()),
             args.enforce_eager,
             tuple(args.cuda_graph_sizes or ()),
+            args.runner,
+            args.convert,
+            args.pooler_config,
         ),
         cache=CacheConfig(
             args.block_size,

@@ -140,6 +140,17 @@ def build_attn_metadata(
     return meta
 
 
+def sequence_spans(meta: AttnMetadata) -> list[tuple[int, int]]:
+    """The batch's sequences as (start, end) row ranges, in batch order: what an encoder
+    attends within. Each decode row is a span of one, then each prefill span follows."""
+    if meta.triton is not None:
+        starts = meta.triton.query_start_loc.tolist()
+        return list(zip(starts[:-1], starts[1:]))
+    spans = [(row, row + 1) for g in meta.decode_groups for row in range(g.start, g.end)]
+    spans.extend((p.start, p.end) for p in meta.prefills)
+    return spans
+
+
 def _triton_batch(query_lens, context_lens, block_tables, device) -> TritonBatch:
     width = max((len(t) for t in block_tables), default=1) or 1
     padded = [t + [0] * (width - len(t)) for t in block_tables]

@@ -39,13 +39,14 @@ class GenerateInput:
     side renders, tokenizes and checks it (`engine.preprocess`), in the tokenizer stage of
     the cluster or in-process when colocated.
 
-    Completions give `prompts` (texts or token ids), chat gives `messages`. Prompt i's
+    Completions give `prompts` (texts or token ids; pooling requests also text pairs, as
+    tuples, for cross-encoders), chat gives `messages`. Prompt i's
     samples are `request_ids[i * n : (i + 1) * n]`. `params` comes from the body; with
     `fill_context` (no max_tokens given) the reply may fill the rest of the context."""
 
     request_ids: list[str]
     params: SamplingParams
-    prompts: list[str | list[int]] = field(default_factory=list)
+    prompts: list[str | tuple[str, str] | list[int]] = field(default_factory=list)
     messages: list[dict] | None = None
     add_generation_prompt: bool = True
     tools: list[dict] | None = None  # chat: the tools, as the chat template takes them
@@ -119,6 +120,7 @@ class GenerationChunk:
     produced_at: float = 0.0  # wall clock of the step that made the tokens (0: unknown)
     logprobs: list[LogprobEntry] | None = None  # one per token, when asked for
     prompt_logprobs: list[LogprobEntry] | None = None  # with the first token, when asked for
+    pooled: list | None = None  # a pooling request's output: floats (or rows of them for ALL)
 
 
 class EngineClient(Protocol):

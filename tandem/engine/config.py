@@ -23,6 +23,9 @@ class ModelConfig:
     logits_processors: tuple[str, ...] = ()  # "module:Class" each (logits_processors.py)
     enforce_eager: bool = False  # CUDA: no graphs for decode steps (cuda_graphs.py)
     cuda_graph_sizes: tuple[int, ...] = ()  # decode batch sizes captured (empty: vLLM's)
+    runner: str = "auto"  # generate | pooling (auto: from the model folder; pooling.py)
+    convert: str = "auto"  # embed: a generative model run as an embedder
+    pooler_config: str | None = None  # JSON over the folder's pooling (vLLM's --pooler-config)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):

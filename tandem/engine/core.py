@@ -18,6 +18,7 @@ from tandem.engine.block_pool import Block
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache_manager import KVCacheManager
 from tandem.engine.model_runner import ModelRunner
+from tandem.engine.pooling import needs_whole_prompt
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.sampler import TokenLogprobs
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
@@ -42,6 +43,7 @@ class StepOutput:
     # with the first token of a request asking for them: each prompt token's after the first
     prompt_logprobs: list[TokenLogprobs] | None = None
     error: str | None = None
+    pooled: torch.Tensor | None = None  # a pooling request's output (float32, CPU)
 
 
 def is_worker_fault(e: BaseException) -> bool:
@@ -108,12 +110,40 @@ class EngineCore:
                 request.sampling_params,
                 structured_outputs=backends.check(so, StructuredOutputsConfig()),
             )
+        self._check_pooling(request)
         ids = (request.request_id, *request.fork_ids)
         if len(set(ids)) != len(ids):
             raise ValueError("fork ids must differ from each other and from the request's")
         for request_id in ids:
             if request_id in self.scheduler.requests:
                 raise ValueError(f"duplicate request_id {request_id!r}")
+
+    def _check_pooling(self, request: Request) -> None:
+        """A pooling request needs a pooling model (and a generation request a generating
+        one); a prompt that must run whole must fit one step."""
+        pooling = request.sampling_params.pooling
+        pooler = self.runner.pooler
+        if pooling is None:
+            if pooler is not None:
+                raise ValueError("this model is a pooling model: it serves embeddings, "
+                                 "scores and classifications, not generation")  # fmt: skip
+            return
+        if pooler is None:
+            raise ValueError("this model generates: pooling requests need a pooling model "
+                             "(--runner pooling)")  # fmt: skip
+        if request.fork_ids or request.sampling_params.n != 1:
+            raise ValueError("n must be 1 for a pooling request")
+        if pooling.task in ("classify", "score") and not self.runner.is_classifier:
+            raise ValueError(f"task {pooling.task} needs a classification model")
+        hidden = self.runner.model.args.hidden_size
+        if pooling.dimensions is not None and pooling.dimensions > hidden:
+            raise ValueError(f"dimensions must be <= {hidden}, this model's embedding size")
+        request.whole_prompt = needs_whole_prompt(pooler, self.runner.is_encoder)
+        budget = self.config.scheduler.max_num_batched_tokens
+        if request.whole_prompt and request.num_prompt_tokens > budget:
+            raise ValueError(f"prompt has {request.num_prompt_tokens} tokens, more than "
+                             f"max_num_batched_tokens ({budget}), which this model's pooling "
+                             "needs it to fit")  # fmt: skip
 
     def add_prefilled_request(
         self,
@@ -256,6 +286,10 @@ class EngineCore:
                 request.grammar.accept(token)
         children = self._admit_forks(forks, forked)  # before a parent that ended is freed
         finished = self.scheduler.update_from_output(plan, sampled)
+        pooled = [r for r in plan.requests if r.pooled is not None and not r.is_finished]
+        for request in pooled:  # prefill only: done once pooled
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+            finished.append(request)
         if finished:
             self.runner.release([r.request_id for r in finished])
         self.num_steps += 1
@@ -270,6 +304,7 @@ class EngineCore:
             for req, tok, lp in zip(plan.requests, sampled, logprobs)
             if tok is not None
         ]
+        outputs += [StepOutput(r, [], True, pooled=r.pooled) for r in pooled]
         return outputs + children
 
     def _isolate_failure(self, plan: SchedulerOutput, e: Exception) -> list[StepOutput]:

@@ -306,5 +306,6 @@ class InProcessEngineClient:
                 now,
                 logprob_entries(self.tokenizer, out.logprobs),
                 logprob_entries(self.tokenizer, out.prompt_logprobs),
+                None if out.pooled is None else out.pooled.tolist(),
             )
             sub.loop.call_soon_threadsafe(sub.out.put_nowait, chunk)

@@ -6,6 +6,8 @@ import itertools
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from tandem.engine.config import (
     CacheConfig,
     EngineConfig,
@@ -14,8 +16,10 @@ from tandem.engine.config import (
     SchedulingPolicy,
 )
 from tandem.engine.core import EngineCore
+from tandem.engine.pooling import PoolingParams
 from tandem.engine.request import (
     CompletionOutput,
+    PoolingRequestOutput,
     Request,
     RequestOutput,
     RequestStatus,
@@ -44,6 +48,9 @@ class LLM:
         logprobs_mode: str = "raw_logprobs",
         logits_processors: Sequence[str] = (),
         enforce_eager: bool = False,
+        runner: str = "auto",
+        convert: str = "auto",
+        pooler_config: str | None = None,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(
@@ -54,6 +61,9 @@ class LLM:
                 logprobs_mode,
                 tuple(logits_processors),
                 enforce_eager,
+                runner=runner,
+                convert=convert,
+                pooler_config=pooler_config,
             ),  # fmt: skip
             cache=CacheConfig(
                 block_size, num_gpu_blocks_override, enable_prefix_caching=enable_prefix_caching
@@ -122,6 +132,41 @@ class LLM:
         if bar is not None:
             bar.close()
         return [self._output(r, samples, detoks, texts[r.request_id], logprobs) for r in order]
+
+    def encode(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[PoolingRequestOutput]:
+        """A pooling model's outputs, one per prompt in order (vLLM's LLM.encode): embeddings
+        by default (`pooling_params.task`). Text is tokenized as the tokenizer does
+        (special tokens added: an encoder's [CLS] ... [SEP])."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = SamplingParams(max_tokens=1, pooling=pooling_params or PoolingParams())
+        order = []
+        for prompt in prompts:
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            if truncate_prompt_tokens is not None:
+                ids = ids[-truncate_prompt_tokens:]
+            req = Request(f"llm-{next(self._ids)}", ids, params)
+            self.engine.add_request(req)
+            order.append(req)
+        done: dict[str, torch.Tensor] = {}
+        while self.engine.has_unfinished:
+            for out in self.engine.step():
+                if out.error is not None:
+                    raise RuntimeError(out.error)
+                if out.pooled is not None:
+                    done[out.request.request_id] = out.pooled
+        return [PoolingRequestOutput(r.request_id, r.prompt_token_ids, done[r.request_id],
+                                     max(r.num_cached_tokens, 0)) for r in order]  # fmt: skip
+
+    def embed(self, prompts, truncate_prompt_tokens: int | None = None, **pooling):
+        """Embeddings (vLLM's LLM.embed): `encode` with task embed."""
+        params = PoolingParams(task="embed", **pooling)
+        return self.encode(prompts, params, truncate_prompt_tokens)
 
     @staticmethod
     def _output(

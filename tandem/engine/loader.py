@@ -55,7 +55,10 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                target, offset, size = _target(model, name.removeprefix("model."))
+                local = model.checkpoint_name(name)
+                if local is None:
+                    continue
+                target, offset, size = _target(model, local)
                 if target not in params:
                     if "rotary_emb" in name:
                         continue

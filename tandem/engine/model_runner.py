@@ -14,6 +14,12 @@ from tandem.engine.config import CacheConfig, ModelConfig
 from tandem.engine.cuda_graphs import DecodeGraphs, default_capture_sizes
 from tandem.engine.loader import load_model, read_hf_config
 from tandem.engine.logits_processors import load_logits_processors
+from tandem.engine.pooling import (
+    PoolerConfig,
+    detect_runner,
+    pool,
+    sentence_transformers_max_len,
+)
 from tandem.engine.request import Request
 from tandem.engine.sampler import (
     LogprobsMode,
@@ -145,22 +151,41 @@ class ModelRunner:
         hf_config = read_hf_config(model_config.model)
         self.model = load_model(model_config.model, self.dtype, self.device)
         a = self.model.args
-        max_model_len = model_config.max_model_len or a.max_position_embeddings
+        max_model_len = (
+            model_config.max_model_len
+            or sentence_transformers_max_len(model_config.model)
+            or a.max_position_embeddings
+        )
         if max_model_len > a.max_position_embeddings:
             raise ValueError(
                 f"max_model_len {max_model_len} exceeds the model's "
                 f"max_position_embeddings {a.max_position_embeddings}"
             )
+        kind = detect_runner(model_config.model, hf_config, model_config.runner,
+                             model_config.convert)  # fmt: skip
+        self.is_encoder = bool(getattr(self.model, "is_encoder", False))
+        self.is_classifier = hasattr(self.model, "classify")
+        self.pooler: PoolerConfig | None = None
+        if kind == "pooling":
+            self.pooler = PoolerConfig.of_model(model_config.model, hf_config,
+                                                model_config.pooler_config)  # fmt: skip
+        # An encoder keeps no KV: its cache tensors are empty, its blocks only bookkeeping.
         elem = torch.finfo(self.dtype).bits // 8
-        block_bytes = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * elem
-        num_blocks = cache_config.num_gpu_blocks_override or self._blocks_for_memory(
-            cache_config, block_bytes, max_num_batched_tokens, max_num_seqs
-        )
+        kv_heads, head_dim = (0, 0) if self.is_encoder else (a.num_kv_heads, a.head_dim)
+        block_bytes = 2 * a.num_layers * self.block_size * kv_heads * head_dim * elem
+        if self.is_encoder:  # enough to hold every request a step can take
+            num_blocks = cache_config.num_gpu_blocks_override or (
+                -(-max_num_batched_tokens // self.block_size) + max_num_seqs
+            )
+        else:
+            num_blocks = cache_config.num_gpu_blocks_override or self._blocks_for_memory(
+                cache_config, block_bytes, max_num_batched_tokens, max_num_seqs
+            )
         self.info = RunnerInfo(
             self.device, self.dtype, num_blocks, max_model_len, a.vocab_size, block_bytes
         )
         self.eos_token_id = _first(hf_config.get("eos_token_id"))
-        shape = (num_blocks, a.num_kv_heads, self.block_size, a.head_dim)  # see attention.py
+        shape = (num_blocks, kv_heads, self.block_size, head_dim)  # see attention.py
         # Zeroed: attention masks unused slots, and masked garbage could still be NaN.
         self.kv_caches = [
             (
@@ -173,6 +198,7 @@ class ModelRunner:
         if (
             self.device.type == "cuda"
             and not model_config.enforce_eager
+            and self.pooler is None  # pooling is prefill only
             and use_triton(self.device)
         ):
             sizes = model_config.cuda_graph_sizes or default_capture_sizes(max_num_seqs)
@@ -239,6 +265,7 @@ class ModelRunner:
         positions: list[int] = []
         query_lens, context_lens, tables, sample_rows, sample_reqs = [], [], [], [], []
         prompt_rows: list[tuple[Request, int, int, int]] = []  # request, row, first, end
+        pool_rows: list[tuple[Request, int, int]] = []  # pooling requests done: their rows
         for i in order:
             req, n = requests[i], num_scheduled[i]
             start = req.num_computed_tokens
@@ -253,8 +280,11 @@ class ModelRunner:
             context_lens.append(start + n)
             tables.append(block_tables[i])
             if start + n == req.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
-                sample_reqs.append(i)
+                if req.sampling_params.pooling is not None:
+                    pool_rows.append((req, len(input_ids) - n, len(input_ids)))
+                else:
+                    sample_rows.append(len(input_ids) - 1)
+                    sample_reqs.append(i)
         dev = self.device
         graphed = (
             self.graphs is not None
@@ -276,6 +306,9 @@ class ModelRunner:
             )
         for req, row, first, end in prompt_rows:
             self._prompt_logprobs(req, hidden[row : row + end - first], first)
+        for req, first, end in pool_rows:
+            req.pooled = pool(self.model, self.pooler, req.sampling_params.pooling,
+                              hidden[first:end], self.is_classifier)  # fmt: skip
         results: list[int | None] = [None] * len(requests)
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         forked: dict[str, tuple] = {}

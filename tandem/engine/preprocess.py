@@ -78,20 +78,16 @@ def prepare(
     else:
         if not inputs.prompts:
             raise InvalidRequest("prompt must not be empty", "prompt")
-        prompts = []
-        for prompt in inputs.prompts:
-            if isinstance(prompt, str):
-                prompts.append(PreparedPrompt(tokenizer.encode(prompt), prompt))
-            else:
-                prompts.append(PreparedPrompt(list(prompt)))
+        prompts = [_encode(tokenizer, p, inputs) for p in inputs.prompts]
     if len(inputs.request_ids) != len(prompts) * max(inputs.n, 1) or not inputs.request_ids:
         raise InvalidRequest("request_ids must hold n ids per prompt", "request_id")
     k = inputs.truncate_prompt_tokens
+    pooling = inputs.params.pooling is not None
     for prompt in prompts:
         if k is not None and len(prompt.token_ids) > k:
             prompt.token_ids = prompt.token_ids[-k:]
             prompt.text = ""  # no longer the text given
-        check_prompt(prompt.token_ids, param, vocab_size, max_model_len)
+        check_prompt(prompt.token_ids, param, vocab_size, max_model_len, pooling)
         if not inputs.return_prompt_text:
             prompt.text = ""
         elif not prompt.text:
@@ -109,13 +105,37 @@ def prepare(
     return prompts, params
 
 
-def check_prompt(ids: list[int], param: str, vocab_size: int, max_model_len: int) -> None:
-    """A prompt is not empty, holds only known token ids and leaves room for a token."""
+def _encode(tokenizer, prompt, inputs: GenerateInput) -> PreparedPrompt:
+    """A prompt's ids. Pooling requests' texts (and text pairs) are cut to
+    `truncate_prompt_tokens` by the tokenizer, from the end, its special tokens kept (as
+    sentence-transformers and vLLM do); token ids keep their last k (`prepare`)."""
+    if isinstance(prompt, list):
+        return PreparedPrompt(list(prompt))
+    text, pair = (prompt, None) if isinstance(prompt, str) else prompt
+    k = inputs.truncate_prompt_tokens
+    if inputs.params.pooling is not None and k is not None:
+        ids = tokenizer.encode(text, pair, truncation=True, max_length=k)
+    elif pair is not None:
+        ids = tokenizer.encode(text, pair)
+    else:
+        ids = tokenizer.encode(text)
+    return PreparedPrompt(ids, text if pair is None else "")
+
+
+def check_prompt(ids: list[int], param: str, vocab_size: int, max_model_len: int,
+                 pooling: bool = False) -> None:  # fmt: skip
+    """A prompt is not empty, holds only known token ids and leaves room for a token (a
+    pooling request's may fill the context: it generates none)."""
     if not ids:
         raise InvalidRequest(f"{param} must not be empty", param)
     if any(not 0 <= t < vocab_size for t in ids):
         raise InvalidRequest(f"{param} token ids must be in [0, {vocab_size})", param)
-    if len(ids) >= max_model_len:
+    if pooling and len(ids) > max_model_len:
+        raise InvalidRequest(
+            f"This model's maximum context length is {max_model_len} tokens; the input "
+            f"has {len(ids)} tokens (truncate_prompt_tokens cuts it).", param,
+        )  # fmt: skip
+    if not pooling and len(ids) >= max_model_len:
         raise InvalidRequest(
             f"This model's maximum context length is {max_model_len} tokens; "
             f"the prompt has {len(ids)} tokens and at least one must be generated.",

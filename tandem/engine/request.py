@@ -7,6 +7,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from tandem.engine.pooling import PoolingParams
 from tandem.engine.structured_output.params import StructuredOutputsParams
 
 
@@ -74,6 +75,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     n: int = 1  # samples of the prompt, which is prefilled once (see Request.fork_ids)
     structured_outputs: StructuredOutputsParams | None = None  # a grammar the output follows
+    pooling: PoolingParams | None = None  # a pooling request: its prompt pooled, no tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -199,6 +201,10 @@ class Request:
     # structured outputs: this engine's RequestGrammar (compiling, then a matcher); never
     # on the wire (the spec is, in sampling_params, and the receiver replays the tokens)
     grammar: object | None = None
+    # pooling: the prompt runs in one step, none of it from the cache (pooling.py); and the
+    # pooled output (float32 tensor) once the runner made it
+    whole_prompt: bool = False
+    pooled: object | None = None
 
     def fork(self, request_id: str, index: int) -> Request:
         """The `index`-th sample (1..n-1) of this request: its seed is seed + index, as in
@@ -266,3 +272,18 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt: str | None = None
     prompt_logprobs: list | None = None  # when asked for: None, then one per prompt token
+
+
+@dataclass(slots=True)
+class PoolingRequestOutput:
+    """A pooling request's result: `data` is the pooled output (float32 tensor: an
+    embedding, a classifier's scores; per token for ALL pooling)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    data: object
+    num_cached_tokens: int = 0
+
+    @property
+    def embedding(self) -> list[float]:
+        return self.data.tolist()

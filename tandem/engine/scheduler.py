@@ -103,7 +103,8 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request_id {request.request_id!r}")
-        if request.num_prompt_tokens >= self.max_model_len:
+        pooling = request.sampling_params.pooling is not None  # generates no token
+        if request.num_prompt_tokens >= self.max_model_len + pooling:
             raise ValueError(
                 f"prompt has {request.num_prompt_tokens} tokens; max_model_len is "
                 f"{self.max_model_len} and at least one token must be generated"
@@ -173,9 +174,10 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting.peek()
-            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            hits, num_hit_tokens = self._cache_hits(request)
             num_new = self._computable(request) - num_hit_tokens
-            if not self.config.enable_chunked_prefill and num_new > budget:
+            whole = request.whole_prompt or not self.config.enable_chunked_prefill
+            if whole and num_new > budget:
                 break
             num_new = min(num_new, budget)
             if self.kv.allocate_slots(request, num_new, hits) is None:
@@ -186,6 +188,13 @@ class Scheduler:
                 self._schedule(request, num_new, out)
             budget -= num_new
         return out
+
+    def _cache_hits(self, request: Request) -> tuple[list, int]:
+        """Its leading blocks found in the prefix cache; none for a pooling request that
+        needs every row of its prompt computed (pooling.py)."""
+        if request.whole_prompt:
+            return [], 0
+        return self.kv.get_computed_blocks(request)
 
     def _computable(self, request: Request) -> int:
         """How many of its tokens a request may have computed after this step: all, but
@@ -217,7 +226,7 @@ class Scheduler:
                 continue  # aborted since the plan was made
             hits: list = []
             if request.status is not RequestStatus.RUNNING:
-                hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+                hits, num_hit_tokens = self._cache_hits(request)
                 request.num_computed_tokens = 0
             else:
                 num_hit_tokens = request.num_computed_tokens

@@ -142,6 +142,9 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--logprobs-mode", args.logprobs_mode]
     if args.logits_processors:
         argv += ["--logits-processors", *args.logits_processors]
+    argv += ["--runner", args.runner, "--convert", args.convert]
+    if args.pooler_config:
+        argv += ["--pooler-config", args.pooler_config]
     if args.enforce_eager:
         argv.append("--enforce-eager")
     if args.cuda_graph_sizes:
@@ -242,6 +245,7 @@ def http_argv(args: argparse.Namespace) -> list[str]:
     if args.served_model_name:
         argv += ["--served-model-name", *args.served_model_name]
     argv += ["--structured-outputs-config", args.structured_outputs_config.to_json()]
+    argv += ["--runner", args.runner, "--convert", args.convert]
     for flag in ("root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "max_log_len",
                  "tool_call_parser", "tool_parser_plugin", "reasoning_parser"):  # fmt: skip
         if getattr(args, flag) is not None:

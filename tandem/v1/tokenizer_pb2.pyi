@@ -68,12 +68,14 @@ class InfoResponse(_message.Message):
     def __init__(self, vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class PromptInput(_message.Message):
-    __slots__ = ("text", "token_ids")
+    __slots__ = ("text", "token_ids", "text_pair")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_PAIR_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _common_pb2.TokenSequence
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[_common_pb2.TokenSequence, _Mapping]] = ...) -> None: ...
+    text_pair: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[_common_pb2.TokenSequence, _Mapping]] = ..., text_pair: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_ids", "prompts", "messages_json", "add_generation_prompt", "truncate_prompt_tokens", "bad_words", "params", "fill_context", "return_prompt_text", "priority", "cache_salt", "reply_subject", "trace_context", "arrival_time", "tools_json", "chat_template_kwargs_json")

@@ -112,6 +112,7 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Flat-batch forward: (T,) token ids and positions in, (T, hidden) states out."""
 
+    is_encoder = False
     default_qkv_bias = False
     # checkpoint tensor -> (the fused parameter it fills, its shard index), for the loader
     packed_modules = {
@@ -138,6 +139,10 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)  # (max_len, D)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)  # signed
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """The parameter a checkpoint tensor fills (before fusing); None: not loaded."""
+        return name.removeprefix("model.")
 
     def shard_sizes(self, fused: str) -> list[int]:
         a = self.args

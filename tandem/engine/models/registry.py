@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from tandem.engine.models.bert import BertForSequenceClassification, BertModel
 from tandem.engine.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "BertForSequenceClassification": BertForSequenceClassification,
+    "BertModel": BertModel,
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
 }

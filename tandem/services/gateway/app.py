@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,8 +21,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.engine.client import EngineClient
+from tandem.engine.pooling import detect_runner
 from tandem.engine.structured_output.params import StructuredOutputsConfig
 from tandem.services.gateway.guard import DEFAULT_MAX_BODY_BYTES, Guard
+from tandem.services.gateway.pooling_api import router as pooling_router
 from tandem.services.gateway.responses import router as responses_router
 from tandem.services.gateway.routes import router
 from tandem.services.gateway.state import GatewayState
@@ -50,9 +54,29 @@ class GatewaySettings:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     enable_prompt_tokens_details: bool = False
+    runner: str = "auto"  # vLLM's --runner and --convert: the model's kind (engine.pooling)
+    convert: str = "auto"
+
+
+def model_kind(settings: GatewaySettings) -> tuple[str, tuple[str, ...] | None, int | None]:
+    """(generate or pooling, a classifier's labels, the hidden size) from the model folder;
+    a path without a config.json (a test's) generates."""
+    config_file = Path(settings.model_path) / "config.json"
+    if not config_file.is_file():
+        return "generate", None, None
+    config = json.loads(config_file.read_text())
+    runner = detect_runner(settings.model_path, config, settings.runner, settings.convert)
+    hidden = config.get("hidden_size")
+    if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures", [])):
+        return runner, None, hidden
+    labels = config.get("id2label") or {"0": "LABEL_0"}
+    return runner, tuple(labels[k] for k in sorted(labels, key=int)), hidden
 
 
 def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
+    runner, classifier, hidden_size = model_kind(settings)
+    if runner == "pooling" and hasattr(client, "needs_decode"):
+        client.needs_decode = False  # pooling requests end on their prefill worker
     state = GatewayState(
         client=client,
         telemetry=Telemetry(settings.served_model_names[0]),
@@ -66,6 +90,9 @@ def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
         tool_call_parser=settings.tool_call_parser,
         reasoning_parser=settings.reasoning_parser,
         enable_prompt_tokens_details=settings.enable_prompt_tokens_details,
+        runner=runner,
+        classifier=classifier,
+        hidden_size=hidden_size,
     )
     # FastAPI's own spans (three per call, health checks included) are off: the gateway
     # opens one span per generation request itself, the root of the request's trace.
@@ -92,6 +119,7 @@ def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.include_router(router)
     app.include_router(responses_router)
+    app.include_router(pooling_router)
     return app
 
 

@@ -43,6 +43,7 @@ class ClusterEngineClient:
         self.gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
         self.reply_subject = subject("gateway", self.gateway_id, "deltas")
         self.vocab_size = 0
+        self.needs_decode = True  # a pooling model's cluster serves without decode workers
         self.workers: dict[str, engine_pb2.Heartbeat] = {}
         self.seen: dict[str, float] = {}
         self._streams: dict[str, asyncio.Queue] = {}
@@ -109,11 +110,10 @@ class ClusterEngineClient:
     @property
     def ready(self) -> bool:
         roles = {hb.role for hb in self._live() if not hb.draining}
-        return (
-            self.bus is not None
-            and self.vocab_size > 0
-            and {engine_pb2.WORKER_ROLE_PREFILL, engine_pb2.WORKER_ROLE_DECODE} <= roles
-        )
+        needed = {engine_pb2.WORKER_ROLE_PREFILL}
+        if self.needs_decode:
+            needed.add(engine_pb2.WORKER_ROLE_DECODE)
+        return self.bus is not None and self.vocab_size > 0 and needed <= roles
 
     def stats(self) -> dict:
         """Each live worker's load, from its heartbeats."""
@@ -227,6 +227,7 @@ class ClusterEngineClient:
                     delta.produced_at,
                     _entries(delta.logprobs),
                     _entries(delta.prompt_logprobs),
+                    codec.pooled_from_proto(delta.pooled) if delta.HasField("pooled") else None,
                 )
         finally:
             self._streams.pop(request_id, None)

@@ -47,6 +47,9 @@ class GatewayState:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     enable_prompt_tokens_details: bool = False
+    runner: str = "generate"  # or pooling (the model folder's kind, engine.pooling)
+    classifier: tuple[str, ...] | None = None  # a classification model's labels
+    hidden_size: int | None = None  # a pooling model's embedding size
 
     @property
     def served_model_name(self) -> str:
@@ -70,6 +73,10 @@ class GatewayState:
         """What a generation request must pass before anything is tokenized."""
         self.check_ready()
         self.check_model(body.model)
+        if self.runner == "pooling":
+            raise APIError(400, "this model is a pooling model: it serves /v1/embeddings, "
+                           "/pooling, /score, /rerank and /classify, not generation",
+                           "BadRequestError", "model")  # fmt: skip
         if body.cache_salt is not None and not body.cache_salt:
             raise APIError(
                 400, "cache_salt must be a non-empty string", "BadRequestError", "cache_salt"

@@ -170,7 +170,7 @@ class ClusterScheduler:
         vocabs = [w.vocab_size for w in self._live() if w.vocab_size]
         if vocabs and any(not 0 <= t < min(vocabs) for t in request.token_ids):
             raise ValueError(f"token ids must be in [0, {min(vocabs)})")
-        if limit and request.num_tokens >= limit:
+        if limit and request.num_tokens >= limit + request.pooling:  # pooling: none generated
             raise ValueError(
                 f"prompt has {request.num_tokens} tokens; max_model_len is {limit} "
                 "and at least one token must be generated"
@@ -187,7 +187,7 @@ class ClusterScheduler:
         limit = self.max_queued_tokens
         if limit is not None and queued + request.num_tokens > limit:
             raise Overloaded(f"the queue holds {queued} tokens (at most {limit})")
-        for role in Role:
+        for role in (Role.PREFILL,) if request.pooling else Role:  # pooling: prefill only
             if not self._accepting(role):
                 raise Overloaded(f"no {role.value} worker is available")
 
@@ -397,19 +397,21 @@ class ClusterScheduler:
         them), then make one plan for each prefill worker with a free slot and work to do."""
         while len(self.waiting):
             request = self.waiting.peek()
-            decode = self._pick_decode(request)
-            prefill = self._pick_prefill(request) if decode is not None else None
+            decode = None if request.pooling else self._pick_decode(request)
+            found = request.pooling or decode is not None
+            prefill = self._pick_prefill(request) if found else None
             if prefill is None:
                 break
             self.waiting.pop()
             request.cached_blocks = self._overlap(request, prefill.worker_id)
-            request.prefill_worker_id, request.decode_worker_id = (
-                prefill.worker_id,
-                decode.worker_id,
-            )
+            request.prefill_worker_id = prefill.worker_id
+            request.decode_worker_id = "" if decode is None else decode.worker_id
             request.num_planned = 0
             request.placed_step = self.next_step_id  # its first plan is this one or later
             self.prefilling[request.request_id] = request
+            if decode is None:  # a pooling request ends on its prefill worker
+                self._remember(request, prefill)
+                continue
             self._remember(request, prefill, decode)
             blocks = cdiv(request.num_tokens + 1, max(decode.block_size, 1))
             decode.in_transit[request.request_id] = (blocks, self.clock())
@@ -438,6 +440,12 @@ class ClusterScheduler:
             if budget <= 0:
                 break
             free = self._cached_tokens(request, worker) if request.num_planned == 0 else 0
+            if request.pooling and request.num_planned == 0:
+                # planned whole (its pooling may need every row in one step) when it fits
+                # a step at all; else chunked (LAST pooling: the worker refuses the others)
+                free = 0
+                if budget < request.num_tokens <= worker.max_num_batched_tokens:
+                    break
             num = min(request.num_tokens - request.num_planned, budget + free)
             if num > 0:
                 if request.num_planned == 0:

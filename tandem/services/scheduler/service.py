@@ -39,8 +39,9 @@ def _pending(spec: common_pb2.RequestSpec) -> PendingRequest:
     num_tokens = len(spec.prompt_token_ids) + len(spec.output_token_ids)
     token_ids = [*spec.prompt_token_ids, *spec.output_token_ids]
     return PendingRequest(
-        spec.request_id, num_tokens, spec.priority, spec.arrival_time, spec, token_ids
-    )
+        spec.request_id, num_tokens, spec.priority, spec.arrival_time, spec, token_ids,
+        pooling=spec.params.HasField("pooling"),
+    )  # fmt: skip
 
 
 class SchedulerService:

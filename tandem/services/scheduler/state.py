@@ -64,6 +64,7 @@ class PendingRequest:
     block_hashes: list[int] = field(default_factory=list)  # its full blocks' chained hashes
     refused_by: set[str] = field(default_factory=set)  # prefill workers that could not run it
     placed_step: int = -1  # the step id of the plan with its first chunk
+    pooling: bool = False  # prefill only: no decode worker; its prompt planned whole if it fits
 
 
 @dataclass(slots=True)

@@ -123,6 +123,8 @@ class DetokenizerHub:
         )
         if tokens.HasField("stop_token_id"):
             delta.stop_token_id = tokens.stop_token_id
+        if tokens.HasField("pooled"):
+            delta.pooled.CopyFrom(tokens.pooled)
         for source, into in ((tokens.logprobs, delta.logprobs),
                              (tokens.prompt_logprobs, delta.prompt_logprobs)):  # fmt: skip
             for lp in source:

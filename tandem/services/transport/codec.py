@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from tandem.engine.client import GenerateInput
+from tandem.engine.pooling import PoolingParams
 from tandem.engine.request import Request, SamplingParams
 from tandem.engine.structured_output.params import KINDS, StructuredOutputsParams
 from tandem.v1 import common_pb2, engine_pb2, tokenizer_pb2
@@ -49,7 +50,36 @@ def sampling_params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
             kind=so.kind, spec=so.spec, backend=so.backend, any_whitespace=so.any_whitespace,
             reasoning_parser=so.reasoning_parser or "",
         ))  # fmt: skip
+    if p.pooling is not None:
+        pooling = common_pb2.Pooling(task=p.pooling.task)
+        for name in ("dimensions", "normalize", "activation"):
+            if getattr(p.pooling, name) is not None:
+                setattr(pooling, name, getattr(p.pooling, name))
+        msg.pooling.CopyFrom(pooling)
     return msg
+
+
+def pooling_from_proto(m: common_pb2.Pooling) -> PoolingParams:
+    return PoolingParams(
+        task=m.task or "embed",
+        dimensions=m.dimensions if m.HasField("dimensions") else None,
+        normalize=m.normalize if m.HasField("normalize") else None,
+        activation=m.activation if m.HasField("activation") else None,
+    )
+
+
+def pooled_to_proto(tensor) -> engine_pb2.PooledOutput:
+    """A pooled output (float32 tensor) as its message."""
+    return engine_pb2.PooledOutput(data=tensor.reshape(-1).tolist(), shape=list(tensor.shape))
+
+
+def pooled_from_proto(m: engine_pb2.PooledOutput) -> list:
+    """The pooled output as nested lists of floats (a vector, or tokens x dim)."""
+    data = list(m.data)
+    if len(m.shape) == 2:
+        width = m.shape[1]
+        return [data[i : i + width] for i in range(0, len(data), width)]
+    return data
 
 
 def structured_outputs_from_proto(m: common_pb2.StructuredOutputs) -> StructuredOutputsParams:
@@ -93,6 +123,7 @@ def sampling_params_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
         structured_outputs=structured_outputs_from_proto(m.structured_outputs)
         if m.HasField("structured_outputs")
         else None,
+        pooling=pooling_from_proto(m.pooling) if m.HasField("pooling") else None,
     )
 
 
@@ -166,6 +197,8 @@ def generate_input_to_proto(
     for prompt in inputs.prompts:
         if isinstance(prompt, str):
             msg.prompts.add(text=prompt)
+        elif isinstance(prompt, tuple):  # a text pair
+            msg.prompts.add(text=prompt[0], text_pair=prompt[1])
         else:
             msg.prompts.add().token_ids.token_ids.extend(prompt)
     if inputs.truncate_prompt_tokens is not None:
@@ -186,6 +219,12 @@ def _json_field(text: str, name: str, kind: type):
     return value
 
 
+def _prompt_of(p: tokenizer_pb2.PromptInput) -> str | tuple[str, str] | list[int]:
+    if p.WhichOneof("prompt") != "text":
+        return list(p.token_ids.token_ids)
+    return (p.text, p.text_pair) if p.text_pair else p.text
+
+
 def generate_input_from_proto(msg: tokenizer_pb2.GenerateRequest) -> GenerateInput:
     """ValueError (naming the field) when the message cannot be a request."""
     messages = None
@@ -201,10 +240,7 @@ def generate_input_from_proto(msg: tokenizer_pb2.GenerateRequest) -> GenerateInp
     return GenerateInput(
         request_ids=list(msg.request_ids),
         params=sampling_params_from_proto(msg.params),
-        prompts=[
-            p.text if p.WhichOneof("prompt") == "text" else list(p.token_ids.token_ids)
-            for p in msg.prompts
-        ],
+        prompts=[_prompt_of(p) for p in msg.prompts],
         messages=messages,
         add_generation_prompt=msg.add_generation_prompt,
         tools=tools,

@@ -80,6 +80,8 @@ def request_tokens(out: StepOutput) -> engine_pb2.RequestTokens:
         msg.logprobs.extend(codec.logprobs_to_proto(lp) for lp in out.logprobs)
     if out.prompt_logprobs:
         msg.prompt_logprobs.extend(codec.logprobs_to_proto(lp) for lp in out.prompt_logprobs)
+    if out.pooled is not None:
+        msg.pooled.CopyFrom(codec.pooled_to_proto(out.pooled))
     return msg
 
 
