@@ -59,6 +59,8 @@ def build_parser() -> Parser:
     off.set_defaults(func=cmd.cmd_bench_offline)
     lazy_subcommand(bench, "serve", "online serving load: disaggregated vs colocated",
                     "tandem.bench.serve:add_bench_serve_parser")  # fmt: skip
+    lazy_subcommand(bench, "embed", "embeddings: Tandem against sentence-transformers",
+                    "tandem.bench.embed:add_bench_embed_parser")  # fmt: skip
     lazy_subcommand(bench, "profile", "one worker's step times, for `tandem plan`",
                     "tandem.bench.profile:add_bench_profile_parser")  # fmt: skip
     lazy_subcommand(sub, "plan", "how many prefill and decode workers meet TTFT/ITL SLOs",

@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.colocated:
         from tandem.services.launcher import serve_cluster
 
+        default_worker_counts(args)
         return serve_cluster(args)
     from tandem.engine.args import engine_config
     from tandem.engine.inproc_client import InProcessEngineClient
@@ -46,6 +47,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.chat_template,
     )
     return _run_gateway(args, client)
+
+
+def default_worker_counts(args: argparse.Namespace) -> None:
+    """Worker counts not given: one prefill and one decode worker; for a pooling model
+    (prefill only) no decode worker and a prefill worker per core."""
+    import json
+    import os
+    from pathlib import Path
+
+    from tandem.engine.pooling import detect_runner
+
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    pooling = detect_runner(args.model, config, args.runner, args.convert) == "pooling"
+    if args.decode_workers is None:
+        args.decode_workers = 0 if pooling else 1
+    if args.prefill_workers is None:
+        args.prefill_workers = max(1, len(os.sched_getaffinity(0))) if pooling else 1
 
 
 def check_tool_parser(args: argparse.Namespace) -> None:

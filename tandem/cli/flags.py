@@ -232,8 +232,14 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     add_router_args(serve)
     add_queue_args(serve)
     add_observability_args(serve)
-    serve.add_argument("--prefill-workers", type=int, default=1)
-    serve.add_argument("--decode-workers", type=int, default=1)
+    serve.add_argument(
+        "--prefill-workers", type=int, default=None,
+        help="default 1; a pooling model's cluster: one per core (its work is all prefill)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--decode-workers", type=int, default=None,
+        help="default 1; a pooling model's cluster: none (it needs none)",
+    )  # fmt: skip
     serve.add_argument(
         "--worker-placement",
         default="auto",

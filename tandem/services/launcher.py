@@ -133,7 +133,7 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--max-model-len", str(args.max_model_len)]
     if args.num_gpu_blocks_override:
         argv += ["--num-gpu-blocks-override", str(args.num_gpu_blocks_override)]
-    num_workers = args.prefill_workers + args.decode_workers
+    num_workers = len(worker_roles(args))
     space = args.cpu_kv_cache_space or max(0.5, DEFAULT_KV_SPACE_GIB / num_workers)
     argv += ["--cpu-kv-cache-space", str(space)]
     if not args.enable_prefix_caching:
@@ -187,7 +187,7 @@ def plan_stages(
     roles = worker_roles(args)
     gpus = place_on_gpus(visible_gpus(), len(roles), args.gpu_memory_utilization)
     for i, (role, (worker_cores, threads)) in enumerate(zip(roles, placements)):
-        index = i if role == "prefill" else i - args.prefill_workers
+        index = i if role == "prefill" else i - roles.count("prefill")
         worker_id = f"{role}-{index}"
         if args.torch_threads:
             threads = args.torch_threads
@@ -277,7 +277,11 @@ def observability_argv(args: argparse.Namespace) -> list[str]:
 
 
 def worker_roles(args: argparse.Namespace) -> list[str]:
-    return ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
+    """Each worker's role; counts not given (None) are one each (`tandem serve` sets them
+    first from the model's kind: commands.default_worker_counts)."""
+    prefill = 1 if args.prefill_workers is None else args.prefill_workers
+    decode = 1 if args.decode_workers is None else args.decode_workers
+    return ["prefill"] * prefill + ["decode"] * decode
 
 
 def _start(stage: Stage) -> None:

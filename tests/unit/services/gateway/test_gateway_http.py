@@ -359,3 +359,16 @@ def test_responses_input_items_become_the_chat_history():
         assert engine.last.params.max_tokens == 9 and engine.last.tools == [TOOL]
         bad = http.post("/v1/responses", json={"input": [{"type": "web_search_call"}]})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+
+
+def test_pooling_endpoints_on_a_generating_model_are_a_400():
+    with client() as http:
+        for path, body in (("/v1/embeddings", {"input": "hi"}), ("/pooling", {"input": "hi"}),
+                           ("/v1/score", {"text_1": "a", "text_2": "b"}),
+                           ("/v2/rerank", {"query": "a", "documents": ["b"]}),
+                           ("/classify", {"input": "hi"})):  # fmt: skip
+            r = http.post(path, json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "model", (path, r.text)
+            assert "pooling model" in r.json()["error"]["message"]
+        r = http.post("/v1/embeddings", json={"input": "hi", "encoding_format": "int8"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "encoding_format"
