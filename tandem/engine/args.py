@@ -4,6 +4,8 @@ EngineConfig they make, used by `tandem serve`, each worker stage and the benchm
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from tandem.engine.config import (
     CacheConfig,
@@ -12,6 +14,7 @@ from tandem.engine.config import (
     SchedulerConfig,
     SchedulingPolicy,
 )
+from tandem.engine.pooling import detect_runner
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -36,8 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        default=2048,
-        help="the token budget of a step (prefill chunks and decodes)",
+        default=None,
+        help="the token budget of a step (prefill chunks and decodes); default 2048, 8192 for "
+        "a pooling model (larger steps cost no decode latency there)",
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument(
@@ -114,6 +118,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def default_max_num_batched_tokens(model: str | None, runner: str, convert: str) -> int:
+    """2048, or 8192 for a pooling model (its steps are all prefill)."""
+    config_file = Path(model or "") / "config.json"
+    if model and config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if detect_runner(model, config, runner, convert) == "pooling":
+            return 8192
+    return 2048
+
+
 def add_runner_args(p: argparse.ArgumentParser) -> None:
     """What kind of model is served (the gateway needs it too: its endpoints differ)."""
     p.add_argument(
@@ -158,7 +172,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             enable_prefix_caching=args.enable_prefix_caching,
         ),
         scheduler=SchedulerConfig(
-            args.max_num_seqs, args.max_num_batched_tokens, SchedulingPolicy(args.scheduling_policy)
+            args.max_num_seqs,
+            args.max_num_batched_tokens
+            or default_max_num_batched_tokens(args.model, args.runner, args.convert),
+            SchedulingPolicy(args.scheduling_policy),
         ),
     )
 

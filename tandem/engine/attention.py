@@ -222,7 +222,7 @@ def paged_attention(
     bf16_kernel = (
         q.dtype == torch.bfloat16
         and q.device.type == "cpu"
-        and head_dim in (64, 128)
+        and head_dim in (32, 64, 128)
         and has_prefill_attention_bf16()
     )
     for span in meta.prefills:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tandem.engine.args import default_max_num_batched_tokens
 from tandem.engine.config import (
     CacheConfig,
     EngineConfig,
@@ -39,7 +40,7 @@ class LLM:
         dtype: str = "auto",
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
+        max_num_batched_tokens: int | None = None,  # 2048; 8192 for a pooling model
         block_size: int = 16,
         num_gpu_blocks_override: int | None = None,
         enable_prefix_caching: bool = True,
@@ -69,7 +70,9 @@ class LLM:
                 block_size, num_gpu_blocks_override, enable_prefix_caching=enable_prefix_caching
             ),
             scheduler=SchedulerConfig(
-                max_num_seqs, max_num_batched_tokens, SchedulingPolicy(scheduling_policy)
+                max_num_seqs,
+                max_num_batched_tokens or default_max_num_batched_tokens(model, runner, convert),
+                SchedulingPolicy(scheduling_policy),
             ),
         )
         self.engine = EngineCore(config)

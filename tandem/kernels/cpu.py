@@ -154,15 +154,19 @@ def prefill_attention_bf16(
     k: torch.Tensor,  # (Hkv, S, D) bf16, S >= T
     v: torch.Tensor,
     scale: float,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """Causal attention of the last T of S positions over all S keys, in bf16. (T, H, D)."""
-    return torch.ops.tandem_cpu.prefill_attention_bf16(q, k, v, scale)
+    """Attention of the last T of S positions over the S keys, causal (or, for an encoder,
+    each over all of them), in bf16; head sizes 32, 64 and 128. (T, H, D)."""
+    return torch.ops.tandem_cpu.prefill_attention_bf16(q, k, v, scale, causal)
 
 
-def prefill_attention_ref(q, k, v, scale):
+def prefill_attention_ref(q, k, v, scale, causal: bool = True):
     """The same through torch's SDPA in fp32 (for tests)."""
     t, s = q.shape[0], k.shape[1]
     mask = torch.arange(s)[None, :] <= torch.arange(s - t, s)[:, None]
+    if not causal:
+        mask = torch.ones(t, s, dtype=torch.bool)
     out = F.scaled_dot_product_attention(
         q.float().transpose(0, 1)[None], k.float()[None], v.float()[None],
         attn_mask=mask, scale=scale, enable_gqa=True,

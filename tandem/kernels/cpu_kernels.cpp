@@ -411,9 +411,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-// Causal prefill attention in bf16 with AVX-512 BF16's dot products (vdpbf16ps: 32 bf16
-// products summed pairwise into 16 fp32 lanes): q (T, H, D), k and v (Hkv, S, D), query i
-// at position S - T + i attending keys [0, S - T + i]. Torch's CPU flash attention runs
+// Prefill attention in bf16 with AVX-512 BF16's dot products (vdpbf16ps: 32 bf16 products
+// summed pairwise into 16 fp32 lanes): q (T, H, D), k and v (Hkv, S, D), query i at position
+// S - T + i attending keys [0, S - T + i] (causal), or all S keys (an encoder's). Torch's CPU flash attention runs
 // bf16 at its fp32 speed (~59 GFLOP/s on one core); this multiplies in bf16 and keeps the
 // softmax in fp32, rounding the probabilities to bf16 for the second product, as flash
 // attention does on GPUs. Work items: (KV head, block of kQueryRows queries) with all the
@@ -431,14 +431,14 @@ inline __m512 scores_tail_mask(__m512 x, int64_t first_key, int64_t limit) {
 template <int NV>
 void prefill_item_bf16(const uint16_t* q, const uint32_t* kp, const uint32_t* vp, int64_t h,
                        int64_t i0, int64_t i1, int64_t T, int64_t S, int64_t H, int64_t group,
-                       int64_t s_pad, float scale, float* sc, uint16_t* pb, float* inv,
-                       uint16_t* out) {
+                       int64_t s_pad, float scale, bool causal, float* sc, uint16_t* pb,
+                       float* inv, uint16_t* out) {
   constexpr int64_t D = 16 * NV, DP = D / 2;
   const int64_t rows = (i1 - i0) * group;  // query rows: (query, head of the group)
-  const int64_t keys = S - T + i1;           // keys the last query sees
+  const int64_t keys = causal ? S - T + i1 : S;  // keys the last query sees
   const int64_t kblocks = (keys + 15) / 16;
   auto q_row = [&](int64_t r) { return q + ((i0 + r / group) * H + h * group + r % group) * D; };
-  auto limit = [&](int64_t r) { return S - T + i0 + r / group + 1; };
+  auto limit = [&](int64_t r) { return causal ? S - T + i0 + r / group + 1 : S; };
   // Scores: SR query rows x 2 key blocks at a time (2 * SR accumulators).
   constexpr int64_t SR = 8;
   for (int64_t r0 = 0; r0 < rows; r0 += SR) {
@@ -518,7 +518,7 @@ void prefill_item_bf16(const uint16_t* q, const uint32_t* kp, const uint32_t* vp
 }
 
 at::Tensor prefill_attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  double scale) {
+                                  double scale, bool causal) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous (T, H, D) tensor");
   TORCH_CHECK(k.dim() == 3 && k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes(),
               "k and v must be contiguous (Hkv, S, D) tensors of one shape");
@@ -527,7 +527,8 @@ at::Tensor prefill_attention_bf16(const at::Tensor& q, const at::Tensor& k, cons
               "prefill_attention_bf16 takes bf16 tensors");
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t Hkv = k.size(0), S = k.size(1);
-  TORCH_CHECK(k.size(2) == D && (D == 64 || D == 128), "head size must be 64 or 128");
+  TORCH_CHECK(k.size(2) == D && (D == 32 || D == 64 || D == 128),
+              "head size must be 32, 64 or 128");
   TORCH_CHECK(H % Hkv == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(T >= 1 && S >= T, "need 1 <= T <= S (queries are the last T positions)");
   const int64_t group = H / Hkv, s_pad = (S + 31) / 32 * 32;
@@ -551,7 +552,9 @@ at::Tensor prefill_attention_bf16(const at::Tensor& q, const at::Tensor& k, cons
   const uint16_t* qd = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   uint16_t* od = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t qblocks = (T + kQueryRows - 1) / kQueryRows;
-  auto item_fn = D == 64 ? prefill_item_bf16<4> : prefill_item_bf16<8>;
+  auto item_fn = D == 32   ? prefill_item_bf16<2>
+                 : D == 64 ? prefill_item_bf16<4>
+                           : prefill_item_bf16<8>;
   at::parallel_for(0, Hkv * qblocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = kQueryRows * group;
     std::vector<float> sc(rows * s_pad), inv(rows);
@@ -561,7 +564,7 @@ at::Tensor prefill_attention_bf16(const at::Tensor& q, const at::Tensor& k, cons
       const int64_t h = item % Hkv, qb = qblocks - 1 - item / Hkv;
       const int64_t i0 = qb * kQueryRows, i1 = std::min(T, i0 + kQueryRows);
       item_fn(qd, kp.data(), vp.data(), h, i0, i1, T, S, H, group, s_pad,
-              static_cast<float>(scale), sc.data(), pb.data(), inv.data(), od);
+              static_cast<float>(scale), causal, sc.data(), pb.data(), inv.data(), od);
     }
   });
   return out;
@@ -681,7 +684,9 @@ TORCH_LIBRARY(tandem_cpu, m) {
       "Tensor context_lens, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-  m.def("prefill_attention_bf16(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def(
+      "prefill_attention_bf16(Tensor q, Tensor k, Tensor v, float scale, bool causal=True) -> "
+      "Tensor");
 #endif
   m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("apply_token_bitmask(Tensor(a!) logits, Tensor rows, Tensor bitmask) -> ()");

@@ -124,13 +124,14 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     argv = [
         "--model", args.model, "--dtype", args.dtype,
         "--max-num-seqs", str(args.max_num_seqs),
-        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
         "--block-size", str(args.block_size),
         "--scheduling-policy", args.scheduling_policy,
         "--seed", str(args.seed),
     ]  # fmt: skip
     if args.max_model_len:
         argv += ["--max-model-len", str(args.max_model_len)]
+    if args.max_num_batched_tokens:
+        argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.num_gpu_blocks_override:
         argv += ["--num-gpu-blocks-override", str(args.num_gpu_blocks_override)]
     num_workers = len(worker_roles(args))

@@ -13,6 +13,7 @@ from torch import nn
 
 from tandem.engine.attention import AttnMetadata, sequence_spans
 from tandem.engine.models.layers import Linear
+from tandem.kernels.cpu import has_prefill_attention_bf16, prefill_attention_bf16
 
 Spans = list[tuple[int, int]]
 
@@ -88,6 +89,13 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, spans: Spans) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv(x).view(T, 3, self.num_heads, self.head_dim)  # (T, 3, H, D)
+        if (
+            x.dtype == torch.bfloat16
+            and x.device.type == "cpu"
+            and self.head_dim in (32, 64, 128)
+            and has_prefill_attention_bf16()
+        ):
+            return self._bf16_kernel(qkv, spans)
         q, k, v = qkv.transpose(0, 2).unbind(1)  # (H, T, D) each
         out = x.new_empty(self.num_heads, T, self.head_dim)  # (H, T, D)
         for start, end in spans:  # never across sequences; 4-D: torch's fused CPU kernel
@@ -95,6 +103,22 @@ class SelfAttention(nn.Module):
                 q[None, :, start:end], k[None, :, start:end], v[None, :, start:end]
             )[0]
         return out.transpose(0, 1).reshape(T, self.num_heads * self.head_dim)  # (T, H * D)
+
+    def _bf16_kernel(self, qkv: torch.Tensor, spans: Spans) -> torch.Tensor:
+        """The CPU's bf16 attention kernel (kernels/cpu.py), every key visible: it multiplies
+        with the bf16 dot-product instructions, where torch's fused kernel runs bf16 at its
+        fp32 speed (all-MiniLM-L6-v2, 512 texts: 77 -> see docs/benchmarks.md)."""
+        T = qkv.shape[0]
+        q, k, v = qkv.unbind(1)  # (T, H, D) each
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
+        out = qkv.new_empty(T, self.num_heads, self.head_dim)
+        scale = self.head_dim**-0.5
+        for start, end in spans:
+            out[start:end] = prefill_attention_bf16(
+                q[start:end].contiguous(), k[:, start:end].contiguous(),
+                v[:, start:end].contiguous(), scale, causal=False,
+            )  # fmt: skip
+        return out.view(T, self.num_heads * self.head_dim)
 
 
 class AddNorm(nn.Module):

@@ -107,15 +107,17 @@ def bf16_prefill():
         (64, 64, 8, 2, 128),  # head size 128, groups of 4
         (17, 50, 4, 4, 128),  # no GQA, an offset chunk
         (300, 300, 6, 2, 64),  # many key blocks
+        (45, 45, 12, 12, 32),  # head size 32 (all-MiniLM-L6-v2's)
     ],
 )
-def test_bf16_prefill_kernel_matches_fp32_attention(t, s, heads, kv_heads, dim):
+@pytest.mark.parametrize("causal", [True, False])  # False: an encoder's, every key
+def test_bf16_prefill_kernel_matches_fp32_attention(t, s, heads, kv_heads, dim, causal):
     g = torch.Generator().manual_seed(t * 1000 + s)
     q = torch.randn(t, heads, dim, generator=g).to(torch.bfloat16)
     k = torch.randn(kv_heads, s, dim, generator=g).to(torch.bfloat16)
     v = torch.randn(kv_heads, s, dim, generator=g).to(torch.bfloat16)
-    got = prefill_attention_bf16(q, k, v, dim**-0.5)
-    want = prefill_attention_ref(q, k, v, dim**-0.5)
+    got = prefill_attention_bf16(q, k, v, dim**-0.5, causal)
+    want = prefill_attention_ref(q, k, v, dim**-0.5, causal)
     assert got.dtype == torch.bfloat16 and got.shape == q.shape
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
@@ -129,7 +131,7 @@ def test_bf16_prefill_kernel_refuses_bad_shapes_with_a_message():
     with pytest.raises(RuntimeError, match="bf16"):
         prefill_attention_bf16(q.float(), k, k, 0.125)
     q48, k48 = q[..., :48].contiguous(), k[..., :48].contiguous()
-    with pytest.raises(RuntimeError, match="64 or 128"):
+    with pytest.raises(RuntimeError, match="32, 64 or 128"):
         prefill_attention_bf16(q48, k48, k48, 0.125)
 
 
