@@ -16,8 +16,10 @@ embedder: LAST, normalized; a BERT encoder: CLS), overridden by `--pooler-config
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from tandem.utils import json_flag_fields
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS", "ALL")
 TASKS = ("embed", "classify", "score", "encode")
@@ -66,13 +68,7 @@ class PoolerConfig:
             hf_config))  # fmt: skip
         config = _sentence_transformers(Path(model_dir), config)
         if override:
-            try:
-                values = json.loads(override)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--pooler-config must be JSON: {e}") from None
-            known = {f.name for f in fields(cls)}
-            if not isinstance(values, dict) or set(values) - known:
-                raise ValueError(f"--pooler-config takes keys {', '.join(sorted(known))}")
+            values = json_flag_fields(override, cls, "--pooler-config")
             if "pooling_type" in values:
                 values["pooling_type"] = str(values["pooling_type"]).upper()
             config = replace(config, **values)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 
+from tandem.utils import json_flag_fields
+
 BACKENDS = ("auto", "xgrammar", "guidance")
 # What opens and closes a reasoning parser's thinking (`--reasoning-parser`).
 REASONING_MARKERS = {"deepseek_r1": ("<think>", "</think>"), "qwen3": ("<think>", "</think>")}
@@ -95,16 +97,7 @@ class StructuredOutputsConfig:
             return cls()
         if text.strip() in BACKENDS:
             return cls(backend=text.strip())
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--structured-outputs-config must be JSON: {e}") from None
-        known = {f.name for f in fields(cls)}
-        if not isinstance(values, dict) or set(values) - known:
-            raise ValueError(
-                f"--structured-outputs-config takes an object with keys {', '.join(sorted(known))}"
-            )
-        config = cls(**values)
+        config = cls(**json_flag_fields(text, cls, "--structured-outputs-config"))
         if config.backend not in BACKENDS:
             raise ValueError(f"--structured-outputs-config backend must be one of {BACKENDS}")
         return config

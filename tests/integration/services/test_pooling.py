@@ -8,15 +8,12 @@ from __future__ import annotations
 import base64
 import os
 import struct
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 import torch
 
-from tandem.services.servers import free_port
+from tests.helpers.cluster import start_cluster, stop_cluster
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,46 +24,18 @@ def minilm_dir() -> str:
     return str(packaged_model_dir("all-MiniLM-L6-v2"))
 
 
-def serve(model: str, deployment: str, tmp_path_factory, *extra: str):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("pooling") / "server.log"
-    cmd = [sys.executable, "-m", "tandem.cli", "serve", "--model", model, "--port", str(port),
-           "--dtype", "float32", "--torch-threads", "1", *extra]  # fmt: skip
-    if deployment == "colocated":
-        cmd.append("--colocated")
-    else:
-        cmd += ["--decode-workers", "0"]  # a pooling cluster needs none
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env=os.environ | {"PYTHONUNBUFFERED": "1"})  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, log_path.read_text()[-5000:]
-        assert time.monotonic() < deadline, "server did not become ready"
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    return proc, log, base
-
-
-def stop(proc, log) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+def serve(model: str, deployment: str, tmp_path_factory):
+    """`tandem serve` of a pooling model: one process, or a cluster without decode workers."""
+    log = tmp_path_factory.mktemp("pooling") / "server.log"
+    flags = ["--colocated"] if deployment == "colocated" else ["--decode-workers", "0"]
+    return start_cluster(model, *flags, log_path=log)
 
 
 @pytest.fixture(scope="module", params=["colocated", "cluster"])
 def embedder(request, tmp_path_factory):
-    proc, log, base = serve("all-MiniLM-L6-v2", request.param, tmp_path_factory)
+    proc, base = serve("all-MiniLM-L6-v2", request.param, tmp_path_factory)
     yield base
-    stop(proc, log)
+    stop_cluster(proc)
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +148,9 @@ def cross_encoder_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["colocated", "cluster"])
 def reranker(request, cross_encoder_dir, tmp_path_factory):
-    proc, log, base = serve(cross_encoder_dir, request.param, tmp_path_factory)
+    proc, base = serve(cross_encoder_dir, request.param, tmp_path_factory)
     yield base
-    stop(proc, log)
+    stop_cluster(proc)
 
 
 def test_a_cross_encoder_scores_and_reranks_as_hugging_face(reranker, cross_encoder_dir):

@@ -35,7 +35,7 @@ def test_the_folder_says_how_to_pool(tmp_path):
     assert PoolerConfig.of_model(tmp_path, BERT) == PoolerConfig("MEAN", True)
     override = PoolerConfig.of_model(tmp_path, BERT, '{"pooling_type": "cls", "normalize": false}')
     assert override == PoolerConfig("CLS", False)
-    with pytest.raises(ValueError, match="pooler-config takes keys"):
+    with pytest.raises(ValueError, match="pooler-config takes an object with keys"):
         PoolerConfig.of_model(tmp_path, BERT, '{"pool": "MEAN"}')
     with pytest.raises(ValueError, match="pooling_type"):
         PoolerConfig.of_model(tmp_path, BERT, '{"pooling_type": "MAX"}')
