@@ -20,7 +20,10 @@ def _openmp_threads_of_this_thread():
         paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
     if not paths:
         pytest.skip("torch is not built with OpenMP here")
-    return ctypes.CDLL(sorted(paths)[0]).omp_get_max_threads
+    # torch's own runtime: other packages imported earlier in the run (scikit-learn, through
+    # lm-eval and sentence-transformers) may have loaded copies of their own
+    ours = sorted(p for p in paths if "/torch/" in p) or sorted(paths)
+    return ctypes.CDLL(ours[0]).omp_get_max_threads
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to tell")
