@@ -83,6 +83,16 @@ class SchedulerService:
         await self._add(msg.request, front=True, headers=raw.headers)
 
     async def _add(self, spec: common_pb2.RequestSpec, front: bool, headers=None) -> None:
+        """Queue a request. Its submission was acked already: a failure here must end it
+        (a 500 through its stream), or its client would wait for it forever."""
+        try:
+            await self._queue(spec, front, headers)
+        except Exception as e:
+            logger.exception("request %s failed in the scheduler", spec.request_id)
+            await self._refuse(spec, f"the scheduler failed on this request: "
+                               f"{type(e).__name__}: {e}", 500)  # fmt: skip
+
+    async def _queue(self, spec: common_pb2.RequestSpec, front: bool, headers) -> None:
         self._queued(spec, headers, requeued=front)
         request = _pending(spec)
         request.block_hashes = self._block_hashes(spec)
