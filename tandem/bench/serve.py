@@ -16,6 +16,8 @@ where each one's processes sit on the cores, and drives the same workload at bot
 - elastic: a decode worker joins and another drains under the throughput load (elastic.py).
 - soak: steady mixed load with random client disconnects; failures, leaked blocks and memory
   growth per process (soak.py).
+- fp8-kv: an FP8 KV cache against the model's dtype: KV bytes per hand-off, sequences admitted
+  before the first preemption, a long-context decode step (fp8_kv.py).
 
 A bar shows each load's progress on stderr when it is a terminal. `--plot` (by default next to
 `--json`) draws the deployments side by side: latency CDFs and output throughput (throughput,
@@ -38,6 +40,7 @@ from typing import Any, NamedTuple
 
 from tandem.bench import (
     elastic,
+    fp8_kv,
     goodput,
     interference,
     plots,
@@ -146,6 +149,7 @@ WORKLOADS = {
     ),
     "elastic": Workload(elastic.run, elastic.report, elastic.DEPLOYMENTS),
     "soak": Workload(soak.run, soak.report, soak.DEPLOYMENTS),
+    "fp8-kv": Workload(fp8_kv.run, fp8_kv.report, fp8_kv.DEPLOYMENTS),
 }
 
 
@@ -257,6 +261,7 @@ def add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     shared_prefix.add_arguments(p.add_argument_group("shared-prefix workload"))
     tracing_cost.add_arguments(p.add_argument_group("tracing workload"))
     soak.add_arguments(p.add_argument_group("soak workload"))
+    fp8_kv.add_arguments(p.add_argument_group("fp8-kv workload"))
     p.add_argument_group("elastic workload").add_argument(
         "--join-after", type=float, default=10.0, help="seconds into the load a decode joins"
     )

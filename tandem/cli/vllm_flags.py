@@ -34,7 +34,6 @@ ABSENT = (
         ("--quantization", "-q"),
         "quantized checkpoints are not loaded (a .gguf model is dequantized once, on first use)",
     ),  # fmt: skip
-    Absent(("--kv-cache-dtype",), "the KV cache is kept in the model's dtype", ("auto",)),
     Absent(("--enable-lora",), "LoRA adapters are not supported", switch=True),
     Absent(("--lora-modules",), "LoRA adapters are not supported"),
     Absent(("--max-loras",), "LoRA adapters are not supported"),
@@ -122,6 +121,7 @@ SAME_AS_VLLM = (
     "--structured-outputs-config", "--enable-auto-tool-choice", "--tool-call-parser",
     "--tool-parser-plugin", "--reasoning-parser", "--enable-prompt-tokens-details",
     "--enforce-eager", "--cuda-graph-sizes", "--runner", "--convert", "--pooler-config",
+    "--kv-cache-dtype", "--calculate-kv-scales",
 )  # fmt: skip
 
 

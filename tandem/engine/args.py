@@ -64,6 +64,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="fraction of the GPU's memory the worker may use (weights, activations, KV cache)",
     )
     p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+        help="the KV cache's element type: auto (the model's dtype), fp8 (= fp8_e4m3) or "
+        "fp8_e5m2: half the bytes of bf16 per token, twice the blocks in the same memory",
+    )
+    p.add_argument(
+        "--calculate-kv-scales",
+        action="store_true",
+        help="with an fp8 KV cache and a checkpoint without k_scale / v_scale: measure them "
+        "at start-up on a fixed text (else 1.0)",
+    )
+    p.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -170,6 +183,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                 else {}
             ),
             enable_prefix_caching=args.enable_prefix_caching,
+            cache_dtype=args.kv_cache_dtype,
+            calculate_kv_scales=args.calculate_kv_scales,
         ),
         scheduler=SchedulerConfig(
             args.max_num_seqs,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tandem.engine.kv_quant import as_bytes, dequantize, is_fp8, quantize
 from tandem.kernels.cpu import (
     has_prefill_attention_bf16,
     load_cpu_kernels,
@@ -93,6 +94,7 @@ def build_attn_metadata(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device,
+    allow_triton: bool = True,
 ) -> AttnMetadata:
     """Metadata for a batch whose first requests with query_len == 1 are the decodes (best
     sorted by context length, so that similar ones share a group).
@@ -104,7 +106,7 @@ def build_attn_metadata(
         for pos in range(ctx_len - q_len, ctx_len):
             slots.append(table[pos // block_size] * block_size + pos % block_size)
     meta = AttnMetadata(slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device))
-    if use_triton(device):
+    if allow_triton and use_triton(device):  # not over a float8 cache (torch's path reads it)
         meta.triton = _triton_batch(query_lens, context_lens, block_tables, device)
         return meta
     num_decodes = 0
@@ -200,8 +202,13 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttnMetadata,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend. Returns (T, H, D).
+
+    A float8 cache (engine/kv_quant.py) stores K / k_scale and V / v_scale, saturated;
+    reads widen it (in registers in the C++ decode kernel, else the gathered context).
 
     The cache is block-major and head-major inside a block: one block of one layer is a
     contiguous (Hkv, block_size, D) tile, so gathering a request's blocks copies whole tiles
@@ -214,11 +221,20 @@ def paged_attention(
     if meta.cache_rows is None:  # once per step: every layer writes the same rows
         meta.cache_rows = _cache_rows(meta.slot_mapping, num_kv_heads, block_size)
     rows = meta.cache_rows
-    k_cache.view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
-    v_cache.view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim))
+    fp8 = is_fp8(k_cache.dtype)
+    if fp8:
+        k, v = quantize(k, k_scale, k_cache.dtype), quantize(v, v_scale, v_cache.dtype)
+    as_bytes(k_cache).view(-1, head_dim).index_copy_(0, rows, as_bytes(k).reshape(-1, head_dim))
+    as_bytes(v_cache).view(-1, head_dim).index_copy_(0, rows, as_bytes(v).reshape(-1, head_dim))
     out = torch.empty_like(q)
+    scales = (k_scale, v_scale) if fp8 else (1.0, 1.0)
     for g in meta.decode_groups:
-        out[g.start : g.end] = _decode_attention(q[g.start : g.end], k_cache, v_cache, g, scale)
+        out[g.start : g.end] = _decode_attention(
+            q[g.start : g.end], k_cache, v_cache, g, scale, *scales
+        )
+    if fp8 and meta.prefills:  # the chunk's keys as stored: prefill reads what decode will
+        k = dequantize(k, k_scale, q.dtype)
+        v = dequantize(v, v_scale, q.dtype)
     bf16_kernel = (
         q.dtype == torch.bfloat16
         and q.device.type == "cpu"
@@ -227,15 +243,17 @@ def paged_attention(
     )
     for span in meta.prefills:
         if bf16_kernel:
-            out[span.start : span.end] = _prefill_bf16(q, k, v, k_cache, v_cache, span, scale)
+            out[span.start : span.end] = _prefill_bf16(
+                q, k, v, k_cache, v_cache, span, scale, *scales
+            )
             continue
         qp = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
         if span.mask is None:  # the whole context is this chunk: no cache read needed
             kp = k[span.start : span.end].transpose(0, 1).unsqueeze(0)  # (1, Hkv, T, D)
             vp = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
         else:
-            kp = _gather_context(k_cache, span)  # (1, Hkv, ctx, D)
-            vp = _gather_context(v_cache, span)
+            kp = _gather_context(k_cache, span, q.dtype, scales[0])  # (1, Hkv, ctx, D)
+            vp = _gather_context(v_cache, span, q.dtype, scales[1])
         op = F.scaled_dot_product_attention(
             qp,
             kp,
@@ -261,14 +279,15 @@ def _triton_attention(q, k, v, k_cache, v_cache, meta: AttnMetadata, scale: floa
     )  # fmt: skip
 
 
-def _prefill_bf16(q, k, v, k_cache, v_cache, span: PrefillSpan, scale: float):
+def _prefill_bf16(q, k, v, k_cache, v_cache, span: PrefillSpan, scale: float,
+                  k_scale: float = 1.0, v_scale: float = 1.0):  # fmt: skip
     """The C++ kernel's causal prefill (kernels/cpu.py), K and V as (Hkv, S, D)."""
     if span.mask is None:  # the whole context is this chunk
         kp = k[span.start : span.end].transpose(0, 1).contiguous()
         vp = v[span.start : span.end].transpose(0, 1).contiguous()
     else:
-        kp = _gather_context(k_cache, span)[0].contiguous()
-        vp = _gather_context(v_cache, span)[0].contiguous()
+        kp = _gather_context(k_cache, span, q.dtype, k_scale)[0].contiguous()
+        vp = _gather_context(v_cache, span, q.dtype, v_scale)[0].contiguous()
     return prefill_attention_bf16(q[span.start : span.end].contiguous(), kp, vp, scale)
 
 
@@ -279,18 +298,23 @@ def _cache_rows(slot_mapping: torch.Tensor, num_kv_heads: int, block_size: int) 
     return ((block * (num_kv_heads * block_size) + offset)[:, None] + heads[None, :]).view(-1)
 
 
-def _gather_context(cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+def _gather_context(cache: torch.Tensor, span: PrefillSpan, dtype: torch.dtype,
+                    kv_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
     """A request's first `ctx_len` keys (or values) as (1, Hkv, ctx_len, D): its tiles
-    gathered head-major (tile `block * Hkv + head`) in one copy, no transpose after."""
+    gathered head-major (tile `block * Hkv + head`) in one copy, no transpose after; a
+    float8 cache's widened to `dtype` (the gathered context only, never the cache)."""
     _, num_kv_heads, block_size, head_dim = cache.shape
     if span.tiles is None:  # once per step: every layer gathers the same tiles
         heads = torch.arange(num_kv_heads, device=cache.device)
         span.tiles = (span.block_ids[None, :] * num_kv_heads + heads[:, None]).view(-1)
-    tiles = cache.view(-1, block_size, head_dim).index_select(0, span.tiles)  # (Hkv * n, bs, D)
+    tiles = as_bytes(cache).view(-1, block_size, head_dim).index_select(0, span.tiles)
+    if is_fp8(cache.dtype):  # (Hkv * n, bs, D)
+        tiles = dequantize(tiles.view(cache.dtype), kv_scale, dtype)
     return tiles.view(num_kv_heads, -1, head_dim)[:, : span.ctx_len].unsqueeze(0)
 
 
-def _decode_attention(q, k_cache, v_cache, rows: DecodeGroup, scale: float) -> torch.Tensor:
+def _decode_attention(q, k_cache, v_cache, rows: DecodeGroup, scale: float,
+                      k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
     """One query token per request, over its context.
 
     On CPUs with the C++ kernel built, read straight off the cache (kernels/cpu.py: at
@@ -301,9 +325,8 @@ def _decode_attention(q, k_cache, v_cache, rows: DecodeGroup, scale: float) -> t
     query heads sharing a KV head (no K/V repeat, no transpose copy).
     """
     if q.device.type == "cpu" and load_cpu_kernels():
-        return paged_decode_attention(
-            q.contiguous(), k_cache, v_cache, rows.block_tables, rows.context_lens, scale
-        )
+        return paged_decode_attention(q.contiguous(), k_cache, v_cache, rows.block_tables,
+                                      rows.context_lens, scale, k_scale, v_scale)  # fmt: skip
     nd, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
     if rows.bias is None:  # once per step, like the tiles
@@ -319,8 +342,13 @@ def _decode_attention(q, k_cache, v_cache, rows: DecodeGroup, scale: float) -> t
     if rows.k_buf is None:
         rows.k_buf = k_cache.new_empty(rows.tiles.shape[0], block_size, head_dim)
         rows.v_buf = torch.empty_like(rows.k_buf)
-    kd = torch.index_select(k_cache.view(-1, block_size, head_dim), 0, rows.tiles, out=rows.k_buf)
-    vd = torch.index_select(v_cache.view(-1, block_size, head_dim), 0, rows.tiles, out=rows.v_buf)
+    kd = torch.index_select(as_bytes(k_cache).view(-1, block_size, head_dim), 0, rows.tiles,
+                            out=as_bytes(rows.k_buf))  # fmt: skip
+    vd = torch.index_select(as_bytes(v_cache).view(-1, block_size, head_dim), 0, rows.tiles,
+                            out=as_bytes(rows.v_buf))  # fmt: skip
+    if is_fp8(k_cache.dtype):  # widened after the gather: the context only
+        kd = dequantize(kd.view(k_cache.dtype), k_scale, q.dtype)
+        vd = dequantize(vd.view(v_cache.dtype), v_scale, q.dtype)
     kd = kd.view(nd, num_kv_heads, ctx, head_dim)
     vd = vd.view(nd, num_kv_heads, ctx, head_dim)
     qd = q.view(nd, num_kv_heads, num_heads // num_kv_heads, head_dim)

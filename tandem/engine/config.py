@@ -50,8 +50,14 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9  # fraction of device memory (CUDA) the cache may use
     cpu_kv_cache_space_gib: float = 4.0  # KV cache size on the CPU
     enable_prefix_caching: bool = True
+    cache_dtype: str = "auto"  # --kv-cache-dtype: auto (the model's), fp8 (e4m3), fp8_e5m2
+    calculate_kv_scales: bool = False  # fp8: measure K and V scales at start-up
 
     def __post_init__(self) -> None:
+        if self.cache_dtype not in ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"):
+            raise ValueError(
+                f"kv_cache_dtype must be auto, fp8, fp8_e4m3 or fp8_e5m2, got {self.cache_dtype!r}"
+            )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:

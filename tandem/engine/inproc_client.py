@@ -88,6 +88,8 @@ class InProcessEngineClient:
             "num_waiting": len(engine.scheduler.waiting),
             "num_blocks": engine.runner.info.num_blocks,
             "num_free_blocks": engine.kv.num_free_blocks,
+            "block_size": engine.config.cache.block_size,
+            "kv_cache_dtype": str(engine.runner.info.kv_cache_dtype).removeprefix("torch."),
             "num_preemptions": engine.scheduler.num_preemptions,
             "num_steps": engine.num_steps,
         }

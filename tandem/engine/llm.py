@@ -52,6 +52,8 @@ class LLM:
         runner: str = "auto",
         convert: str = "auto",
         pooler_config: str | None = None,
+        kv_cache_dtype: str = "auto",
+        calculate_kv_scales: bool = False,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(
@@ -67,7 +69,11 @@ class LLM:
                 pooler_config=pooler_config,
             ),  # fmt: skip
             cache=CacheConfig(
-                block_size, num_gpu_blocks_override, enable_prefix_caching=enable_prefix_caching
+                block_size,
+                num_gpu_blocks_override,
+                enable_prefix_caching=enable_prefix_caching,
+                cache_dtype=kv_cache_dtype,
+                calculate_kv_scales=calculate_kv_scales,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs,

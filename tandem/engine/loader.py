@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from tandem.engine.kv_quant import SCALE_NAME
 from tandem.engine.models.layers import Linear, calibrate_packed
 from tandem.engine.models.registry import resolve_model_class
 
@@ -55,6 +56,8 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
+                if SCALE_NAME.search(name):
+                    continue  # an fp8 KV cache's scales: read_kv_scales
                 local = model.checkpoint_name(name)
                 if local is None:
                     continue
@@ -76,6 +79,18 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     missing = set(params) - loaded - tied
     if missing:
         raise ValueError(f"weights missing from the checkpoint: {sorted(missing)[:5]}")
+
+
+def read_kv_scales(model_dir: str | Path) -> dict[tuple[int, str], float]:
+    """A checkpoint's KV cache scales, {(layer, "k" | "v"): scale}; empty when it has none."""
+    scales = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                match = SCALE_NAME.search(name)
+                if match:
+                    scales[int(match[1]), match[2]] = float(f.get_tensor(name).float().max())
+    return scales
 
 
 def _target(model: nn.Module, name: str) -> tuple[str, int, int | None]:

@@ -12,7 +12,16 @@ import torch
 from tandem.engine.attention import build_attn_metadata, use_triton
 from tandem.engine.config import CacheConfig, ModelConfig
 from tandem.engine.cuda_graphs import DecodeGraphs, default_capture_sizes
-from tandem.engine.loader import load_model, read_hf_config
+from tandem.engine.kv_quant import (
+    CALIBRATION_TEXT,
+    K_SCALE_CONSTANT,
+    V_SCALE_CONSTANT,
+    as_bytes,
+    calibrated_scale,
+    is_fp8,
+    kv_torch_dtype,
+)
+from tandem.engine.loader import load_model, read_hf_config, read_kv_scales
 from tandem.engine.logits_processors import load_logits_processors
 from tandem.engine.pooling import (
     PoolerConfig,
@@ -134,6 +143,7 @@ class RunnerInfo:
     max_model_len: int
     vocab_size: int
     block_bytes: int
+    kv_cache_dtype: torch.dtype  # the model's, or a float8 (--kv-cache-dtype)
 
 
 class ModelRunner:
@@ -170,7 +180,8 @@ class ModelRunner:
             self.pooler = PoolerConfig.of_model(model_config.model, hf_config,
                                                 model_config.pooler_config)  # fmt: skip
         # An encoder keeps no KV: its cache tensors are empty, its blocks only bookkeeping.
-        elem = torch.finfo(self.dtype).bits // 8
+        kv_dtype = kv_torch_dtype(cache_config.cache_dtype, self.dtype)
+        elem = torch.finfo(kv_dtype).bits // 8
         kv_heads, head_dim = (0, 0) if self.is_encoder else (a.num_kv_heads, a.head_dim)
         block_bytes = 2 * a.num_layers * self.block_size * kv_heads * head_dim * elem
         if self.is_encoder:  # enough to hold every request a step can take
@@ -182,21 +193,24 @@ class ModelRunner:
                 cache_config, block_bytes, max_num_batched_tokens, max_num_seqs
             )
         self.info = RunnerInfo(
-            self.device, self.dtype, num_blocks, max_model_len, a.vocab_size, block_bytes
-        )
+            self.device, self.dtype, num_blocks, max_model_len, a.vocab_size, block_bytes,
+            kv_dtype,
+        )  # fmt: skip
         self.eos_token_id = _first(hf_config.get("eos_token_id"))
         shape = (num_blocks, kv_heads, self.block_size, head_dim)  # see attention.py
         # Zeroed: attention masks unused slots, and masked garbage could still be NaN.
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=kv_dtype, device=self.device),
             )
             for _ in range(a.num_layers)
         ]
+        self.kv_scales = self._kv_scales(model_config.model, cache_config)
         self.graphs: DecodeGraphs | None = None
         if (
             self.device.type == "cuda"
+            and not is_fp8(kv_dtype)  # torch's path reads a float8 cache
             and not model_config.enforce_eager
             and self.pooler is None  # pooling is prefill only
             and use_triton(self.device)
@@ -213,12 +227,13 @@ class ModelRunner:
             model_config.logits_processors, a.vocab_size, self.device
         )
         logger.info(
-            "model %s on %s in %s: %d KV blocks of %d tokens (%.2f GiB)",
+            "model %s on %s in %s: %d KV blocks of %d tokens in %s (%.2f GiB)",
             model_config.model,
             self.device,
             self.dtype,
             num_blocks,
             self.block_size,
+            kv_dtype,
             num_blocks * block_bytes / 2**30,
         )
 
@@ -297,7 +312,10 @@ class ModelRunner:
             slot_tensor = torch.tensor(slots, dtype=torch.int64)
             hidden = self.graphs.run(input_ids, positions, context_lens, tables, slot_tensor)
         else:
-            meta = build_attn_metadata(query_lens, context_lens, tables, self.block_size, dev)
+            triton = not is_fp8(self.info.kv_cache_dtype)  # torch's path reads float8
+            meta = build_attn_metadata(
+                query_lens, context_lens, tables, self.block_size, dev, allow_triton=triton
+            )
             hidden = self.model(
                 torch.tensor(input_ids, dtype=torch.int64, device=dev),
                 torch.tensor(positions, dtype=torch.int64, device=dev),
@@ -383,10 +401,10 @@ class ModelRunner:
         one gather on the device, one DMA copy, one wait."""
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         per_layer = [
-            torch.stack((k.index_select(0, ids), v.index_select(0, ids)), 1)
+            torch.stack((as_bytes(k).index_select(0, ids), as_bytes(v).index_select(0, ids)), 1)
             for k, v in self.kv_caches
         ]  # each (n, 2, Hkv, bs, D)
-        tiles = torch.stack(per_layer, 1)
+        tiles = torch.stack(per_layer, 1).view(self.info.kv_cache_dtype)
         if tiles.device.type == "cpu":
             return tiles
         host = torch.empty(tiles.shape, dtype=tiles.dtype, pin_memory=True)
@@ -395,12 +413,70 @@ class ModelRunner:
         return host
 
     def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
-        """Copy (n, layers, 2, Hkv, block_size, D) tiles into the given blocks."""
+        """Copy (n, layers, 2, Hkv, block_size, D) tiles into the given blocks (a float8
+        cache's under this runner's scales: kv_quant.requantize those stored under others)."""
+        kv_dtype = self.info.kv_cache_dtype
+        if is_fp8(kv_dtype) != is_fp8(kv.dtype) or (is_fp8(kv_dtype) and kv.dtype != kv_dtype):
+            raise ValueError(f"KV blocks in {kv.dtype} for a cache in {kv_dtype}")
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        kv = kv.to(device=self.device, dtype=self.dtype)
+        kv = kv.to(device=self.device, dtype=kv_dtype)
+        kv = as_bytes(kv)
         for layer, (k, v) in enumerate(self.kv_caches):
-            k.index_copy_(0, ids, kv[:, layer, 0])
-            v.index_copy_(0, ids, kv[:, layer, 1])
+            as_bytes(k).index_copy_(0, ids, kv[:, layer, 0])
+            as_bytes(v).index_copy_(0, ids, kv[:, layer, 1])
+
+    def _kv_scales(self, model_dir: str, cache_config: CacheConfig) -> list[float]:
+        """Each layer's K scale then V scale (engine/kv_quant.py), set on its attention."""
+        layers = [] if self.is_encoder else [m.self_attn for m in self.model.layers]
+        if not is_fp8(self.info.kv_cache_dtype):
+            return [1.0] * (2 * len(layers))
+        found = read_kv_scales(model_dir)
+        if found:
+            source = "the checkpoint"
+        elif cache_config.calculate_kv_scales:
+            source, found = "a calibration text", self._calibrate(model_dir, layers)
+        else:
+            source = "none given: 1.0"
+        scales = []
+        for i, attn in enumerate(layers):  # float32's, as a hand-off carries them
+            attn.k_scale, attn.v_scale = (
+                torch.tensor(found.get((i, kv), 1.0), dtype=torch.float32).item() for kv in "kv"
+            )
+            scales += [attn.k_scale, attn.v_scale]
+        logger.info("KV cache scales from %s (K %.4g..%.4g, V %.4g..%.4g)", source,
+                    min(scales[0::2]), max(scales[0::2]), min(scales[1::2]),
+                    max(scales[1::2]))  # fmt: skip
+        return scales
+
+    def _calibrate(self, model_dir: str, layers) -> dict[tuple[int, str], float]:
+        """max |K| and max |V| per layer over one prefill of CALIBRATION_TEXT, in scratch
+        blocks (the step's own K and V are measured before they are stored)."""
+        from tandem.engine.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir)
+        ids = tokenizer.encode(CALIBRATION_TEXT)[: self.info.max_model_len]
+        ids = ids[: self.info.num_blocks * self.block_size]
+        for attn in layers:
+            attn.kv_amax = [0.0, 0.0]
+        try:
+            table = list(range(-(-len(ids) // self.block_size)))
+            meta = build_attn_metadata([len(ids)], [len(ids)], [table], self.block_size,
+                                       self.device, allow_triton=False)  # fmt: skip
+            with torch.inference_mode():
+                self.model(torch.tensor(ids, device=self.device),
+                           torch.arange(len(ids), device=self.device), meta,
+                           self.kv_caches)  # fmt: skip
+            found = {}
+            for i, attn in enumerate(layers):
+                found[i, "k"] = calibrated_scale(attn.kv_amax[0], K_SCALE_CONSTANT)
+                found[i, "v"] = calibrated_scale(attn.kv_amax[1], V_SCALE_CONSTANT)
+            return found
+        finally:
+            for attn in layers:
+                attn.kv_amax = None
+            for k, v in self.kv_caches:
+                k.zero_()
+                v.zero_()
 
     def release(self, request_ids) -> None:
         """Forget per-request state of finished requests."""

@@ -114,20 +114,24 @@ def is_built(directory: Path) -> bool:
 
 def paged_decode_attention(
     q: torch.Tensor,  # (B, H, D)
-    k_cache: torch.Tensor,  # (num_blocks, Hkv, block_size, D)
+    k_cache: torch.Tensor,  # (num_blocks, Hkv, block_size, D): q's dtype, or a float8
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # (B, max_blocks) int64
     context_lens: torch.Tensor,  # (B,) int64
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """One query token per request over its first `context_lens[b]` keys. (B, H, D)."""
+    """One query token per request over its first `context_lens[b]` keys. (B, H, D). A float8
+    cache holds K / k_scale and V / v_scale (see engine/kv_quant.py)."""
     return torch.ops.tandem_cpu.paged_decode_attention(
-        q, k_cache, v_cache, block_tables, context_lens, scale
+        q, k_cache, v_cache, block_tables, context_lens, scale * k_scale, v_scale
     )
 
 
-def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """The same in plain torch, one request at a time (for tests)."""
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
+                               k_scale: float = 1.0, v_scale: float = 1.0):  # fmt: skip
+    """The same in plain torch, one request at a time, a float8 cache dequantized first."""
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
@@ -135,10 +139,11 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
         blocks = block_tables[b, : -(-n // block_size)]
         k = k_cache[blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :n]
         v = v_cache[blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :n]
+        k, v = k.float() * k_scale, v.float() * v_scale
         group = q.shape[1] // num_kv_heads
         k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)  # (H, n, D)
-        probs = (q[b, :, None].float() @ k.transpose(1, 2).float() * scale).softmax(-1)
-        out[b] = (probs @ v.float())[:, 0].to(q.dtype)
+        probs = (q[b, :, None].float() @ k.transpose(1, 2) * scale).softmax(-1)
+        out[b] = (probs @ v)[:, 0].to(q.dtype)
     return out
 
 

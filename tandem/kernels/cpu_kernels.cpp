@@ -97,27 +97,27 @@ inline float exp_sum(float* s, int64_t n, float m) {
 // One (request, KV head): its `group` query heads over its first ctx_len keys. HEAD_DIM > 0
 // fixes the head size at compile time (the row loops unroll into whole vector registers);
 // 0 reads it from `dim`.
-template <typename T, int64_t HEAD_DIM>
-void decode_item(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
+template <typename T, typename C, int64_t HEAD_DIM>
+void decode_item(const T* q, const C* k_cache, const C* v_cache, const int64_t* table,
                  int64_t ctx_len, int64_t group, int64_t dim, int64_t block_size,
-                 int64_t block_stride, int64_t head_offset, float scale, float* qf,
-                 float* scores, float* acc, T* out) {
+                 int64_t block_stride, int64_t head_offset, float scale, float out_scale,
+                 float* qf, float* scores, float* acc, T* out) {
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : dim;
   const int64_t num_blocks = (ctx_len + block_size - 1) / block_size;
-  auto tile = [&](const T* cache, int64_t j) {
+  auto tile = [&](const C* cache, int64_t j) {
     return cache + table[j] * block_stride + head_offset;
   };
   // The first kAhead tiles, requested before the pass that reads them.
-  auto prefetch_first = [&](const T* cache) {
+  auto prefetch_first = [&](const C* cache) {
     for (int64_t j = 0; j < std::min(kAhead, num_blocks); ++j)
       for (int64_t t = 0; t < block_size; ++t) prefetch_row(tile(cache, j) + t * head_dim, head_dim);
   };
   // fn(row, pos) for each of the request's keys (or values) in order, requesting the tile
   // kAhead blocks on, a row of it per row read.
-  auto for_each_row = [&](const T* cache, auto&& fn) {
+  auto for_each_row = [&](const C* cache, auto&& fn) {
     for (int64_t j = 0; j < num_blocks; ++j) {
-      const T* rows_of = tile(cache, j);
-      const T* ahead = j + kAhead < num_blocks ? tile(cache, j + kAhead) : nullptr;
+      const C* rows_of = tile(cache, j);
+      const C* ahead = j + kAhead < num_blocks ? tile(cache, j + kAhead) : nullptr;
       const int64_t rows = std::min(block_size, ctx_len - j * block_size);
       for (int64_t t = 0; t < rows; ++t) {
         if (ahead) prefetch_row(ahead + t * head_dim, head_dim);
@@ -128,7 +128,7 @@ void decode_item(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
 
   prefetch_first(k_cache);
   for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = static_cast<float>(q[i]) * scale;
-  for_each_row(k_cache, [&](const T* k, int64_t pos) {
+  for_each_row(k_cache, [&](const C* k, int64_t pos) {
     for (int64_t g = 0; g < group; ++g) scores[g * ctx_len + pos] = dot(qf + g * head_dim, k, head_dim);
   });
 
@@ -142,13 +142,13 @@ void decode_item(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
   }
 
   std::fill(acc, acc + group * head_dim, 0.f);
-  for_each_row(v_cache, [&](const T* v, int64_t pos) {
+  for_each_row(v_cache, [&](const C* v, int64_t pos) {
     for (int64_t g = 0; g < group; ++g)
       axpy(acc + g * head_dim, scores[g * ctx_len + pos], v, head_dim);
   });
   for (int64_t g = 0; g < group; ++g)
     for (int64_t d = 0; d < head_dim; ++d)
-      out[g * head_dim + d] = static_cast<T>(acc[g * head_dim + d] * inv_sum[g]);
+      out[g * head_dim + d] = static_cast<T>(acc[g * head_dim + d] * inv_sum[g] * out_scale);
 }
 
 #ifdef __AVX512F__
@@ -172,6 +172,23 @@ inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
 template <>
 inline __m512 load16<c10::Half>(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// FP8 KV (no hardware conversion here): e5m2 is the top byte of an fp16, so it widens
+// through vcvtph2ps; e4m3's 7 magnitude bits, placed at fp32's exponent/mantissa boundary,
+// make fp32 2^-120 times the value (subnormals included), fixed by one multiply.
+template <>
+inline __m512 load16<c10::Float8_e5m2>(const c10::Float8_e5m2* p) {
+  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_cvtph_ps(_mm256_slli_epi16(bytes, 8));
+}
+template <>
+inline __m512 load16<c10::Float8_e4m3fn>(const c10::Float8_e4m3fn* p) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i mag = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x7F)), 20);
+  const __m512 value = _mm512_mul_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(0x1p120f));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign));
 }
 
 // out[i] = the sum of v[i]'s 16 lanes, for i < 16.
@@ -277,19 +294,19 @@ void heads_avx512(int64_t group, Fn&& fn) {
 // each run read for every head before the next, so that a block's heads, contiguous in the
 // cache, are read in one sweep (reading one head's tiles alone, a third of each block, ran
 // at ~10 GB/s on one core against ~27 for a contiguous read).
-template <typename T, int NV>
-void decode_request_avx512(const T* q, const T* k_cache, const T* v_cache,
+template <typename T, typename C, int NV>
+void decode_request_avx512(const T* q, const C* k_cache, const C* v_cache,
                            const int64_t* table, int64_t ctx_len, int64_t h0, int64_t h1,
                            int64_t group, int64_t block_size, int64_t block_stride,
-                           float scale, float* qf, float* scores, float* outf, float* inv_sum,
-                           T* out) {
+                           float scale, float out_scale, float* qf, float* scores, float* outf,
+                           float* inv_sum, T* out) {
   constexpr int64_t D = 16 * NV;
   constexpr int GMAX = NV <= 4 ? 4 : 2;
   const int64_t shift = __builtin_ctzll(block_size), head_stride = block_size * D;
-  const PagedRows<T> keys{k_cache, table, shift, block_size - 1, block_stride, head_stride, D};
-  const PagedRows<T> values{v_cache, table, shift, block_size - 1, block_stride, head_stride, D};
+  const PagedRows<C> keys{k_cache, table, shift, block_size - 1, block_stride, head_stride, D};
+  const PagedRows<C> values{v_cache, table, shift, block_size - 1, block_stride, head_stride, D};
   const int64_t ahead = kAhead * block_size;
-  auto prefetch = [&](const PagedRows<T>& rows, int64_t pos0, int64_t n) {
+  auto prefetch = [&](const PagedRows<C>& rows, int64_t pos0, int64_t n) {
     for (int64_t pos = pos0; pos < std::min(pos0 + n, ctx_len); ++pos)
       for (int64_t h = h0; h < h1; ++h) prefetch_row(rows(pos, h), D);
   };
@@ -300,7 +317,7 @@ void decode_request_avx512(const T* q, const T* k_cache, const T* v_cache,
     prefetch(keys, pos0 + ahead, 16);
     for (int64_t h = h0; h < h1; ++h)
       heads_avx512<GMAX>(group, [&](auto gn, int64_t g0) {
-        scores_avx512<T, NV, decltype(gn)::value>(qf, keys, h, group, g0, pos0, n, ctx_len,
+        scores_avx512<C, NV, decltype(gn)::value>(qf, keys, h, group, g0, pos0, n, ctx_len,
                                                   scores);
       });
   }
@@ -317,25 +334,83 @@ void decode_request_avx512(const T* q, const T* k_cache, const T* v_cache,
     prefetch(values, pos0 + ahead, 16);
     for (int64_t h = h0; h < h1; ++h)
       heads_avx512<GMAX>(group, [&](auto gn, int64_t g0) {
-        weighted_sum_avx512<T, NV, decltype(gn)::value>(scores, values, h, group, g0, pos0, n,
+        weighted_sum_avx512<C, NV, decltype(gn)::value>(scores, values, h, group, g0, pos0, n,
                                                         ctx_len, outf);
       });
   }
   for (int64_t i = h0 * group * D; i < h1 * group * D; ++i)
-    out[i] = static_cast<T>(outf[i] * inv_sum[i / D]);
+    out[i] = static_cast<T>(outf[i] * inv_sum[i / D] * out_scale);
 }
 #endif
 
+// The body, for queries (and outputs) of type T over a cache of type C: the query's own
+// dtype, or a float8 (FP8 KV cache) widened in registers as it is read.
+template <typename T, typename C>
+void decode_batch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& block_tables, const int64_t* lens_ptr, int64_t max_ctx,
+                  float scale, float out_scale, at::Tensor& out) {
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
+  const T* q_ptr = q.data_ptr<T>();
+  const C* k_ptr = reinterpret_cast<const C*>(k_cache.data_ptr());
+  const C* v_ptr = reinterpret_cast<const C*>(v_cache.data_ptr());
+  const int64_t* table_ptr = block_tables.data_ptr<int64_t>();
+  T* out_ptr = out.data_ptr<T>();
+  const int64_t block_stride = num_kv_heads * block_size * head_dim;
+#ifdef __AVX512F__
+  if constexpr (!std::is_same_v<T, double>) {
+    if (head_dim == 64 || head_dim == 128) {
+      // A request at a time, all its heads; its heads split over the threads only when
+      // there are fewer requests than threads.
+      const int64_t splits = batch >= at::get_num_threads() ? 1 : num_kv_heads;
+      auto request_fn = head_dim == 64 ? decode_request_avx512<T, C, 4>
+                                       : decode_request_avx512<T, C, 8>;
+      at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> qf(num_heads * head_dim), outf(num_heads * head_dim);
+        std::vector<float> scores(num_heads * max_ctx), inv_sum(num_heads);
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / splits, part = item % splits;
+          const int64_t offset = b * num_heads * head_dim;
+          request_fn(q_ptr + offset, k_ptr, v_ptr, table_ptr + b * max_blocks, lens_ptr[b],
+                     part * num_kv_heads / splits, (part + 1) * num_kv_heads / splits, group,
+                     block_size, block_stride, scale, out_scale, qf.data(), scores.data(),
+                     outf.data(), inv_sum.data(), out_ptr + offset);
+        }
+      });
+      return;
+    }
+  }
+#endif
+  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * head_dim), acc(group * head_dim);
+    std::vector<float> scores(group * max_ctx);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
+      const int64_t offset = (b * num_heads + h * group) * head_dim;
+      auto item_fn = head_dim == 64    ? decode_item<T, C, 64>
+                     : head_dim == 128 ? decode_item<T, C, 128>
+                                       : decode_item<T, C, 0>;
+      item_fn(q_ptr + offset, k_ptr, v_ptr, table_ptr + b * max_blocks, lens_ptr[b], group,
+              head_dim, block_size, block_stride, h * block_size * head_dim, scale, out_scale,
+              qf.data(), scores.data(), acc.data(), out_ptr + offset);
+    }
+  });
+}
+
+// `scale` multiplies the scores (the softmax scale, times k_scale for an FP8 cache) and
+// `v_scale` the outputs.
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& context_lens, double scale) {
+                                  const at::Tensor& context_lens, double scale, double v_scale) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous (B, H, D) tensor");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "the caches must be contiguous (num_blocks, Hkv, block_size, D) tensors");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() &&
-                  q.scalar_type() == v_cache.scalar_type(),
-              "q and the caches differ in dtype");
+  const auto cache_type = k_cache.scalar_type();
+  const bool fp8 = cache_type == at::kFloat8_e4m3fn || cache_type == at::kFloat8_e5m2;
+  TORCH_CHECK((q.scalar_type() == cache_type || fp8) && cache_type == v_cache.scalar_type(),
+              "the caches must be of q's dtype, or both float8");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() &&
                   block_tables.dim() == 2 && block_tables.size(0) == q.size(0),
               "block_tables must be a contiguous (B, max_blocks) int64 tensor");
@@ -346,7 +421,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(k_cache.size(3) == head_dim, "head_dim differs between q and the cache");
   TORCH_CHECK(num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(num_heads / num_kv_heads <= 64, "more than 64 query heads per KV head");
-  const int64_t group = num_heads / num_kv_heads;
   const int64_t max_blocks = block_tables.size(1);
   const at::Tensor lens = context_lens.contiguous();
   const int64_t* lens_ptr = lens.data_ptr<int64_t>();
@@ -357,54 +431,18 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     max_ctx = std::max(max_ctx, lens_ptr[b]);
   }
   at::Tensor out = at::empty_like(q);
+  const float s = static_cast<float>(scale), vs = static_cast<float>(v_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-        const scalar_t* q_ptr = q.data_ptr<scalar_t>();
-        const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
-        const scalar_t* v_ptr = v_cache.data_ptr<scalar_t>();
-        const int64_t* table_ptr = block_tables.data_ptr<int64_t>();
-        scalar_t* out_ptr = out.data_ptr<scalar_t>();
-        const int64_t block_stride = num_kv_heads * block_size * head_dim;
-#ifdef __AVX512F__
-        if constexpr (!std::is_same_v<scalar_t, double>) {
-          if (head_dim == 64 || head_dim == 128) {
-            // A request at a time, all its heads; its heads split over the threads only when
-            // there are fewer requests than threads.
-            const int64_t splits = batch >= at::get_num_threads() ? 1 : num_kv_heads;
-            auto request_fn = head_dim == 64 ? decode_request_avx512<scalar_t, 4>
-                                             : decode_request_avx512<scalar_t, 8>;
-            at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
-              std::vector<float> qf(num_heads * head_dim), outf(num_heads * head_dim);
-              std::vector<float> scores(num_heads * max_ctx), inv_sum(num_heads);
-              for (int64_t item = begin; item < end; ++item) {
-                const int64_t b = item / splits, part = item % splits;
-                const int64_t offset = b * num_heads * head_dim;
-                request_fn(q_ptr + offset, k_ptr, v_ptr, table_ptr + b * max_blocks, lens_ptr[b],
-                           part * num_kv_heads / splits, (part + 1) * num_kv_heads / splits,
-                           group, block_size, block_stride, static_cast<float>(scale),
-                           qf.data(), scores.data(), outf.data(), inv_sum.data(),
-                           out_ptr + offset);
-              }
-            });
-            return;
-          }
-        }
-#endif
-        at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-          std::vector<float> qf(group * head_dim), acc(group * head_dim);
-          std::vector<float> scores(group * max_ctx);
-          for (int64_t item = begin; item < end; ++item) {
-            const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
-            const int64_t offset = (b * num_heads + h * group) * head_dim;
-            auto item_fn = head_dim == 64    ? decode_item<scalar_t, 64>
-                           : head_dim == 128 ? decode_item<scalar_t, 128>
-                                             : decode_item<scalar_t, 0>;
-            item_fn(q_ptr + offset, k_ptr, v_ptr, table_ptr + b * max_blocks, lens_ptr[b],
-                    group, head_dim, block_size, block_stride, h * block_size * head_dim,
-                    static_cast<float>(scale), qf.data(), scores.data(), acc.data(),
-                    out_ptr + offset);
-          }
-        });
+        if (cache_type == at::kFloat8_e4m3fn)
+          decode_batch<scalar_t, c10::Float8_e4m3fn>(q, k_cache, v_cache, block_tables,
+                                                     lens_ptr, max_ctx, s, vs, out);
+        else if (cache_type == at::kFloat8_e5m2)
+          decode_batch<scalar_t, c10::Float8_e5m2>(q, k_cache, v_cache, block_tables, lens_ptr,
+                                                   max_ctx, s, vs, out);
+        else
+          decode_batch<scalar_t, scalar_t>(q, k_cache, v_cache, block_tables, lens_ptr,
+                                           max_ctx, s, vs, out);
       });
   return out;
 }
@@ -681,7 +719,7 @@ void apply_token_bitmask(at::Tensor& logits, const at::Tensor& rows, const at::T
 TORCH_LIBRARY(tandem_cpu, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor context_lens, float scale) -> Tensor");
+      "Tensor context_lens, float scale, float v_scale=1.0) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
   m.def(

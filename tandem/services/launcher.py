@@ -139,6 +139,9 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--cpu-kv-cache-space", str(space)]
     if not args.enable_prefix_caching:
         argv += ["--no-enable-prefix-caching"]
+    argv += ["--kv-cache-dtype", args.kv_cache_dtype]
+    if args.calculate_kv_scales:
+        argv.append("--calculate-kv-scales")
     argv += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     argv += ["--logprobs-mode", args.logprobs_mode]
     if args.logits_processors:

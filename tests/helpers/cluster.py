@@ -81,3 +81,13 @@ def assert_all_blocks_free(base: str, timeout: float = 10.0) -> None:
             break
         time.sleep(0.1)
     assert workers and idle, workers
+
+
+def kv_transfers(base: str, at_least: int, timeout: float = 10.0) -> dict:
+    """The cluster's KV hand-off figures once its heartbeats count `at_least` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        kv = httpx.get(base + "/stats").json()["kv_transfer"]
+        if kv["num_transfers"] >= at_least or time.monotonic() > deadline:
+            return kv
+        time.sleep(0.2)

@@ -65,6 +65,8 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(a.hidden_size, self.q_size + 2 * self.kv_size, bias=a.qkv_bias)
         self.o_proj = Linear(self.q_size, a.hidden_size, bias=False)
         self.scale = a.head_dim**-0.5
+        self.k_scale = self.v_scale = 1.0  # an fp8 KV cache's (engine/kv_quant.py)
+        self.kv_amax: list[float] | None = None  # set: record max |K|, max |V| (calibration)
 
     def forward(self, x, cos, sin, meta: AttnMetadata, k_cache, v_cache) -> torch.Tensor:
         T = x.shape[0]
@@ -75,7 +77,12 @@ class Attention(nn.Module):
         qk = apply_rope(qk, cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # (T, H, D), (T, Hkv, D)
         v = v.view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, H, D)
+        if self.kv_amax is not None:
+            self.kv_amax[0] = max(self.kv_amax[0], k.abs().max().item())
+            self.kv_amax[1] = max(self.kv_amax[1], v.abs().max().item())
+        o = paged_attention(
+            q, k, v, k_cache, v_cache, meta, self.scale, self.k_scale, self.v_scale
+        )  # (T, H, D)
         return self.o_proj(o.reshape(T, self.q_size))  # (T, H * D) -> (T, hidden)
 
 

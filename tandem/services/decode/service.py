@@ -20,6 +20,7 @@ import torch
 from tandem.engine.block_pool import Block
 from tandem.engine.config import EngineConfig
 from tandem.engine.core import StepOutput
+from tandem.engine.kv_quant import is_fp8, requantize
 from tandem.engine.request import Request, RequestStatus
 from tandem.services.observability import tracing
 from tandem.services.transport import codec, kv_shm
@@ -174,6 +175,15 @@ class DecodeWorker(WorkerShell):
         needed = cdiv(handoff.num_computed_tokens, self.engine.kv.block_size)
         if num_blocks != needed:
             return f"{num_blocks} KV blocks do not hold {handoff.num_computed_tokens} tokens"
+        own = self.engine.runner.info.kv_cache_dtype
+        if any(part.dtype != own for part in kv):
+            return f"KV blocks in {kv[0].dtype}; this worker's cache is in {own}"
+        if (
+            is_fp8(own)
+            and handoff.kv_scales
+            and len(handoff.kv_scales) != len(self.engine.runner.kv_scales)
+        ):
+            return f"{len(handoff.kv_scales)} KV scales for {len(self.engine.runner.kv_scales)}"
         try:
             self.engine.check_request(codec.request_from_spec(handoff.request))
         except ValueError as e:
@@ -185,6 +195,9 @@ class DecodeWorker(WorkerShell):
         request_id = handoff.request.request_id
         request = codec.request_from_spec(handoff.request)
         request.num_cached_tokens = handoff.num_cached_tokens
+        own = self.engine.runner.kv_scales
+        if handoff.kv_scales and list(handoff.kv_scales) != own:  # stored under other scales
+            kv = [requantize(part, list(handoff.kv_scales), own) for part in kv]
         num_blocks = sum(part.shape[0] for part in kv)
         self.num_kv_blocks_received += num_blocks
         self.metrics.kv_bytes_received.inc(sum(p.numel() * p.element_size() for p in kv))

@@ -145,6 +145,8 @@ class ClusterEngineClient:
                     "role": codec.ROLE_NAMES.get(hb.role, "unknown"),
                     "num_blocks": hb.num_blocks,
                     "num_free_blocks": hb.num_free_blocks,
+                    "block_size": hb.block_size,
+                    "kv_cache_dtype": hb.kv_cache_dtype,
                     "num_running": hb.num_running,
                     "num_waiting": hb.num_waiting,
                     "num_steps": hb.num_steps,

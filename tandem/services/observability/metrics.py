@@ -194,6 +194,12 @@ class EngineCollector:
                       s["prefix_cache_hits"])  # fmt: skip
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions.",
                       s["num_preemptions"])  # fmt: skip
+        info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine "
+                                 "CacheConfig", labels=[*names, "block_size", "cache_dtype",
+                                                        "num_gpu_blocks"])  # fmt: skip
+        info.add_metric([*values, str(s["block_size"]), s["kv_cache_dtype"], str(s["num_blocks"])],
+                        1.0)  # fmt: skip
+        yield info
         yield counter("tandem:engine_steps", "Engine steps run.", s["num_steps"])
         yield counter("tandem:prefill_tokens", "Prompt tokens computed (rate: prefill "
                       "tokens/s; recomputed tokens after a preemption count too).",
@@ -209,6 +215,8 @@ def engine_stats(engine, num_waiting: int = 0) -> dict | None:
         "num_waiting": num_waiting + len(engine.scheduler.waiting),
         "num_blocks": engine.runner.info.num_blocks,
         "num_free_blocks": engine.kv.num_free_blocks,
+        "block_size": engine.config.cache.block_size,
+        "kv_cache_dtype": engine.config.cache.cache_dtype,  # vLLM's names: auto, fp8, ...
         "prefix_cache_queries": engine.kv.prefix_queries,
         "prefix_cache_hits": engine.kv.prefix_hits,
         "num_preemptions": engine.scheduler.num_preemptions,

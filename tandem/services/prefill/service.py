@@ -16,6 +16,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from tandem.engine.config import EngineConfig
+from tandem.engine.kv_quant import is_fp8
 from tandem.engine.request import Request
 from tandem.services.observability import tracing
 from tandem.services.transport import codec, kv_shm
@@ -126,7 +127,8 @@ class PrefillWorker(WorkerShell):
             reports.append(engine_pb2.StepReport(
                 worker_id=self.worker_id, step_id=plan.step_id, failed_request_ids=ids
             ))  # fmt: skip
-        for request_id in list(self.transfers):
+        handing_off = list(self.transfers)  # prefilled: their first token is out
+        for request_id in handing_off:
             self.forget(request_id)
         dropped = await super().drop_all()
         if dropped:
@@ -135,7 +137,7 @@ class PrefillWorker(WorkerShell):
             ))  # fmt: skip
         for report in reports:
             await self.bus.publish(subject("scheduler", "report"), report)
-        return dropped
+        return dropped + [r for r in handing_off if r not in dropped]
 
     def forget(self, request_id: str) -> None:
         self.decode_of.pop(request_id, None)
@@ -345,6 +347,7 @@ class PrefillWorker(WorkerShell):
                 num_cached_tokens=max(request.num_cached_tokens, 0),
                 prefill_worker_id=self.worker_id,
                 num_reused_blocks=num_reused,
+                kv_scales=self.engine.runner.kv_scales if is_fp8(kv.dtype) else (),
             )
             if kv_file is not None:
                 handoff.kv_file.CopyFrom(kv_file)

@@ -75,9 +75,16 @@ class ClusterScheduler:
 
     # -- what the workers say ------------------------------------------------------------
 
-    def on_heartbeat(self, worker_id: str, role: Role, received_ids=(), **load: int) -> None:
+    def on_heartbeat(
+        self, worker_id: str, role: Role, received_ids=(), **load: int | str
+    ) -> str | None:
         """Record a worker's load (WorkerState's fields by name). A decode worker lists the
-        hand-offs it received since its previous heartbeat: they stop being in transit."""
+        hand-offs it received since its previous heartbeat: they stop being in transit.
+        A worker whose KV blocks differ from its peers' (block size, element type) is
+        refused: why, or None."""
+        refused = self._kv_mismatch(worker_id, load.get("block_size"), load.get("kv_cache_dtype"))
+        if refused:
+            return refused
         worker = self.workers.get(worker_id)
         if worker is None or worker.role is not role:
             worker = self.workers[worker_id] = WorkerState(worker_id, role)
@@ -90,6 +97,25 @@ class ClusterScheduler:
             worker.in_transit.pop(request_id, None)
         if role is Role.PREFILL:
             self._recover_lost_plans(worker)
+        return None
+
+    def _kv_mismatch(self, worker_id: str, block_size, kv_cache_dtype) -> str | None:
+        """KV blocks move between any two workers, so all hold them alike (a worker that
+        does not say its element type is taken at its word)."""
+        if block_size is None:
+            return None
+        for peer in self.workers.values():
+            if peer.worker_id == worker_id:
+                continue
+            differ = (
+                kv_cache_dtype and peer.kv_cache_dtype and kv_cache_dtype != peer.kv_cache_dtype
+            )
+            if block_size != peer.block_size or differ:
+                return (f"worker {worker_id} refused: its KV blocks are {block_size} tokens in "
+                        f"{kv_cache_dtype or '?'}, its peers' (as {peer.worker_id}) "
+                        f"{peer.block_size} tokens in {peer.kv_cache_dtype or '?'}; start every "
+                        "worker with the same --block-size and --kv-cache-dtype")  # fmt: skip
+        return None
 
     def _recover_lost_plans(self, worker: WorkerState) -> None:
         """A prefill worker that says it has nothing to do (no plan queued, nothing

@@ -56,6 +56,7 @@ class SchedulerService:
         self.next_seq: dict[str, int] = {}  # per worker: the KV event batch expected next
         self.queued: dict[str, tuple[float, object]] = {}  # id -> (since, queue span)
         self.submits = SubmitInbox(bus, "scheduler")
+        self.refused: dict[str, str] = {}  # worker id -> why its heartbeats are refused
         self.registry = CollectorRegistry()
         self.metrics = SchedulerMetrics(self.registry)
 
@@ -131,7 +132,7 @@ class SchedulerService:
         role = _ROLES.get(hb.role)
         if role is None:
             return
-        self.core.on_heartbeat(
+        refused = self.core.on_heartbeat(
             hb.worker_id,
             role,
             received_ids=hb.received_request_ids,
@@ -144,8 +145,17 @@ class SchedulerService:
             max_model_len=hb.max_model_len,
             max_num_batched_tokens=hb.max_num_batched_tokens,
             vocab_size=hb.vocab_size,
+            kv_cache_dtype=hb.kv_cache_dtype,
             draining=hb.draining,
         )
+        if refused and self.refused.get(hb.worker_id) != refused:  # said once, not per beat
+            logger.error("%s", refused)
+        if refused:
+            if len(self.refused) > 1024:
+                self.refused.clear()
+            self.refused[hb.worker_id] = refused
+        else:
+            self.refused.pop(hb.worker_id, None)
 
     async def _on_report(self, report: engine_pb2.StepReport, raw) -> None:
         if report.HasField("heartbeat"):

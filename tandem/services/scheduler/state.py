@@ -39,6 +39,7 @@ class WorkerState:
     max_model_len: int = 0
     max_num_batched_tokens: int = 0
     vocab_size: int = 0
+    kv_cache_dtype: str = ""  # its blocks' element type: one per cluster, as the block size
     last_seen: float = 0.0
     draining: bool = False  # leaving: placed no new requests, finishes what it has
     plans_in_flight: int = 0  # prefill: plans sent and not yet reported

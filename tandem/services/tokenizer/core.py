@@ -41,6 +41,7 @@ class _Stream:
     token_ids: list[int] = field(default_factory=list)  # streamed so far
     producer: str = ""  # the worker whose tokens came last
     decode_worker: str = ""  # the decode worker holding it, once known
+    resumed_from: set[str] = field(default_factory=set)  # lost workers it was re-queued from
 
 
 class DetokenizerHub:
@@ -78,14 +79,27 @@ class DetokenizerHub:
         out = []
         for stream in self.streams.values():
             holder = stream.decode_worker or stream.producer
-            if holder != worker_id or not stream.token_ids:
-                continue
-            stream.decode_worker = stream.producer = ""
-            spec = common_pb2.RequestSpec()
-            spec.CopyFrom(stream.spec)
-            spec.output_token_ids.extend(stream.token_ids)
-            out.append(spec)
+            if holder == worker_id and stream.token_ids:
+                out.append(self._resume(stream, worker_id))
         return out
+
+    def dropped(self, request_id: str, worker_id: str) -> common_pb2.RequestSpec | None:
+        """A lost worker says it gave the request up. Whether the WorkerLost message found
+        it here depends on which came first, its token or that message (a hand-off under
+        way, a decode worker's receipt not yet heard of): re-queued now unless it was then."""
+        stream = self.streams.get(request_id)
+        if stream is None or not stream.token_ids or worker_id in stream.resumed_from:
+            return None
+        return self._resume(stream, worker_id)
+
+    @staticmethod
+    def _resume(stream: _Stream, worker_id: str) -> common_pb2.RequestSpec:
+        stream.decode_worker = stream.producer = ""
+        stream.resumed_from.add(worker_id)
+        spec = common_pb2.RequestSpec()
+        spec.CopyFrom(stream.spec)
+        spec.output_token_ids.extend(stream.token_ids)
+        return spec
 
     def received(self, request_id: str, worker_id: str) -> None:
         """A decode worker says the request's hand-off reached it."""
@@ -108,6 +122,8 @@ class DetokenizerHub:
                 return None
             if seen > 0:  # partly new: keep the new part
                 tokens = _tail(tokens, seen)
+        if worker_id not in stream.resumed_from:  # its new placement is running
+            stream.resumed_from.clear()
         stream.producer = worker_id or stream.producer
         stream.token_ids.extend(tokens.token_ids)
         finished = bool(tokens.finish_reason)

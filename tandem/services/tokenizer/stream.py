@@ -80,10 +80,13 @@ class StreamRelay:
         """A worker died: the requests it was producing go back to the scheduler with the
         tokens their clients have, and continue elsewhere, streams unbroken."""
         for spec in self.hub.resumable(msg.worker_id):
-            logger.warning("%s lost: %s re-queued after %d tokens", msg.worker_id,
-                           spec.request_id, len(spec.output_token_ids))  # fmt: skip
-            again = engine_pb2.Preempted(request=spec, worker_id=msg.worker_id)
-            await self.bus.publish(subject("scheduler", "preempted"), again)
+            await self._requeue(spec, msg.worker_id)
+
+    async def _requeue(self, spec, worker_id: str) -> None:
+        logger.warning("%s lost: %s re-queued after %d tokens", worker_id, spec.request_id,
+                       len(spec.output_token_ids))  # fmt: skip
+        again = engine_pb2.Preempted(request=spec, worker_id=worker_id)
+        await self.bus.publish(subject("scheduler", "preempted"), again)
 
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         self.close(msg.request_id, error=f"aborted ({msg.reason})")
@@ -98,6 +101,11 @@ class StreamRelay:
         self, tokens: engine_pb2.RequestTokens, produced_at: float = 0.0, worker_id: str = ""
     ) -> None:
         request_id = tokens.request_id
+        if tokens.dropped:  # after its tokens: they share this subject and their sender
+            spec = self.hub.dropped(request_id, worker_id)
+            if spec is not None:
+                await self._requeue(spec, worker_id)
+            return
         if request_id not in self.hub.streams:
             await self._late_error(tokens)
             return

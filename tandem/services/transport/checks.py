@@ -172,6 +172,8 @@ def _request_tokens(tokens: engine_pb2.RequestTokens) -> None:
     request_id(tokens.request_id)
     _tokens(tokens.token_ids, "token_ids")
     _require(tokens.finish_reason in FINISH_REASONS, "finish_reason unknown")
+    _require(not tokens.dropped or not (tokens.token_ids or tokens.finish_reason),
+             "a dropped request carries no tokens")  # fmt: skip
     _require(tokens.error_code == 0 or 400 <= tokens.error_code <= 599, "error_code not HTTP's")
     for lp in (*tokens.logprobs, *tokens.prompt_logprobs):
         _tokens((lp.token_id, *lp.top_ids), "logprobs token ids")

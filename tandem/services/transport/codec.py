@@ -11,7 +11,9 @@ from tandem.engine.request import Request, SamplingParams
 from tandem.engine.structured_output.params import KINDS, StructuredOutputsParams
 from tandem.v1 import common_pb2, engine_pb2, tokenizer_pb2
 
-KV_DTYPES = frozenset({"float32", "bfloat16", "float16"})  # the KV dtypes a hand-off may carry
+KV_DTYPES = frozenset(
+    {"float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"}
+)  # the KV dtypes a hand-off may carry
 ROLE_NAMES = {engine_pb2.WORKER_ROLE_PREFILL: "prefill", engine_pb2.WORKER_ROLE_DECODE: "decode"}
 
 

@@ -14,7 +14,8 @@ import torch
 from tandem.services.transport.bus import PAYLOAD_HEADROOM, Bus, RemoteError, reply_error
 from tandem.v1 import engine_pb2
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+               torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}  # fmt: skip
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 

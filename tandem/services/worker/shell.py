@@ -21,6 +21,7 @@ from tandem.services.observability.metrics import EngineCollector, WorkerMetrics
 from tandem.services.observability.metrics_push import MetricsPublisher
 from tandem.services.transport import codec
 from tandem.services.transport.bus import Tombstones
+from tandem.services.transport.kv_transfer import DTYPE_NAMES
 from tandem.services.transport.subjects import subject
 from tandem.v1 import engine_pb2
 
@@ -51,6 +52,7 @@ def heartbeat(
         max_model_len=engine.max_model_len,
         max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
         vocab_size=engine.runner.info.vocab_size,
+        kv_cache_dtype=DTYPE_NAMES[engine.runner.info.kv_cache_dtype],
         timestamp=time.time(),
         num_steps=engine.num_steps,
         num_preemptions=engine.scheduler.num_preemptions,
@@ -157,6 +159,11 @@ class WorkerShell:
         dropped = await self.drop_all()
         logger.warning("%s was declared lost: dropped %d request(s) placed elsewhere now",
                        self.worker_id, len(dropped))  # fmt: skip
+        if dropped:  # whichever the tokenizer has not re-queued yet, it re-queues now
+            batch = engine_pb2.TokenBatch(worker_id=self.worker_id, timestamp=time.time())
+            for request_id in dropped:
+                batch.requests.add(request_id=request_id, dropped=True)
+            await self.bus.publish(subject("tokens"), batch)
         await self._resync(None, None)  # the scheduler dropped its index entries
 
     def num_waiting(self) -> int:

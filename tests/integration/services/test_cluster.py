@@ -18,7 +18,13 @@ from tandem.engine.llm import LLM
 from tandem.engine.request import SamplingParams
 from tandem.services.servers import free_port
 from tandem.services.transport import kv_shm
-from tests.helpers.cluster import assert_all_blocks_free, group_is_gone, start_cluster, stop_cluster
+from tests.helpers.cluster import (
+    assert_all_blocks_free,
+    group_is_gone,
+    kv_transfers,
+    start_cluster,
+    stop_cluster,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +55,6 @@ def reference(default_model):
 @pytest.fixture(scope="module")
 def client(cluster):
     return openai.OpenAI(base_url=cluster + "/v1", api_key="none", max_retries=0)
-
-
-def kv_transfers(base: str, at_least: int, timeout: float = 10.0) -> dict:
-    """The cluster's KV hand-off figures once its heartbeats count `at_least` of them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        kv = httpx.get(base + "/stats").json()["kv_transfer"]
-        if kv["num_transfers"] >= at_least or time.monotonic() > deadline:
-            return kv
-        time.sleep(0.2)
 
 
 def _greedy(reference: LLM, prompts: list[list[int]], max_tokens: list[int]) -> list[str]:

@@ -91,6 +91,55 @@ def test_kernel_in_half_precision_is_close_to_fp32(dtype, heads, kv_heads, dim):
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,lens",
+    [(9, 3, 64, [1, 17, 100]), (8, 2, 128, [5, 64, 77]), (6, 6, 48, [3, 40]), (4, 4, 32, [9])],
+)
+def test_kernel_over_an_fp8_cache_matches_torch_dequantizing_first(
+    fp8, q_dtype, heads, kv_heads, dim, lens
+):
+    """The cache holds K / k_scale and V / v_scale in float8; the kernel widens each tile in
+    registers (AVX-512 at head sizes 64 and 128, the scalar loop otherwise) and scales back;
+    the reference dequantizes the whole cache first."""
+    from tandem.engine.kv_quant import quantize
+
+    q, k, v, tables, ctx = _case(len(lens), heads, kv_heads, dim, 16, lens, torch.float32)
+    k_scale, v_scale = 0.02, 0.5
+    k8 = quantize(k * 3, k_scale, fp8)  # subnormals, and values past the format's range
+    v8 = quantize(v, v_scale, fp8)
+    q = q.to(q_dtype)
+    got = paged_decode_attention(q, k8, v8, tables, ctx, dim**-0.5, k_scale, v_scale)
+    want = paged_decode_attention_ref(q.float(), k8.float() * k_scale, v8.float() * v_scale,
+                                      tables, ctx, dim**-0.5)  # fmt: skip
+    assert got.dtype == q_dtype
+    tol = 2e-6 if q_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol * 5)
+
+
+@pytest.mark.parametrize("dim", [64, 48])  # the AVX-512 widening, and the scalar loop's
+@pytest.mark.parametrize("fp8", FP8)
+def test_fp8_widening_is_exact_for_every_code(fp8, dim):
+    """Every finite code of the format (subnormals, the largest, both zeros), as a request's
+    one value: attention over one key returns it as the kernel widened it; torch's own
+    conversion is the reference."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[codes.view(fp8).float().isfinite()]
+    n = codes.numel()
+    v_cache = codes.view(fp8)[:, None, None, None].expand(n, 1, 16, dim).contiguous()
+    k_cache = torch.zeros_like(v_cache)
+    q = torch.randn(n, 1, dim)
+    tables = torch.arange(n).view(n, 1)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, torch.ones(n, dtype=torch.int64),
+                                 1.0)  # fmt: skip
+    want = codes.view(fp8).float()[:, None].expand(n, dim)
+    assert torch.equal(out[:, 0], want)
+
+
 @pytest.fixture
 def bf16_prefill():
     if not has_prefill_attention_bf16():

@@ -399,3 +399,21 @@ def test_a_placed_request_s_own_blocks_are_no_cache_hit():
     follower = req("follower", 1500)
     follower.block_hashes = list(range(1000, 1093))
     assert core._overlap(follower, "p0") == 93  # the prefix follows the request that brought it
+
+
+def test_a_worker_whose_kv_blocks_differ_from_its_peers_is_refused_with_a_message():
+    """KV blocks move between any two workers: a worker with another --kv-cache-dtype or
+    --block-size never joins (nothing placed on it), and says why; its peers go on."""
+    core, _ = make()
+    load = dict(num_blocks=100, num_free_blocks=100, max_num_seqs=8, max_model_len=2048)
+    assert core.on_heartbeat("d0", Role.DECODE, block_size=16, kv_cache_dtype="float8_e4m3fn",
+                             **load) is None  # fmt: skip
+    why = core.on_heartbeat("d1", Role.DECODE, block_size=16, kv_cache_dtype="bfloat16", **load)
+    assert "d1 refused" in why and "bfloat16" in why and "--kv-cache-dtype" in why
+    why = core.on_heartbeat("d2", Role.DECODE, block_size=32, kv_cache_dtype="float8_e4m3fn",
+                            **load)  # fmt: skip
+    assert "32 tokens" in why
+    assert set(core.workers) == {"p0", "d0"}
+    core.add_request(req("a", 20))
+    (plan,) = core.schedule()
+    assert [c.request.decode_worker_id for c in plan.chunks] == ["d0"]

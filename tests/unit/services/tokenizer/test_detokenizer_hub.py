@@ -74,6 +74,30 @@ def test_a_stream_takes_each_output_position_once(core):
     assert send(1, [11, 12, 13]) == [13]  # partly new
 
 
+def test_a_request_a_lost_worker_dropped_is_re_queued_once_whichever_came_first(core):
+    """A worker declared lost drops its requests and says which. The WorkerLost message
+    re-queues those the tokenizer knew it held; its own word re-queues the rest (a hand-off
+    under way, a receipt not yet heard of), never one twice; a request placed back on that
+    worker can be lost there again."""
+    hub = DetokenizerHub(core)
+    for rid in ("a", "b", "c"):
+        hub.open(_spec(rid))
+        hub.on_tokens(engine_pb2.RequestTokens(request_id=rid, token_ids=[10]), "prefill-0")
+    hub.received("a", "decode-0")  # b's receipt is still on its way; c never got one token
+    hub.open(_spec("d"))
+    assert [s.request_id for s in hub.resumable("decode-0")] == ["a"]
+    assert hub.dropped("a", "decode-0") is None  # re-queued already
+    assert list(hub.dropped("b", "decode-0").output_token_ids) == [10]
+    assert hub.dropped("b", "decode-0") is None
+    assert hub.dropped("d", "decode-0") is None  # no token: the scheduler's to place again
+    late = engine_pb2.RequestTokens(request_id="b", token_ids=[11], first_output_index=1)
+    hub.on_tokens(late, "decode-0")  # a token the lost worker sent before it stopped
+    assert hub.dropped("b", "decode-0") is None
+    hub.on_tokens(engine_pb2.RequestTokens(request_id="a", token_ids=[12]), "prefill-0")
+    hub.received("a", "decode-0")  # placed back there, and lost there again
+    assert list(hub.dropped("a", "decode-0").output_token_ids) == [10, 12]
+
+
 class _Bus:
     def __init__(self) -> None:
         self.sent: list[tuple[str, object]] = []
