@@ -7,8 +7,10 @@ tokens of SmolLM2 in bf16) so that both limits show within a short load:
 - KV bytes per hand-off: `--fp8-long-prompts` prompts of `--long-input-len` tokens (the
   interference workload's long prompts), the cluster's KV transfer bytes from `/stats`.
 - sequences admitted before the first preemption: `--fp8-seqs` requests at once, each of
-  `--fp8-seq-len` prompt and output tokens; the most the decode worker ran at one time before
-  its preemption counter moved (its heartbeats, polled from `/stats`).
+  `--fp8-seq-prompt-len` prompt tokens and `--fp8-seq-output-len` output tokens (a long prompt
+  against its growth, so that the cache fills with admitted prompts before it fills with their
+  outputs); the most the decode worker ran at one time before its preemption counter moved
+  (its heartbeats, polled from `/stats`).
 
 Then in this process, on the same model and no server running: one decode step at batch
 `--fp8-batch` with `--fp8-context` tokens of context each (a cache of random values: a step
@@ -36,8 +38,9 @@ DEPLOYMENTS = {"auto": [*_CLUSTER, "--kv-cache-dtype", "auto"],
 
 def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--fp8-long-prompts", type=int, default=4)
-    g.add_argument("--fp8-seqs", type=int, default=48, help="requests sent at once")
-    g.add_argument("--fp8-seq-len", type=int, default=96, help="their prompt and output length")
+    g.add_argument("--fp8-seqs", type=int, default=24, help="requests sent at once")
+    g.add_argument("--fp8-seq-prompt-len", type=int, default=400)
+    g.add_argument("--fp8-seq-output-len", type=int, default=200)
     g.add_argument("--fp8-batch", type=int, default=16)
     g.add_argument("--fp8-context", type=int, default=2048)
 
@@ -88,8 +91,8 @@ def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict
     blocks = {k: w["num_blocks"] for k, w in workers.items()}
     long = random_prompts(args.fp8_long_prompts, args.long_input_len, info.vocab_size, args.seed)
     kv_bytes = asyncio.run(_kv_bytes_per_request(url, long))
-    seqs = random_prompts(args.fp8_seqs, args.fp8_seq_len, info.vocab_size, args.seed + 1)
-    admitted = asyncio.run(_admitted_before_preemption(url, seqs, args.fp8_seq_len))
+    seqs = random_prompts(args.fp8_seqs, args.fp8_seq_prompt_len, info.vocab_size, args.seed + 1)
+    admitted = asyncio.run(_admitted_before_preemption(url, seqs, args.fp8_seq_output_len))
     print(f"{name}: {blocks} KV blocks; {kv_bytes / 2**20:.2f} MiB of KV per hand-off of "
           f"{args.long_input_len} tokens; {admitted} sequences admitted before the first "
           "preemption")  # fmt: skip
@@ -155,7 +158,8 @@ def report(runs: dict[str, dict], args: argparse.Namespace) -> tuple[dict, bool]
         "long_context_attention_ratio": steps["fp8"]["attention"] / steps["auto"]["attention"],
         "decode_step_ms": steps,
         "workload": {"kv_space_gib": KV_SPACE_GIB, "long_input_len": args.long_input_len,
-                     "seqs": args.fp8_seqs, "seq_len": args.fp8_seq_len,
+                     "seqs": args.fp8_seqs, "seq_prompt_len": args.fp8_seq_prompt_len,
+                     "seq_output_len": args.fp8_seq_output_len,
                      "batch": args.fp8_batch, "context": args.fp8_context,
                      "rounds": max(args.rounds, 5), "torch_threads": torch.get_num_threads()},
         "deployments": runs,

@@ -174,22 +174,44 @@ inline __m512 load16<c10::Half>(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// FP8 KV (no hardware conversion here): e5m2 is the top byte of an fp16, so it widens
-// through vcvtph2ps; e4m3's 7 magnitude bits, placed at fp32's exponent/mantissa boundary,
-// make fp32 2^-120 times the value (subnormals included), fixed by one multiply.
+// A row of 16 * NV values widened into NV vectors, `factor` times smaller than stored (the
+// kernel folds `factor` into its scales).
+template <typename C>
+struct Rows {
+  static constexpr float factor = 1.f;
+  template <int NV>
+  static inline void load(const C* p, __m512* out) {
+    for (int v = 0; v < NV; ++v) out[v] = load16(p + 16 * v);
+  }
+};
+
+// FP8 KV (this CPU has no conversion from fp8, nor avx512_fp16), 32 values at a time through
+// fp16: e5m2 is the top byte of an fp16; e4m3's sign and 7 magnitude bits, placed at the
+// top of an fp16 (x << 7, the sign carried from bit 14 to bit 15 by adding it to itself),
+// make an fp16 2^-8 times the value, subnormals included, with no special case.
+template <typename Fp8, bool E4M3>
+struct Fp8Rows {
+  static constexpr float factor = E4M3 ? 256.f : 1.f;
+  template <int NV>
+  static inline void load(const Fp8* p, __m512* out) {
+    static_assert(NV % 2 == 0, "rows of 32 values");
+    for (int v = 0; v < NV; v += 2) {
+      __m512i h = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * v)));
+      if constexpr (E4M3) {
+        const __m512i y = _mm512_slli_epi16(h, 7);
+        h = _mm512_add_epi16(y, _mm512_and_si512(y, _mm512_set1_epi16(0x4000)));
+      } else {
+        h = _mm512_slli_epi16(h, 8);
+      }
+      out[v] = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+      out[v + 1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+    }
+  }
+};
 template <>
-inline __m512 load16<c10::Float8_e5m2>(const c10::Float8_e5m2* p) {
-  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm512_cvtph_ps(_mm256_slli_epi16(bytes, 8));
-}
+struct Rows<c10::Float8_e4m3fn> : Fp8Rows<c10::Float8_e4m3fn, true> {};
 template <>
-inline __m512 load16<c10::Float8_e4m3fn>(const c10::Float8_e4m3fn* p) {
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512i mag = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x7F)), 20);
-  const __m512 value = _mm512_mul_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(0x1p120f));
-  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign));
-}
+struct Rows<c10::Float8_e5m2> : Fp8Rows<c10::Float8_e5m2, false> {};
 
 // out[i] = the sum of v[i]'s 16 lanes, for i < 16.
 inline __m512 sum_across16(__m512* v) {
@@ -232,7 +254,7 @@ void scores_avx512(const float* qf, const PagedRows<T>& keys, int64_t h, int64_t
   for (int t = 0; t < n; ++t) {
     const T* row = keys(pos0 + t, h);
     __m512 k[NV];
-    for (int v = 0; v < NV; ++v) k[v] = load16(row + 16 * v);
+    Rows<T>::template load<NV>(row, k);
     for (int g = 0; g < GN; ++g) {
       __m512 acc = _mm512_mul_ps(q[g][0], k[0]);
       for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(q[g][v], k[v], acc);
@@ -262,7 +284,7 @@ void weighted_sum_avx512(const float* scores, const PagedRows<T>& values, int64_
   for (int t = 0; t < n; ++t) {
     const T* row = values(pos0 + t, h);
     __m512 x[NV];
-    for (int v = 0; v < NV; ++v) x[v] = load16(row + 16 * v);
+    Rows<T>::template load<NV>(row, x);
     for (int g = 0; g < GN; ++g) {
       const __m512 w = _mm512_set1_ps(p[g * ctx_len + t]);
       for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(w, x[v], acc[g][v]);
@@ -310,6 +332,8 @@ void decode_request_avx512(const T* q, const C* k_cache, const C* v_cache,
     for (int64_t pos = pos0; pos < std::min(pos0 + n, ctx_len); ++pos)
       for (int64_t h = h0; h < h1; ++h) prefetch_row(rows(pos, h), D);
   };
+  scale *= Rows<C>::factor;  // the rows are widened `factor` times smaller
+  out_scale *= Rows<C>::factor;
   for (int64_t i = h0 * group * D; i < h1 * group * D; ++i) qf[i] = static_cast<float>(q[i]) * scale;
   prefetch(keys, 0, ahead);
   for (int64_t pos0 = 0; pos0 < ctx_len; pos0 += 16) {

@@ -82,3 +82,49 @@ def test_every_layer_of_a_step_gathers_into_the_same_buffers_and_stays_exact(tor
             values = v_cache[table].transpose(0, 1).reshape(kv_heads, -1, dim)[:, :c]
             want = _reference(q[i : i + 1], keys.transpose(0, 1), values.transpose(0, 1), 0.5)
             assert torch.allclose(out[i : i + 1], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mixed_batch_over_an_fp8_cache_matches_plain_attention_dequantized(
+    path, fp8, dtype, request
+):
+    """Decodes and a prefill chunk over a cached prefix, the cache in float8 with scales
+    (head size 64, the AVX-512 path, and GQA): the step stores K / k_scale saturated, and
+    every read equals plain attention over the stored values widened back."""
+    from tandem.engine.kv_quant import dequantize, quantize
+
+    if path == "torch":
+        request.getfixturevalue("torch_path")
+    torch.manual_seed(2)
+    bs, heads, kv_heads, dim, num_blocks, k_scale, v_scale = 16, 6, 2, 64, 64, 0.05, 0.01
+    k_cache = torch.zeros(num_blocks, kv_heads, bs, dim, dtype=fp8)
+    v_cache = torch.zeros_like(k_cache)
+    ctx, q_lens = [5, 40, 70], [1, 1, 30]  # the chunk: 30 new tokens after 40 cached
+    free = iter(torch.randperm(num_blocks).tolist())
+    tables = [[next(free) for _ in range(-(-c // bs))] for c in ctx]
+    history = [(torch.randn(c, kv_heads, dim).to(dtype), torch.randn(c, kv_heads, dim).to(dtype))
+               for c in ctx]  # fmt: skip
+    for (keys, values), table, c, q_len in zip(history, tables, ctx, q_lens):
+        for pos in range(c - q_len):
+            k_cache[table[pos // bs], :, pos % bs] = quantize(keys[pos], k_scale, fp8)
+            v_cache[table[pos // bs], :, pos % bs] = quantize(values[pos], v_scale, fp8)
+    meta = build_attn_metadata(q_lens, ctx, tables, bs, torch.device("cpu"))
+    q = torch.randn(sum(q_lens), heads, dim).to(dtype)
+    k_new = torch.cat([keys[c - n :] for (keys, _), c, n in zip(history, ctx, q_lens)])
+    v_new = torch.cat([values[c - n :] for (_, values), c, n in zip(history, ctx, q_lens)])
+    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, dim**-0.5, k_scale, v_scale)
+    row = 0
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for (keys, values), n in zip(history, q_lens):
+        stored_k = dequantize(quantize(keys, k_scale, fp8), k_scale, torch.float32)
+        stored_v = dequantize(quantize(values, v_scale, fp8), v_scale, torch.float32)
+        want = _reference(q[row : row + n].float(), stored_k, stored_v, dim**-0.5)
+        torch.testing.assert_close(out[row : row + n].float(), want, atol=tol, rtol=tol)
+        row += n
+    table = tables[2]  # the chunk's own keys were stored too, saturated and scaled
+    last = k_cache[table[69 // bs], :, 69 % bs]
+    assert torch.equal(
+        last.view(torch.uint8), quantize(history[2][0][69], k_scale, fp8).view(torch.uint8)
+    )
