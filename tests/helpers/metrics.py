@@ -42,7 +42,8 @@ def relayed_metric_labels() -> dict[str, set[str]]:
     WorkerMetrics(registry, "w", "decode")
     stats = dict.fromkeys(["num_running", "num_waiting", "num_blocks", "num_free_blocks",
                            "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
-                           "num_steps", "num_prefill_tokens"], 1)  # fmt: skip
+                           "num_steps", "num_prefill_tokens", "block_size"], 1)  # fmt: skip
+    stats["kv_cache_dtype"] = "auto"
     registry.register(EngineCollector(lambda: stats, {"worker": "w", "role": "decode"}))
     return _sample_labels(registry)
 

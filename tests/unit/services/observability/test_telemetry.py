@@ -30,7 +30,8 @@ def test_merge_joins_families_of_every_instance_and_adds_the_model_name():
     for worker, hits in (("prefill-0", 3), ("decode-0", 5)):
         stats = {"num_running": 1, "num_waiting": 0, "num_blocks": 10, "num_free_blocks": 4,
                  "prefix_cache_queries": 8, "prefix_cache_hits": hits, "num_preemptions": 0,
-                 "num_steps": 2, "num_prefill_tokens": 7}  # fmt: skip
+                 "num_steps": 2, "num_prefill_tokens": 7, "block_size": 16,
+                 "kv_cache_dtype": "auto"}  # fmt: skip
         r = CollectorRegistry()
         r.register(EngineCollector(lambda s=stats: s, {"worker": worker, "role": "x"}))
         texts.append(generate_latest(r).decode())
