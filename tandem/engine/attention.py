@@ -285,10 +285,16 @@ def _prefill_bf16(q, k, v, k_cache, v_cache, span: PrefillSpan, scale: float,
     if span.mask is None:  # the whole context is this chunk
         kp = k[span.start : span.end].transpose(0, 1).contiguous()
         vp = v[span.start : span.end].transpose(0, 1).contiguous()
-    else:
-        kp = _gather_context(k_cache, span, q.dtype, k_scale)[0].contiguous()
-        vp = _gather_context(v_cache, span, q.dtype, v_scale)[0].contiguous()
-    return prefill_attention_bf16(q[span.start : span.end].contiguous(), kp, vp, scale)
+        k_scale = v_scale = 1.0  # the chunk's own keys, widened already
+    else:  # a float8 cache's context stays float8: the kernel widens it as it repacks
+        kp = _contiguous(_gather_context(k_cache, span, None)[0])
+        vp = _contiguous(_gather_context(v_cache, span, None)[0])
+    return prefill_attention_bf16(q[span.start : span.end].contiguous(), kp, vp, scale,
+                                  True, k_scale, v_scale)  # fmt: skip
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return as_bytes(t).contiguous().view(t.dtype)
 
 
 def _cache_rows(slot_mapping: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
@@ -298,18 +304,21 @@ def _cache_rows(slot_mapping: torch.Tensor, num_kv_heads: int, block_size: int) 
     return ((block * (num_kv_heads * block_size) + offset)[:, None] + heads[None, :]).view(-1)
 
 
-def _gather_context(cache: torch.Tensor, span: PrefillSpan, dtype: torch.dtype,
+def _gather_context(cache: torch.Tensor, span: PrefillSpan, dtype: torch.dtype | None,
                     kv_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
     """A request's first `ctx_len` keys (or values) as (1, Hkv, ctx_len, D): its tiles
     gathered head-major (tile `block * Hkv + head`) in one copy, no transpose after; a
-    float8 cache's widened to `dtype` (the gathered context only, never the cache)."""
+    float8 cache's widened to `dtype` (the gathered context only, never the cache), or
+    left as it is stored with dtype None."""
     _, num_kv_heads, block_size, head_dim = cache.shape
     if span.tiles is None:  # once per step: every layer gathers the same tiles
         heads = torch.arange(num_kv_heads, device=cache.device)
         span.tiles = (span.block_ids[None, :] * num_kv_heads + heads[:, None]).view(-1)
     tiles = as_bytes(cache).view(-1, block_size, head_dim).index_select(0, span.tiles)
     if is_fp8(cache.dtype):  # (Hkv * n, bs, D)
-        tiles = dequantize(tiles.view(cache.dtype), kv_scale, dtype)
+        tiles = tiles.view(cache.dtype)
+        if dtype is not None:
+            tiles = dequantize(tiles, kv_scale, dtype)
     return tiles.view(num_kv_heads, -1, head_dim)[:, : span.ctx_len].unsqueeze(0)
 
 

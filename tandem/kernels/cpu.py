@@ -160,10 +160,13 @@ def prefill_attention_bf16(
     v: torch.Tensor,
     scale: float,
     causal: bool = True,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of the last T of S positions over the S keys, causal (or, for an encoder,
-    each over all of them), in bf16; head sizes 32, 64 and 128. (T, H, D)."""
-    return torch.ops.tandem_cpu.prefill_attention_bf16(q, k, v, scale, causal)
+    each over all of them), in bf16; head sizes 32, 64 and 128. (T, H, D). K and V may be
+    float8 (an FP8 cache's K / k_scale, V / v_scale): widened as the kernel repacks them."""
+    return torch.ops.tandem_cpu.prefill_attention_bf16(q, k, v, scale, causal, k_scale, v_scale)
 
 
 def prefill_attention_ref(q, k, v, scale, causal: bool = True):

@@ -579,14 +579,53 @@ void prefill_item_bf16(const uint16_t* q, const uint32_t* kp, const uint32_t* vp
   }
 }
 
+// One value of K or V as the bf16 bits the kernel multiplies: bf16 as it is; a float8
+// widened and scaled back, rounded to nearest.
+template <typename C>
+inline uint32_t bf16_bits(C x, float) {
+  return static_cast<uint32_t>(x.x);
+}
+template <>
+inline uint32_t bf16_bits<c10::Float8_e4m3fn>(c10::Float8_e4m3fn x, float s) {
+  return c10::BFloat16(static_cast<float>(x) * s).x;
+}
+template <>
+inline uint32_t bf16_bits<c10::Float8_e5m2>(c10::Float8_e5m2 x, float s) {
+  return c10::BFloat16(static_cast<float>(x) * s).x;
+}
+
+// K as (Hkv, S/16, D/2, 16) bf16 pairs; V as (Hkv, S/2, D/16, 16) pairs of keys.
+template <typename C>
+void repack_kv(const C* kd, const C* vd, float ks, float vs, int64_t Hkv, int64_t S, int64_t D,
+               int64_t s_pad, uint32_t* kp, uint32_t* vp) {
+  at::parallel_for(0, Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      for (int64_t j = 0; j < S; ++j) {
+        const C* krow = kd + (h * S + j) * D;
+        uint32_t* kblock = kp + (h * (s_pad / 16) + j / 16) * (D / 2) * 16;
+        for (int64_t dp = 0; dp < D / 2; ++dp)
+          kblock[dp * 16 + j % 16] = bf16_bits(krow[2 * dp], ks) | (bf16_bits(krow[2 * dp + 1], ks) << 16);
+        const C* vrow = vd + (h * S + j) * D;
+        uint16_t* vpair = reinterpret_cast<uint16_t*>(vp + (h * (s_pad / 2) + j / 2) * D);
+        for (int64_t d = 0; d < D; ++d) vpair[2 * d + (j % 2)] = static_cast<uint16_t>(bf16_bits(vrow[d], vs));
+      }
+    }
+  });
+}
+
+// K and V come in bf16, or in float8 (an FP8 KV cache's gathered context) with their scales:
+// widened and scaled as they are repacked (the repack writes the kernel's bf16 operands
+// anyway, so there is no widened copy besides them).
 at::Tensor prefill_attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  double scale, bool causal) {
+                                  double scale, bool causal, double k_scale, double v_scale) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous (T, H, D) tensor");
   TORCH_CHECK(k.dim() == 3 && k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes(),
               "k and v must be contiguous (Hkv, S, D) tensors of one shape");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
-                  v.scalar_type() == at::kBFloat16,
-              "prefill_attention_bf16 takes bf16 tensors");
+  const auto kv_type = k.scalar_type();
+  const bool fp8 = kv_type == at::kFloat8_e4m3fn || kv_type == at::kFloat8_e5m2;
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && (kv_type == at::kBFloat16 || fp8) &&
+                  v.scalar_type() == kv_type,
+              "prefill_attention_bf16 takes bf16 tensors (k and v may be float8)");
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t Hkv = k.size(0), S = k.size(1);
   TORCH_CHECK(k.size(2) == D && (D == 32 || D == 64 || D == 128),
@@ -596,20 +635,18 @@ at::Tensor prefill_attention_bf16(const at::Tensor& q, const at::Tensor& k, cons
   const int64_t group = H / Hkv, s_pad = (S + 31) / 32 * 32;
   // K as (Hkv, S/16, D/2, 16) bf16 pairs; V as (Hkv, S/2, D/16, 16) pairs of keys. Zero-padded.
   std::vector<uint32_t> kp(Hkv * s_pad * D / 2, 0), vp(Hkv * s_pad * D / 2, 0);
-  const uint16_t* kd = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
-  const uint16_t* vd = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
-  at::parallel_for(0, Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h) {
-      for (int64_t j = 0; j < S; ++j) {
-        const uint32_t* krow = reinterpret_cast<const uint32_t*>(kd + (h * S + j) * D);
-        uint32_t* kblock = kp.data() + (h * (s_pad / 16) + j / 16) * (D / 2) * 16;
-        for (int64_t dp = 0; dp < D / 2; ++dp) kblock[dp * 16 + j % 16] = krow[dp];
-        const uint16_t* vrow = vd + (h * S + j) * D;
-        uint16_t* vpair = reinterpret_cast<uint16_t*>(vp.data() + (h * (s_pad / 2) + j / 2) * D);
-        for (int64_t d = 0; d < D; ++d) vpair[2 * d + (j % 2)] = vrow[d];
-      }
-    }
-  });
+  auto repack = [&](auto tag) {
+    using C = decltype(tag);
+    repack_kv<C>(reinterpret_cast<const C*>(k.data_ptr()), reinterpret_cast<const C*>(v.data_ptr()),
+                 static_cast<float>(k_scale), static_cast<float>(v_scale), Hkv, S, D, s_pad,
+                 kp.data(), vp.data());
+  };
+  if (kv_type == at::kFloat8_e4m3fn)
+    repack(c10::Float8_e4m3fn{});
+  else if (kv_type == at::kFloat8_e5m2)
+    repack(c10::Float8_e5m2{});
+  else
+    repack(c10::BFloat16{});
   at::Tensor out = at::empty_like(q);
   const uint16_t* qd = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   uint16_t* od = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
@@ -747,8 +784,8 @@ TORCH_LIBRARY(tandem_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
   m.def(
-      "prefill_attention_bf16(Tensor q, Tensor k, Tensor v, float scale, bool causal=True) -> "
-      "Tensor");
+      "prefill_attention_bf16(Tensor q, Tensor k, Tensor v, float scale, bool causal=True, "
+      "float k_scale=1.0, float v_scale=1.0) -> Tensor");
 #endif
   m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("apply_token_bitmask(Tensor(a!) logits, Tensor rows, Tensor bitmask) -> ()");

@@ -66,3 +66,28 @@ def test_e5m2_and_measured_scales(default_model, baseline):
     print(f"e4m3, measured scales: perplexity {ppl:.3f}; K {scales[0::2][:4]}...")
     assert len(set(scales)) > 2 and all(0 < s < 1 for s in scales)
     assert abs(ppl / baseline[0] - 1) < 0.03
+
+
+def test_scales_in_the_checkpoint_are_read_and_used(tiny_llama, tmp_path):
+    """k_scale / v_scale tensors under vLLM's names are the cache's scales (and not loaded as
+    weights); a model without them gets 1.0."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "with-scales"
+    shutil.copytree(tiny_llama, folder)
+    scales = {"model.layers.0.self_attn.k_scale": torch.tensor(0.5),
+              "model.layers.0.self_attn.v_scale": torch.tensor(0.25),
+              "model.layers.1.self_attn.k_proj.k_scale": torch.tensor([0.125]),
+              "model.layers.1.self_attn.v_proj.v_scale": torch.tensor(2.0)}  # fmt: skip
+    save_file(scales, str(folder / "kv-scales.safetensors"))
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    llm = LLM(str(folder), dtype="float32", kv_cache_dtype="fp8", num_gpu_blocks_override=64,
+              max_model_len=128)  # fmt: skip
+    assert llm.engine.runner.kv_scales == [0.5, 0.25, 0.125, 2.0]
+    assert len(llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids) == 8
+    plain = LLM(tiny_llama, dtype="float32", kv_cache_dtype="fp8", num_gpu_blocks_override=64,
+                max_model_len=128)  # fmt: skip
+    assert plain.engine.runner.kv_scales == [1.0] * 4

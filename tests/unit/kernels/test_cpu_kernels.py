@@ -172,6 +172,27 @@ def test_bf16_prefill_kernel_matches_fp32_attention(t, s, heads, kv_heads, dim, 
 
 
 @pytest.mark.usefixtures("bf16_prefill")
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("t,s,heads,kv_heads,dim", [(20, 83, 9, 3, 64), (17, 50, 8, 2, 128)])
+def test_bf16_prefill_kernel_over_fp8_keys_matches_torch_dequantizing_first(
+    fp8, t, s, heads, kv_heads, dim
+):
+    """A chunk after cached tokens of an FP8 cache: K and V stay float8, the kernel widens
+    and scales them as it repacks them; the reference dequantizes first."""
+    from tandem.engine.kv_quant import dequantize, quantize
+
+    g = torch.Generator().manual_seed(s)
+    q = torch.randn(t, heads, dim, generator=g).to(torch.bfloat16)
+    k8 = quantize(torch.randn(kv_heads, s, dim, generator=g), 0.03, fp8)
+    v8 = quantize(torch.randn(kv_heads, s, dim, generator=g), 0.2, fp8)
+    got = prefill_attention_bf16(q, k8, v8, dim**-0.5, True, 0.03, 0.2)
+    k, v = dequantize(k8, 0.03, torch.bfloat16), dequantize(v8, 0.2, torch.bfloat16)
+    want = prefill_attention_ref(q, k, v, dim**-0.5, True)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(got, prefill_attention_bf16(q, k, v, dim**-0.5, True))
+
+
+@pytest.mark.usefixtures("bf16_prefill")
 def test_bf16_prefill_kernel_refuses_bad_shapes_with_a_message():
     q = torch.randn(8, 9, 64).to(torch.bfloat16)
     k = torch.randn(3, 8, 64).to(torch.bfloat16)
