@@ -17,7 +17,9 @@ tokens of SmolLM2 in bf16) so that both limits show within a short load:
 Then in this process, on the same model and no server running: one decode step at batch
 `--fp8-batch` with `--fp8-context` tokens of context each (a cache of random values: a step
 costs the same whatever they are), the whole model and its attention alone, the two cache
-types alternated `--rounds` times (at least 5); the medians' ratio.
+types alternated `--rounds` times (at least 5); the medians' ratio. And the accuracy cost,
+in the model's dtype: 32 prompts x 128 greedy tokens against the 16-bit cache's, and the
+mean absolute logprob difference on the 16-bit run's text.
 """
 
 from __future__ import annotations
@@ -158,15 +160,60 @@ def _decode_step_times(model_dir: str | None, args: argparse.Namespace) -> dict[
     }
 
 
+TOPICS = ["a lighthouse keeper", "the water cycle", "a chess opening", "bread baking",
+          "the moons of Jupiter", "a city bus route", "honeybees", "the printing press",
+          "a mountain railway", "tides", "a violin maker", "volcanoes", "a night market",
+          "glaciers", "the first telephone", "a desert oasis", "paper folding", "comets",
+          "a fishing village", "the human heart", "a robot gardener", "coral reefs",
+          "a winter festival", "the speed of sound", "a lost umbrella", "wind turbines",
+          "an old library", "rainbows", "a bicycle repair shop", "the Silk Road",
+          "a thunderstorm", "sourdough"]  # fmt: skip
+
+
+def _accuracy(model_dir: str | None, num_tokens: int) -> dict[str, dict]:
+    """Against the model's-dtype cache, in that dtype: greedy tokens equal before each
+    prompt's first difference (over all tokens), and the mean absolute difference of the
+    logprobs the two caches give the 16-bit run's own greedy text (teacher-forced)."""
+    from tandem.engine.llm import LLM
+    from tandem.engine.request import SamplingParams
+    from tandem.model_prep import default_model_dir
+
+    model_dir = model_dir or str(default_model_dir())
+    prompts = [f"Write a few sentences about {t}." for t in TOPICS]
+    greedy = SamplingParams(max_tokens=num_tokens, temperature=0, ignore_eos=True)
+    scored = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    out, texts = {}, None
+    for kind in ("auto", "fp8", "fp8_e5m2"):
+        llm = LLM(model_dir, kv_cache_dtype=kind, max_model_len=1024, num_gpu_blocks_override=512)
+        ids = [llm.tokenizer.encode(p) for p in prompts]
+        tokens = [o.outputs[0].token_ids for o in llm.generate(ids, greedy)]
+        texts = texts or [i + t for i, t in zip(ids, tokens)]  # the 16-bit run's
+        logprobs = [[lp.logprob for lp in o.prompt_logprobs[len(i):]]
+                    for o, i in zip(llm.generate(texts, scored), ids)]  # fmt: skip
+        out[kind] = {"tokens": tokens, "logprobs": logprobs}
+        del llm
+    base = out.pop("auto")
+    result = {}
+    for kind, r in out.items():
+        same = sum(next((n for n, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                   for x, y in zip(base["tokens"], r["tokens"]))  # fmt: skip
+        diffs = [abs(a - b) for x, y in zip(base["logprobs"], r["logprobs"]) for a, b in zip(x, y)]
+        result[kind] = {"greedy_prefix_agreement": same / (len(prompts) * num_tokens),
+                        "mean_abs_logprob_diff": statistics.fmean(diffs)}  # fmt: skip
+    return result
+
+
 def report(runs: dict[str, dict], args: argparse.Namespace) -> tuple[dict, bool]:
     auto, fp8 = runs["auto"], runs["fp8"]
     steps = _decode_step_times(args.model, args)
+    accuracy = _accuracy(args.model, 128)
     result = {
         "kv_bytes_ratio": fp8["kv_bytes_per_request"] / auto["kv_bytes_per_request"],
         "max_seqs_ratio": fp8["max_seqs"] / max(auto["max_seqs"], 1),
         "long_context_step_ratio": steps["fp8"]["step"] / steps["auto"]["step"],
         "long_context_attention_ratio": steps["fp8"]["attention"] / steps["auto"]["attention"],
         "decode_step_ms": steps,
+        "accuracy": accuracy,
         "workload": {"kv_space_gib": KV_SPACE_GIB, "long_input_len": args.long_input_len,
                      "seqs": args.fp8_seqs, "seq_prompt_len": args.fp8_seq_prompt_len,
                      "seq_output_len": args.fp8_seq_output_len,
@@ -185,4 +232,8 @@ def report(runs: dict[str, dict], args: argparse.Namespace) -> tuple[dict, bool]
         f"(target <= 1.0); attention alone {steps['fp8']['attention']:.1f} / "
         f"{steps['auto']['attention']:.1f} ms = {result['long_context_attention_ratio']:.3f}"
     )
+    for kind, a in accuracy.items():
+        print(f"{kind} against auto, {len(TOPICS)} prompts x 128 greedy tokens: tokens equal "
+              f"before the first difference {a['greedy_prefix_agreement']:.1%}; mean |logprob "
+              f"difference| on the auto run's text {a['mean_abs_logprob_diff']:.4f}")  # fmt: skip
     return result, True

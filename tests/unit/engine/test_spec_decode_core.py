@@ -1,0 +1,89 @@
+"""Speculative decoding's pure parts: n-gram proposals, and the rejection sampler's
+exactness (greedy: the target's argmax chain; random: the target's own distribution)."""
+
+from __future__ import annotations
+
+import torch
+
+from tandem.engine.spec_decode.ngram import propose_ngram
+from tandem.engine.spec_decode.rejection import rejection_sample
+
+
+def test_ngram_proposes_what_followed_the_latest_earlier_occurrence_of_the_longest_suffix():
+    tokens = [1, 2, 3, 4, 5, 9, 2, 3, 4, 6, 7, 2, 3, 4]
+    # "2 3 4" occurs at 1 and 6; the latest (6) was followed by 6, 7, 2
+    assert propose_ngram(tokens, 3, 1, 3) == [6, 7, 2]
+    assert propose_ngram(tokens, 5, 1, 3) == [6, 7, 2, 3, 4]
+    assert propose_ngram([5, 6, 7, 8], 4, 2, 4) == []  # the suffix occurs nowhere earlier
+    assert propose_ngram([7, 1, 7], 2, 1, 2) == [1, 7]  # a 1-gram
+    assert propose_ngram([7, 1, 7], 2, 2, 2) == []  # too short for 2-grams
+    assert propose_ngram([4, 4, 4, 4], 3, 2, 3) == [4]  # the latest occurrence: one follows
+
+
+def test_greedy_outputs_the_targets_argmax_chain():
+    probs = torch.eye(5)[[2, 3, 1, 4]]  # argmax per position: 2, 3, 1, 4
+    assert rejection_sample(probs, [2, 3, 1], greedy=True) == [2, 3, 1, 4]  # + bonus
+    assert rejection_sample(probs, [2, 0, 1], greedy=True) == [2, 3]  # corrected at 1
+    assert rejection_sample(probs[:1], [], greedy=True) == [2]
+
+
+def chi_square_pvalue(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's test: P(chi2 with len - 1 degrees of freedom >= the statistic)."""
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token drawn that the target never gives"
+    stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2.0))
+
+
+def _draws(p: torch.Tensor, draft: list[int], n: int, draft_probs=None) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1234)
+    return [rejection_sample(p, draft, False, g, draft_probs) for _ in range(n)]
+
+
+def test_random_first_tokens_follow_the_target_distribution():
+    """Whatever is proposed, the first output token is distributed as p_1: a chi-square
+    test over 20,000 draws at alpha = 1e-3 (a correct sampler fails it one run in 1,000,
+    and the seed is fixed, so it either always passes or never)."""
+    p = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.1, 0.1, 0.2, 0.3, 0.3]])
+    n = 20_000
+    for draft in ([0], [3], [4]):
+        first = torch.tensor([d[0] for d in _draws(p, draft, n)])
+        counts = torch.bincount(first, minlength=5).double()
+        assert chi_square_pvalue(counts, p[0].double() * n) > 1e-3, (draft, counts)
+
+
+def test_random_accepted_runs_then_the_next_token_follow_the_target():
+    """Two proposals: the second output token, given the first was the proposal, follows p_2
+    (it is the second proposal's accept/correct or the bonus)."""
+    p = torch.tensor([[0.6, 0.4, 0.0], [0.2, 0.3, 0.5], [0.7, 0.2, 0.1]])
+    draws = _draws(p, [0, 2], 20_000)
+    second = torch.tensor([d[1] for d in draws if d[0] == 0])
+    counts = torch.bincount(second, minlength=3).double()
+    expected = p[1] * len(second)
+    assert chi_square_pvalue(counts, expected.double()) > 1e-3, counts
+    assert all(len(d) <= 3 for d in draws)
+
+
+def test_a_draft_models_proposals_are_corrected_to_the_target():
+    """q is a distribution (a draft model's): the output still follows p."""
+    p = torch.tensor([[0.1, 0.6, 0.3], [0.3, 0.3, 0.4]])
+    q = torch.tensor([[0.7, 0.2, 0.1]])
+    g = torch.Generator().manual_seed(7)
+    firsts = []
+    for _ in range(20_000):
+        d = int(torch.multinomial(q[0], 1, generator=g))  # as the draft model samples
+        firsts.append(rejection_sample(p, [d], False, g, q)[0])
+    counts = torch.bincount(torch.tensor(firsts), minlength=3).double()
+    assert chi_square_pvalue(counts, p[0].double() * 20_000) > 1e-3, counts
+
+
+def test_the_chi_square_check_catches_a_sampler_that_accepts_too_often():
+    """The same check, given a sampler that accepts a proposal without weighing it, fails:
+    the test has the power to see the error it guards against."""
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    g = torch.Generator().manual_seed(5)
+    firsts = [3 if torch.rand(1, generator=g) < 0.5 else int(torch.multinomial(p, 1, generator=g))
+              for _ in range(20_000)]  # fmt: skip
+    counts = torch.bincount(torch.tensor(firsts), minlength=5).double()
+    assert chi_square_pvalue(counts, p.double() * 20_000) < 1e-6
