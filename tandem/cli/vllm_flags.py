@@ -38,7 +38,6 @@ ABSENT = (
     Absent(("--lora-modules",), "LoRA adapters are not supported"),
     Absent(("--max-loras",), "LoRA adapters are not supported"),
     Absent(("--max-lora-rank",), "LoRA adapters are not supported"),
-    Absent(("--speculative-config",), "speculative decoding is not supported"),
     Absent(
         ("--guided-decoding-backend",),
         'vLLM\'s older flag: use --structured-outputs-config \'{"backend": "..."}\'',
@@ -121,7 +120,7 @@ SAME_AS_VLLM = (
     "--structured-outputs-config", "--enable-auto-tool-choice", "--tool-call-parser",
     "--tool-parser-plugin", "--reasoning-parser", "--enable-prompt-tokens-details",
     "--enforce-eager", "--cuda-graph-sizes", "--runner", "--convert", "--pooler-config",
-    "--kv-cache-dtype", "--calculate-kv-scales",
+    "--kv-cache-dtype", "--calculate-kv-scales", "--speculative-config",
 )  # fmt: skip
 
 

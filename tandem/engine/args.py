@@ -13,6 +13,7 @@ from tandem.engine.config import (
     ModelConfig,
     SchedulerConfig,
     SchedulingPolicy,
+    SpeculativeConfig,
 )
 from tandem.engine.pooling import detect_runner
 
@@ -111,6 +112,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         '"LAST" | "MEAN" | "CLS" | "ALL", "normalize": bool, "softmax": bool}',
     )
     p.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding, as vLLM\'s JSON: {"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}; '
+        "decode steps verify the proposals in one forward pass (greedy output unchanged)",
+    )
+    p.add_argument(
         "--enforce-eager",
         action="store_true",
         help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs",
@@ -192,7 +200,22 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             or default_max_num_batched_tokens(args.model, args.runner, args.convert),
             SchedulingPolicy(args.scheduling_policy),
         ),
+        speculative=speculative_config(getattr(args, "speculative_config", None)),
     )
+
+
+def speculative_config(text: str | dict | None) -> SpeculativeConfig | None:
+    """--speculative-config's JSON (or a dict, as LLM takes it); None when not given."""
+    if not text:
+        return None
+    if isinstance(text, str):
+        try:
+            text = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--speculative-config must be JSON: {e}") from None
+    if not isinstance(text, dict):
+        raise ValueError("--speculative-config takes a JSON object")
+    return SpeculativeConfig.from_dict(text)
 
 
 def _dtype(text: str) -> str:

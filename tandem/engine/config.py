@@ -91,9 +91,51 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """vLLM's --speculative-config: proposals verified in one forward pass of the model."""
+
+    method: str = "ngram"  # prompt lookup over the request's own tokens (spec_decode/ngram.py)
+    num_speculative_tokens: int = 1
+    prompt_lookup_min: int | None = None  # n-gram sizes tried, longest first (vLLM: 5, 5)
+    prompt_lookup_max: int | None = None
+    # no proposals while more requests than this run (vLLM's speculative_disable_by_batch_size)
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f'speculative method {self.method!r} is not supported; use "ngram"')
+        if self.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be >= 1")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        lo, hi = (5, 5) if lo is None and hi is None else (lo or hi, hi or lo)
+        if not 1 <= lo <= hi:
+            raise ValueError("prompt_lookup_min must be >= 1 and <= prompt_lookup_max")
+        object.__setattr__(self, "prompt_lookup_min", lo)
+        object.__setattr__(self, "prompt_lookup_max", hi)
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError("disable_by_batch_size must be >= 1")
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> SpeculativeConfig:
+        """vLLM's JSON: {"method": "ngram", "num_speculative_tokens": k, ...}."""
+        spec = dict(spec)
+        if "speculative_disable_by_batch_size" in spec:
+            spec["disable_by_batch_size"] = spec.pop("speculative_disable_by_batch_size")
+        if "model" in spec and "method" not in spec:
+            raise ValueError("a draft model for speculative decoding is not supported yet")
+        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                 "disable_by_batch_size"}  # fmt: skip
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError(f"unknown speculative config fields: {sorted(unknown)}")
+        return cls(**spec)
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Everything an engine needs; `max_model_len` is resolved against the model at load."""
 
     model: ModelConfig
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    speculative: SpeculativeConfig | None = None

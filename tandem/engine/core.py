@@ -22,6 +22,7 @@ from tandem.engine.pooling import needs_whole_prompt
 from tandem.engine.request import Request, RequestStatus
 from tandem.engine.sampler import TokenLogprobs
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
+from tandem.engine.spec_decode.proposer import SpecDecoding
 from tandem.engine.structured_output import backends
 from tandem.engine.structured_output.params import StructuredOutputsConfig
 from tandem.utils import cdiv
@@ -84,6 +85,7 @@ class EngineCore:
         self.num_steps = 0
         self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed, all steps
         self.last_batch_size = 0  # requests in the latest step
+        self.spec = SpecDecoding(config.speculative) if config.speculative else None
 
     def add_request(self, request: Request) -> None:
         """Validate against the engine's limits and queue. Raises ValueError on bad input."""
@@ -275,7 +277,7 @@ class EngineCore:
         forks = self._forks(plan.requests, num_scheduled)
         try:
             sampled, logprobs, forked = self.runner.execute(
-                plan.requests, num_scheduled, tables, forks
+                plan.requests, num_scheduled, tables, forks, plan.spec_token_ids
             )
         except Exception as e:
             if is_worker_fault(e):
@@ -285,7 +287,11 @@ class EngineCore:
             if token is not None and request.grammar is not None:
                 request.grammar.accept(token)
         children = self._admit_forks(forks, forked)  # before a parent that ended is freed
+        before = [r.num_output_tokens for r in plan.requests]
         finished = self.scheduler.update_from_output(plan, sampled)
+        if self.spec is not None:
+            self.spec.count(plan.spec_token_ids, plan.requests, sampled)
+            self.spec.propose(self.scheduler.running)
         pooled = [r for r in plan.requests if r.pooled is not None and not r.is_finished]
         for request in pooled:  # prefill only: done once pooled
             self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
@@ -296,13 +302,15 @@ class EngineCore:
         outputs = [
             StepOutput(
                 req,
-                [tok],
+                tokens,
                 req.is_finished,
-                None if lp is None else [lp],
+                None if lp is None else (lp if isinstance(lp, list) else [lp])[: len(tokens)],
                 req.prompt_logprobs if req.num_output_tokens == 1 and req.prompt_logprobs else None,
             )
-            for req, tok, lp in zip(plan.requests, sampled, logprobs)
-            if tok is not None
+            for req, tok, lp, n in zip(plan.requests, sampled, logprobs, before)
+            # a verified decode: the proposals accepted and one more, as far as it went
+            for tokens in [req.output_token_ids[n:] if isinstance(tok, list) else [tok]]
+            if tok is not None and tokens
         ]
         outputs += [StepOutput(r, [], True, pooled=r.pooled) for r in pooled]
         return outputs + children

@@ -90,6 +90,16 @@ class KVCacheManager:
             self.pool.cache_full_block(blocks[i], hashes[i], parent)
         self.num_cached_blocks[request.request_id] = num_full
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Free the request's blocks past those `num_tokens` tokens need (slots that held
+        rejected proposals). Such blocks hold no real token, so none is in the prefix cache."""
+        blocks = self.req_to_blocks.get(request.request_id)
+        keep = -(-num_tokens // self.block_size)
+        if blocks is not None and len(blocks) > keep:
+            extra = blocks[keep:]
+            del blocks[keep:]
+            self.pool.free(reversed(extra))
+
     def free(self, request: Request) -> None:
         """Release every block of the request, tail first (so its tail is evicted first)."""
         blocks = self.req_to_blocks.pop(request.request_id, [])

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from tandem.engine.args import default_max_num_batched_tokens
+from tandem.engine.args import speculative_config as speculative_config_of
 from tandem.engine.config import (
     CacheConfig,
     EngineConfig,
@@ -54,6 +55,7 @@ class LLM:
         pooler_config: str | None = None,
         kv_cache_dtype: str = "auto",
         calculate_kv_scales: bool = False,
+        speculative_config: dict | None = None,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(
@@ -80,6 +82,7 @@ class LLM:
                 max_num_batched_tokens or default_max_num_batched_tokens(model, runner, convert),
                 SchedulingPolicy(scheduling_policy),
             ),
+            speculative=speculative_config_of(speculative_config),
         )
         self.engine = EngineCore(config)
         self.tokenizer = load_tokenizer(model)

@@ -12,16 +12,9 @@ import torch
 from tandem.engine.attention import build_attn_metadata, use_triton
 from tandem.engine.config import CacheConfig, ModelConfig
 from tandem.engine.cuda_graphs import DecodeGraphs, default_capture_sizes
-from tandem.engine.kv_quant import (
-    CALIBRATION_TEXT,
-    K_SCALE_CONSTANT,
-    V_SCALE_CONSTANT,
-    as_bytes,
-    calibrated_scale,
-    is_fp8,
-    kv_torch_dtype,
-)
-from tandem.engine.loader import load_model, read_hf_config, read_kv_scales
+from tandem.engine.kv_quant import as_bytes, is_fp8, kv_torch_dtype
+from tandem.engine.kv_scales import layer_kv_scales
+from tandem.engine.loader import load_model, read_hf_config
 from tandem.engine.logits_processors import load_logits_processors
 from tandem.engine.pooling import (
     PoolerConfig,
@@ -33,10 +26,10 @@ from tandem.engine.request import Request
 from tandem.engine.sampler import (
     LogprobsMode,
     SamplingTensors,
-    TokenLogprobs,
     gather_logprobs,
     sample,
 )
+from tandem.engine.spec_decode.verify import verify
 from tandem.engine.structured_output.manager import GrammarManager
 from tandem.kernels.cpu import load_cpu_kernels
 
@@ -206,7 +199,7 @@ class ModelRunner:
             )
             for _ in range(a.num_layers)
         ]
-        self.kv_scales = self._kv_scales(model_config.model, cache_config)
+        self.kv_scales = layer_kv_scales(self, model_config.model, cache_config)
         self.graphs: DecodeGraphs | None = None
         if (
             self.device.type == "cuda"
@@ -262,12 +255,15 @@ class ModelRunner:
         num_scheduled: list[int],
         block_tables,
         forks: dict[int, list[Request]] | None = None,
-    ) -> tuple[list[int | None], list[TokenLogprobs | None], dict[str, tuple]]:
+        spec: dict[str, list[int]] | None = None,
+    ) -> tuple[list, list, dict[str, tuple]]:
         """Run one step. Returns, per request (in the given order), the sampled token id (None
         for a prefill chunk that does not reach the end of its tokens) and its logprobs (None
         unless the request asks for them); and for the forks of requests[i] (`forks[i]`,
-        sampled from requests[i]'s row), {fork id: (token id, logprobs)}."""
-        forks = forks or {}
+        sampled from requests[i]'s row), {fork id: (token id, logprobs)}. A decode with
+        proposals to verify (`spec`, by request id) runs them after its last token and gets
+        a list of tokens (and of logprobs): the accepted proposals and one more."""
+        forks, spec = forks or {}, spec or {}
         # Decodes first, shortest context first: similar lengths share an attention call.
         order = sorted(
             range(len(requests)),
@@ -281,9 +277,19 @@ class ModelRunner:
         query_lens, context_lens, tables, sample_rows, sample_reqs = [], [], [], [], []
         prompt_rows: list[tuple[Request, int, int, int]] = []  # request, row, first, end
         pool_rows: list[tuple[Request, int, int]] = []  # pooling requests done: their rows
+        spec_rows: list[tuple[int, int, list[int]]] = []  # request index, first row, proposals
         for i in order:
             req, n = requests[i], num_scheduled[i]
             start = req.num_computed_tokens
+            drafts = spec.get(req.request_id)
+            if drafts:  # its last token, then the proposals: n = 1 + len(drafts) rows
+                spec_rows.append((i, len(input_ids), drafts))
+                input_ids.extend(req.all_token_ids[start : start + 1] + drafts)
+                positions.extend(range(start, start + n))
+                query_lens.append(n)
+                context_lens.append(start + n)
+                tables.append(block_tables[i])
+                continue
             if req.sampling_params.prompt_logprobs is not None:
                 first = max(start, len(req.prompt_logprobs))  # positions not done before
                 end = min(start + n, req.num_prompt_tokens - 1)
@@ -327,9 +333,18 @@ class ModelRunner:
         for req, first, end in pool_rows:
             req.pooled = pool(self.model, self.pooler, req.sampling_params.pooling,
                               hidden[first:end], self.is_classifier)  # fmt: skip
-        results: list[int | None] = [None] * len(requests)
-        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
+        results: list = [None] * len(requests)
+        logprobs: list = [None] * len(requests)
         forked: dict[str, tuple] = {}
+        if spec_rows:
+            rows = [r for _, first, d in spec_rows for r in range(first, first + len(d) + 1)]
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
+            verifying = [requests[i] for i, _, _ in spec_rows]
+            verified = verify(logits, verifying, [d for _, _, d in spec_rows],
+                              [self._generator(r) for r in verifying], self.info.vocab_size,
+                              self.logits_processors, self.logprobs_mode)  # fmt: skip
+            for (i, _, _), (tokens, lps) in zip(spec_rows, verified):
+                results[i], logprobs[i] = tokens, lps
         if not sample_reqs:
             return results, logprobs, forked
         sampling = [requests[i] for i in sample_reqs]
@@ -424,59 +439,6 @@ class ModelRunner:
         for layer, (k, v) in enumerate(self.kv_caches):
             as_bytes(k).index_copy_(0, ids, kv[:, layer, 0])
             as_bytes(v).index_copy_(0, ids, kv[:, layer, 1])
-
-    def _kv_scales(self, model_dir: str, cache_config: CacheConfig) -> list[float]:
-        """Each layer's K scale then V scale (engine/kv_quant.py), set on its attention."""
-        layers = [] if self.is_encoder else [m.self_attn for m in self.model.layers]
-        if not is_fp8(self.info.kv_cache_dtype):
-            return [1.0] * (2 * len(layers))
-        found = read_kv_scales(model_dir)
-        if found:
-            source = "the checkpoint"
-        elif cache_config.calculate_kv_scales:
-            source, found = "a calibration text", self._calibrate(model_dir, layers)
-        else:
-            source = "none given: 1.0"
-        scales = []
-        for i, attn in enumerate(layers):  # float32's, as a hand-off carries them
-            attn.k_scale, attn.v_scale = (
-                torch.tensor(found.get((i, kv), 1.0), dtype=torch.float32).item() for kv in "kv"
-            )
-            scales += [attn.k_scale, attn.v_scale]
-        logger.info("KV cache scales from %s (K %.4g..%.4g, V %.4g..%.4g)", source,
-                    min(scales[0::2]), max(scales[0::2]), min(scales[1::2]),
-                    max(scales[1::2]))  # fmt: skip
-        return scales
-
-    def _calibrate(self, model_dir: str, layers) -> dict[tuple[int, str], float]:
-        """max |K| and max |V| per layer over one prefill of CALIBRATION_TEXT, in scratch
-        blocks (the step's own K and V are measured before they are stored)."""
-        from tandem.engine.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(model_dir)
-        ids = tokenizer.encode(CALIBRATION_TEXT)[: self.info.max_model_len]
-        ids = ids[: self.info.num_blocks * self.block_size]
-        for attn in layers:
-            attn.kv_amax = [0.0, 0.0]
-        try:
-            table = list(range(-(-len(ids) // self.block_size)))
-            meta = build_attn_metadata([len(ids)], [len(ids)], [table], self.block_size,
-                                       self.device, allow_triton=False)  # fmt: skip
-            with torch.inference_mode():
-                self.model(torch.tensor(ids, device=self.device),
-                           torch.arange(len(ids), device=self.device), meta,
-                           self.kv_caches)  # fmt: skip
-            found = {}
-            for i, attn in enumerate(layers):
-                found[i, "k"] = calibrated_scale(attn.kv_amax[0], K_SCALE_CONSTANT)
-                found[i, "v"] = calibrated_scale(attn.kv_amax[1], V_SCALE_CONSTANT)
-            return found
-        finally:
-            for attn in layers:
-                attn.kv_amax = None
-            for k, v in self.kv_caches:
-                k.zero_()
-                v.zero_()
 
     def release(self, request_ids) -> None:
         """Forget per-request state of finished requests."""

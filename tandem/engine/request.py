@@ -205,6 +205,8 @@ class Request:
     # pooled output (float32 tensor) once the runner made it
     whole_prompt: bool = False
     pooled: object | None = None
+    # speculative decoding: tokens proposed to follow, verified by the next step
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def fork(self, request_id: str, index: int) -> Request:
         """The `index`-th sample (1..n-1) of this request: its seed is seed + index, as in

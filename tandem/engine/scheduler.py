@@ -28,6 +28,8 @@ class SchedulerOutput:
     preempted_ids: list[str] = field(default_factory=list)
     failed_ids: list[str] = field(default_factory=list)  # plan entries that did not fit
     deferred_ids: list[str] = field(default_factory=list)  # short of their last token (grammar)
+    # speculative decoding: the proposals each decode verifies this step (after its token)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -155,6 +157,13 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
+            spec = self._spec_tokens(request, num_new, budget)
+            if spec and self.kv.allocate_slots(request, 1 + len(spec)) is not None:
+                self._schedule(request, 1 + len(spec), out)  # proposals never preempt
+                out.spec_token_ids[request.request_id] = spec
+                budget -= 1 + len(spec)
+                i += 1
+                continue
             while self.kv.allocate_slots(request, num_new) is None:
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:
@@ -188,6 +197,18 @@ class Scheduler:
                 self._schedule(request, num_new, out)
             budget -= num_new
         return out
+
+    def _spec_tokens(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """The proposals a decode verifies this step: within the budget, the context length
+        and the tokens it may still output (the step outputs up to one more)."""
+        if not request.spec_token_ids or num_new != 1 or request.num_output_tokens == 0:
+            return []
+        room = min(
+            budget - 1,
+            self.max_model_len - request.num_tokens,
+            request.sampling_params.max_tokens - request.num_output_tokens - 1,
+        )
+        return request.spec_token_ids[: max(room, 0)]
 
     def _cache_hits(self, request: Request) -> tuple[list, int]:
         """Its leading blocks found in the prefix cache; none for a pooling request that
@@ -293,22 +314,33 @@ class Scheduler:
         return taken
 
     def update_from_output(
-        self, out: SchedulerOutput, sampled_token_ids: Iterable[int | None]
+        self, out: SchedulerOutput, sampled_token_ids: Iterable[int | list[int] | None]
     ) -> list[Request]:
         """Advance every scheduled request by its tokens; append sampled tokens of those that
-        reached the end of their tokens; return the requests that finished this step."""
+        reached the end of their tokens; return the requests that finished this step. A
+        decode that verified proposals has a list: the accepted ones, then one more; the KV
+        of the rejected ones is dropped (its slots, and blocks that only they used)."""
         finished = []
-        for request, token_id in zip(out.requests, sampled_token_ids, strict=True):
+        for request, sampled in zip(out.requests, sampled_token_ids, strict=True):
             if request.is_finished:
                 continue  # aborted while the step ran
-            request.num_computed_tokens += out.num_scheduled_tokens[request.request_id]
-            if request.num_computed_tokens < request.num_tokens or token_id is None:
+            tokens = sampled if isinstance(sampled, list) else [sampled]
+            num_scheduled = out.num_scheduled_tokens[request.request_id]
+            if request.request_id in out.spec_token_ids:
+                num_scheduled = len(tokens)  # the last token and the accepted proposals
+            request.num_computed_tokens += num_scheduled
+            if request.num_computed_tokens < request.num_tokens or tokens[0] is None:
                 continue  # a prefill chunk: its sample is not a token yet
-            request.append_output_token(token_id)
-            status = self.check_stop(request, token_id)
-            if status is not None:
-                self.finish(request, status)
-                finished.append(request)
+            for token_id in tokens:
+                request.append_output_token(token_id)
+                status = self.check_stop(request, token_id)
+                if status is not None:
+                    self.finish(request, status)
+                    finished.append(request)
+                    break
+            if request.request_id in out.spec_token_ids and not request.is_finished:
+                request.num_computed_tokens = request.num_tokens - 1
+                self.kv.trim(request, request.num_tokens)
         return finished
 
     def check_stop(self, request: Request, token_id: int) -> RequestStatus | None:

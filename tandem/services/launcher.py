@@ -153,6 +153,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--enforce-eager")
     if args.cuda_graph_sizes:
         argv += ["--cuda-graph-sizes", *map(str, args.cuda_graph_sizes)]
+    if args.speculative_config:
+        argv += ["--speculative-config", args.speculative_config]
     return argv
 
 

@@ -1,11 +1,14 @@
 """Prompt-lookup (n-gram) proposals, as vLLM's `{"method": "ngram"}`: the request's last n
 tokens (n from prompt_lookup_max down to prompt_lookup_min) are looked for earlier in its
 own prompt and output; the tokens that followed the latest earlier occurrence are proposed.
-Pure Python over token ids: no model, no tensors."""
+No model: one vectorized comparison of the context with its suffix per n."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 
 def propose_ngram(
@@ -13,15 +16,13 @@ def propose_ngram(
 ) -> list[int]:
     """Up to `num_speculative_tokens` tokens to follow `tokens`; [] when no n-gram of
     `lookup_min`..`lookup_max` tokens ending the sequence occurs earlier in it."""
-    n_tokens = len(tokens)
-    for n in range(min(lookup_max, n_tokens - 1), lookup_min - 1, -1):
-        suffix = list(tokens[n_tokens - n :])
-        first = suffix[0]
-        # latest start i < n_tokens - n with tokens[i:i+n] == suffix
-        for i in range(n_tokens - n - 1, -1, -1):
-            if tokens[i] == first and list(tokens[i : i + n]) == suffix:
-                follow = tokens[i + n : i + n + num_speculative_tokens]
-                if follow:
-                    return list(follow)
-                break
+    context = np.asarray(tokens, dtype=np.int64)
+    length = len(context)
+    for n in range(min(lookup_max, length - 1), lookup_min - 1, -1):
+        # every earlier window of n tokens, against the last n
+        windows = sliding_window_view(context[: length - 1], n)
+        hits = np.flatnonzero((windows == context[length - n :]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n  # after the latest occurrence
+            return context[start : start + num_speculative_tokens].tolist()
     return []

@@ -200,6 +200,20 @@ class EngineCollector:
         info.add_metric([*values, str(s["block_size"]), s["kv_cache_dtype"], str(s["num_blocks"])],
                         1.0)  # fmt: skip
         yield info
+        spec = s.get("spec_decode")
+        if spec is not None:  # vLLM's names, with speculative decoding on
+            yield counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.",
+                          spec["num_drafts"])  # fmt: skip
+            yield counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.",
+                          spec["num_draft_tokens"])  # fmt: skip
+            yield counter("vllm:spec_decode_num_accepted_tokens",
+                          "Number of accepted tokens.", spec["num_accepted_tokens"])  # fmt: skip
+            per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                          "Accepted tokens per draft position.",
+                                          labels=[*names, "position"])  # fmt: skip
+            for pos, n in enumerate(spec["num_accepted_tokens_per_pos"]):
+                per_pos.add_metric([*values, str(pos)], n)
+            yield per_pos
         yield counter("tandem:engine_steps", "Engine steps run.", s["num_steps"])
         yield counter("tandem:prefill_tokens", "Prompt tokens computed (rate: prefill "
                       "tokens/s; recomputed tokens after a preemption count too).",
@@ -222,6 +236,14 @@ def engine_stats(engine, num_waiting: int = 0) -> dict | None:
         "num_preemptions": engine.scheduler.num_preemptions,
         "num_steps": engine.num_steps,
         "num_prefill_tokens": engine.num_prefill_tokens,
+        "spec_decode": None
+        if engine.spec is None
+        else {
+            "num_drafts": engine.spec.num_drafts,
+            "num_draft_tokens": engine.spec.num_draft_tokens,
+            "num_accepted_tokens": engine.spec.num_accepted_tokens,
+            "num_accepted_tokens_per_pos": list(engine.spec.num_accepted_tokens_per_pos),
+        },
     }
 
 

@@ -62,6 +62,7 @@ class ClusterScheduler:
         self._turns = {Role.PREFILL: itertools.count(), Role.DECODE: itertools.count()}
         self.waiting = WaitingQueue(policy)
         self.workers: dict[str, WorkerState] = {}
+        self.kv_layout: tuple[int, str] | None = None  # (block size, KV element type)
         self.prefilling: dict[str, PendingRequest] = {}  # placed on a prefill worker
         self.next_step_id = 0  # plans are numbered across workers: a number is never reused
         self.worker_timeout = worker_timeout
@@ -100,22 +101,23 @@ class ClusterScheduler:
         return None
 
     def _kv_mismatch(self, worker_id: str, block_size, kv_cache_dtype) -> str | None:
-        """KV blocks move between any two workers, so all hold them alike (a worker that
-        does not say its element type is taken at its word)."""
+        """KV blocks move between any two workers, so all hold them alike: the first worker
+        to join an empty cluster sets the layout (block size, element type; the type once
+        one says it), and a worker that differs from it is refused. The layout is never
+        set by the outlier, so no stray heartbeat can lock the cluster's own workers out."""
         if block_size is None:
             return None
-        for peer in self.workers.values():
-            if peer.worker_id == worker_id:
-                continue
-            differ = (
-                kv_cache_dtype and peer.kv_cache_dtype and kv_cache_dtype != peer.kv_cache_dtype
-            )
-            if block_size != peer.block_size or differ:
-                return (f"worker {worker_id} refused: its KV blocks are {block_size} tokens in "
-                        f"{kv_cache_dtype or '?'}, its peers' (as {peer.worker_id}) "
-                        f"{peer.block_size} tokens in {peer.kv_cache_dtype or '?'}; start every "
-                        "worker with the same --block-size and --kv-cache-dtype")  # fmt: skip
-        return None
+        if self.kv_layout is None or not self.workers:
+            self.kv_layout = (block_size, kv_cache_dtype or "")
+            return None
+        size, dtype = self.kv_layout
+        if block_size == size and (not kv_cache_dtype or not dtype or kv_cache_dtype == dtype):
+            if kv_cache_dtype and not dtype:
+                self.kv_layout = (size, kv_cache_dtype)
+            return None
+        return (f"worker {worker_id} refused: its KV blocks are {block_size} tokens in "
+                f"{kv_cache_dtype or '?'}, the cluster's {size} tokens in {dtype or '?'}; start "
+                "every worker with the same --block-size and --kv-cache-dtype")  # fmt: skip
 
     def _recover_lost_plans(self, worker: WorkerState) -> None:
         """A prefill worker that says it has nothing to do (no plan queued, nothing

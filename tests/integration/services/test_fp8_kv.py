@@ -4,6 +4,7 @@ recompute; every greedy output equals the in-process engine's with the same cach
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -76,8 +77,15 @@ def test_fp8_outputs_equal_the_engine_and_blocks_move_as_fp8(tiny_llama, engine,
         assert 'cache_dtype="fp8"' in metrics
         if "--colocated" not in flags:
             kv = kv_transfers(base, at_least=12)
-            received = sum(w["num_kv_blocks_received"] for w in workers.values())
             tile = 2 * 2 * 2 * 16 * 12  # layers x (K, V) x KV heads x block x head size
+            deadline = time.monotonic() + 10
+            while True:  # both sides' counters, once their heartbeats are all in
+                workers = httpx.get(base + "/stats", timeout=10).json()["workers"]
+                received = sum(w["num_kv_blocks_received"] for w in workers.values())
+                kv = httpx.get(base + "/stats", timeout=10).json()["kv_transfer"]
+                if (received and kv["bytes"] == received * tile) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             assert received and kv["bytes"] == received * tile, (kv, received)  # 1 B a value
             if env:
                 assert kv["num_shared_memory"] == 0, kv

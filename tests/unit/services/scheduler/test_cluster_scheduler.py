@@ -410,6 +410,9 @@ def test_a_worker_whose_kv_blocks_differ_from_its_peers_is_refused_with_a_messag
                              **load) is None  # fmt: skip
     why = core.on_heartbeat("d1", Role.DECODE, block_size=16, kv_cache_dtype="bfloat16", **load)
     assert "d1 refused" in why and "bfloat16" in why and "--kv-cache-dtype" in why
+    # an outlier never sets the layout: the cluster's own workers are never locked out
+    assert core.on_heartbeat("d0", Role.DECODE, block_size=16, kv_cache_dtype="float8_e4m3fn",
+                             **load) is None  # fmt: skip
     why = core.on_heartbeat("d2", Role.DECODE, block_size=32, kv_cache_dtype="float8_e4m3fn",
                             **load)  # fmt: skip
     assert "32 tokens" in why

@@ -1,0 +1,54 @@
+"""The engine's side of speculative decoding: after each step, each running decode gets its
+proposals for the next (the scheduler schedules them, the runner verifies them); and the
+counts vLLM's spec_decode metrics report."""
+
+from __future__ import annotations
+
+from tandem.engine.config import SpeculativeConfig
+from tandem.engine.request import Request
+from tandem.engine.spec_decode.ngram import propose_ngram
+
+
+class SpecDecoding:
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+        self.num_drafts = 0  # verification steps of a request
+        self.num_draft_tokens = 0  # proposals verified
+        self.num_accepted_tokens = 0
+        self.num_accepted_tokens_per_pos = [0] * config.num_speculative_tokens
+
+    def propose(self, running: list[Request]) -> None:
+        """Proposals for every running decode; none while the batch is larger than
+        disable_by_batch_size (verifying would cost more than it saves there)."""
+        c = self.config
+        off = c.disable_by_batch_size is not None and len(running) > c.disable_by_batch_size
+        for request in running:
+            if off or not self._may_speculate(request):
+                request.spec_token_ids = []
+                continue
+            request.spec_token_ids = propose_ngram(
+                request.all_token_ids, c.num_speculative_tokens, c.prompt_lookup_min,
+                c.prompt_lookup_max,
+            )  # fmt: skip
+
+    @staticmethod
+    def _may_speculate(request: Request) -> bool:
+        """A decode (its prompt done, tokens out) with no grammar to advance per position."""
+        return (
+            request.grammar is None
+            and request.sampling_params.pooling is None
+            and request.num_output_tokens > 0
+            and request.num_computed_tokens == request.num_tokens - 1
+        )
+
+    def count(self, spec_ids: dict[str, list[int]], requests: list[Request], sampled) -> None:
+        for request, tokens in zip(requests, sampled):
+            drafts = spec_ids.get(request.request_id)
+            if not drafts or not isinstance(tokens, list):
+                continue
+            accepted = len(tokens) - 1
+            self.num_drafts += 1
+            self.num_draft_tokens += len(drafts)
+            self.num_accepted_tokens += accepted
+            for pos in range(accepted):
+                self.num_accepted_tokens_per_pos[pos] += 1

@@ -1,0 +1,96 @@
+"""Speculative decoding (n-gram proposals verified in one forward pass) changes no greedy
+token: against Hugging Face on tiny random models of each family (with chunked prefill,
+preemption and prefix hits) and against the engine without it on the default model; seeded
+sampling repeats itself; logprobs of accepted tokens are the plain run's; every block is
+free at the end and the pool stays consistent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.engine.llm import LLM
+from tandem.engine.request import SamplingParams
+from tests.helpers.hf import hf_greedy
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+        "prompt_lookup_max": 3}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+def repetitive_prompts() -> list[list[int]]:
+    """Prompts with repeats in them (so that proposals are found from the start)."""
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for n in (5, 9, 17, 30):
+        part = torch.randint(3, 256, (n,), generator=g).tolist()
+        out.append(part + part[: n // 2] + part)
+    return out
+
+
+def _assert_clean(llm: LLM) -> None:
+    llm.engine.kv.check_integrity()
+    assert llm.engine.kv.num_free_blocks == llm.engine.runner.info.num_blocks
+
+
+@pytest.mark.parametrize(
+    "engine_kwargs",
+    [
+        dict(),
+        dict(max_num_batched_tokens=8, block_size=4),  # chunked prefill, budgets of 8
+        dict(num_gpu_blocks_override=32, block_size=4, max_model_len=128),  # preempts
+    ],
+    ids=["default", "chunked-8", "preemption"],
+)
+def test_greedy_with_proposals_equals_hf(tiny_model, hf_tiny, engine_kwargs):
+    kwargs = dict(dtype="float32", num_gpu_blocks_override=256) | engine_kwargs
+    llm = LLM(tiny_model, speculative_config=SPEC, **kwargs)
+    prompts = repetitive_prompts()
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    for _ in range(2):  # the second time from the prefix cache
+        outs = llm.generate(prompts, params)
+        for prompt, out in zip(prompts, outs):
+            assert out.outputs[0].token_ids == hf_greedy(hf_tiny, prompt, 40)
+    spec = llm.engine.spec
+    assert spec.num_drafts > 0 and spec.num_accepted_tokens > 0, vars(spec)
+    assert llm.engine.num_steps < 2 * 40 * len(prompts)  # some steps made several tokens
+    _assert_clean(llm)
+
+
+def test_the_default_model_with_proposals_equals_it_without(default_model):
+    text = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
+    prompts = ["Repeat this code exactly:\n" + text + "\nAgain:\n", "1, 2, 3, 4, 5, 6,",
+               "The capital of France is"]  # fmt: skip
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True, logprobs=2)
+    runs = {}
+    for spec in (None, SPEC | {"num_speculative_tokens": 4, "prompt_lookup_min": 2,
+                               "prompt_lookup_max": 4}):  # fmt: skip
+        llm = LLM(default_model, dtype="float32", max_model_len=512, num_gpu_blocks_override=128,
+                  speculative_config=spec)  # fmt: skip
+        runs[spec is None] = (llm.generate(prompts, params), llm.engine.num_steps)
+        _assert_clean(llm)
+    (plain, plain_steps), (spec_outs, spec_steps) = runs[True], runs[False]
+    for a, b in zip(plain, spec_outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.top_ids == y.top_ids and abs(x.logprob - y.logprob) < 1e-3
+    assert spec_steps < plain_steps  # the copied code was proposed and accepted
+
+
+def test_seeded_sampling_with_proposals_repeats_itself(tiny_llama):
+    params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=11,
+                            ignore_eos=True, presence_penalty=0.3)  # fmt: skip
+    outs = []
+    for _ in range(2):
+        llm = LLM(tiny_llama, dtype="float32", num_gpu_blocks_override=128,
+                  speculative_config=SPEC)  # fmt: skip
+        outs.append([o.outputs[0].token_ids for o in llm.generate(repetitive_prompts(), params)])
+        assert llm.engine.spec.num_drafts > 0
+        _assert_clean(llm)
+    assert outs[0] == outs[1]
