@@ -18,6 +18,8 @@ where each one's processes sit on the cores, and drives the same workload at bot
   growth per process (soak.py).
 - fp8-kv: an FP8 KV cache against the model's dtype: KV bytes per hand-off, sequences admitted
   before the first preemption, a long-context decode step (fp8_kv.py).
+- spec: speculative decoding against none, on input-grounded and random prompts at 1 and 8
+  clients (spec_cost.py).
 
 A bar shows each load's progress on stderr when it is a terminal. `--plot` (by default next to
 `--json`) draws the deployments side by side: latency CDFs and output throughput (throughput,
@@ -47,6 +49,7 @@ from tandem.bench import (
     sampling_cost,
     shared_prefix,
     soak,
+    spec_cost,
     structured_cost,
     tracing_cost,
 )
@@ -69,7 +72,8 @@ class Workload(NamedTuple):
 
     run: Callable[[str, str, ServerInfo, argparse.Namespace], dict]
     report: Callable[[dict[str, dict], argparse.Namespace], tuple[dict, bool]]
-    deployments: dict[str, list[str]] = DEPLOYMENT_FLAGS  # name -> `tandem serve` flags
+    # name -> `tandem serve` flags (or a function of the bench's flags that gives them)
+    deployments: dict[str, list[str]] | Callable = DEPLOYMENT_FLAGS
     # every deployment started at once, the runs interleaved (`args.rounds` of each);
     # `report` then gets a list of figures per deployment
     interleaved: bool = False
@@ -150,6 +154,7 @@ WORKLOADS = {
     "elastic": Workload(elastic.run, elastic.report, elastic.DEPLOYMENTS),
     "soak": Workload(soak.run, soak.report, soak.DEPLOYMENTS),
     "fp8-kv": Workload(fp8_kv.run, fp8_kv.report, fp8_kv.DEPLOYMENTS),
+    "spec": Workload(spec_cost.run, spec_cost.report, spec_cost.deployments),
 }
 
 
@@ -195,6 +200,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         runs["server"] = bench_one("server", args.url.rstrip("/"), None, args)
     else:
         known = WORKLOADS[args.workload].deployments
+        if callable(known):  # made from the workload's own flags
+            known = known(args)
         names = [n.strip() for n in (args.deployments or ",".join(known)).split(",") if n.strip()]
         if not names or set(names) - known.keys():
             raise ValueError(f"deployments must be among {sorted(known)}: {names}")
@@ -262,6 +269,7 @@ def add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     tracing_cost.add_arguments(p.add_argument_group("tracing workload"))
     soak.add_arguments(p.add_argument_group("soak workload"))
     fp8_kv.add_arguments(p.add_argument_group("fp8-kv workload"))
+    spec_cost.add_arguments(p.add_argument_group("spec workload"))
     p.add_argument_group("elastic workload").add_argument(
         "--join-after", type=float, default=10.0, help="seconds into the load a decode joins"
     )

@@ -1,6 +1,11 @@
 """The engine's side of speculative decoding: after each step, each running decode gets its
 proposals for the next (the scheduler schedules them, the runner verifies them); and the
-counts vLLM's spec_decode metrics report."""
+counts vLLM's spec_decode metrics report.
+
+Proposals adapt, as vLLM's dynamic speculation does, by two rules: none while more requests
+run than `disable_by_batch_size` (verification then costs more than it saves), and a request
+whose proposals keep being rejected (under LOW_ACCEPTANCE of its last PROBE_TOKENS proposed
+tokens accepted) stops proposing for BACKOFF_STEPS steps, then tries again."""
 
 from __future__ import annotations
 
@@ -8,10 +13,16 @@ from tandem.engine.config import SpeculativeConfig
 from tandem.engine.request import Request
 from tandem.engine.spec_decode.ngram import propose_ngram
 
+PROBE_TOKENS = 8
+LOW_ACCEPTANCE = 0.2
+BACKOFF_STEPS = 32
+
 
 class SpecDecoding:
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
+        # request id -> [tokens proposed, accepted, steps left without proposals]
+        self.recent: dict[str, list[int]] = {}
         self.num_drafts = 0  # verification steps of a request
         self.num_draft_tokens = 0  # proposals verified
         self.num_accepted_tokens = 0
@@ -22,7 +33,13 @@ class SpecDecoding:
         disable_by_batch_size (verifying would cost more than it saves there)."""
         c = self.config
         off = c.disable_by_batch_size is not None and len(running) > c.disable_by_batch_size
+        self.recent = {r.request_id: self.recent.get(r.request_id, [0, 0, 0]) for r in running}
         for request in running:
+            recent = self.recent[request.request_id]
+            if recent[2] > 0:  # backing off after low acceptance
+                recent[2] -= 1
+                request.spec_token_ids = []
+                continue
             if off or not self._may_speculate(request):
                 request.spec_token_ids = []
                 continue
@@ -47,6 +64,13 @@ class SpecDecoding:
             if not drafts or not isinstance(tokens, list):
                 continue
             accepted = len(tokens) - 1
+            recent = self.recent.setdefault(request.request_id, [0, 0, 0])
+            recent[0] += len(drafts)
+            recent[1] += accepted
+            if recent[0] >= PROBE_TOKENS:
+                if recent[1] < LOW_ACCEPTANCE * recent[0]:
+                    recent[2] = BACKOFF_STEPS
+                recent[0] = recent[1] = 0
             self.num_drafts += 1
             self.num_draft_tokens += len(drafts)
             self.num_accepted_tokens += accepted

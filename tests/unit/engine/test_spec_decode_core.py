@@ -87,3 +87,26 @@ def test_the_chi_square_check_catches_a_sampler_that_accepts_too_often():
               for _ in range(20_000)]  # fmt: skip
     counts = torch.bincount(torch.tensor(firsts), minlength=5).double()
     assert chi_square_pvalue(counts, p.double() * 20_000) < 1e-6
+
+
+def test_a_request_whose_proposals_keep_failing_stops_proposing_for_a_while():
+    from tandem.engine.config import SpeculativeConfig
+    from tandem.engine.request import Request, SamplingParams
+    from tandem.engine.spec_decode import proposer
+
+    spec = proposer.SpecDecoding(SpeculativeConfig("ngram", 4, 1, 2))
+    r = Request("r", [1, 2, 3, 1, 2], SamplingParams(max_tokens=100))
+    r.append_output_token(3)
+    r.num_computed_tokens = r.num_tokens - 1
+    spec.propose([r])
+    assert r.spec_token_ids == [1, 2, 3]
+    for _ in range(3):  # every proposal rejected
+        spec.count({"r": [1, 2, 3]}, [r], [[9]])
+    spec.propose([r])
+    assert r.spec_token_ids == []  # backing off
+    for _ in range(proposer.BACKOFF_STEPS):
+        spec.propose([r])
+    assert r.spec_token_ids == [1, 2, 3]  # tries again
+    busy = proposer.SpecDecoding(SpeculativeConfig("ngram", 4, 1, 2, disable_by_batch_size=1))
+    busy.propose([r, r])  # more running than disable_by_batch_size: none
+    assert r.spec_token_ids == []
