@@ -47,6 +47,7 @@ def deployments(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def grounded_prompts(model: str | None) -> list[list[int]]:
+    from tandem.engine.preprocess import render_chat
     from tandem.engine.tokenizer import load_tokenizer
     from tandem.model_prep import default_model_dir
 
@@ -55,8 +56,7 @@ def grounded_prompts(model: str | None) -> list[list[int]]:
     for file, old, new in RENAMES:
         text = (DATA / file).read_text()
         ask = f"Repeat the text below exactly, renaming `{old}` to `{new}` everywhere.\n\n{text}"
-        prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": ask}],
-                                                     add_generation_prompt=True))  # fmt: skip
+        prompts.append(render_chat(tokenizer, [{"role": "user", "content": ask}], True)[1])
     return prompts
 
 

@@ -36,6 +36,7 @@ def test_deployments_and_report():
 def test_the_shipped_texts_become_chat_prompts_that_hold_them(default_model):
     prompts = spec_cost.grounded_prompts(default_model)
     assert len(prompts) == len(spec_cost.RENAMES)
+    assert all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompts)
     from tandem.engine.tokenizer import load_tokenizer
 
     text = load_tokenizer(default_model).decode(prompts[0])
