@@ -26,6 +26,7 @@ def test_deployments_and_report():
         "random_c1": _figures(20.5, 0.01, 1.04),
         "random_c8": _figures(20.2, 0.0, 1.0),
     }
+    on |= {"url": "http://x", "placement": []}  # as bench_one adds them
     report, ok = spec_cost.report({"no-spec": off, "spec": on}, args)
     assert ok and report["tpot_ratio_grounded_c1"] == 0.5
     assert report["tpot_ratio_random_c8"] == 20.2 / 20.0
