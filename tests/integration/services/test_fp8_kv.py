@@ -55,7 +55,8 @@ def _complete(base: str, prompts) -> list[list[int]]:
 @pytest.mark.parametrize(
     "flags, env",
     [
-        (("--num-gpu-blocks-override", "16"), {"TANDEM_KV_SHM": "0"}),  # NATS; preempts
+        # NATS; 8 blocks: two requests outgrow them, so the decode worker preempts
+        (("--num-gpu-blocks-override", "8", "--max-model-len", "128"), {"TANDEM_KV_SHM": "0"}),
         (("--num-gpu-blocks-override", "256"), {}),  # shared memory
         (("--colocated", "--num-gpu-blocks-override", "256"), {}),
     ],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import pytest
@@ -56,11 +57,16 @@ def test_greedy_through_the_cluster_equals_the_engine_without_speculation(cluste
                 if line.startswith("data: {"):
                     streamed += json.loads(line[6:])["choices"][0].get("token_ids") or []
         assert streamed == want
-    metrics = httpx.get(cluster + "/metrics", timeout=10).text
-    drafts = re.findall(r'^vllm:spec_decode_num_drafts_total\{[^}]*role="decode"[^}]*\} (\S+)',
-                        metrics, re.M)  # fmt: skip
-    accepted = re.findall(r"^vllm:spec_decode_num_accepted_tokens_total\{[^}]*\} (\S+)",
-                          metrics, re.M)  # fmt: skip
-    assert drafts and float(drafts[0]) > 0, metrics[:2000]
+    deadline = time.monotonic() + 15
+    while True:  # each worker pushes its metrics now and then: wait for the decode's
+        metrics = httpx.get(cluster + "/metrics", timeout=10).text
+        drafts = re.findall(r'^vllm:spec_decode_num_drafts_total\{[^}]*role="decode"[^}]*\} '
+                            r"(\S+)", metrics, re.M)  # fmt: skip
+        accepted = re.findall(r"^vllm:spec_decode_num_accepted_tokens_total\{[^}]*\} (\S+)",
+                              metrics, re.M)  # fmt: skip
+        if (drafts and float(drafts[0]) > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert drafts and float(drafts[0]) > 0, [line for line in metrics.split("\n") if "spec" in line]
     assert accepted and sum(map(float, accepted)) > 0
     assert_all_blocks_free(cluster)
