@@ -431,7 +431,7 @@ class ModelRunner:
         """Copy (n, layers, 2, Hkv, block_size, D) tiles into the given blocks (a float8
         cache's under this runner's scales: kv_quant.requantize those stored under others)."""
         kv_dtype = self.info.kv_cache_dtype
-        if is_fp8(kv_dtype) != is_fp8(kv.dtype) or (is_fp8(kv_dtype) and kv.dtype != kv_dtype):
+        if (is_fp8(kv_dtype) or is_fp8(kv.dtype)) and kv.dtype != kv_dtype:
             raise ValueError(f"KV blocks in {kv.dtype} for a cache in {kv_dtype}")
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         kv = kv.to(device=self.device, dtype=kv_dtype)

@@ -16,6 +16,7 @@ from tandem.engine.sampler import (
     LogprobsMode,
     SamplingTensors,
     TokenLogprobs,
+    _min_p,
     apply_top_k_top_p,
     gather_logprobs,
     process_logits,
@@ -55,10 +56,8 @@ def verify(
     if not st.all_greedy:
         scaled = processed / st.temperature.unsqueeze(-1)
         scaled = apply_top_k_top_p(scaled, st.top_k, st.top_p)
-        probs = scaled.softmax(dim=-1)
+        probs = _min_p(scaled.softmax(dim=-1), st.min_p)  # the sampler's own filter
         if st.min_p is not None:
-            floor = probs.amax(dim=-1, keepdim=True) * st.min_p.unsqueeze(-1)
-            probs = probs.masked_fill(probs < floor, 0.0)
             probs = probs / probs.sum(dim=-1, keepdim=True)
     results, row = [], 0
     for request, drafts, gen in zip(requests, proposals, generators):
