@@ -283,9 +283,6 @@ class EngineCore:
             if is_worker_fault(e):
                 raise
             return self._isolate_failure(plan, e)
-        for request, token in zip(plan.requests, sampled):
-            if token is not None and request.grammar is not None:
-                request.grammar.accept(token)
         children = self._admit_forks(forks, forked)  # before a parent that ended is freed
         before = [r.num_output_tokens for r in plan.requests]
         finished = self.scheduler.update_from_output(plan, sampled)

@@ -342,7 +342,8 @@ class ModelRunner:
             verifying = [requests[i] for i, _, _ in spec_rows]
             verified = verify(logits, verifying, [d for _, _, d in spec_rows],
                               [self._generator(r) for r in verifying], self.info.vocab_size,
-                              self.logits_processors, self.logprobs_mode)  # fmt: skip
+                              self.logits_processors, self.logprobs_mode,
+                              self.grammars)  # fmt: skip
             for (i, _, _), (tokens, lps) in zip(spec_rows, verified):
                 results[i], logprobs[i] = tokens, lps
         if not sample_reqs:

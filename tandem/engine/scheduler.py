@@ -332,6 +332,8 @@ class Scheduler:
             if request.num_computed_tokens < request.num_tokens or tokens[0] is None:
                 continue  # a prefill chunk: its sample is not a token yet
             for token_id in tokens:
+                if request.grammar is not None:  # before check_stop: it may end the grammar
+                    request.grammar.accept(token_id)
                 request.append_output_token(token_id)
                 status = self.check_stop(request, token_id)
                 if status is not None:

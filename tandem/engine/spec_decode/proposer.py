@@ -50,9 +50,14 @@ class SpecDecoding:
 
     @staticmethod
     def _may_speculate(request: Request) -> bool:
-        """A decode (its prompt done, tokens out) with no grammar to advance per position."""
+        """A decode (its prompt done, tokens out); with a structured output, once its matcher
+        is there and any reasoning is over (each verified position then has its mask)."""
+        grammar = request.grammar
         return (
-            request.grammar is None
+            (
+                grammar is None
+                or (grammar.matcher is not None and (grammar.gate is None or grammar.gate.ended))
+            )
             and request.sampling_params.pooling is None
             and request.num_output_tokens > 0
             and request.num_computed_tokens == request.num_tokens - 1

@@ -1,6 +1,7 @@
 """A step's verification of proposals: each decode that proposed k tokens ran k + 1
 positions (its last token and the proposals), and each position is sampled as its own step
-would have been: bans, biases, penalties and logits processors see the output as it would
+would have been: a structured output's grammar (in the state the proposals before it would
+have left it), bans, biases, penalties and logits processors see the output as it would
 stand there (the proposals before it appended), then temperature, top-k, top-p and min-p.
 The rejection sampler (rejection.py) then keeps the longest accepted run and one token more.
 """
@@ -42,6 +43,7 @@ def verify(
     vocab_size: int,
     logits_processors: list,
     mode: LogprobsMode,
+    grammars=None,  # the worker's GrammarManager: structured outputs mask every position
 ) -> list[tuple[list[int], list[TokenLogprobs] | None]]:
     """Per request: the tokens its step outputs, and their logprobs where asked."""
     views, gens = [], []
@@ -50,6 +52,9 @@ def verify(
         gens += [gen] * (len(drafts) + 1)
     st = SamplingTensors.build(views, gens, vocab_size, logits.device)
     st.processors = [(p, views) for p in logits_processors]
+    masked = grammars.spec_bitmask(requests, proposals) if grammars is not None else None
+    if masked is not None:
+        st.grammar = (torch.tensor(masked[0], device=logits.device), masked[1])
     raw = logits.clone() if st.logprobs is not None else None
     processed = process_logits(logits, st)
     probs = None

@@ -305,6 +305,27 @@ class GrammarManager:
             requests[i].grammar.matcher.fill(bitmask, j)
         return rows, bitmask
 
+    def spec_bitmask(self, requests: list, proposals: list[list[int]]):
+        """As `bitmask`, for a verification step: request i's len(proposals[i]) + 1 rows in
+        order, each row the mask of the state its grammar would have with the proposals
+        before that position accepted (walked on a copy of the matcher). Rows past a proposal
+        the grammar refuses, or past its end, stay unmasked: the rejection sampler never
+        reaches them (the refused proposal's own row bans it)."""
+        total = sum(len(d) + 1 for d in proposals)
+        bitmask = torch.full((total, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        rows, first = [], 0
+        for request, drafts in zip(requests, proposals):
+            grammar = request.grammar
+            if grammar and grammar.constraining:
+                matcher = grammar.matcher.fork()
+                for j in range(len(drafts) + 1):
+                    matcher.fill(bitmask, first + j)
+                    rows.append(first + j)
+                    if j == len(drafts) or not matcher.accept(drafts[j]) or matcher.terminated:
+                        break
+            first += len(drafts) + 1
+        return (rows, bitmask[rows]) if rows else None
+
     def shutdown(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,16 +1,22 @@
 """Speculative decoding (n-gram proposals verified in one forward pass) changes no greedy
 token: against Hugging Face on tiny random models of each family (with chunked prefill,
 preemption and prefix hits) and against the engine without it on the default model; seeded
-sampling repeats itself; logprobs of accepted tokens are the plain run's; every block is
+sampling repeats itself; logprobs of accepted tokens are the plain run's; structured outputs
+are the plain run's; every block is
 free at the end and the pool stays consistent."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from tandem.engine.llm import LLM
 from tandem.engine.request import SamplingParams
+from tandem.engine.structured_output import backends
+from tandem.engine.structured_output.params import StructuredOutputsConfig
+from tandem.engine.structured_output.params import StructuredOutputsParams as SO
 from tests.helpers.hf import hf_greedy
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
@@ -65,24 +71,47 @@ def test_greedy_with_proposals_equals_hf(tiny_model, hf_tiny, engine_kwargs):
     _assert_clean(llm)
 
 
+RECORD = {"name": "Alice Smith", "age": 30, "city": "Paris", "tags": ["red", "green"]}
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
+          "age": {"type": "integer"}, "city": {"type": "string"},
+          "tags": {"type": "array", "items": {"type": "string"}}},
+          "required": ["name", "age", "city", "tags"]}  # fmt: skip
+
+
 def test_the_default_model_with_proposals_equals_it_without(default_model):
+    """Plain requests with logprobs, then structured outputs of both backends (each verified
+    position masked by the grammar's state there)."""
     text = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
     prompts = ["Repeat this code exactly:\n" + text + "\nAgain:\n", "1, 2, 3, 4, 5, 6,",
                "The capital of France is"]  # fmt: skip
     params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True, logprobs=2)
+    json_prompt = f"Repeat this JSON exactly: {json.dumps(RECORD)}\nJSON: "
+    shaped = [
+        SamplingParams(max_tokens=48, temperature=0, structured_outputs=backends.check(
+            SO(json=json.dumps(SCHEMA), backend=backend), StructuredOutputsConfig()))
+        for backend in ("xgrammar", "guidance")
+    ]  # fmt: skip
     runs = {}
     for spec in (None, SPEC | {"num_speculative_tokens": 4, "prompt_lookup_min": 2,
                                "prompt_lookup_max": 4}):  # fmt: skip
         llm = LLM(default_model, dtype="float32", max_model_len=512, num_gpu_blocks_override=128,
                   speculative_config=spec)  # fmt: skip
-        runs[spec is None] = (llm.generate(prompts, params), llm.engine.num_steps)
+        outs, steps = llm.generate(prompts, params), llm.engine.num_steps
+        drafts = llm.engine.spec.num_drafts if spec else 0
+        structured = llm.generate([json_prompt] * 2, shaped)
+        if spec:  # the structured requests speculated too
+            assert llm.engine.spec.num_accepted_tokens > 0 and llm.engine.spec.num_drafts > drafts
+        runs[spec is None] = (outs, steps, structured)
         _assert_clean(llm)
-    (plain, plain_steps), (spec_outs, spec_steps) = runs[True], runs[False]
+    (plain, plain_steps, plain_json), (spec_outs, spec_steps, spec_json) = runs[True], runs[False]
     for a, b in zip(plain, spec_outs):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert x.top_ids == y.top_ids and abs(x.logprob - y.logprob) < 1e-3
     assert spec_steps < plain_steps  # the copied code was proposed and accepted
+    for a, b in zip(plain_json, spec_json):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert json.loads(b.outputs[0].text).keys() == RECORD.keys()
 
 
 def test_seeded_sampling_with_proposals_repeats_itself(tiny_llama):
