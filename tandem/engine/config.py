@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -94,17 +95,38 @@ class SchedulerConfig:
 class SpeculativeConfig:
     """vLLM's --speculative-config: proposals verified in one forward pass of the model."""
 
-    method: str = "ngram"  # prompt lookup over the request's own tokens (spec_decode/ngram.py)
-    num_speculative_tokens: int = 1
+    # "ngram": prompt lookup over the request's own tokens (spec_decode/ngram.py); "suffix":
+    # suffix decoding over them and earlier responses (suffix.py); "draft_model": a smaller
+    # model with the same tokenizer (draft.py), vLLM's method when only "model" is given
+    method: str = "ngram"
+    num_speculative_tokens: int | None = None  # suffix: its tree depth; ngram: 1
+    model: str | None = None  # the draft model's folder
     prompt_lookup_min: int | None = None  # n-gram sizes tried, longest first (vLLM: 5, 5)
     prompt_lookup_max: int | None = None
+    # suffix decoding (vLLM's names and defaults): match and proposal together at most this
+    # deep; responses of this many finished requests searched too (0: none); proposals at
+    # most factor x the match's length; and only while their estimated probability is >= min
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_cached_requests: int = 10000
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
     # no proposals while more requests than this run (vLLM's speculative_disable_by_batch_size)
     disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method != "ngram":
-            raise ValueError(f'speculative method {self.method!r} is not supported; use "ngram"')
-        if self.num_speculative_tokens < 1:
+        methods = ("ngram", "suffix", "draft_model")
+        if self.method not in methods:
+            raise ValueError(f"speculative method {self.method!r} is not supported; use one of "
+                             f"{', '.join(methods)} (or give a draft \"model\")")  # fmt: skip
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError('a draft "model" goes with the method "draft_model" only')
+        k = self.num_speculative_tokens
+        if k is None:
+            if self.method == "draft_model":
+                raise ValueError("a draft model needs num_speculative_tokens")
+            k = self.suffix_decoding_max_tree_depth if self.method == "suffix" else 1
+            object.__setattr__(self, "num_speculative_tokens", k)
+        if k < 1:
             raise ValueError("num_speculative_tokens must be >= 1")
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         lo, hi = (5, 5) if lo is None and hi is None else (lo or hi, hi or lo)
@@ -112,19 +134,30 @@ class SpeculativeConfig:
             raise ValueError("prompt_lookup_min must be >= 1 and <= prompt_lookup_max")
         object.__setattr__(self, "prompt_lookup_min", lo)
         object.__setattr__(self, "prompt_lookup_max", hi)
+        if self.suffix_decoding_max_tree_depth < 2:
+            raise ValueError("suffix_decoding_max_tree_depth must be >= 2")
+        if self.suffix_decoding_max_cached_requests < 0:
+            raise ValueError("suffix_decoding_max_cached_requests must be >= 0")
+        if self.suffix_decoding_max_spec_factor <= 0:
+            raise ValueError("suffix_decoding_max_spec_factor must be > 0")
+        if not 0.0 <= self.suffix_decoding_min_token_prob <= 1.0:
+            raise ValueError("suffix_decoding_min_token_prob must be in [0, 1]")
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError("disable_by_batch_size must be >= 1")
 
     @classmethod
     def from_dict(cls, spec: dict) -> SpeculativeConfig:
-        """vLLM's JSON: {"method": "ngram", "num_speculative_tokens": k, ...}."""
+        """vLLM's JSON: {"method": "ngram", "num_speculative_tokens": k, ...}, or a draft
+        model's {"model": PATH, "num_speculative_tokens": k}."""
         spec = dict(spec)
         if "speculative_disable_by_batch_size" in spec:
             spec["disable_by_batch_size"] = spec.pop("speculative_disable_by_batch_size")
-        if "model" in spec and "method" not in spec:
-            raise ValueError("a draft model for speculative decoding is not supported yet")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
-                 "disable_by_batch_size"}  # fmt: skip
+        if spec.get("model") is not None and spec.get("method") in (None, "draft_model"):
+            spec["method"] = "draft_model"
+        if spec.get("method") in ("eagle", "eagle3", "medusa", "mlp_speculator", "mtp"):
+            raise ValueError(f"speculative method {spec['method']!r} is not supported; use "
+                             "ngram, suffix or a draft model")  # fmt: skip
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(spec) - known
         if unknown:
             raise ValueError(f"unknown speculative config fields: {sorted(unknown)}")

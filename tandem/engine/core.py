@@ -85,7 +85,7 @@ class EngineCore:
         self.num_steps = 0
         self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed, all steps
         self.last_batch_size = 0  # requests in the latest step
-        self.spec = SpecDecoding(config.speculative) if config.speculative else None
+        self.spec = SpecDecoding(config.speculative, self.runner) if config.speculative else None
 
     def add_request(self, request: Request) -> None:
         """Validate against the engine's limits and queue. Raises ValueError on bad input."""
@@ -288,6 +288,8 @@ class EngineCore:
         finished = self.scheduler.update_from_output(plan, sampled)
         if self.spec is not None:
             self.spec.count(plan.spec_token_ids, plan.requests, sampled)
+            if finished:
+                self.spec.finish(finished)
             self.spec.propose(self.scheduler.running)
         pooled = [r for r in plan.requests if r.pooled is not None and not r.is_finished]
         for request in pooled:  # prefill only: done once pooled

@@ -26,3 +26,25 @@ def propose_ngram(
             start = int(hits[-1]) + n  # after the latest occurrence
             return context[start : start + num_speculative_tokens].tolist()
     return []
+
+
+class NgramProposer:
+    """Prompt-lookup proposals for each decode."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def propose(self, requests: list) -> list[list[int]]:
+        c = self.config
+        return [
+            propose_ngram(
+                r.all_token_ids, c.num_speculative_tokens, c.prompt_lookup_min, c.prompt_lookup_max
+            )  # fmt: skip
+            for r in requests
+        ]
+
+    def finish(self, requests: list) -> None:
+        pass  # nothing kept across requests
+
+    def release(self, request_ids) -> None:
+        pass

@@ -1,6 +1,9 @@
 """The engine's side of speculative decoding: after each step, each running decode gets its
 proposals for the next (the scheduler schedules them, the runner verifies them); and the
-counts vLLM's spec_decode metrics report.
+counts vLLM's spec_decode metrics report. Proposers (ngram.py, suffix.py, draft.py) share
+one interface: `propose(requests) -> one list of tokens per request`, `finish(requests)` for
+those that ended and `release(request_ids)` for those no longer running here (ended,
+preempted or moved); another kind (an EAGLE-style head) joins by implementing it.
 
 Proposals adapt, as vLLM's dynamic speculation does, by two rules: none while more requests
 run than `disable_by_batch_size` (verification then costs more than it saves), and a request
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 from tandem.engine.config import SpeculativeConfig
 from tandem.engine.request import Request
-from tandem.engine.spec_decode.ngram import propose_ngram
+from tandem.engine.spec_decode.ngram import NgramProposer
 
 PROBE_TOKENS = 8
 LOW_ACCEPTANCE = 0.2
@@ -19,8 +22,18 @@ BACKOFF_STEPS = 32
 
 
 class SpecDecoding:
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(self, config: SpeculativeConfig, runner=None) -> None:
         self.config = config
+        if config.method == "suffix":
+            from tandem.engine.spec_decode.suffix import SuffixProposer
+
+            self.proposer = SuffixProposer(config)
+        elif config.method == "draft_model":  # a model beside the runner's, on its device
+            from tandem.engine.spec_decode.draft import DraftModelProposer
+
+            self.proposer = DraftModelProposer(config, runner)
+        else:
+            self.proposer = NgramProposer(config)
         # request id -> [tokens proposed, accepted, steps left without proposals]
         self.recent: dict[str, list[int]] = {}
         self.num_drafts = 0  # verification steps of a request
@@ -33,20 +46,25 @@ class SpecDecoding:
         disable_by_batch_size (verifying would cost more than it saves there)."""
         c = self.config
         off = c.disable_by_batch_size is not None and len(running) > c.disable_by_batch_size
+        gone = self.recent.keys() - {r.request_id for r in running}
+        if gone:
+            self.proposer.release(gone)
         self.recent = {r.request_id: self.recent.get(r.request_id, [0, 0, 0]) for r in running}
+        proposing = []
         for request in running:
+            request.spec_token_ids = []
             recent = self.recent[request.request_id]
             if recent[2] > 0:  # backing off after low acceptance
                 recent[2] -= 1
-                request.spec_token_ids = []
-                continue
-            if off or not self._may_speculate(request):
-                request.spec_token_ids = []
-                continue
-            request.spec_token_ids = propose_ngram(
-                request.all_token_ids, c.num_speculative_tokens, c.prompt_lookup_min,
-                c.prompt_lookup_max,
-            )  # fmt: skip
+            elif not off and self._may_speculate(request):
+                proposing.append(request)
+        if proposing:
+            for request, tokens in zip(proposing, self.proposer.propose(proposing)):
+                request.spec_token_ids = tokens
+
+    def finish(self, requests: list[Request]) -> None:
+        """Requests that ended (suffix decoding searches their responses later)."""
+        self.proposer.finish(requests)
 
     @staticmethod
     def _may_speculate(request: Request) -> bool:

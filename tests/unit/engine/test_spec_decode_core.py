@@ -3,10 +3,13 @@ exactness (greedy: the target's argmax chain; random: the target's own distribut
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from tandem.engine.config import SpeculativeConfig
 from tandem.engine.spec_decode.ngram import propose_ngram
 from tandem.engine.spec_decode.rejection import rejection_sample
+from tandem.engine.spec_decode.suffix import SuffixProposer, speculate
 
 
 def test_ngram_proposes_what_followed_the_latest_earlier_occurrence_of_the_longest_suffix():
@@ -90,11 +93,12 @@ def test_the_chi_square_check_catches_a_sampler_that_accepts_too_often():
 
 
 def test_a_request_whose_proposals_keep_failing_stops_proposing_for_a_while():
-    from tandem.engine.config import SpeculativeConfig
     from tandem.engine.request import Request, SamplingParams
     from tandem.engine.spec_decode import proposer
 
-    spec = proposer.SpecDecoding(SpeculativeConfig("ngram", 4, 1, 2))
+    spec = proposer.SpecDecoding(
+        SpeculativeConfig("ngram", 4, prompt_lookup_min=1, prompt_lookup_max=2)
+    )
     r = Request("r", [1, 2, 3, 1, 2], SamplingParams(max_tokens=100))
     r.append_output_token(3)
     r.num_computed_tokens = r.num_tokens - 1
@@ -107,6 +111,77 @@ def test_a_request_whose_proposals_keep_failing_stops_proposing_for_a_while():
     for _ in range(proposer.BACKOFF_STEPS):
         spec.propose([r])
     assert r.spec_token_ids == [1, 2, 3]  # tries again
-    busy = proposer.SpecDecoding(SpeculativeConfig("ngram", 4, 1, 2, disable_by_batch_size=1))
+    busy = proposer.SpecDecoding(
+        SpeculativeConfig(
+            "ngram", 4, prompt_lookup_min=1, prompt_lookup_max=2, disable_by_batch_size=1
+        )
+    )
     busy.propose([r, r])  # more running than disable_by_batch_size: none
     assert r.spec_token_ids == []
+
+
+def _suffix(**overrides):
+
+    fields = dict(method="suffix", num_speculative_tokens=8) | overrides
+    return SuffixProposer(SpeculativeConfig(**fields))
+
+
+def test_suffix_decoding_follows_the_most_frequent_continuation_of_the_longest_useful_match():
+    s = _suffix()
+    # "2 3 4" occurs twice before the end, followed once by 5 and once by 6: a tie goes to
+    # the latest; each step's probability is 1/2 then 1; the match is 3 long (factor 1.0)
+    assert s._one([1, 2, 3, 4, 5, 9, 2, 3, 4, 6, 7, 2, 3, 4]) == [6, 7, 2]
+    # a 3-token match allows 3 tokens; twice the factor, 6 (where the context runs out)
+    assert _suffix(suffix_decoding_max_spec_factor=2.0)._one([1, 2, 3, 4, 5, 6, 1, 2, 3]) == [
+        4, 5, 6, 1, 2, 3]  # fmt: skip
+    # match and proposal together within the tree's depth
+    assert _suffix(suffix_decoding_max_tree_depth=4)._one([1, 2, 3, 4, 5, 6, 1, 2, 3]) == [4]
+    # after "5": 8 three times in four (3/4), then 9, 5 (3/4 still), then 8 twice in three
+    # (1/2): each token's probability is its count over the matched places
+    source = np.array([5, 8, 9, 5, 8, 9, 5, 8, 9, 5, 7, 1])
+    ends, pattern = np.array([0, 3, 6, 9]), np.array([5])
+
+    def proposal(min_prob):
+        c = SpeculativeConfig("suffix", 8, suffix_decoding_max_spec_factor=8.0,
+                              suffix_decoding_min_token_prob=min_prob)  # fmt: skip
+        return speculate(source, ends, pattern, 8, c)
+
+    assert proposal(0.6) == ([8, 9, 5], 2.25)
+    assert proposal(0.4)[0] == [8, 9, 5, 8, 9, 5]
+    assert proposal(0.8) == ([], 0.0)
+    assert _suffix()._one([1, 2, 3]) == []  # the last token occurs nowhere earlier
+
+
+def test_suffix_decoding_searches_earlier_responses_and_evicts_the_oldest():
+    from types import SimpleNamespace
+
+    s = _suffix(suffix_decoding_max_cached_requests=2)
+
+    def finished(*outputs):
+        s.finish([SimpleNamespace(output_token_ids=list(o)) for o in outputs])
+
+    finished([10, 11, 12, 13, 14])
+    assert s._one([50, 51, 10, 11]) == [12, 13]  # a 2-token match: 2 tokens
+    finished([20, 21, 22], [30, 31, 32])  # the first response is evicted
+    assert s._one([50, 51, 10, 11]) == []
+    assert s._one([40, 20, 21]) == [22]  # a separator ends a response's continuation
+    for i in range(300):  # the buffer compacts and grows; the latest two stay searchable
+        finished(range(100 + i, 110 + i))
+    assert s._one([1, 399, 400, 401]) == [402, 403, 404]
+    assert s._one([1, 20, 21]) == []
+    assert _suffix(suffix_decoding_max_cached_requests=0).responses.tokens.size == 0
+
+
+def test_the_speculative_config_takes_vllms_json():
+    import pytest
+
+    c = SpeculativeConfig.from_dict({"method": "suffix"})
+    assert c.num_speculative_tokens == 24  # the tree's depth, as vLLM
+    c = SpeculativeConfig.from_dict({"model": "/draft", "num_speculative_tokens": 3})
+    assert c.method == "draft_model"
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SpeculativeConfig.from_dict({"model": "/draft"})
+    with pytest.raises(ValueError, match="not supported"):
+        SpeculativeConfig.from_dict({"method": "eagle", "model": "/head"})
+    with pytest.raises(ValueError, match="unknown"):
+        SpeculativeConfig.from_dict({"method": "ngram", "lookahead": 3})
