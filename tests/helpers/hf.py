@@ -20,3 +20,22 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         if t in eos_ids:
             return out[: i + 1]
     return out
+
+
+def truncated_draft(model_dir: str, out) -> str:
+    """The model with its first layer only: a draft that shares its tokenizer."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:1]
+    model.save_pretrained(out, safe_serialization=True)
+    for f in Path(model_dir).iterdir():
+        if "token" in f.name or f.name.endswith(".jinja"):
+            shutil.copy(f, Path(out) / f.name)
+    return str(out)

@@ -17,30 +17,11 @@ from tandem.engine.request import SamplingParams
 from tandem.engine.structured_output import backends
 from tandem.engine.structured_output.params import StructuredOutputsConfig
 from tandem.engine.structured_output.params import StructuredOutputsParams as SO
-from tests.helpers.hf import hf_greedy
+from tests.helpers.hf import hf_greedy, truncated_draft
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
         "prompt_lookup_max": 3}  # fmt: skip
 SUFFIX = {"method": "suffix", "num_speculative_tokens": 6, "suffix_decoding_max_tree_depth": 8}
-
-
-def truncated_draft(model_dir: str, out) -> str:
-    """The model with its first layer only: a draft that shares its tokenizer."""
-    import shutil
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.model.layers = model.model.layers[:1]
-    model.config.num_hidden_layers = 1
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:1]
-    model.save_pretrained(out, safe_serialization=True)
-    for f in Path(model_dir).iterdir():
-        if "token" in f.name or f.name.endswith(".jinja"):
-            shutil.copy(f, Path(out) / f.name)
-    return str(out)
 
 
 @pytest.fixture(params=["ngram", "suffix", "draft"])
