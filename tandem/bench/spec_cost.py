@@ -34,6 +34,7 @@ RENAMES = [("inventory.py.txt", "quantity", "count"), ("retry.py.txt", "delay", 
            ("lighthouse.txt", "keeper", "warden"), ("config.json", "orders", "sales")]  # fmt: skip
 CLIENTS = (1, 8)
 SPEC_METRICS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+DRAFT_METRICS = ("draft_catch_up_tokens", "draft_catch_up_seconds", "draft_seconds")
 
 
 def add_arguments(g: argparse._ArgumentGroup) -> None:
@@ -61,12 +62,13 @@ def grounded_prompts(model: str | None) -> list[list[int]]:
 
 
 def spec_counters(url: str) -> dict[str, float]:
-    """The decode workers' vllm:spec_decode_* counters, summed (zeros without them)."""
+    """The decode workers' vllm:spec_decode_* counters and a draft model's cost
+    (tandem:spec_decode_draft_*), summed (zeros without them)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     return {
         name: sum(float(v) for v in re.findall(
-            rf"^vllm:spec_decode_{name}_total\{{[^}}]*\}} (\S+)", text, re.M))
-        for name in SPEC_METRICS
+            rf"^(?:vllm|tandem):spec_decode_{name}_total\{{[^}}]*\}} (\S+)", text, re.M))
+        for name in SPEC_METRICS + DRAFT_METRICS
     }  # fmt: skip
 
 
@@ -77,10 +79,15 @@ def _load(url: str, prompts: list[list[int]], output_len: int, clients: int, arg
     )
     after = spec_counters(url)
     f = summarize(results, duration)
-    delta = {k: after[k] - before[k] for k in SPEC_METRICS}
+    delta = {k: after[k] - before[k] for k in SPEC_METRICS + DRAFT_METRICS}
     drafts, proposed = delta["num_drafts"], delta["num_draft_tokens"]
     f["acceptance_rate"] = delta["num_accepted_tokens"] / proposed if proposed else None
     f["mean_accepted_length"] = 1 + delta["num_accepted_tokens"] / drafts if drafts else None
+    if delta["draft_seconds"]:  # a draft model: its prompt recompute and its share of the load
+        caught = delta["draft_catch_up_tokens"]
+        f["draft_catch_up_ms_per_token"] = (
+            1000 * delta["draft_catch_up_seconds"] / caught if caught else None)  # fmt: skip
+        f["draft_busy_fraction"] = delta["draft_seconds"] / duration
     return f
 
 
@@ -97,7 +104,11 @@ def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict
             print(f"{name} {kind} at {clients} client(s): TPOT p50 {f['tpot_ms']['p50']:.1f} ms, "
                   f"ITL p99 {f['itl_ms']['p99']:.1f} ms, {f['output_tok_s']:.1f} tok/s"
                   + ("" if rate is None else f", acceptance {rate:.2f}, mean accepted length "
-                     f"{f['mean_accepted_length']:.2f}"))  # fmt: skip
+                     f"{f['mean_accepted_length']:.2f}")
+                  + ("" if "draft_busy_fraction" not in f else
+                     f", draft busy {f['draft_busy_fraction']:.0%} of the load, its prompt"
+                     f" recompute {f['draft_catch_up_ms_per_token'] or 0:.2f} ms/token")
+                  )  # fmt: skip
     if name == "no-spec":
         prompts = random_prompts(6, args.input_len, info.vocab_size, args.seed + 1)
         figures["plain_c1"] = _load(url, prompts[:4], args.output_len, 1, args)

@@ -115,7 +115,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--speculative-config",
         default=None,
         help='speculative decoding, as vLLM\'s JSON: {"method": "ngram", '
-        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}; '
+        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}, '
+        '{"method": "suffix"} or a draft model {"model": PATH, "num_speculative_tokens": 4}; '
         "decode steps verify the proposals in one forward pass (greedy output unchanged)",
     )
     p.add_argument(

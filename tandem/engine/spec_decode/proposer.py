@@ -62,6 +62,14 @@ class SpecDecoding:
             for request, tokens in zip(proposing, self.proposer.propose(proposing)):
                 request.spec_token_ids = tokens
 
+    def draft_cost(self) -> dict | None:
+        """A draft model's tokens caught up on and seconds spent (None for other methods)."""
+        p = self.proposer
+        if not hasattr(p, "catch_up_tokens"):
+            return None
+        return {"catch_up_tokens": p.catch_up_tokens, "catch_up_seconds": p.catch_up_seconds,
+                "seconds": p.propose_seconds}  # fmt: skip
+
     def finish(self, requests: list[Request]) -> None:
         """Requests that ended (suffix decoding searches their responses later)."""
         self.proposer.finish(requests)

@@ -214,6 +214,15 @@ class EngineCollector:
             for pos, n in enumerate(spec["num_accepted_tokens_per_pos"]):
                 per_pos.add_metric([*values, str(pos)], n)
             yield per_pos
+            draft = spec.get("draft")
+            if draft is not None:  # a draft model's cost on this worker
+                yield counter("tandem:spec_decode_draft_catch_up_tokens", "Tokens the draft "
+                              "model computed KV for before proposing (prompts recomputed "
+                              "here above all).", draft["catch_up_tokens"])  # fmt: skip
+                yield counter("tandem:spec_decode_draft_catch_up_seconds", "Time of the draft "
+                              "model's catch-up passes.", draft["catch_up_seconds"])  # fmt: skip
+                yield counter("tandem:spec_decode_draft_seconds", "Time of the draft model's "
+                              "passes, catch-up included.", draft["seconds"])  # fmt: skip
         yield counter("tandem:engine_steps", "Engine steps run.", s["num_steps"])
         yield counter("tandem:prefill_tokens", "Prompt tokens computed (rate: prefill "
                       "tokens/s; recomputed tokens after a preemption count too).",
@@ -243,6 +252,7 @@ def engine_stats(engine, num_waiting: int = 0) -> dict | None:
             "num_draft_tokens": engine.spec.num_draft_tokens,
             "num_accepted_tokens": engine.spec.num_accepted_tokens,
             "num_accepted_tokens_per_pos": list(engine.spec.num_accepted_tokens_per_pos),
+            "draft": engine.spec.draft_cost(),
         },
     }
 

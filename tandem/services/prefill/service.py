@@ -9,7 +9,7 @@ import asyncio
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from nats.errors import NoRespondersError
@@ -51,7 +51,9 @@ class PrefillWorker(WorkerShell):
     role = engine_pb2.WORKER_ROLE_PREFILL
 
     def __init__(self, config: EngineConfig, bus: Bus, worker_id: str) -> None:
-        super().__init__(config, bus, worker_id)
+        # Decode workers speculate; a prefill worker's plans end at a request's first token,
+        # so it loads no draft model and proposes nothing (the flag is the cluster's).
+        super().__init__(replace(config, speculative=None), bus, worker_id)
         self.plans: asyncio.Queue[engine_pb2.StepPlan] = asyncio.Queue()
         self.decode_of: dict[str, str] = {}  # request id -> its decode worker
         self.trace_of: dict[str, dict[str, str]] = {}  # request id -> W3C context, traced

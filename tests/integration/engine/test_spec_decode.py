@@ -128,13 +128,40 @@ def test_the_default_model_with_proposals_equals_it_without(default_model):
 
 
 def test_seeded_sampling_with_proposals_repeats_itself(tiny_llama):
-    params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=11,
+    params = SamplingParams(n=2, max_tokens=30, temperature=0.8, top_p=0.9, seed=11,
                             ignore_eos=True, presence_penalty=0.3)  # fmt: skip
     outs = []
     for _ in range(2):
         llm = LLM(tiny_llama, dtype="float32", num_gpu_blocks_override=128,
                   speculative_config=SPEC)  # fmt: skip
-        outs.append([o.outputs[0].token_ids for o in llm.generate(repetitive_prompts(), params)])
+        outs.append([[s.token_ids for s in o.outputs]
+                     for o in llm.generate(repetitive_prompts(), params)])  # fmt: skip
         assert llm.engine.spec.num_drafts > 0
         _assert_clean(llm)
     assert outs[0] == outs[1]
+
+
+def test_n_samples_and_stop_strings_inside_accepted_proposals(tiny_llama):
+    """n > 1 forks speculate on their own; a stop string or max_tokens that falls inside a
+    step's accepted proposals ends the output exactly where the plain run's ends."""
+    prompts = repetitive_prompts()
+    plain = LLM(tiny_llama, dtype="float32", num_gpu_blocks_override=128)
+    spec = LLM(tiny_llama, dtype="float32", num_gpu_blocks_override=128,
+               speculative_config=SPEC)  # fmt: skip
+    free = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    texts = [o.outputs[0].text for o in plain.generate(prompts, free)]
+    stops = [t[len(t) // 2 : len(t) // 2 + 3] for t in texts]  # from the middle
+    for n, stop, max_tokens in ((3, None, 40), (1, "stop", 40), (1, None, 17)):
+        params = [SamplingParams(n=n, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                 stop=[s] if stop and s.strip() else [])
+                  for s in stops]  # fmt: skip
+        want, got = plain.generate(prompts, params), spec.generate(prompts, params)
+        if stop:  # the stop strings were met (not every output runs to its end)
+            assert sum(o.outputs[0].finish_reason == "stop" for o in got) >= 2
+        for a, b in zip(want, got):
+            assert len(b.outputs) == n
+            for x, y in zip(a.outputs, b.outputs):
+                assert (x.text, x.token_ids, x.finish_reason) == (y.text, y.token_ids,
+                                                                  y.finish_reason)  # fmt: skip
+    assert spec.engine.spec.num_accepted_tokens > 0
+    _assert_clean(spec)
