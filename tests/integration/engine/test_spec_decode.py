@@ -92,8 +92,10 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
 
 
 def test_the_default_model_with_proposals_equals_it_without(default_model):
-    """Plain requests with logprobs, then structured outputs of both backends (each verified
-    position masked by the grammar's state there)."""
+    """Each method against no speculation: plain requests with logprobs, and (n-gram)
+    structured outputs of both backends, each verified position masked by the grammar's
+    state there. The draft is the model itself: every proposal is accepted, bonus tokens
+    and all."""
     text = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
     prompts = ["Repeat this code exactly:\n" + text + "\nAgain:\n", "1, 2, 3, 4, 5, 6,",
                "The capital of France is"]  # fmt: skip
@@ -104,25 +106,38 @@ def test_the_default_model_with_proposals_equals_it_without(default_model):
             SO(json=json.dumps(SCHEMA), backend=backend), StructuredOutputsConfig()))
         for backend in ("xgrammar", "guidance")
     ]  # fmt: skip
+    methods = {
+        "none": None,
+        "ngram": SPEC | {"num_speculative_tokens": 4, "prompt_lookup_min": 2,
+                         "prompt_lookup_max": 4},
+        "suffix": SUFFIX,
+        "draft": {"model": default_model, "num_speculative_tokens": 3},
+    }  # fmt: skip
     runs = {}
-    for spec in (None, SPEC | {"num_speculative_tokens": 4, "prompt_lookup_min": 2,
-                               "prompt_lookup_max": 4}):  # fmt: skip
+    for name, spec in methods.items():
         llm = LLM(default_model, dtype="float32", max_model_len=512, num_gpu_blocks_override=128,
                   speculative_config=spec)  # fmt: skip
         outs, steps = llm.generate(prompts, params), llm.engine.num_steps
-        drafts = llm.engine.spec.num_drafts if spec else 0
-        structured = llm.generate([json_prompt] * 2, shaped)
-        if spec:  # the structured requests speculated too
-            assert llm.engine.spec.num_accepted_tokens > 0 and llm.engine.spec.num_drafts > drafts
-        runs[spec is None] = (outs, steps, structured)
+        structured = None
+        if name in ("none", "ngram"):
+            drafts = llm.engine.spec.num_drafts if spec else 0
+            structured = llm.generate([json_prompt] * 2, shaped)
+            if spec:  # the structured requests speculated too
+                assert llm.engine.spec.num_accepted_tokens > 0
+                assert llm.engine.spec.num_drafts > drafts
+        if name == "draft":
+            s = llm.engine.spec
+            assert s.num_accepted_tokens == s.num_draft_tokens > 0, vars(s)
+        runs[name] = (outs, steps, structured)
         _assert_clean(llm)
-    (plain, plain_steps, plain_json), (spec_outs, spec_steps, spec_json) = runs[True], runs[False]
-    for a, b in zip(plain, spec_outs):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert x.top_ids == y.top_ids and abs(x.logprob - y.logprob) < 1e-3
-    assert spec_steps < plain_steps  # the copied code was proposed and accepted
-    for a, b in zip(plain_json, spec_json):
+    plain, plain_steps, plain_json = runs.pop("none")
+    for name, (outs, steps, structured) in runs.items():
+        for a, b in zip(plain, outs):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids, name
+            for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert x.top_ids == y.top_ids and abs(x.logprob - y.logprob) < 1e-3, name
+        assert steps < plain_steps, name  # proposals were accepted
+    for a, b in zip(plain_json, runs["ngram"][2]):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert json.loads(b.outputs[0].text).keys() == RECORD.keys()
 
