@@ -131,7 +131,7 @@ def test_the_default_model_with_proposals_equals_it_without(default_model):
         runs[name] = (outs, steps, structured)
         _assert_clean(llm)
     plain, plain_steps, plain_json = runs.pop("none")
-    for name, (outs, steps, structured) in runs.items():
+    for name, (outs, steps, _) in runs.items():
         for a, b in zip(plain, outs):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids, name
             for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
