@@ -108,6 +108,10 @@ def _run_gateway(args: argparse.Namespace, client) -> int:
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         runner=args.runner,
         convert=args.convert,
+        enable_lora=args.enable_lora,
+        lora_modules=tuple(args.lora_modules or ()) if args.enable_lora else (),
+        max_lora_rank=args.max_lora_rank,
+        allow_runtime_lora_updating=args.enable_lora and args.allow_runtime_lora_updating,
     )
     check_tool_parser(args)
     app = build_app(client, settings)

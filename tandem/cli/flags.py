@@ -252,11 +252,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
-    from tandem.engine.args import add_engine_args, add_runner_args
+    from tandem.engine.args import add_engine_args, add_lora_args, add_runner_args
 
     gateway = sub.add_parser("gateway", help="the REST gateway of a cluster")
     gateway.add_argument("--model", default=None, help="the model folder (its name is served)")
     add_http_args(gateway, 8000, env=False)
+    add_lora_args(gateway)
     gateway.add_argument("--tokenizer-url", default="127.0.0.1:50051", help="host:port (gRPC)")
     add_runner_args(gateway)
     gateway.add_argument(

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from tandem.engine.config import (
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     SchedulerConfig,
     SchedulingPolicy,
@@ -119,6 +121,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         '{"method": "suffix"} or a draft model {"model": PATH, "num_speculative_tokens": 4}; '
         "decode steps verify the proposals in one forward pass (greedy output unchanged)",
     )
+    add_lora_args(p)
     p.add_argument(
         "--enforce-eager",
         action="store_true",
@@ -167,6 +170,62 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_lora_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's LoRA flags (the engine's, and the gateway's: it lists and checks adapters)."""
+    p.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve LoRA adapters (PEFT folders) over the model; a request names one as its model",
+    )
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=lora_module,
+        default=None,
+        metavar="NAME=PATH",
+        help='adapters served from the start: name=path, or vLLM\'s JSON {"name": ..., '
+        '"path": ..., "base_model_name": ...}',
+    )
+    p.add_argument("--max-loras", type=int, default=1, help="distinct adapters in one batch")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest rank served")
+    p.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="adapters kept in memory, the least recently used evicted (default: --max-loras)",
+    )
+    p.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+        help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING, which sets it too)",
+    )
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """One --lora-modules entry: name=path, or {"name", "path", "base_model_name"}."""
+    if text.lstrip().startswith("{"):
+        try:
+            entry = json.loads(text)
+            return str(entry["name"]), str(entry["path"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected name=path or JSON with name and path ({e})"
+            ) from None
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected name=path")
+    return name, path
+
+
+def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
+    if not getattr(args, "enable_lora", False):
+        return None
+    return LoRAConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras,
+                      tuple(args.lora_modules or ()))  # fmt: skip
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(
@@ -202,6 +261,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             SchedulingPolicy(args.scheduling_policy),
         ),
         speculative=speculative_config(getattr(args, "speculative_config", None)),
+        lora=lora_config(args),
     )
 
 

@@ -57,6 +57,8 @@ class GenerateInput:
     return_prompt_text: bool = False  # echo: each prompt's text comes back
     priority: int = 0
     cache_salt: str | None = None
+    lora_name: str | None = None  # the LoRA adapter named as the request's model
+    lora_path: str | None = None  # its PEFT folder
     trace_context: dict[str, str] | None = None
     arrival_time: float = 0.0
 
@@ -166,6 +168,10 @@ class EngineClient(Protocol):
 
     async def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (on every worker, and in the cluster's index)."""
+        ...
+
+    async def update_lora(self, name: str, path: str | None) -> None:
+        """A LoRA adapter loaded (`path`) or unloaded (None) at run time, on every worker."""
         ...
 
     async def shutdown(self) -> None: ...

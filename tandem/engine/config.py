@@ -165,6 +165,28 @@ class SpeculativeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoRAConfig:
+    """vLLM's --enable-lora flags: adapters served over one base model."""
+
+    max_loras: int = 1  # distinct adapters in one batch (each a slot of stacked weights)
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # adapters kept in memory, LRU (default: max_loras)
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, PEFT folder) served from start
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError("max_loras must be >= 1")
+        if self.max_lora_rank < 1:
+            raise ValueError("max_lora_rank must be >= 1")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras")
+
+    @property
+    def cpu_loras(self) -> int:
+        return self.max_cpu_loras or self.max_loras
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Everything an engine needs; `max_model_len` is resolved against the model at load."""
 
@@ -172,3 +194,4 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     speculative: SpeculativeConfig | None = None
+    lora: LoRAConfig | None = None  # --enable-lora

@@ -65,7 +65,7 @@ class EngineCore:
         self.config = config
         self.runner = ModelRunner(config.model, config.cache,
                                   config.scheduler.max_num_batched_tokens,
-                                  config.scheduler.max_num_seqs)  # fmt: skip
+                                  config.scheduler.max_num_seqs, config.lora)  # fmt: skip
         info = self.runner.info
         self.max_model_len = info.max_model_len
         self.eos_token_id = self.runner.eos_token_id
@@ -80,7 +80,9 @@ class EngineCore:
         self.kv = KVCacheManager(
             info.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv, info.max_model_len)
+        max_loras = config.lora.max_loras if config.lora else None
+        self.scheduler = Scheduler(config.scheduler, self.kv, info.max_model_len,
+                                   max_loras=max_loras)  # fmt: skip
         self.grammars = self.runner.grammars
         self.num_steps = 0
         self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed, all steps
@@ -106,6 +108,14 @@ class EngineCore:
             if any(not 0 <= t < vocab for t in ids):
                 raise ValueError(f"{name} token ids must be in [0, {vocab})")
         request.sampling_params.check_vocab(vocab)
+        if request.lora_name is not None:
+            lora = self.runner.lora
+            if lora is None:
+                raise ValueError("LoRA adapters are not enabled here (--enable-lora)")
+            if request.lora_name not in lora.paths:
+                if request.lora_path is None:
+                    raise ValueError(f"LoRA adapter {request.lora_name!r} is not loaded")
+                lora.add(request.lora_name, request.lora_path)  # LoRAError: a ValueError
         so = request.sampling_params.structured_outputs
         if so is not None and so.backend == "auto":  # not checked upstream (offline use)
             request.sampling_params = dataclasses.replace(

@@ -193,6 +193,9 @@ class InProcessEngineClient:
     async def reset_prefix_cache(self) -> None:
         self._send("reset", None)
 
+    async def update_lora(self, name: str, path: str | None) -> None:
+        self._send("lora", (name, path))
+
     async def shutdown(self) -> None:
         self._send("stop", None)
         if self._task is not None:
@@ -265,6 +268,15 @@ class InProcessEngineClient:
         if kind == "reset":
             if not self.engine.reset_prefix_cache():
                 logger.warning("prefix cache not reset: requests are running")
+            return
+        if kind == "lora":
+            name, path = payload
+            lora = self.engine.runner.lora
+            try:
+                if lora is not None:
+                    lora.remove(name) if path is None else lora.add(name, path)
+            except ValueError as e:
+                logger.warning("LoRA adapter %s: %s", name, e)
             return
         request: Request = payload
         subs = [self._subs.get(rid) for rid in (request.request_id, *request.fork_ids)]

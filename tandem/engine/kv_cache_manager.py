@@ -31,7 +31,7 @@ class KVCacheManager:
         if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         extend_block_hashes(
-            request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt
+            request.block_hashes, request.all_token_ids, self.block_size, request.prefix_salt
         )
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []
@@ -81,12 +81,12 @@ class KVCacheManager:
         if num_full <= start:
             return
         extend_block_hashes(
-            request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt
+            request.block_hashes, request.all_token_ids, self.block_size, request.prefix_salt
         )
         blocks = self.req_to_blocks[request.request_id]
         hashes = request.block_hashes
         for i in range(start, num_full):
-            parent = hashes[i - 1] if i else root_hash(request.cache_salt)
+            parent = hashes[i - 1] if i else root_hash(request.prefix_salt)
             self.pool.cache_full_block(blocks[i], hashes[i], parent)
         self.num_cached_blocks[request.request_id] = num_full
 

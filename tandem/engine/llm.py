@@ -13,11 +13,13 @@ from tandem.engine.args import speculative_config as speculative_config_of
 from tandem.engine.config import (
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     SchedulerConfig,
     SchedulingPolicy,
 )
 from tandem.engine.core import EngineCore
+from tandem.engine.lora import LoRARequest
 from tandem.engine.pooling import PoolingParams
 from tandem.engine.request import (
     CompletionOutput,
@@ -56,6 +58,10 @@ class LLM:
         kv_cache_dtype: str = "auto",
         calculate_kv_scales: bool = False,
         speculative_config: dict | None = None,
+        enable_lora: bool = False,
+        max_loras: int = 1,
+        max_lora_rank: int = 16,
+        max_cpu_loras: int | None = None,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(
@@ -83,6 +89,7 @@ class LLM:
                 SchedulingPolicy(scheduling_policy),
             ),
             speculative=speculative_config_of(speculative_config),
+            lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
         )
         self.engine = EngineCore(config)
         self.tokenizer = load_tokenizer(model)
@@ -94,16 +101,24 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: Sequence[int] | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the prompts' order. With
         `use_tqdm`, a bar of output tokens (out of every request's max_tokens) on stderr when
-        it is a terminal."""
+        it is a terminal. `lora_request`: the adapter of every prompt, or one per prompt (an
+        adapter not seen before is read from its lora_path)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("sampling_params must be one per prompt")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_request = [lora_request] * len(prompts)
+        for lora in {r for r in lora_request if r is not None}:
+            manager = self.engine.runner.lora
+            if manager is not None and lora.lora_name not in manager.paths:
+                manager.add(lora.lora_name, lora.lora_path)
         order, detoks, texts, logprobs = [], {}, {}, {}
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -112,6 +127,8 @@ class LLM:
             fork_ids = tuple(f"{rid}.{j}" for j in range(1, params.n))
             req = Request(rid, ids, params, priority=priority[i] if priority else 0)
             req.fork_ids = fork_ids
+            if lora_request[i] is not None:
+                req.lora_name = lora_request[i].lora_name
             self.engine.add_request(req)
             order.append(req)
             texts[req.request_id] = text

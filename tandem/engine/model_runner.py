@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from tandem.engine.attention import build_attn_metadata, use_triton
-from tandem.engine.config import CacheConfig, ModelConfig
+from tandem.engine.config import CacheConfig, LoRAConfig, ModelConfig
 from tandem.engine.cuda_graphs import DecodeGraphs, default_capture_sizes
 from tandem.engine.kv_quant import as_bytes, is_fp8, kv_torch_dtype
 from tandem.engine.kv_scales import layer_kv_scales
 from tandem.engine.loader import load_model, read_hf_config
 from tandem.engine.logits_processors import load_logits_processors
+from tandem.engine.lora.manager import LoRAManager
 from tandem.engine.pooling import (
     PoolerConfig,
     detect_runner,
@@ -143,7 +144,8 @@ class ModelRunner:
     """Owns the model, the paged KV cache tensors and the per-request sampling generators."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
-                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256) -> None:  # fmt: skip
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
+                 lora_config: LoRAConfig | None = None) -> None:  # fmt: skip
         self.device = select_device()
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         if self.device.type == "cpu":
@@ -200,9 +202,14 @@ class ModelRunner:
             for _ in range(a.num_layers)
         ]
         self.kv_scales = layer_kv_scales(self, model_config.model, cache_config)
+        self.lora: LoRAManager | None = None
+        if lora_config is not None:  # adapters over the base weights (engine/lora/)
+            self.lora = LoRAManager(self.model, lora_config, self.dtype, self.device,
+                                    use_kernel=use_triton(self.device))  # fmt: skip
         self.graphs: DecodeGraphs | None = None
         if (
-            self.device.type == "cuda"
+            self.lora is None  # a batch's adapter segments change step to step
+            and self.device.type == "cuda"
             and not is_fp8(kv_dtype)  # torch's path reads a float8 cache
             and not model_config.enforce_eager
             and self.pooler is None  # pooling is prefill only
@@ -278,9 +285,11 @@ class ModelRunner:
         prompt_rows: list[tuple[Request, int, int, int]] = []  # request, row, first, end
         pool_rows: list[tuple[Request, int, int]] = []  # pooling requests done: their rows
         spec_rows: list[tuple[int, int, list[int]]] = []  # request index, first row, proposals
+        segments: list[tuple[int, int, str | None]] = []  # rows by LoRA adapter
         for i in order:
             req, n = requests[i], num_scheduled[i]
             start = req.num_computed_tokens
+            segments.append((len(input_ids), len(input_ids) + n, req.lora_name))
             drafts = spec.get(req.request_id)
             if drafts:  # its last token, then the proposals: n = 1 + len(drafts) rows
                 spec_rows.append((i, len(input_ids), drafts))
@@ -318,6 +327,8 @@ class ModelRunner:
             slot_tensor = torch.tensor(slots, dtype=torch.int64)
             hidden = self.graphs.run(input_ids, positions, context_lens, tables, slot_tensor)
         else:
+            if self.lora is not None:
+                self.lora.set_batch(segments, {r.lora_name: r.lora_path for r in requests})
             triton = not is_fp8(self.info.kv_cache_dtype)  # torch's path reads float8
             meta = build_attn_metadata(
                 query_lens, context_lens, tables, self.block_size, dev, allow_triton=triton

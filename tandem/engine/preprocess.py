@@ -151,7 +151,8 @@ def engine_requests(
     for i, prompt in enumerate(prompts):
         ids = inputs.ids_of(i)
         request = Request(ids[0], prompt.token_ids, params, priority=inputs.priority,
-                          cache_salt=inputs.cache_salt, fork_ids=tuple(ids[1:]))  # fmt: skip
+                          cache_salt=inputs.cache_salt, fork_ids=tuple(ids[1:]),
+                          lora_name=inputs.lora_name, lora_path=inputs.lora_path)  # fmt: skip
         request.arrival_time = inputs.arrival_time or now
         requests.append(request)
     return requests

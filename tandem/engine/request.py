@@ -169,6 +169,14 @@ def _check(ok: bool, param: str, expected: str) -> None:
         raise ValueError(f"{param} must be {expected}")
 
 
+def prefix_salt(cache_salt: str | None, lora_name: str | None) -> str | None:
+    """The first block's salt: the same prompt under another adapter (or tenant) has other
+    KV, so neither the prefix cache, the cluster's index nor routing may mix them."""
+    if lora_name is None:
+        return cache_salt
+    return f"{cache_salt or ''}\x00lora:{lora_name}"
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     """One generation request as the engine tracks it.
@@ -184,6 +192,8 @@ class Request:
     arrival_time: float = 0.0
     priority: int = 0
     cache_salt: str | None = None
+    lora_name: str | None = None  # the LoRA adapter it runs with (None: the base model)
+    lora_path: str | None = None  # its PEFT folder, where a worker without it loads it from
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
@@ -222,6 +232,8 @@ class Request:
             arrival_time=self.arrival_time,
             priority=self.priority,
             cache_salt=self.cache_salt,
+            lora_name=self.lora_name,
+            lora_path=self.lora_path,
             parent_id=self.request_id,
         )
 
@@ -229,6 +241,11 @@ class Request:
         if not self.prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
+
+    @property
+    def prefix_salt(self) -> str | None:
+        """What separates its prefix-cache entries: the tenant's salt and the adapter."""
+        return prefix_salt(self.cache_salt, self.lora_name)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -92,11 +92,13 @@ class Scheduler:
         kv: KVCacheManager,
         max_model_len: int,
         clock: Callable[[], float] = time.monotonic,
+        max_loras: int | None = None,
     ) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
         self.clock = clock
+        self.max_loras = max_loras  # distinct LoRA adapters running at once (None: no LoRA)
         self.waiting = WaitingQueue(config.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -128,7 +130,7 @@ class Scheduler:
             raise ValueError(f"duplicate request_id {request.request_id!r}")
         if not 0 < num_computed_tokens < request.num_tokens:
             raise ValueError("num_computed_tokens must leave at least one token to compute")
-        if len(self.running) >= self.config.max_num_seqs:
+        if len(self.running) >= self.config.max_num_seqs or not self._lora_fits(request):
             return False
         request.num_computed_tokens = 0
         num_new = num_computed_tokens - len(cached_blocks) * self.kv.block_size
@@ -178,11 +180,16 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        # 2. Waiting requests, unless this step already had to preempt.
+        # 2. Waiting requests, unless this step already had to preempt. One whose LoRA
+        # adapter would be one too many (--max-loras) waits; those behind it go on.
+        skipped = []
         while not out.preempted_ids and len(self.waiting) and budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting.peek()
+            if not self._lora_fits(request):
+                skipped.append(self.waiting.pop())
+                continue
             hits, num_hit_tokens = self._cache_hits(request)
             num_new = self._computable(request) - num_hit_tokens
             whole = request.whole_prompt or not self.config.enable_chunked_prefill
@@ -196,7 +203,17 @@ class Scheduler:
             if num_new > 0:  # 0: all it can compute before its grammar is cached
                 self._schedule(request, num_new, out)
             budget -= num_new
+        for request in reversed(skipped):
+            self.waiting.add(request, front=True)
         return out
+
+    def _lora_fits(self, request: Request) -> bool:
+        """Whether running it keeps the distinct adapters running within max_loras."""
+        name = request.lora_name
+        if name is None or self.max_loras is None:
+            return True
+        running = {r.lora_name for r in self.running if r.lora_name is not None}
+        return name in running or len(running) < self.max_loras
 
     def _spec_tokens(self, request: Request, num_new: int, budget: int) -> list[int]:
         """The proposals a decode verifies this step: within the budget, the context length

@@ -155,6 +155,21 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--cuda-graph-sizes", *map(str, args.cuda_graph_sizes)]
     if args.speculative_config:
         argv += ["--speculative-config", args.speculative_config]
+    return argv + lora_argv(args)
+
+
+def lora_argv(args: argparse.Namespace) -> list[str]:
+    """The LoRA flags, for the workers and the gateway alike."""
+    if not args.enable_lora:
+        return []
+    argv = ["--enable-lora", "--max-loras", str(args.max_loras),
+            "--max-lora-rank", str(args.max_lora_rank)]  # fmt: skip
+    if args.max_cpu_loras is not None:
+        argv += ["--max-cpu-loras", str(args.max_cpu_loras)]
+    if args.lora_modules:
+        argv += ["--lora-modules", *(f"{name}={path}" for name, path in args.lora_modules)]
+    if args.allow_runtime_lora_updating:
+        argv.append("--allow-runtime-lora-updating")
     return argv
 
 
@@ -211,7 +226,7 @@ def plan_stages(
         stages.append(stage)
     gateway = [*tandem, "gateway", *nats, "--tokenizer-url", f"127.0.0.1:{tokenizer_port}",
                "--model", args.model, "--host", args.host, "--port", str(args.port)]  # fmt: skip
-    gateway += http_argv(args)
+    gateway += http_argv(args) + lora_argv(args)
     # The key goes by environment: a command line is readable by every local user.
     secrets = {"TANDEM_API_KEY": args.api_key} if args.api_key else {}
     stages.append(Stage("gateway", gateway, Role.GATEWAY, light_cores, env=secrets))

@@ -259,6 +259,16 @@ class ResetPrefixCache(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class LoRAAdapterUpdate(_message.Message):
+    __slots__ = ("lora_name", "lora_path", "unload")
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
+    LORA_PATH_FIELD_NUMBER: _ClassVar[int]
+    UNLOAD_FIELD_NUMBER: _ClassVar[int]
+    lora_name: str
+    lora_path: str
+    unload: bool
+    def __init__(self, lora_name: _Optional[str] = ..., lora_path: _Optional[str] = ..., unload: _Optional[bool] = ...) -> None: ...
+
 class KVHandoffAck(_message.Message):
     __slots__ = ("accepted", "error", "kv_file_unreadable")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]

@@ -78,7 +78,7 @@ class PromptInput(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[_common_pb2.TokenSequence, _Mapping]] = ..., text_pair: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_ids", "prompts", "messages_json", "add_generation_prompt", "truncate_prompt_tokens", "bad_words", "params", "fill_context", "return_prompt_text", "priority", "cache_salt", "reply_subject", "trace_context", "arrival_time", "tools_json", "chat_template_kwargs_json")
+    __slots__ = ("request_ids", "prompts", "messages_json", "add_generation_prompt", "truncate_prompt_tokens", "bad_words", "params", "fill_context", "return_prompt_text", "priority", "cache_salt", "reply_subject", "trace_context", "arrival_time", "tools_json", "chat_template_kwargs_json", "lora_name", "lora_path")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,8 @@ class GenerateRequest(_message.Message):
     ARRIVAL_TIME_FIELD_NUMBER: _ClassVar[int]
     TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
+    LORA_PATH_FIELD_NUMBER: _ClassVar[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     prompts: _containers.RepeatedCompositeFieldContainer[PromptInput]
     messages_json: str
@@ -118,7 +120,9 @@ class GenerateRequest(_message.Message):
     arrival_time: float
     tools_json: str
     chat_template_kwargs_json: str
-    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., prompts: _Optional[_Iterable[_Union[PromptInput, _Mapping]]] = ..., messages_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., truncate_prompt_tokens: _Optional[int] = ..., bad_words: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., fill_context: _Optional[bool] = ..., return_prompt_text: _Optional[bool] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ..., reply_subject: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., arrival_time: _Optional[float] = ..., tools_json: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ...) -> None: ...
+    lora_name: str
+    lora_path: str
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., prompts: _Optional[_Iterable[_Union[PromptInput, _Mapping]]] = ..., messages_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., truncate_prompt_tokens: _Optional[int] = ..., bad_words: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., fill_context: _Optional[bool] = ..., return_prompt_text: _Optional[bool] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ..., reply_subject: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., arrival_time: _Optional[float] = ..., tools_json: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ..., lora_name: _Optional[str] = ..., lora_path: _Optional[str] = ...) -> None: ...
 
 class PreparedPrompt(_message.Message):
     __slots__ = ("token_ids", "text")

@@ -56,6 +56,10 @@ class GatewaySettings:
     enable_prompt_tokens_details: bool = False
     runner: str = "auto"  # vLLM's --runner and --convert: the model's kind (engine.pooling)
     convert: str = "auto"
+    enable_lora: bool = False
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, PEFT folder)
+    max_lora_rank: int = 16
+    allow_runtime_lora_updating: bool = False
 
 
 def model_kind(settings: GatewaySettings) -> tuple[str, tuple[str, ...] | None, int | None]:
@@ -93,6 +97,10 @@ def build_app(client: EngineClient, settings: GatewaySettings) -> FastAPI:
         runner=runner,
         classifier=classifier,
         hidden_size=hidden_size,
+        enable_lora=settings.enable_lora,
+        loras=dict(settings.lora_modules),
+        max_lora_rank=settings.max_lora_rank,
+        allow_runtime_lora_updating=settings.allow_runtime_lora_updating,
     )
     # FastAPI's own spans (three per call, health checks included) are off: the gateway
     # opens one span per generation request itself, the root of the request's trace.

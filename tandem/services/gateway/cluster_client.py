@@ -245,6 +245,13 @@ class ClusterEngineClient:
         """Every worker resets; their AllBlocksCleared events clear the index."""
         await self.bus.publish(subject("reset_prefix_cache"), engine_pb2.ResetPrefixCache())
 
+    async def update_lora(self, name: str, path: str | None) -> None:
+        """Every worker loads the adapter now (or frees it); one that misses this loads it
+        when a request names it (the request carries its path)."""
+        msg = engine_pb2.LoRAAdapterUpdate(lora_name=name, lora_path=path or "",
+                                           unload=path is None)  # fmt: skip
+        await self.bus.publish(subject("lora_adapters"), msg)
+
     async def shutdown(self) -> None:
         if self.bus is not None:
             await self.bus.close()

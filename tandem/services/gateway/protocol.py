@@ -370,6 +370,24 @@ class TokenizeRequest(BaseModel):
     _check_messages = field_validator("messages")(_messages_non_empty)
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
 class DetokenizeRequest(BaseModel):
     """POST /detokenize."""
 
@@ -396,6 +414,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "tandem"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
 
 

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tandem import __version__
 from tandem.engine.client import GenerateInput, GenerationChunk
+from tandem.engine.lora.adapter import LoRAError, check_adapter
 from tandem.engine.request import SamplingParams
 from tandem.services.gateway import reasoning
 from tandem.services.gateway.protocol import (
@@ -24,9 +25,11 @@ from tandem.services.gateway.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     GenerateRequest,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
 )
 from tandem.services.gateway.reasoning import reasoning_chunks
 from tandem.services.gateway.state import GatewayState
@@ -109,6 +112,11 @@ async def models(gateway: Gateway) -> ModelList:
         )
         for name in gateway.served_model_names
     ]
+    cards += [  # each adapter after the base model, its parent
+        ModelCard(id=name, created=gateway.created, root=path, parent=gateway.served_model_name,
+                  max_model_len=gateway.client.max_model_len or None)
+        for name, path in gateway.loras.items()
+    ]  # fmt: skip
     return ModelList(data=cards)
 
 
@@ -119,10 +127,10 @@ async def completions(body: CompletionRequest, gateway: Gateway):
     params = gateway.sampling_params(body)
     api = gateway.telemetry.observe("/v1/completions", base_id, params)
     with api.failing():
-        inputs = generate_input(body, params, prompts=body.prompts())
+        inputs = generate_input(gateway, body, params, prompts=body.prompts())
         inputs.return_prompt_text = body.echo
         streams, choices, num_prompt_tokens = await gateway.submit(api, base_id, body, inputs)
-    meta = response_meta(gateway, base_id, "text_completion")
+    meta = response_meta(gateway, base_id, "text_completion", body.model)
     echo_scores = body.echo and body.logprobs is not None
     if body.stream:
         for c in choices if echo_scores else ():
@@ -173,7 +181,7 @@ async def start_chat(body: ChatCompletionRequest, gateway: GatewayState, route: 
     thinking = gateway.reasoning_parser and reasoning.get_parser(gateway.reasoning_parser)
     api = gateway.telemetry.observe(route, base_id, params)
     with api.failing():
-        inputs = generate_input(body, params, messages=body.template_messages())
+        inputs = generate_input(gateway, body, params, messages=body.template_messages())
         inputs.add_generation_prompt = body.add_generation_prompt
         inputs.fill_context = fill_context
         inputs.tools = None if plan is None else plan.tools
@@ -189,7 +197,7 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
     plan, thinking, streams, choices = run.plan, run.thinking, run.streams, run.choices
     num_prompt_tokens = run.num_prompt_tokens
     if body.stream:
-        meta = response_meta(gateway, base_id, "chat.completion.chunk")
+        meta = response_meta(gateway, base_id, "chat.completion.chunk", body.model)
         roles = [
             {
                 "index": c.index,
@@ -204,7 +212,7 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
             render = reasoning_chunks(thinking, render)
         usage = gateway.usage_options(body)
         return await sse_response(streams, choices, num_prompt_tokens, meta, usage, render, roles)
-    meta = response_meta(gateway, base_id, "chat.completion")
+    meta = response_meta(gateway, base_id, "chat.completion", body.model)
     completion_tokens = await collect(streams, choices)
     rendered = []
     for c in choices:
@@ -222,9 +230,15 @@ async def chat_completions(body: ChatCompletionRequest, gateway: Gateway):
     return dict(meta, choices=rendered, usage=usage)
 
 
-def generate_input(body: GenerateRequest, params: SamplingParams, **prompt) -> GenerateInput:
-    """What both generation routes hand the engine side (ids are set on submission)."""
+def generate_input(gateway: GatewayState, body: GenerateRequest, params: SamplingParams,
+                   **prompt) -> GenerateInput:  # fmt: skip
+    """What both generation routes hand the engine side (ids are set on submission); a
+    model that names a LoRA adapter runs with it (its folder goes along: a worker that has
+    not loaded it loads it from there)."""
+    lora_path = gateway.loras.get(body.model) if body.model else None
     return GenerateInput(
+        lora_name=body.model if lora_path is not None else None,
+        lora_path=lora_path,
         request_ids=[],
         params=params,
         truncate_prompt_tokens=body.truncate_prompt_tokens,
@@ -233,6 +247,43 @@ def generate_input(body: GenerateRequest, params: SamplingParams, **prompt) -> G
         cache_salt=body.cache_salt,
         **prompt,
     )
+
+
+def _check_lora_updating(gateway: GatewayState) -> None:
+    if not (gateway.enable_lora and gateway.allow_runtime_lora_updating):
+        raise APIError(404, "Not Found: runtime LoRA updating is off (--enable-lora and "
+                       "--allow-runtime-lora-updating turn it on)", "NotFoundError")  # fmt: skip
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, gateway: Gateway) -> PlainTextResponse:
+    """Serve a LoRA adapter from now on: checked here (rank, targets, format), then every
+    worker reads it."""
+    _check_lora_updating(gateway)
+    gateway.check_ready()
+    name, path = body.lora_name, body.lora_path
+    if name in gateway.loras or name in gateway.served_model_names:
+        raise APIError(400, f"The lora adapter '{name}' has already been loaded.",
+                       "BadRequestError", "lora_name")  # fmt: skip
+    try:
+        check_adapter(name, path, gateway.max_lora_rank)
+    except LoRAError as e:
+        raise APIError(400, str(e), "BadRequestError", "lora_path") from None
+    gateway.loras[name] = path
+    await gateway.client.update_lora(name, path)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest,
+                              gateway: Gateway) -> PlainTextResponse:  # fmt: skip
+    _check_lora_updating(gateway)
+    name = body.lora_name
+    if gateway.loras.pop(name, None) is None:
+        raise APIError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError",
+                       "lora_name")  # fmt: skip
+    await gateway.client.update_lora(name, None)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 @router.post("/reset_prefix_cache")
@@ -266,11 +317,12 @@ async def detokenize(body: DetokenizeRequest, gateway: Gateway):
     return {"prompt": await gateway.client.decode(body.tokens)}
 
 
-def response_meta(gateway: GatewayState, response_id: str, object_: str) -> dict:
-    """The fields every completion response (and each of its chunks) starts with."""
-    return dict(
-        id=response_id, object=object_, created=int(time.time()), model=gateway.served_model_name
-    )
+def response_meta(gateway: GatewayState, response_id: str, object_: str,
+                  model: str | None = None) -> dict:  # fmt: skip
+    """The fields every completion response (and each of its chunks) starts with; `model`:
+    the body's (an adapter's name comes back as it was asked for)."""
+    return dict(id=response_id, object=object_, created=int(time.time()),
+                model=gateway.model_name(model))  # fmt: skip
 
 
 async def sse_response(

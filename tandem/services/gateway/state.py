@@ -50,6 +50,11 @@ class GatewayState:
     runner: str = "generate"  # or pooling (the model folder's kind, engine.pooling)
     classifier: tuple[str, ...] | None = None  # a classification model's labels
     hidden_size: int | None = None  # a pooling model's embedding size
+    # LoRA (--enable-lora): adapter name -> PEFT folder, changed by runtime loads
+    enable_lora: bool = False
+    loras: dict[str, str] = dataclasses.field(default_factory=dict)
+    max_lora_rank: int = 16
+    allow_runtime_lora_updating: bool = False
 
     @property
     def served_model_name(self) -> str:
@@ -60,7 +65,7 @@ class GatewayState:
             raise APIError(503, "the engine is still starting", "ServiceUnavailableError")
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.served_model_names:
+        if model is not None and model not in self.served_model_names and model not in self.loras:
             raise APIError(
                 404,
                 f"The model `{model}` does not exist.",
@@ -68,6 +73,10 @@ class GatewayState:
                 "model",
                 "model_not_found",
             )
+
+    def model_name(self, model: str | None) -> str:
+        """The name responses carry: the adapter asked for, else the served model's."""
+        return model if model in self.loras else self.served_model_name
 
     def check_request(self, body: GenerateRequest) -> None:
         """What a generation request must pass before anything is tokenized."""

@@ -223,6 +223,18 @@ class EngineCollector:
                               "model's catch-up passes.", draft["catch_up_seconds"])  # fmt: skip
                 yield counter("tandem:spec_decode_draft_seconds", "Time of the draft model's "
                               "passes, catch-up included.", draft["seconds"])  # fmt: skip
+        lora = s.get("lora")
+        if lora is not None:  # vLLM's gauge (its value: when it was taken), and the cache
+            info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                                     labels=[*names, "max_lora", "running_lora_adapters",
+                                             "waiting_lora_adapters"])  # fmt: skip
+            info.add_metric([*values, str(lora["max_lora"]), ",".join(lora["running"]),
+                             ",".join(lora["waiting"])], time.time())  # fmt: skip
+            yield info
+            yield counter("tandem:lora_loads", "LoRA adapters read again (evicted from memory, "
+                          "then asked for).", lora["loads"])  # fmt: skip
+            yield counter("tandem:lora_evictions", "LoRA adapters dropped from memory "
+                          "(--max-cpu-loras).", lora["evictions"])  # fmt: skip
         yield counter("tandem:engine_steps", "Engine steps run.", s["num_steps"])
         yield counter("tandem:prefill_tokens", "Prompt tokens computed (rate: prefill "
                       "tokens/s; recomputed tokens after a preemption count too).",
@@ -254,7 +266,19 @@ def engine_stats(engine, num_waiting: int = 0) -> dict | None:
             "num_accepted_tokens_per_pos": list(engine.spec.num_accepted_tokens_per_pos),
             "draft": engine.spec.draft_cost(),
         },
+        "lora": lora_stats(engine),
     }
+
+
+def lora_stats(engine) -> dict | None:
+    lora = engine.runner.lora
+    if lora is None:
+        return None
+    running = {r.lora_name for r in engine.scheduler.running if r.lora_name}
+    waiting = {r.lora_name for r in engine.scheduler.waiting if r.lora_name}
+    return {"max_lora": lora.config.max_loras, "running": sorted(running),
+            "waiting": sorted(waiting - running), "loads": lora.num_loads,
+            "evictions": lora.num_evictions}  # fmt: skip
 
 
 class WorkerMetrics:

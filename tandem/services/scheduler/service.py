@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from tandem.engine.block_pool import KVEventKind, extend_block_hashes
 from tandem.engine.config import SchedulingPolicy
+from tandem.engine.request import prefix_salt
 from tandem.services.observability import tracing
 from tandem.services.observability.metrics import SchedulerMetrics
 from tandem.services.observability.metrics_push import MetricsPublisher
@@ -241,7 +242,8 @@ class SchedulerService:
             return []
         hashes: list[int] = []
         tokens = [*spec.prompt_token_ids, *spec.output_token_ids]
-        extend_block_hashes(hashes, tokens, block_size, spec.cache_salt or None)
+        salt = prefix_salt(spec.cache_salt or None, spec.lora_name or None)  # as the workers
+        extend_block_hashes(hashes, tokens, block_size, salt)
         return hashes
 
     async def _overlap(self, block_hashes: list[int]) -> dict[str, int]:

@@ -222,6 +222,11 @@ def _metrics(snapshot: engine_pb2.MetricsSnapshot) -> None:
         raise InvalidMessage(f"exposition does not parse: {e}") from None
 
 
+def _lora_update(m) -> None:
+    _require(bool(m.lora_name), "lora_name is empty")
+    _require(m.unload or bool(m.lora_path), "lora_path is empty")
+
+
 CHECKS: dict[type[Message], Callable] = {
     engine_pb2.SubmitRequest: _submit,
     engine_pb2.SubmitAck: _submit_ack,
@@ -240,6 +245,7 @@ CHECKS: dict[type[Message], Callable] = {
     engine_pb2.KVEventBatch: _kv_events,
     engine_pb2.KVResyncRequest: lambda m: worker_id(m.worker_id),
     engine_pb2.ResetPrefixCache: lambda m: None,
+    engine_pb2.LoRAAdapterUpdate: _lora_update,
     engine_pb2.SchedulerStats: _stats,
     engine_pb2.MetricsSnapshot: _metrics,
 }

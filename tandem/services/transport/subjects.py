@@ -83,6 +83,7 @@ SUBJECTS: tuple[Subject, ...] = (
     _row("kv.events", engine_pb2.KVEventBatch, {P, D}, {S}),
     _row("kv.resync.*", engine_pb2.KVResyncRequest, {S}, {P, D}),
     _row("reset_prefix_cache", engine_pb2.ResetPrefixCache, {G}, {P, D}),
+    _row("lora_adapters", engine_pb2.LoRAAdapterUpdate, {G}, {P, D}),
     _row("scheduler.stats", engine_pb2.SchedulerStats, {S}, {G}),
     _row("metrics", engine_pb2.MetricsSnapshot, {T, S, P, D}, {G}),
 )

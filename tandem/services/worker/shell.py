@@ -126,6 +126,7 @@ class WorkerShell:
             (subject("abort"), engine_pb2.AbortRequest, self._on_abort),
             (subject("kv", "resync", self.worker_id), engine_pb2.KVResyncRequest, self._resync),
             (subject("reset_prefix_cache"), engine_pb2.ResetPrefixCache, self._on_reset),
+            (subject("lora_adapters"), engine_pb2.LoRAAdapterUpdate, self._on_lora),
             (subject("worker", "lost"), engine_pb2.WorkerLost, self._on_lost),
         ]
         for subj, msg_type, handler in subs:
@@ -305,6 +306,20 @@ class WorkerShell:
         if not await self.driver.call(self.engine.reset_prefix_cache):
             logger.warning("prefix cache not reset: requests are running")
         await self.flush_kv_events()
+
+    async def _on_lora(self, msg, raw) -> None:
+        """A LoRA adapter loaded or unloaded at run time (a worker without --enable-lora
+        ignores it; a bad adapter is logged: its requests are refused with the reason)."""
+        lora = self.engine.runner.lora
+        if lora is None:
+            return
+        try:
+            if msg.unload:
+                await self.driver.call(lora.remove, msg.lora_name)
+            else:
+                await self.driver.call(lora.add, msg.lora_name, msg.lora_path)
+        except ValueError as e:
+            logger.warning("LoRA adapter %s: %s", msg.lora_name, e)
 
     async def shutdown(self) -> None:
         self.driver.shutdown()
