@@ -34,10 +34,6 @@ ABSENT = (
         ("--quantization", "-q"),
         "quantized checkpoints are not loaded (a .gguf model is dequantized once, on first use)",
     ),  # fmt: skip
-    Absent(("--enable-lora",), "LoRA adapters are not supported", switch=True),
-    Absent(("--lora-modules",), "LoRA adapters are not supported"),
-    Absent(("--max-loras",), "LoRA adapters are not supported"),
-    Absent(("--max-lora-rank",), "LoRA adapters are not supported"),
     Absent(
         ("--guided-decoding-backend",),
         'vLLM\'s older flag: use --structured-outputs-config \'{"backend": "..."}\'',
@@ -120,7 +116,8 @@ SAME_AS_VLLM = (
     "--structured-outputs-config", "--enable-auto-tool-choice", "--tool-call-parser",
     "--tool-parser-plugin", "--reasoning-parser", "--enable-prompt-tokens-details",
     "--enforce-eager", "--cuda-graph-sizes", "--runner", "--convert", "--pooler-config",
-    "--kv-cache-dtype", "--calculate-kv-scales", "--speculative-config",
+    "--kv-cache-dtype", "--calculate-kv-scales", "--speculative-config", "--enable-lora",
+    "--lora-modules", "--max-loras", "--max-lora-rank", "--max-cpu-loras",
 )  # fmt: skip
 
 

@@ -64,7 +64,7 @@ def test_vllm_flags_keep_vllm_meanings():
         (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2: not supported"),
         (["-tp", "4"], "--tensor-parallel-size 4: not supported"),
         (["--kv-cache-dtype", "int8"], "invalid choice"),
-        (["--enable-lora"], "LoRA"),
+        (["--enable-sleep-mode"], "sleep mode"),
         (["--quantization", "awq"], "quantized"),
         (["--allowed-origins", "*"], "JSON list"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
