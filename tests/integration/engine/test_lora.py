@@ -91,8 +91,8 @@ def test_each_adapter_alone_and_all_in_one_batch_equal_peft(tiny_model, adapters
 
 
 def test_adapters_never_share_prefix_cache_entries(tiny_model, adapters):
-    llm = LLM(tiny_model, dtype="float32", num_gpu_blocks_override=64, block_size=4, max_model_len=128,
-              enable_lora=True, max_loras=2)  # fmt: skip
+    llm = LLM(tiny_model, dtype="float32", num_gpu_blocks_override=64, block_size=4,
+              max_model_len=128, enable_lora=True, max_loras=2)  # fmt: skip
     prompt = prompts()[2]
     lora = LoRARequest("r8", 1, adapters["r8"])
     first = llm.generate([prompt], GREEDY, lora_request=lora)[0].outputs[0].token_ids
