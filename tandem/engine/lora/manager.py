@@ -40,6 +40,7 @@ class LoRAManager:
         self.step = 0
         self.num_loads = 0  # adapters read from disk
         self.num_evictions = 0  # adapters dropped from memory (max_cpu_loras)
+        self.resident: tuple[str, ...] = ()  # those in memory, as another thread may read it
         a = model.args
         self.modules: list[tuple[int, LoRALinear, tuple[str, ...]]] = []
         for i, layer in enumerate(model.layers):
@@ -78,6 +79,7 @@ class LoRAManager:
         it again from the path it carries, at its next step."""
         known = self.paths.pop(name, None) is not None
         self.loaded.pop(name, None)
+        self.resident = tuple(self.loaded)
         for slot, held in enumerate(self.slots):
             if held == name:
                 self.slots[slot] = None
@@ -91,6 +93,7 @@ class LoRAManager:
             self.num_evictions += 1
             logger.info("LoRA adapter %s evicted from memory (--max-cpu-loras %d)", evicted,
                         self.config.cpu_loras)  # fmt: skip
+        self.resident = tuple(self.loaded)
 
     def _adapter(self, name: str, path: str | None = None) -> LoRAAdapter:
         adapter = self.loaded.get(name)

@@ -32,6 +32,9 @@ from tandem.utils import cdiv
 
 PLACED_TTL = 10.0  # seconds a placement stands in for the index
 PLAN_LOST_AFTER = 3.0  # seconds after its last plan an idle prefill worker's plans are lost
+LORA_RESIDENT_BLOCKS = (
+    4  # kv-aware routing: a worker holding the request's adapter: as many more cached blocks
+)
 
 
 class ClusterScheduler:
@@ -402,11 +405,17 @@ class ClusterScheduler:
             return None
         if self.router is Router.ROUND_ROBIN:
             return candidates[next(self._turns[role]) % len(candidates)]
+
+        def resident(worker: WorkerState) -> bool:  # its adapter is loaded there already
+            return bool(request.lora_name) and request.lora_name in worker.lora_adapters
+
         if self.router is Router.LEAST_LOADED:
-            return min(candidates, key=load)
+            return min(candidates, key=lambda w: (load(w), not resident(w)))
 
         def score(worker: WorkerState) -> float:
             overlap = self._overlap(request, worker.worker_id) * worker.block_size
+            if resident(worker):  # loading an adapter costs about a few blocks' prefill
+                overlap += LORA_RESIDENT_BLOCKS * worker.block_size
             return self.overlap_weight * overlap - load(worker)
 
         return max(candidates, key=score)

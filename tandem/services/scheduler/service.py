@@ -41,7 +41,7 @@ def _pending(spec: common_pb2.RequestSpec) -> PendingRequest:
     token_ids = [*spec.prompt_token_ids, *spec.output_token_ids]
     return PendingRequest(
         spec.request_id, num_tokens, spec.priority, spec.arrival_time, spec, token_ids,
-        pooling=spec.params.HasField("pooling"),
+        pooling=spec.params.HasField("pooling"), lora_name=spec.lora_name,
     )  # fmt: skip
 
 
@@ -148,6 +148,7 @@ class SchedulerService:
             vocab_size=hb.vocab_size,
             kv_cache_dtype=hb.kv_cache_dtype,
             draining=hb.draining,
+            lora_adapters=frozenset(hb.lora_adapters),
         )
         if refused and self.refused.get(hb.worker_id) != refused:  # said once, not per beat
             logger.error("%s", refused)

@@ -40,6 +40,7 @@ class WorkerState:
     max_num_batched_tokens: int = 0
     vocab_size: int = 0
     kv_cache_dtype: str = ""  # its blocks' element type: one per cluster, as the block size
+    lora_adapters: frozenset[str] = frozenset()  # LoRA adapters in its memory
     last_seen: float = 0.0
     draining: bool = False  # leaving: placed no new requests, finishes what it has
     plans_in_flight: int = 0  # prefill: plans sent and not yet reported
@@ -66,6 +67,7 @@ class PendingRequest:
     refused_by: set[str] = field(default_factory=set)  # prefill workers that could not run it
     placed_step: int = -1  # the step id of the plan with its first chunk
     pooling: bool = False  # prefill only: no decode worker; its prompt planned whole if it fits
+    lora_name: str = ""  # its LoRA adapter ("": the base model)
 
 
 @dataclass(slots=True)

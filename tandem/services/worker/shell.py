@@ -58,6 +58,7 @@ def heartbeat(
         num_preemptions=engine.scheduler.num_preemptions,
         prefix_cache_queries=engine.kv.prefix_queries,
         prefix_cache_hits=engine.kv.prefix_hits,
+        lora_adapters=engine.runner.lora.resident if engine.runner.lora else (),
     )
 
 

@@ -420,3 +420,29 @@ def test_a_worker_whose_kv_blocks_differ_from_its_peers_is_refused_with_a_messag
     core.add_request(req("a", 20))
     (plan,) = core.schedule()
     assert [c.request.decode_worker_id for c in plan.chunks] == ["d0"]
+
+
+@pytest.mark.parametrize("router_name", ["KV_AWARE", "LEAST_LOADED"])
+def test_a_lora_request_prefers_the_worker_holding_its_adapter(router_name):
+    from tandem.services.scheduler.core import LORA_RESIDENT_BLOCKS, Router
+
+    core = make_two_prefill(Router[router_name])
+    core.on_heartbeat("p1", Role.PREFILL, lora_adapters=frozenset({"sql"}))
+    lora = req("a", 40)
+    lora.lora_name = "sql"
+    core.add_request(lora)
+    core.schedule()
+    assert core.prefilling["a"].prefill_worker_id == "p1"  # equal loads: the adapter's holder
+    # p1 now has 40 tokens queued, p0 none: a base request goes to p0 either way, and a
+    # request for the adapter to p1 under kv-aware (the adapter is worth 64 tokens of cache
+    # there), to the less loaded p0 under least-loaded
+    base, again = req("base", 10), req("again", 40)
+    again.lora_name = "sql"
+    core.add_request(again)
+    core.schedule()
+    assert LORA_RESIDENT_BLOCKS * 16 > 40
+    want = "p1" if router_name == "KV_AWARE" else "p0"
+    assert core.prefilling["again"].prefill_worker_id == want
+    core.add_request(base)
+    core.schedule()
+    assert core.prefilling["base"].prefill_worker_id == "p0"
