@@ -23,8 +23,10 @@ from tests.helpers.hf import hf_greedy
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)  # stops at EOS, as HF does
 
 
-def make_adapter(model_dir: str, out, rank: int, seed: int, rslora: bool = False) -> str:
-    """A random PEFT adapter (B not zero) on all seven projections, saved as PEFT does."""
+def make_adapter(model_dir: str, out, rank: int, seed: int, rslora: bool = False,
+                 scale: float = 4.0) -> str:  # fmt: skip
+    """A random PEFT adapter (B not zero, its weights times `scale`) on all seven
+    projections, saved as PEFT does."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -36,8 +38,22 @@ def make_adapter(model_dir: str, out, rank: int, seed: int, rslora: bool = False
     with torch.no_grad():  # large enough to change greedy tokens
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.mul_(4.0)
+                p.mul_(scale)
     model.save_pretrained(out)
+    return str(out)
+
+
+def shuffled_adapter(source: str, out, seed: int) -> str:
+    """Another adapter of the same shapes: `source`'s tensors, each permuted at random."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_file(f"{source}/adapter_model.safetensors")
+    shuffled = {k: t.flatten()[torch.randperm(t.numel(), generator=g)].view_as(t).contiguous()
+                for k, t in tensors.items()}  # fmt: skip
+    Path(out).mkdir()
+    save_file(shuffled, f"{out}/adapter_model.safetensors")
+    shutil.copy(f"{source}/adapter_config.json", out)
     return str(out)
 
 
@@ -141,3 +157,28 @@ def test_bad_adapters_are_refused_with_the_reason(tiny_model, adapters, tmp_path
     plain = LLM(tiny_model, dtype="float32", num_gpu_blocks_override=64)
     with pytest.raises(ValueError, match="--enable-lora"):
         plain.engine.add_request(Request("x", [5, 6], GREEDY, lora_name="r8"))
+
+
+def test_the_default_model_with_an_adapter_equals_peft_alone_and_in_a_mixed_batch(
+    default_model, tmp_path
+):
+    """A random rank-8 adapter on all seven projections of the default model: PEFT's greedy
+    tokens alone; and in one batch with the base model and two other adapters, each request
+    as in its own run."""
+    paths = {"one": make_adapter(default_model, tmp_path / "one", 8, 0, scale=1.0)}
+    for seed, name in enumerate(("two", "three"), 1):  # its weights shuffled: other adapters
+        paths[name] = shuffled_adapter(paths["one"], tmp_path / name, seed)
+    ps = [[1, 504, 3458, 282, 4649, 314], [9690, 198, 1348, 2313, 281, 457, 28]]
+    want = peft_reference(default_model, paths["one"], ps, 16)
+    llm = LLM(default_model, dtype="float32", max_model_len=256, num_gpu_blocks_override=64,
+              enable_lora=True, max_loras=3)  # fmt: skip
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    loras = {n: LoRARequest(n, i + 1, p) for i, (n, p) in enumerate(paths.items())}
+    alone = {n: [o.outputs[0].token_ids for o in llm.generate(ps, params, lora_request=r)]
+             for n, r in [(None, None), *loras.items()]}  # fmt: skip
+    assert alone["one"] == want and alone["one"] != alone[None]
+    mixed = [None, "one", "two", "three"] * len(ps)
+    outs = llm.generate([p for p in ps for _ in range(4)], params,
+                        lora_request=[loras.get(n) for n in mixed])  # fmt: skip
+    for i, (name, out) in enumerate(zip(mixed, outs)):
+        assert out.outputs[0].token_ids == alone[name][i // 4], (i, name)
