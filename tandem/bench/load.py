@@ -261,12 +261,14 @@ async def run_load(
     max_concurrency: int,
     rate: float,
     seed: int,
-    extra_body: dict | None = None,
+    extra_body: dict | list[dict] | None = None,
     desc: str = "requests",
 ) -> tuple[list[RequestResult], float]:
     """Two warm-up requests (prompts[:2]), then the rest at Poisson arrivals, at most
     max_concurrency in flight (<= 0: no cap), a bar named `desc` on a terminal's stderr.
-    Returns the results and the duration."""
+    `extra_body`: added to every request's body, or a list that request i takes entry
+    i mod its length of. Returns the results and the duration."""
+    bodies = extra_body if isinstance(extra_body, list) else [extra_body]
     limit = max_concurrency if max_concurrency > 0 else len(prompts)
     sem = asyncio.Semaphore(limit)
     async with client(url, limit + 2) as http:
@@ -276,15 +278,20 @@ async def run_load(
         with RequestBar(len(timed), desc) as bar:
             start = time.perf_counter()
 
-            async def one(prompt: list[int], offset: float) -> RequestResult:
+            async def one(prompt: list[int], offset: float, body: dict | None) -> RequestResult:
                 await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
                 async with sem:
                     bar.sent()
-                    result = await send_request(http, prompt, output_len, extra_body=extra_body)
+                    result = await send_request(http, prompt, output_len, extra_body=body)
                 bar.done(result.ok)
                 return result
 
-            results = await asyncio.gather(*(one(p, o) for p, o in zip(timed, offsets)))
+            results = await asyncio.gather(
+                *(
+                    one(p, o, bodies[i % len(bodies)])
+                    for i, (p, o) in enumerate(zip(timed, offsets))
+                )
+            )
             return list(results), time.perf_counter() - start
 
 

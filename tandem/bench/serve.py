@@ -20,6 +20,8 @@ where each one's processes sit on the cores, and drives the same workload at bot
   before the first preemption, a long-context decode step (fp8_kv.py).
 - spec: speculative decoding against none, on input-grounded and random prompts at 1 and 8
   clients (spec_cost.py).
+- lora: the throughput load spread over random LoRA adapters against the base model, and the
+  LoRA share of a decode step (lora_cost.py).
 
 A bar shows each load's progress on stderr when it is a terminal. `--plot` (by default next to
 `--json`) draws the deployments side by side: latency CDFs and output throughput (throughput,
@@ -45,6 +47,7 @@ from tandem.bench import (
     fp8_kv,
     goodput,
     interference,
+    lora_cost,
     plots,
     sampling_cost,
     shared_prefix,
@@ -155,6 +158,7 @@ WORKLOADS = {
     "soak": Workload(soak.run, soak.report, soak.DEPLOYMENTS),
     "fp8-kv": Workload(fp8_kv.run, fp8_kv.report, fp8_kv.DEPLOYMENTS),
     "spec": Workload(spec_cost.run, spec_cost.report, spec_cost.deployments),
+    "lora": Workload(lora_cost.run, lora_cost.report, lora_cost.deployments),
 }
 
 
@@ -270,6 +274,7 @@ def add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     soak.add_arguments(p.add_argument_group("soak workload"))
     fp8_kv.add_arguments(p.add_argument_group("fp8-kv workload"))
     spec_cost.add_arguments(p.add_argument_group("spec workload"))
+    lora_cost.add_arguments(p.add_argument_group("lora workload"))
     p.add_argument_group("elastic workload").add_argument(
         "--join-after", type=float, default=10.0, help="seconds into the load a decode joins"
     )

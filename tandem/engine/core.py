@@ -17,6 +17,7 @@ import torch
 from tandem.engine.block_pool import Block
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_cache_manager import KVCacheManager
+from tandem.engine.lora.adapter import check_adapter
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.pooling import needs_whole_prompt
 from tandem.engine.request import Request, RequestStatus
@@ -115,7 +116,10 @@ class EngineCore:
             if request.lora_name not in lora.paths:
                 if request.lora_path is None:
                     raise ValueError(f"LoRA adapter {request.lora_name!r} is not loaded")
-                lora.add(request.lora_name, request.lora_path)  # LoRAError: a ValueError
+                # read when a step needs it (on the engine's thread); checked here: this
+                # may run on another thread (a decode worker's hand-off), so it only reads
+                check_adapter(request.lora_name, request.lora_path, lora.config.max_lora_rank,
+                              lora.num_layers)  # LoRAError is a ValueError  # fmt: skip
         so = request.sampling_params.structured_outputs
         if so is not None and so.backend == "auto":  # not checked upstream (offline use)
             request.sampling_params = dataclasses.replace(

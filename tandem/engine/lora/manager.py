@@ -103,6 +103,7 @@ class LoRAManager:
                 raise LoRAError(f"LoRA adapter {name!r} is not loaded here")
             adapter = read_adapter(name, path, self.config.max_lora_rank, self.num_layers)
             self.num_loads += 1
+            self.paths.setdefault(name, path)  # served here from now on
         self._keep(adapter)
         return adapter
 
