@@ -32,9 +32,7 @@ from tandem.utils import cdiv
 
 PLACED_TTL = 10.0  # seconds a placement stands in for the index
 PLAN_LOST_AFTER = 3.0  # seconds after its last plan an idle prefill worker's plans are lost
-LORA_RESIDENT_BLOCKS = (
-    4  # kv-aware routing: a worker holding the request's adapter: as many more cached blocks
-)
+LORA_RESIDENT_BLOCKS = 4  # kv-aware: holding a request's LoRA adapter counts as so many blocks
 
 
 class ClusterScheduler:

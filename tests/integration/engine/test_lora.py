@@ -16,31 +16,11 @@ import torch
 
 from tandem.engine.llm import LLM
 from tandem.engine.lora import LoRARequest
-from tandem.engine.lora.adapter import TARGETS, LoRAError
+from tandem.engine.lora.adapter import LoRAError
 from tandem.engine.request import Request, SamplingParams
-from tests.helpers.hf import hf_greedy
+from tests.helpers.hf import hf_greedy, make_adapter
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)  # stops at EOS, as HF does
-
-
-def make_adapter(model_dir: str, out, rank: int, seed: int, rslora: bool = False,
-                 scale: float = 4.0) -> str:  # fmt: skip
-    """A random PEFT adapter (B not zero, its weights times `scale`) on all seven
-    projections, saved as PEFT does."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS),
-                        init_lora_weights=False, use_rslora=rslora)  # fmt: skip
-    model = get_peft_model(base, config)
-    with torch.no_grad():  # large enough to change greedy tokens
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.mul_(scale)
-    model.save_pretrained(out)
-    return str(out)
 
 
 def shuffled_adapter(source: str, out, seed: int) -> str:

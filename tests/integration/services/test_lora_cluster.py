@@ -17,7 +17,7 @@ from tandem.engine.llm import LLM
 from tandem.engine.lora import LoRARequest
 from tandem.engine.request import SamplingParams
 from tests.helpers.cluster import assert_all_blocks_free, start_cluster, stop_cluster
-from tests.integration.engine.test_lora import make_adapter
+from tests.helpers.hf import make_adapter
 
 MAX_TOKENS = 16
 

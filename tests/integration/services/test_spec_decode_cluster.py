@@ -1,7 +1,8 @@
-"""Speculative decoding in the cluster: decode workers verify n-gram proposals, or a draft
-model's (its KV of each prompt recomputed there), a hand-off arrives at a speculating
-worker, several tokens per step travel the token path (batch, stream), and greedy output is
-the engine's without speculation; vLLM's spec_decode metrics reach /metrics."""
+"""Speculative decoding in the cluster: decode workers verify a draft model's proposals
+(its KV of each prompt recomputed there), a hand-off arrives at a speculating worker, several
+tokens per step travel the token path (batch, stream), and greedy output is the engine's
+without speculation; vLLM's spec_decode metrics reach /metrics. (The n-gram and suffix
+proposers share the verification path: tests/integration/engine/test_spec_decode.py.)"""
 
 from __future__ import annotations
 
@@ -18,16 +19,13 @@ from tandem.engine.request import SamplingParams
 from tests.helpers.cluster import assert_all_blocks_free, start_cluster, stop_cluster
 from tests.helpers.hf import truncated_draft
 
-SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
-                   "prompt_lookup_max": 3})  # fmt: skip
 
-
-@pytest.fixture(scope="module", params=["ngram", "draft"])
-def cluster(request, tiny_llama, tmp_path_factory):
-    spec = SPEC
-    if request.param == "draft":
-        draft = truncated_draft(tiny_llama, tmp_path_factory.mktemp("draft"))
-        spec = json.dumps({"model": draft, "num_speculative_tokens": 3})
+@pytest.fixture(scope="module")
+def cluster(tiny_llama, tmp_path_factory):
+    """With a draft model: the proposers share the verification path, and the draft's is the
+    one a hand-off touches (its KV of the prompt recomputed on the decode worker)."""
+    draft = truncated_draft(tiny_llama, tmp_path_factory.mktemp("draft"))
+    spec = json.dumps({"model": draft, "num_speculative_tokens": 3})
     proc, base = start_cluster(tiny_llama, "--max-model-len", "256", "--speculative-config",
                                spec)  # fmt: skip
     try:
