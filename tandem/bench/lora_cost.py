@@ -194,5 +194,6 @@ def report(runs: dict[str, dict], args: argparse.Namespace) -> tuple[dict, bool]
         },  # fmt: skip
         "deployments": runs,
     }
-    ok = all(f["failed"] == 0 for r in runs.values() for fs in r.values() for f in fs)
+    ok = all(f["failed"] == 0 for r in runs.values() for fs in r.values()
+             if isinstance(fs, list) for f in fs)  # fmt: skip
     return result, ok

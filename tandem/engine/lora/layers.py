@@ -22,15 +22,19 @@ from torch import nn
 @dataclass(slots=True)
 class LoRABatch:
     """The current forward's tokens by adapter slot: segments (start, end, slot) in row
-    order, slot -1 for the base model; and per slot present, its rows."""
+    order, slot -1 for the base model. For torch's path, each row's slot one-hot (rows,
+    slots) and, per rank width, its expansion (rows, slots x width) (made once per step,
+    shared by every layer)."""
 
     segments: list[tuple[int, int, int]]
-    rows: dict[int, torch.Tensor | slice] = field(default_factory=dict)
+    onehot: torch.Tensor | None = None
+    masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     # triton: (starts, lens, slots) int32 on the device, and the longest segment
     kernel_args: tuple | None = None
 
     @classmethod
-    def build(cls, segments: list[tuple[int, int, int]], device, use_kernel: bool) -> LoRABatch:
+    def build(cls, segments: list[tuple[int, int, int]], device, use_kernel: bool,
+              num_slots: int, dtype: torch.dtype = torch.float32) -> LoRABatch:  # fmt: skip
         merged: list[tuple[int, int, int]] = []
         for start, end, slot in segments:
             if merged and merged[-1][2] == slot and merged[-1][1] == start:
@@ -39,30 +43,44 @@ class LoRABatch:
                 merged.append((start, end, slot))
         batch = cls(merged)
         adapted = [s for s in merged if s[2] >= 0]
-        if use_kernel and adapted:
+        if not adapted:
+            return batch
+        if use_kernel:
             columns = ([s[0] for s in adapted], [s[1] - s[0] for s in adapted],
                        [s[2] for s in adapted])  # fmt: skip
             tensors = [torch.tensor(c, dtype=torch.int32, device=device) for c in columns]
             batch.kernel_args = (*tensors, max(columns[1]))
             return batch
-        by_slot: dict[int, list[tuple[int, int]]] = {}
+        rows = max(end for _, end, _ in merged)
+        slot_of = torch.full((rows,), -1, dtype=torch.int64)
         for start, end, slot in adapted:
-            by_slot.setdefault(slot, []).append((start, end))
-        for slot, spans in by_slot.items():
-            if len(spans) == 1:
-                batch.rows[slot] = slice(*spans[0])
-            else:
-                index = torch.cat([torch.arange(s, e) for s, e in spans])
-                batch.rows[slot] = index.to(device)
+            slot_of[start:end] = slot
+        onehot = (slot_of.unsqueeze(1) == torch.arange(num_slots)).to(dtype)
+        batch.onehot = onehot.to(device)
         return batch
 
     @property
     def active(self) -> bool:
-        return bool(self.rows) or self.kernel_args is not None
+        return self.onehot is not None or self.kernel_args is not None
+
+    def mask(self, shards: int, rank: int) -> torch.Tensor:
+        """(rows, shards x slots x rank): 1 where the column is in the row's own slot's
+        block (columns shard-major, then slot, then rank)."""
+        mask = self.masks.get((shards, rank))
+        if mask is None:
+            per_shard = self.onehot.repeat_interleave(rank, dim=1)
+            mask = self.masks[(shards, rank)] = per_shard.repeat(1, shards)
+        return mask
 
 
 class LoRALinear(nn.Module):
-    """A projection with per-slot LoRA deltas added to its output."""
+    """A projection with per-slot LoRA deltas added to its output.
+
+    Torch's path (CPUs) multiplies every row by every slot's A at once, x (rows, in) @ A_all
+    (in, shards x slots x rank), keeps each row's own slot's columns (the step's mask), and
+    expands shard by shard, t_shard (rows, slots x rank) @ B_shard (slots x rank, out_shard)
+    into the shard's columns of the output: a few operations per projection whatever the
+    mix of adapters; the products are slots x rank wide, small against the projection's."""
 
     def __init__(self, base: nn.Module, shard_sizes: list[int], in_features: int,
                  max_loras: int, max_rank: int, dtype: torch.dtype,
@@ -71,10 +89,18 @@ class LoRALinear(nn.Module):
         self.base = base
         self.shard_sizes = shard_sizes
         self.max_rank = max_rank
-        rank = len(shard_sizes) * max_rank
+        rank = self.rank = len(shard_sizes) * max_rank
         out = sum(shard_sizes)
+        # the kernels' layout: per slot A (R, in) and B (out, R)
         self.lora_a = torch.zeros(max_loras, rank, in_features, dtype=dtype, device=device)
         self.lora_b = torch.zeros(max_loras, out, rank, dtype=dtype, device=device)
+        # torch's: every slot side by side, A_all (in, shards x slots x rank) and per shard
+        # B (slots x rank, out_shard)
+        width = max_loras * max_rank
+        self.a_all = torch.zeros(in_features, len(shard_sizes) * width, dtype=dtype,
+                                 device=device)  # fmt: skip
+        self.b_shards = [torch.zeros(width, size, dtype=dtype, device=device)
+                         for size in shard_sizes]  # fmt: skip
         self.batch: LoRABatch | None = None
 
     def set_slot(self, slot: int, shards: list[tuple[torch.Tensor, torch.Tensor] | None]):
@@ -82,13 +108,19 @@ class LoRALinear(nn.Module):
         into `slot`, zeros elsewhere."""
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
-        row = 0
+        row, r = 0, self.max_rank
+        width = self.lora_a.shape[0] * r
         for i, (size, pair) in enumerate(zip(self.shard_sizes, shards)):
+            ranks = slice(i * r, (i + 1) * r)
             if pair is not None:
                 a, b = pair
-                r0 = i * self.max_rank
-                self.lora_a[slot, r0 : r0 + a.shape[0]].copy_(a)
-                self.lora_b[slot, row : row + size, r0 : r0 + b.shape[1]].copy_(b)
+                self.lora_a[slot, i * r : i * r + a.shape[0]].copy_(a)
+                self.lora_b[slot, row : row + size, i * r : i * r + b.shape[1]].copy_(b)
+            cols = slice(i * width + slot * r, i * width + (slot + 1) * r)
+            self.a_all[:, cols].copy_(self.lora_a[slot, ranks].t())
+            self.b_shards[i][slot * r : (slot + 1) * r].copy_(
+                self.lora_b[slot, row : row + size, ranks].t()
+            )
             row += size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,10 +133,13 @@ class LoRALinear(nn.Module):
 
             lora_shrink_expand(x, self.lora_a, self.lora_b, y, *batch.kernel_args)
             return y
-        for slot, rows in batch.rows.items():
-            delta = (x[rows] @ self.lora_a[slot].t()) @ self.lora_b[slot].t()
-            if isinstance(rows, slice):
-                y[rows] += delta
-            else:
-                y.index_add_(0, rows, delta)
+        shards = len(self.shard_sizes)
+        t = torch.matmul(x, self.a_all).mul_(batch.mask(shards, self.max_rank))
+        if shards == 1:
+            return y.add_(torch.matmul(t, self.b_shards[0]))
+        width = t.shape[1] // shards
+        row = 0
+        for i, (size, b) in enumerate(zip(self.shard_sizes, self.b_shards)):
+            y[:, row : row + size] += torch.matmul(t[:, i * width : (i + 1) * width], b)
+            row += size
         return y

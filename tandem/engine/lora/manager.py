@@ -148,7 +148,7 @@ class LoRAManager:
         mapping = self.activate(names)
         batch = LoRABatch.build(
             [(s, e, -1 if n is None else mapping[n]) for s, e, n in segments], self.device,
-            self.use_kernel,
+            self.use_kernel, len(self.slots), self.dtype,
         )  # fmt: skip
         for _, module, _ in self.modules:
             module.batch = batch

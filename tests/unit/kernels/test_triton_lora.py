@@ -45,7 +45,7 @@ def test_segments_of_every_kind_match_the_torch_path(dtype):
     x = torch.randn(71, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     outs = {}
     for use_kernel in (False, True):
-        layer.batch = LoRABatch.build(segments, DEVICE, use_kernel)
+        layer.batch = LoRABatch.build(segments, DEVICE, use_kernel, 3, dtype)
         assert (layer.batch.kernel_args is not None) == use_kernel
         outs[use_kernel] = layer(x)
     layer.batch = None
@@ -63,7 +63,7 @@ def test_the_torch_path_is_the_lora_formula():
     b = torch.randn(16, 3, dtype=torch.float64)
     layer.set_slot(1, [(a.float(), b.float())])
     x = torch.randn(5, 12)
-    layer.batch = LoRABatch.build([(0, 2, -1), (2, 5, 1)], DEVICE, False)
+    layer.batch = LoRABatch.build([(0, 2, -1), (2, 5, 1)], DEVICE, False, 2)
     y = layer(x.to(DEVICE)).cpu().double()
     expected = x.double() @ layer.base.weight.detach().cpu().double().t()
     expected[2:] += (x[2:].double() @ a.t()) @ b.t()
