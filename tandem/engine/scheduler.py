@@ -182,12 +182,12 @@ class Scheduler:
 
         # 2. Waiting requests, unless this step already had to preempt. One whose LoRA
         # adapter would be one too many (--max-loras) waits; those behind it go on.
-        skipped = []
+        skipped, loras = [], self._running_loras()
         while not out.preempted_ids and len(self.waiting) and budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting.peek()
-            if not self._lora_fits(request):
+            if not self._lora_fits(request, loras):
                 skipped.append(self.waiting.pop())
                 continue
             hits, num_hit_tokens = self._cache_hits(request)
@@ -199,6 +199,8 @@ class Scheduler:
             if self.kv.allocate_slots(request, num_new, hits) is None:
                 break
             self.waiting.pop()
+            if request.lora_name is not None:
+                loras.add(request.lora_name)
             self._start_running(request, num_hit_tokens)
             if num_new > 0:  # 0: all it can compute before its grammar is cached
                 self._schedule(request, num_new, out)
@@ -207,12 +209,16 @@ class Scheduler:
             self.waiting.add(request, front=True)
         return out
 
-    def _lora_fits(self, request: Request) -> bool:
-        """Whether running it keeps the distinct adapters running within max_loras."""
+    def _running_loras(self) -> set[str]:
+        return {r.lora_name for r in self.running if r.lora_name is not None}
+
+    def _lora_fits(self, request: Request, running: set[str] | None = None) -> bool:
+        """Whether running it keeps the distinct adapters running (`running`, else counted
+        now) within max_loras."""
         name = request.lora_name
         if name is None or self.max_loras is None:
             return True
-        running = {r.lora_name for r in self.running if r.lora_name is not None}
+        running = self._running_loras() if running is None else running
         return name in running or len(running) < self.max_loras
 
     def _spec_tokens(self, request: Request, num_new: int, budget: int) -> list[int]:

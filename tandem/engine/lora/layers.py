@@ -89,7 +89,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.shard_sizes = shard_sizes
         self.max_rank = max_rank
-        rank = self.rank = len(shard_sizes) * max_rank
+        rank = len(shard_sizes) * max_rank
         out = sum(shard_sizes)
         # the kernels' layout: per slot A (R, in) and B (out, R)
         self.lora_a = torch.zeros(max_loras, rank, in_features, dtype=dtype, device=device)
