@@ -178,10 +178,15 @@ def test_redis_outage_keeps_serving_and_its_return_restores_the_index(
     assert down, "the scheduler did not notice Redis was gone"
     restarted = start_redis(redis_port)
     try:
-        # The scheduler notices, asks every worker for its cache, and the index is whole.
-        holders = _eventually(lambda: _lookup(restarted.url, prompt), timeout=15)
-        roles = {w.split("-")[0] for w, n in holders.items() if n == 9}  # 150 tokens: 9 blocks
-        assert roles == {"decode", "prefill"}, holders
+        # The scheduler notices, asks every worker for its cache, and the index is whole
+        # (the workers' resyncs land one after the other: wait for both).
+        def whole_holders() -> dict:
+            holders = _lookup(restarted.url, prompt)
+            roles = {w.split("-")[0] for w, n in holders.items() if n == 9}  # 150 tokens: 9 blocks
+            return holders if roles == {"decode", "prefill"} else {}
+
+        holders = _eventually(whole_holders, timeout=15)
+        assert holders, _lookup(restarted.url, prompt)
         assert _complete(base, prompt)["choices"][0]["text"] == _expected(reference, prompt)
     finally:
         redis.proc, redis.scratch = restarted.proc, restarted.scratch  # the fixture stops it
