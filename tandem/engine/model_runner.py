@@ -16,6 +16,7 @@ from tandem.engine.kv_quant import as_bytes, is_fp8, kv_torch_dtype
 from tandem.engine.kv_scales import layer_kv_scales
 from tandem.engine.loader import load_model, read_hf_config
 from tandem.engine.logits_processors import load_logits_processors
+from tandem.engine.lora.layers import lora_backend
 from tandem.engine.lora.manager import LoRAManager
 from tandem.engine.pooling import (
     PoolerConfig,
@@ -204,8 +205,8 @@ class ModelRunner:
         self.kv_scales = layer_kv_scales(self, model_config.model, cache_config)
         self.lora: LoRAManager | None = None
         if lora_config is not None:  # adapters over the base weights (engine/lora/)
-            self.lora = LoRAManager(self.model, lora_config, self.dtype, self.device,
-                                    use_kernel=use_triton(self.device))  # fmt: skip
+            backend = lora_backend(self.device, use_triton(self.device))
+            self.lora = LoRAManager(self.model, lora_config, self.dtype, self.device, backend)
         self.graphs: DecodeGraphs | None = None
         if (
             self.lora is None  # a batch's adapter segments change step to step

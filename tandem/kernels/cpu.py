@@ -205,3 +205,12 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                       lora_bt: torch.Tensor, row_slots: torch.Tensor,
+                       shard_sizes: list[int]) -> None:  # fmt: skip
+    """In place: y[i] += Bt[s]^T (A[s] x[i]) for each row i of slot s = row_slots[i] >= 0, x
+    (rows, in), y (rows, out), A (slots, R, in), Bt (slots, R, out) with R = shards x rank and
+    rank block k nonzero only in shard k's columns (`shard_sizes` split out). In fp32."""
+    torch.ops.tandem_cpu.lora_shrink_expand(y, x, lora_a, lora_bt, row_slots, shard_sizes)

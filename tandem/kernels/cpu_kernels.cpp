@@ -14,6 +14,11 @@
 // A structured output's token bitmask applied to the logits: with AVX-512 each 16 bits are
 // a store mask, so a 49k-token row takes ~3k masked stores; torch's path unpacks the bits
 // into a bool tensor first (8 ms for 32 rows here, against a 100-200 ms decode step).
+//
+// Multi-LoRA's shrink and expand for a batch that mixes adapters (punica's BGMV/SGMV on the
+// CPU): rows are grouped by adapter slot inside the kernel, and each tile of up to four rows
+// of one slot reads that slot's A and B once. Torch's path multiplies every row by every
+// slot's A (and masks), four times the work at four adapters, in many small products.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -775,6 +781,160 @@ void apply_token_bitmask(at::Tensor& logits, const at::Tensor& rows, const at::T
   });
 }
 
+
+// LoRA: y[row] += B[slot] (A[slot] x[row]) for every row whose slot >= 0, where A (L, R, in)
+// stacks the shards' rank blocks (R = shards x rank) and Bt (L, R, out) is B transposed, rank
+// block i nonzero only in shard i's columns (only those are read). In fp32; y rounded once.
+constexpr int kLoRATile = 4;
+// GCC's vectors, one register wide: 16 floats with AVX-512, 8 with AVX2
+#ifdef __AVX512F__
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float fvec __attribute__((vector_size(kLanes * 4)));
+
+template <typename T>
+inline fvec load_lanes(const T* p) {
+  float f[kLanes];
+  for (int c = 0; c < kLanes; ++c) f[c] = static_cast<float>(p[c]);
+  fvec v;
+  std::memcpy(&v, f, sizeof(v));
+  return v;
+}
+
+template <>
+inline fvec load_lanes<float>(const float* p) {
+  fvec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float hsum(fvec v) {
+  float s = 0.f;
+  for (int c = 0; c < kLanes; ++c) s += v[c];
+  return s;
+}
+
+template <typename T>
+void lora_tile(T* y, const T* x, const T* a, const T* bt, const int64_t* rows, int n,
+               int64_t in, int64_t out, int64_t R, const std::vector<int64_t>& shard_cols,
+               std::vector<float>& t, std::vector<float>& acc) {
+  const T* xs[kLoRATile];
+  for (int i = 0; i < kLoRATile; ++i) xs[i] = x + rows[std::min(i, n - 1)] * in;
+  // shrink: t[i][j] = A[j] . x[i], two rank rows and four x rows per sweep
+  const int64_t in16 = in - in % kLanes;
+  for (int64_t j = 0; j < R; j += 2) {
+    const T* a0 = a + j * in;
+    const T* a1 = a + std::min(j + 1, R - 1) * in;
+    fvec s[2][kLoRATile] = {};
+    for (int64_t d = 0; d < in16; d += kLanes) {
+      const fvec v0 = load_lanes(a0 + d), v1 = load_lanes(a1 + d);
+      for (int i = 0; i < kLoRATile; ++i) {
+        const fvec xv = load_lanes(xs[i] + d);
+        s[0][i] += v0 * xv;
+        s[1][i] += v1 * xv;
+      }
+    }
+    for (int h = 0; h < 2 && j + h < R; ++h)
+      for (int i = 0; i < kLoRATile; ++i) {
+        float sum = hsum(s[h][i]);
+        const T* ah = h ? a1 : a0;
+        for (int64_t d = in16; d < in; ++d)
+          sum += static_cast<float>(ah[d]) * static_cast<float>(xs[i][d]);
+        t[i * R + j + h] = sum;
+      }
+  }
+  // expand, shard by shard: two vectors of columns of the four rows held while the rank
+  // block streams by
+  const int64_t shards = static_cast<int64_t>(shard_cols.size()) - 1, r = R / shards;
+  for (int64_t s = 0; s < shards; ++s) {
+    const int64_t c_end = shard_cols[s + 1];
+    int64_t c0 = shard_cols[s];
+    for (; c0 + 2 * kLanes <= c_end; c0 += 2 * kLanes) {
+      fvec p[2][kLoRATile] = {};
+      for (int64_t k = s * r; k < (s + 1) * r; ++k) {
+        const T* b = bt + k * out + c0;
+        const fvec b0 = load_lanes(b), b1 = load_lanes(b + kLanes);
+        for (int i = 0; i < kLoRATile; ++i) {
+          p[0][i] += t[i * R + k] * b0;
+          p[1][i] += t[i * R + k] * b1;
+        }
+      }
+      for (int i = 0; i < kLoRATile; ++i) {
+        std::memcpy(acc.data() + i * out + c0, &p[0][i], sizeof(fvec));
+        std::memcpy(acc.data() + i * out + c0 + kLanes, &p[1][i], sizeof(fvec));
+      }
+    }
+    for (; c0 < c_end; ++c0)
+      for (int i = 0; i < kLoRATile; ++i) {
+        float sum = 0.f;
+        for (int64_t k = s * r; k < (s + 1) * r; ++k)
+          sum += t[i * R + k] * static_cast<float>(bt[k * out + c0]);
+        acc[i * out + c0] = sum;
+      }
+  }
+  for (int i = 0; i < n; ++i) {
+    T* yr = y + rows[i] * out;
+    const float* ar = acc.data() + i * out;
+    for (int64_t c = 0; c < out; ++c)
+      yr[c] = static_cast<T>(static_cast<float>(yr[c]) + ar[c]);
+  }
+}
+
+void lora_shrink_expand(at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
+                        const at::Tensor& bt, const at::Tensor& row_slots,
+                        at::IntArrayRef shard_sizes) {
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 2, "x must be contiguous (rows, in)");
+  TORCH_CHECK(y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0),
+              "y must be contiguous (rows, out)");
+  TORCH_CHECK(a.is_contiguous() && a.dim() == 3 && a.size(2) == x.size(1),
+              "a must be contiguous (slots, R, in)");
+  TORCH_CHECK(bt.is_contiguous() && bt.dim() == 3 && bt.size(0) == a.size(0) &&
+                  bt.size(1) == a.size(1) && bt.size(2) == y.size(1),
+              "bt must be contiguous (slots, R, out)");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && a.scalar_type() == y.scalar_type() &&
+                  bt.scalar_type() == y.scalar_type(),
+              "x, y, a and bt must share a dtype");
+  TORCH_CHECK(row_slots.is_contiguous() && row_slots.scalar_type() == at::kLong &&
+                  row_slots.dim() == 1 && row_slots.size(0) >= x.size(0),
+              "row_slots must be a contiguous int64 vector, one per row");
+  const int64_t rows = x.size(0), in = x.size(1), out = y.size(1), R = a.size(1);
+  const int64_t slots = a.size(0), shards = static_cast<int64_t>(shard_sizes.size());
+  TORCH_CHECK(shards >= 1 && R % shards == 0, "R must split evenly over the shards");
+  std::vector<int64_t> shard_cols{0};
+  for (int64_t s : shard_sizes) shard_cols.push_back(shard_cols.back() + s);
+  TORCH_CHECK(shard_cols.back() == out, "the shard sizes must add up to out");
+  // rows grouped by slot, then cut into tiles
+  const int64_t* slot_of = row_slots.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> by_slot(slots);
+  for (int64_t i = 0; i < rows; ++i) {
+    TORCH_CHECK(slot_of[i] < slots, "a row's slot is out of range");
+    if (slot_of[i] >= 0) by_slot[slot_of[i]].push_back(i);
+  }
+  std::vector<std::pair<int64_t, int64_t>> tiles;  // (slot, first index in by_slot[slot])
+  for (int64_t s = 0; s < slots; ++s)
+    for (int64_t i = 0; i < static_cast<int64_t>(by_slot[s].size()); i += kLoRATile)
+      tiles.emplace_back(s, i);
+  if (tiles.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "lora", [&] {
+    using T = scalar_t;
+    T* yp = y.data_ptr<T>();
+    const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *bp = bt.data_ptr<T>();
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> t(kLoRATile * R), acc(kLoRATile * out);
+      for (int64_t k = begin; k < end; ++k) {
+        const auto [s, first] = tiles[k];
+        const auto& members = by_slot[s];
+        const int n = static_cast<int>(
+            std::min<int64_t>(kLoRATile, static_cast<int64_t>(members.size()) - first));
+        lora_tile<T>(yp, xp, ap + s * R * in, bp + s * R * out, members.data() + first, n, in,
+                     out, R, shard_cols, t, acc);
+      }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tandem_cpu, m) {
@@ -789,6 +949,9 @@ TORCH_LIBRARY(tandem_cpu, m) {
 #endif
   m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("apply_token_bitmask(Tensor(a!) logits, Tensor rows, Tensor bitmask) -> ()");
+  m.def(
+      "lora_shrink_expand(Tensor(a!) y, Tensor x, Tensor a, Tensor bt, Tensor row_slots, "
+      "int[] shard_sizes) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
@@ -799,4 +962,5 @@ TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
 #endif
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("apply_token_bitmask", &apply_token_bitmask);
+  m.impl("lora_shrink_expand", &lora_shrink_expand);
 }

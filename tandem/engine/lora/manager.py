@@ -27,11 +27,11 @@ SHARDS = {
 
 class LoRAManager:
     def __init__(self, model, config: LoRAConfig, dtype: torch.dtype, device: torch.device,
-                 use_kernel: bool = False) -> None:  # fmt: skip
+                 backend: str = "torch") -> None:  # fmt: skip
         if not hasattr(model, "shard_sizes") or not hasattr(model, "layers"):
             raise ValueError("LoRA is supported on the Llama family's decoders only")
         self.config = config
-        self.dtype, self.device, self.use_kernel = dtype, device, use_kernel
+        self.dtype, self.device, self.backend = dtype, device, backend
         self.num_layers = len(model.layers)
         self.paths: dict[str, str] = {}
         self.loaded: OrderedDict[str, LoRAAdapter] = OrderedDict()  # in memory, LRU last
@@ -54,7 +54,7 @@ class LoRAManager:
                 fan_in = {"o_proj": a.num_heads * a.head_dim,
                           "down_proj": a.intermediate_size}.get(name, a.hidden_size)  # fmt: skip
                 wrapped = LoRALinear(base, sizes, fan_in, config.max_loras,
-                                     config.max_lora_rank, dtype, device)  # fmt: skip
+                                     config.max_lora_rank, dtype, device, backend)  # fmt: skip
                 setattr(owner, name, wrapped)
                 self.modules.append((i, wrapped, SHARDS[name]))
         for name, path in config.lora_modules:
@@ -148,7 +148,7 @@ class LoRAManager:
         mapping = self.activate(names)
         batch = LoRABatch.build(
             [(s, e, -1 if n is None else mapping[n]) for s, e, n in segments], self.device,
-            self.use_kernel, len(self.slots), self.dtype,
+            self.backend, len(self.slots), self.dtype,
         )  # fmt: skip
         for _, module, _ in self.modules:
             module.batch = batch
