@@ -61,6 +61,8 @@ def build_parser() -> Parser:
                     "tandem.bench.serve:add_bench_serve_parser")  # fmt: skip
     lazy_subcommand(bench, "embed", "embeddings: Tandem against sentence-transformers",
                     "tandem.bench.embed:add_bench_embed_parser")  # fmt: skip
+    lazy_subcommand(bench, "peer", "Tandem against llama.cpp's server, vLLM's client",
+                    "tandem.bench.peer:add_bench_peer_parser")  # fmt: skip
     lazy_subcommand(bench, "profile", "one worker's step times, for `tandem plan`",
                     "tandem.bench.profile:add_bench_profile_parser")  # fmt: skip
     lazy_subcommand(sub, "plan", "how many prefill and decode workers meet TTFT/ITL SLOs",
