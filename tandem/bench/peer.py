@@ -286,6 +286,7 @@ SERVERS = ("tandem", "tandem-colocated", "llama.cpp")
 def cmd_bench_peer(args: argparse.Namespace) -> int:
     from tandem.model_prep import default_model_dir, prepare_default_model
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
     model = Path(args.model) if args.model else prepare_default_model()
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(servers) - set(SERVERS)
