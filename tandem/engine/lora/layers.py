@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-
 BACKENDS = ("triton", "cpu", "torch")
 
 
@@ -103,10 +102,10 @@ class LoRALinear(nn.Module):
     The kernels' layout is per slot A (R, in) and B (out, R); the CPU kernel's B is stored
     transposed, (R, out) (`lora_b` is then a view of it). `backend` must be the one of the
     batches it is given. Torch's path multiplies every row by every slot's A at once, x
-    (rows, in) @ A_all (in, shards x slots x rank), keeps each row's own slot's columns (the step's mask), and
-    expands shard by shard, t_shard (rows, slots x rank) @ B_shard (slots x rank, out_shard)
-    into the shard's columns of the output: a few operations per projection whatever the
-    mix of adapters; the products are slots x rank wide, small against the projection's."""
+    (rows, in) @ A_all (in, shards x slots x rank), keeps each row's own slot's columns (the
+    step's mask), and expands shard by shard, t_shard (rows, slots x rank) @ B_shard (slots x
+    rank, out_shard) into the shard's columns of the output: a few operations per projection
+    whatever the mix of adapters; the products are slots x rank wide."""
 
     def __init__(self, base: nn.Module, shard_sizes: list[int], in_features: int,
                  max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device,
