@@ -95,17 +95,26 @@ def _load(url: str, prompts, args, models: list[str] | None, desc: str) -> dict:
     return summarize(results, duration)
 
 
+def round_prompts(args: argparse.Namespace, vocab_size: int, round_: int) -> list[list[int]]:
+    """Round `round_`'s prompts, the same on both servers. Each round has its own: the prefix
+    cache would serve a repeated round's prompts (from the second round on, some of them),
+    and later rounds would run faster than the first for that alone."""
+    seed = args.seed + 7919 * round_
+    return random_prompts(args.num_prompts + 2, args.input_len, vocab_size, seed)
+
+
 def run(name: str, url: str, info: ServerInfo, args: argparse.Namespace) -> dict:
-    prompts = random_prompts(args.num_prompts + 2, args.input_len, info.vocab_size, args.seed)
     if name == "no-lora":  # as many rounds as the other server's base
-        figures = [_load(url, prompts, args, None, f"{name} base") for _ in range(args.rounds)]
+        figures = [_load(url, round_prompts(args, info.vocab_size, r), args, None, f"{name} base")
+                   for r in range(args.rounds)]  # fmt: skip
         print(f"{name} base: " + " ".join(f"{f['output_tok_s']:.1f}" for f in figures)
               + " output tok/s")  # fmt: skip
         return {"base": figures}
     adapters = [a for a, _ in args.lora_adapters]
     figures: dict[str, list[dict]] = {"base": [], "adapters": []}
     for round_ in range(args.rounds):
-        for mode, models in (("base", None), ("adapters", adapters)):
+        prompts = round_prompts(args, info.vocab_size, round_)
+        for mode, models in (("base", None), ("adapters", adapters)):  # no shared cache entries
             f = _load(url, prompts, args, models, f"{name} {mode}")
             figures[mode].append(f)
             print(f"{name} round {round_ + 1} {mode:<8}: {f['output_tok_s']:.1f} output tok/s "

@@ -27,3 +27,12 @@ def test_deployments_serve_every_adapter_in_one_batch(tiny_llama):
     flags = d["lora"]
     assert flags[:5] == ["--enable-lora", "--max-loras", "3", "--max-lora-rank", "8"]
     assert flags[6:] == [f"{n}={p}" for n, p in args.lora_adapters] and len(flags[6:]) == 3
+
+
+def test_each_round_has_its_own_prompts():
+    args = argparse.Namespace(num_prompts=6, input_len=32, seed=3)
+    rounds = [lora_cost.round_prompts(args, 1000, r) for r in range(3)]
+    assert rounds[0] == lora_cost.round_prompts(args, 1000, 0)  # the same on both servers
+    firsts = [tuple(p[:16]) for prompts in rounds for p in prompts]
+    assert len(set(firsts)) == len(firsts)  # no first block shared, within or across rounds
+    assert all(len(p) == 32 for prompts in rounds for p in prompts)
