@@ -272,14 +272,16 @@ class LoRAAdapterUpdate(_message.Message):
     def __init__(self, lora_name: _Optional[str] = ..., lora_path: _Optional[str] = ..., unload: _Optional[bool] = ...) -> None: ...
 
 class KVHandoffAck(_message.Message):
-    __slots__ = ("accepted", "error", "kv_file_unreadable")
+    __slots__ = ("accepted", "error", "kv_file_unreadable", "place_elsewhere")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     KV_FILE_UNREADABLE_FIELD_NUMBER: _ClassVar[int]
+    PLACE_ELSEWHERE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     error: str
     kv_file_unreadable: bool
-    def __init__(self, accepted: _Optional[bool] = ..., error: _Optional[str] = ..., kv_file_unreadable: _Optional[bool] = ...) -> None: ...
+    place_elsewhere: bool
+    def __init__(self, accepted: _Optional[bool] = ..., error: _Optional[str] = ..., kv_file_unreadable: _Optional[bool] = ..., place_elsewhere: _Optional[bool] = ...) -> None: ...
 
 class Preempted(_message.Message):
     __slots__ = ("request", "worker_id")

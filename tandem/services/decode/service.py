@@ -135,6 +135,7 @@ class DecodeWorker(WorkerShell):
         if request_id in self.aborted or not probed or len(reused) != handoff.num_reused_blocks:
             if request_id not in self.aborted:
                 ack.error = "reserved blocks differ" if probed else "not probed here first"
+                ack.place_elsewhere = True  # its reservation went (handed back, expired)
         elif handoff.HasField("kv_file"):
             try:
                 kv = [kv_shm.map_tiles(handoff.kv_file, self.assembler.tile_shape)]

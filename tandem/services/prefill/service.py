@@ -282,6 +282,10 @@ class PrefillWorker(WorkerShell):
                 sent = await self._transfer(request, spec, decode_id, kv, carrier)
             if sent is None:  # aborted meanwhile
                 return
+            if not sent.ack.accepted and sent.ack.place_elsewhere:
+                logger.warning("%s: %s; %s placed again", decode_id, sent.ack.error, request_id)
+                await self._place_again(spec, carrier)
+                return
             if not sent.ack.accepted:
                 raise RuntimeError(sent.ack.error)
             elapsed = time.perf_counter() - start
@@ -301,8 +305,7 @@ class PrefillWorker(WorkerShell):
             # it does not run the request, so it is queued again (a worker that was only slow
             # and took it after all decodes it twice; the stream takes each position once)
             logger.warning("%s gone: %s goes back to the scheduler", decode_id, request_id)
-            msg = engine_pb2.Preempted(request=spec, worker_id=self.worker_id)
-            await self.bus.publish(subject("scheduler", "preempted"), msg, headers=carrier)
+            await self._place_again(spec, carrier)
         except Exception as e:
             logger.error("hand-off of %s to %s failed: %s", request_id, decode_id, e)
             error = f"hand-off to decode worker failed: {e}"
@@ -310,6 +313,11 @@ class PrefillWorker(WorkerShell):
         finally:
             if span is not None:
                 tracing.end_span(span, error)
+
+    async def _place_again(self, spec, carrier) -> None:
+        """Send a request back to the scheduler, to be placed on another decode worker."""
+        msg = engine_pb2.Preempted(request=spec, worker_id=self.worker_id)
+        await self.bus.publish(subject("scheduler", "preempted"), msg, headers=carrier)
 
     async def _transfer(
         self, request: Request, spec, decode_id: str, kv: torch.Tensor, carrier

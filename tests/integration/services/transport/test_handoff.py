@@ -244,3 +244,74 @@ def test_kv_goes_through_shared_memory_and_over_nats_when_the_file_cannot_be_map
             got[out.request.request_id] = out.request.output_token_ids
     assert [got["r0"], got["r1"]] == expected
     decode_engine.kv.check_integrity()
+
+
+def test_a_hand_off_whose_reservation_went_is_placed_again_not_failed(tiny_llama, monkeypatch):
+    """A decode worker lets a probed reservation go before its hand-off arrives (it is
+    handing its requests back on shutdown, or the lease ran out): it refuses the hand-off
+    saying so, and the prefill worker sends the request back to the scheduler to be placed
+    again; the client's stream is not ended with an error."""
+    import asyncio
+
+    from tandem.engine.request import Request
+    from tandem.services.decode.service import DecodeWorker
+    from tandem.services.prefill.service import PrefillWorker
+    from tandem.services.servers import start_nats
+    from tandem.services.transport.bus import Bus
+    from tandem.services.transport.subjects import subject
+    from tandem.v1 import engine_pb2
+
+    kw = dict(dtype="float32", block_size=4, max_model_len=96)
+    prefill_engine = LLM(tiny_llama, num_gpu_blocks_override=64, **kw).engine
+    decode_engine = LLM(tiny_llama, num_gpu_blocks_override=64, **kw).engine
+    on_handoff = DecodeWorker._on_handoff
+
+    async def released_first(self, handoff, raw):
+        await self.driver.call(self._hand_back_on_thread)  # as a shutdown's hand-back does
+        await on_handoff(self, handoff, raw)
+
+    monkeypatch.setattr(DecodeWorker, "_on_handoff", released_first)
+    server = start_nats()
+
+    async def scenario():
+        buses = [await Bus.connect(server.url, name) for name in ("p", "d", "s")]
+        decode = DecodeWorker(decode_engine.config, buses[1], "decode-t")
+        prefill = PrefillWorker(prefill_engine.config, buses[0], "prefill-t")
+        decode.engine, prefill.engine = decode_engine, prefill_engine
+        preempted, tokens = [], []
+
+        async def on_preempted(msg, raw):
+            preempted.append(msg)
+
+        async def on_tokens(msg, raw):
+            tokens.append(msg)
+
+        await buses[2].subscribe(
+            subject("scheduler", "preempted"), engine_pb2.Preempted, on_preempted
+        )
+        await buses[2].subscribe(subject("tokens"), engine_pb2.TokenBatch, on_tokens)
+        await decode.subscribe()
+        for bus in buses:
+            await bus.flush()
+        prompt = _prompts()[3]
+        prefill_engine.add_request(Request("r0", prompt, SamplingParams(max_tokens=8)))
+        prefill.decode_of["r0"] = "decode-t"
+        for out in prefill_engine.step():
+            await prefill._hand_off(*prefill_engine.hand_off(out.request.request_id))
+        await buses[0].flush()
+        await asyncio.sleep(0.2)
+        for bus in buses:
+            await bus.close()
+        for worker in (decode, prefill):
+            worker.driver.shutdown()
+        return decode, preempted, tokens
+
+    try:
+        decode, preempted, tokens = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert [m.request.request_id for m in preempted] == ["r0"] and not tokens
+    assert list(preempted[0].request.prompt_token_ids) == _prompts()[3]
+    assert not decode.arrivals and not decode.reserved and decode.assembler.num_pending == 0
+    assert decode_engine.kv.num_free_blocks == 64 and prefill_engine.kv.num_free_blocks == 64
+    decode_engine.kv.check_integrity()
