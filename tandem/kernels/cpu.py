@@ -5,7 +5,8 @@ buffer and reads them again in two matmuls. `paged_decode_attention` reads the c
 place. `prefill_attention_bf16` multiplies bf16 with AVX-512 BF16's dot products, where
 torch's CPU flash attention runs bf16 at its fp32 speed. `rms_norm` and `add_rms_norm` do
 in one pass what torch does in five kernels; `apply_token_bitmask` applies a structured
-output's allowed tokens with AVX-512 store masks.
+output's allowed tokens with AVX-512 store masks. `linear_rows` is a linear layer at decode's
+few rows that reads the weights with every thread (torch's stays on one core there).
 
 They are built with the machine's own vector width (`-march=native`) into the cache
 directory, keyed by the source, torch's version and the CPU's flags, so a cache shared
@@ -214,3 +215,12 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
     (rows, in), y (rows, out), A (slots, R, in), Bt (slots, R, out) with R = shards x rank and
     rank block k nonzero only in shard k's columns (`shard_sizes` split out). In fp32."""
     torch.ops.tandem_cpu.lora_shrink_expand(y, x, lora_a, lora_bt, row_slots, shard_sizes)
+
+
+LINEAR_MAX_ROWS = 4  # the most rows linear_rows takes (kMaxLinearRows)
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ bias) for x of 1 to LINEAR_MAX_ROWS rows, W (out, in) contiguous: W's rows
+    split over torch's threads, fp32 accumulation, the result in x's dtype."""
+    return torch.ops.tandem_cpu.linear_rows(x, weight, bias)

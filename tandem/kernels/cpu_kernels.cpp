@@ -810,6 +810,21 @@ inline fvec load_lanes<float>(const float* p) {
   return v;
 }
 
+// bf16 widened by a shift (its bits are the float's upper half): one load, one shuffle
+template <>
+inline fvec load_lanes<c10::BFloat16>(const c10::BFloat16* p) {
+#ifdef __AVX512F__
+  const __m512 f = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+#else
+  const __m256 f = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+#endif
+  fvec v;
+  std::memcpy(&v, &f, sizeof(v));
+  return v;
+}
+
 inline float hsum(fvec v) {
   float s = 0.f;
   for (int c = 0; c < kLanes; ++c) s += v[c];
@@ -935,6 +950,76 @@ void lora_shrink_expand(at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
   });
 }
 
+// A linear layer at a few rows (decode): y = x W^T (+ b), W as loaded, (out, in). A product
+// this thin reads every weight once and is bound by memory bandwidth: MKL's and oneDNN's
+// one-row products stay on one core whatever the thread count; this one splits W's rows over
+// the threads. Each tile reads TO weight rows once for all R rows of x, in fp32.
+constexpr int64_t kMaxLinearRows = 4;
+
+template <typename T, int R, int TO>
+inline void linear_tile(const float* x, const T* w, float* y, int64_t in, int64_t out,
+                        int64_t o0) {
+  fvec acc[TO][R] = {};
+  const T* ws[TO];
+  for (int t = 0; t < TO; ++t) ws[t] = w + (o0 + t) * in;
+  int64_t k = 0;
+  for (; k + kLanes <= in; k += kLanes) {
+    fvec xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = load_lanes<float>(x + r * in + k);
+    for (int t = 0; t < TO; ++t) {
+      const fvec wv = load_lanes<T>(ws[t] + k);
+      for (int r = 0; r < R; ++r) acc[t][r] += wv * xv[r];
+    }
+  }
+  for (int t = 0; t < TO; ++t)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[t][r]);
+      for (int64_t kk = k; kk < in; ++kk) s += x[r * in + kk] * static_cast<float>(ws[t][kk]);
+      y[r * out + o0 + t] = s;
+    }
+}
+
+template <typename T, int R>
+void linear_rows_of(const float* x, const T* w, float* y, int64_t in, int64_t out) {
+  constexpr int TO = R <= 2 ? 4 : 2;  // accumulators TO x R and x's R vectors in registers
+  const int64_t tiles = out / TO;
+  // grain: at least 32 KiB of weights per task, so a thread's share is never tiny
+  const int64_t grain = std::max<int64_t>(1, (32 << 10) / (TO * in * sizeof(T)));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) linear_tile<T, R, TO>(x, w, y, in, out, i * TO);
+  });
+  for (int64_t o = tiles * TO; o < out; ++o) linear_tile<T, R, 1>(x, w, y, in, out, o);
+}
+
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.is_contiguous() && x.size(1) == w.size(1),
+              "x must be (rows, in) and w contiguous (out, in)");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxLinearRows, "linear_rows takes 1 to ",
+              kMaxLinearRows, " rows");
+  const at::ScalarType t = w.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+              "w must be float32, bfloat16 or float16");
+  const int64_t rows = x.size(0), in = x.size(1), out = w.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({rows, out}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "linear_rows", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const float* xp = xf.data_ptr<float>();
+      const scalar_t* wp = w.data_ptr<scalar_t>();
+      float* yp = y.data_ptr<float>();
+      switch (rows) {
+        case 1: linear_rows_of<scalar_t, 1>(xp, wp, yp, in, out); break;
+        case 2: linear_rows_of<scalar_t, 2>(xp, wp, yp, in, out); break;
+        case 3: linear_rows_of<scalar_t, 3>(xp, wp, yp, in, out); break;
+        default: linear_rows_of<scalar_t, 4>(xp, wp, yp, in, out); break;
+      }
+    }
+  });
+  if (bias.has_value()) y.add_(*bias);
+  return y.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tandem_cpu, m) {
@@ -952,6 +1037,7 @@ TORCH_LIBRARY(tandem_cpu, m) {
   m.def(
       "lora_shrink_expand(Tensor(a!) y, Tensor x, Tensor a, Tensor bt, Tensor row_slots, "
       "int[] shard_sizes) -> ()");
+  m.def("linear_rows(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
@@ -963,4 +1049,5 @@ TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("apply_token_bitmask", &apply_token_bitmask);
   m.impl("lora_shrink_expand", &lora_shrink_expand);
+  m.impl("linear_rows", &linear_rows);
 }

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.kernels import cpu as cpu_kernels
-from tandem.kernels.cpu import load_cpu_kernels
+from tandem.kernels.cpu import LINEAR_MAX_ROWS, load_cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ PACKED_TIE = 1.05
 
 # The dtypes whose weights are also kept in oneDNN's packed layout (then measured).
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+# The dtypes whose products at up to LINEAR_MAX_ROWS rows run in the C++ kernel.
+ROWS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Linear(nn.Module):
@@ -43,6 +45,12 @@ class Linear(nn.Module):
     GEMM at decode's few rows is far from its large-M rate, and oneDNN's packed product is
     not. From how many rows it runs is measured at load (`calibrate_packed`), per weight
     shape.
+
+    Below that, at one to LINEAR_MAX_ROWS rows (decode at low concurrency), the C++ kernel
+    `linear_rows` reads the weight as loaded, (out, in), split over all of torch's threads:
+    MKL's and oneDNN's one-row products stay on one core however many threads they are
+    given, so a decode worker lent a second core would not use it. It costs a second copy of
+    the weight (the checkpoint layout; an lm_head tied to the embeddings shares it).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -52,12 +60,15 @@ class Linear(nn.Module):
         self.weight_t: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None  # oneDNN's layout, opaque
         self.packed_from = 2  # fewest rows that go through the packed form
+        self.weight_rows: torch.Tensor | None = None  # (out, in), for linear_rows
 
     def prepare(self) -> None:
         if self.weight is None or self.weight.device.type != "cpu":
             return
         weight = self.weight.detach()
         self.weight_t = weight.t().contiguous()
+        if weight.dtype in ROWS_DTYPES and weight.is_contiguous() and load_cpu_kernels():
+            self.weight_rows = weight
         if weight.dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
@@ -68,6 +79,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_t is None:
             return F.linear(x, self.weight, self.bias)
+        if self.weight_rows is not None and x.dim() == 2 and x.shape[0] <= LINEAR_MAX_ROWS:
+            return cpu_kernels.linear_rows(x, self.weight_rows, self.bias)
         if self.packed is not None and x.shape[0] >= self.packed_from and x.dim() == 2:
             return in_row_buckets(self.forward_packed, x)
         if x.dtype == torch.bfloat16 and x.dim() == 2:  # oneDNN's product too
