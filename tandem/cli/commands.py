@@ -214,6 +214,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             worker_id,
             args.health_port,
             args.shutdown_timeout,
+            (args.core_loan_dir, getattr(args, "core_loan_threads", 0)),
         )
     )
     return 0

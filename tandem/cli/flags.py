@@ -247,6 +247,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="pinned: each worker on its own cores; shared: every worker on every core; "
         "auto: pinned when there are as many cores as workers",
     )
+    serve.add_argument(
+        "--core-loan",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pinned workers: the decode worker borrows the prefill workers' cores while "
+        "they have no work (docs/performance.md)",
+    )
     add_absent_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -299,6 +306,19 @@ def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
         worker = sub.add_parser(role, help=f"a {role} worker")
         add_engine_args(worker)
         worker.add_argument("--worker-id", default=None)
+        worker.add_argument(
+            "--core-loan-dir",
+            default=None,
+            help="where the workers on this machine mark a prefill worker busy (set by "
+            "`tandem serve`): a decode worker borrows the prefill workers' cores while none is",
+        )
+        if role == "decode":
+            worker.add_argument(
+                "--core-loan-threads",
+                type=int,
+                default=0,
+                help="torch threads of a step run on borrowed cores (with --core-loan-dir)",
+            )
         add_stage_args(worker, drains=True)
         add_observability_args(worker)
         worker.set_defaults(func=cmd_worker)

@@ -28,6 +28,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import NoReturn
 
+from tandem.services.placement import (  # noqa: F401 (place_workers: the launcher's API)
+    make_loan_dir,
+    place_on_gpus,
+    place_workers,
+    plan_loan,
+    remove_loan_dir,
+    service_cores,
+    visible_gpus,
+)
 from tandem.services.servers import (
     LocalServer,
     free_port,
@@ -98,27 +107,6 @@ class Stage:
 PREFILL_NICE = 10
 
 
-def place_workers(
-    cores: list[int], num_workers: int, placement: str
-) -> list[tuple[list[int], int]]:
-    """(cores, torch threads) per worker. "pinned": disjoint slices of the cores, one thread
-    per core (needs at least as many cores as workers), so a prefill burst never slows a decode
-    step. "shared": no pinning, every worker may use every core (the OS arbitrates bursts).
-    "auto": pinned when there are enough cores. Measured on 2 cores with 1 + 1 workers,
-    pinned gave 1.4x the output tokens/s of shared: two workers' torch threads contending for
-    the same cores stall each other's parallel regions."""
-    if placement == "auto":
-        placement = "pinned" if num_workers <= len(cores) else "shared"
-    if placement == "pinned":
-        if num_workers > len(cores):
-            raise ValueError(
-                f"--worker-placement pinned needs {num_workers} cores, not {len(cores)}"
-            )
-        per = len(cores) // num_workers
-        return [(cores[i * per : (i + 1) * per], per) for i in range(num_workers)]
-    return [([], len(cores))] * num_workers
-
-
 def engine_argv(args: argparse.Namespace) -> list[str]:
     """The engine flags of `tandem serve`, as a worker's command line."""
     argv = [
@@ -173,17 +161,6 @@ def lora_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def service_cores(roles: list[str], placements: list[tuple[list[int], int]]) -> list[int]:
-    """Where the light stages (gateway, tokenizer, scheduler, NATS, Redis) run: on the prefill
-    workers' cores when the workers are pinned, so the token stream they carry right after
-    each decode step never takes the decode cores; unpinned otherwise."""
-    if not all(cores for cores, _ in placements):
-        return []
-    return sorted(
-        {c for role, (cores, _) in zip(roles, placements) if role == "prefill" for c in cores}
-    )
-
-
 def plan_stages(
     args: argparse.Namespace,
     nats_urls: Mapping[Role, str],
@@ -191,8 +168,11 @@ def plan_stages(
     tokenizer_port: int,
     placements,
     light_cores,
+    loan: tuple[str, list[int]] | None = None,
 ) -> list[Stage]:
-    """The stages' command lines; each gets its role's NATS URL (`nats_urls`)."""
+    """The stages' command lines; each gets its role's NATS URL (`nats_urls`). With a
+    `loan` (its directory, the cores lent: worker/core_loan.py) the decode worker may also run
+    on the prefill workers' cores, with a thread more for each."""
     tandem = [sys.executable, "-m", "tandem.cli"]
     nats = observability_argv(args)  # the servers' URLs go by environment (credentials)
     template = ["--chat-template", args.chat_template] if args.chat_template else []
@@ -214,6 +194,11 @@ def plan_stages(
             threads = args.torch_threads
         argv = [*tandem, role, *engine_argv(args), *nats, "--worker-id", worker_id,
                 "--torch-threads", str(threads)]  # fmt: skip
+        if loan is not None:
+            argv += ["--core-loan-dir", loan[0]]
+            if role == "decode":
+                argv += ["--core-loan-threads", str(threads + len(loan[1]))]
+                worker_cores = sorted({*worker_cores, *loan[1]})
         # A prefill worker sharing its cores with the light stages yields to them: they carry
         # the token stream (latency), its prompts are throughput work.
         shares = role == "prefill" and bool(set(worker_cores) & set(light_cores))
@@ -233,27 +218,6 @@ def plan_stages(
     for stage in stages:  # by environment: a command line is readable by every local user
         stage.env |= {"NATS_URL": nats_urls[stage.role], "REDIS_URL": redis_url}
     return stages
-
-
-def visible_gpus() -> list[str]:
-    """The CUDA devices this launcher may hand out (CUDA_VISIBLE_DEVICES when set)."""
-    given = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if given is not None:
-        return [d.strip() for d in given.split(",") if d.strip() and d.strip() != "-1"]
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def place_on_gpus(gpus: list[str], num_workers: int, utilization: float) -> list[tuple[str, float]]:
-    """Each worker's device and `--gpu-memory-utilization`: a GPU of its own while there are
-    enough (prefill and decode on different devices), else round-robin, the workers that
-    share a card splitting its memory (vLLM's per-instance meaning of the fraction). Empty
-    without GPUs."""
-    if not gpus:
-        return []
-    devices = [gpus[i % len(gpus)] for i in range(num_workers)]
-    return [(d, utilization / devices.count(d)) for d in devices]
 
 
 def http_argv(args: argparse.Namespace) -> list[str]:
@@ -338,6 +302,7 @@ class Cluster:
         self.stages: list[Stage] = []
         self.startup: StartupProgress | None = None  # stages not seen ready yet
         self._look: Callable[[], None] = lambda: None  # one look at them (startup.observe)
+        self.loan_dir: str | None = None  # the core loan's marks (core_loan.py)
 
     def start(self, timeout: float = 300.0) -> str:
         """Start the servers and the stages; wait until the gateway is healthy, saying on the
@@ -366,8 +331,15 @@ class Cluster:
             logger.info("redis: started on %s (pid %d)", redact(redis_url),
                         self.servers[-1].proc.pid)  # fmt: skip
         tokenizer_port = free_port()
+        lent = plan_loan(roles, placements, bool(visible_gpus())) if self.args.core_loan else None
+        loan = None
+        if lent is not None:
+            self.loan_dir = make_loan_dir()
+            loan = (self.loan_dir, lent)
+            logger.info("core loan: the decode worker runs on cores %s too while prefill "
+                        "idles", lent)  # fmt: skip
         self.stages = plan_stages(
-            self.args, nats_urls, redis_url, tokenizer_port, placements, light_cores
+            self.args, nats_urls, redis_url, tokenizer_port, placements, light_cores, loan
         )
         self.startup = progress = StartupProgress({s.name: WAITS_FOR[s.role] for s in self.stages})
         for stage in self.stages:
@@ -461,6 +433,7 @@ class Cluster:
             _remove_kv_files(stage)
         for server in self.servers:
             server.stop()
+        remove_loan_dir(self.loan_dir)
 
 
 def _remove_kv_files(stage: Stage) -> None:

@@ -27,6 +27,7 @@ from tandem.services.transport import codec, kv_shm
 from tandem.services.transport.bus import Bus
 from tandem.services.transport.kv_transfer import KVAssembler
 from tandem.services.transport.subjects import subject
+from tandem.services.worker.core_loan import CoreLoan
 from tandem.services.worker.shell import WorkerShell
 from tandem.utils import cdiv
 from tandem.v1 import engine_pb2
@@ -61,6 +62,7 @@ class DecodeWorker(WorkerShell):
         self.wake = asyncio.Event()
         # request id -> (its decode span, its trace context), for traced requests only
         self.spans: dict[str, tuple[object, dict[str, str]]] = {}
+        self.loan: CoreLoan | None = None  # the prefill workers' cores, while they idle
 
     async def subscribe(self) -> None:
         self.assembler = KVAssembler(self.engine.runner.kv_tile_shape)
@@ -348,6 +350,15 @@ class DecodeWorker(WorkerShell):
         )
         await self.bus.publish(subject("scheduler", "preempted"), msg, headers=carrier)
 
+    def join_core_loan(self, directory: str, threads: int) -> None:
+        self.loan = CoreLoan(directory, torch.get_num_threads(), threads)
+
     def _step_on_thread(self):
+        if self.loan is not None:  # torch's thread count is the engine thread's own
+            threads = self.loan.threads()
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            if threads > self.loan.own:
+                self.metrics.core_loan_steps.inc()
         outputs = self.engine.step()
         return outputs, self.engine.take_preempted()

@@ -304,6 +304,9 @@ class WorkerMetrics:
         self.kv_bytes_received = child(Counter(
             "tandem:kv_transfer_received_bytes", "KV bytes received from prefill workers.",
             names, registry=r))  # fmt: skip
+        self.core_loan_steps = child(Counter(
+            "tandem:core_loan_steps", "Decode steps run with the prefill workers' idle cores "
+            "lent (--core-loan).", names, registry=r))  # fmt: skip
         self.kv_transfer_seconds = child(Histogram(
             "tandem:kv_transfer_latency_seconds", "A hand-off from its probe to the decode "
             "worker's acknowledgement (KV chunks included).", names, buckets=FAST_BUCKETS,

@@ -23,6 +23,7 @@ from tandem.services.transport import codec, kv_shm
 from tandem.services.transport.bus import Bus
 from tandem.services.transport.kv_transfer import send_kv
 from tandem.services.transport.subjects import subject
+from tandem.services.worker.core_loan import BusyMark
 from tandem.services.worker.shell import WorkerShell
 from tandem.v1 import engine_pb2
 
@@ -59,6 +60,7 @@ class PrefillWorker(WorkerShell):
         self.trace_of: dict[str, dict[str, str]] = {}  # request id -> W3C context, traced
         self.transfers: dict[str, asyncio.Task] = {}  # request id -> its hand-off
         self.busy = False  # a plan is running
+        self.busy_mark: BusyMark | None = None  # says so to a decode worker borrowing cores
         self.last_step_id = 0  # of the newest plan received
         self.lanes: dict[str, asyncio.Semaphore] = {}  # decode worker id -> its KV lane
         self.no_shared_memory: set[str] = set()  # decode workers that could not map a file
@@ -149,14 +151,21 @@ class PrefillWorker(WorkerShell):
         if transfer is not None:  # aborted while its KV moves: its lane is free at once
             transfer.cancel()
 
+    def join_core_loan(self, directory: str, threads: int) -> None:
+        self.busy_mark = BusyMark(directory, self.worker_id)
+
     async def loop(self) -> None:
         while True:
             plan = await self.plans.get()
             self.busy = True
+            if self.busy_mark is not None:  # before the step: the decode worker gives back
+                self.busy_mark.set(True)
             try:
                 await self._run_plan(plan)
             finally:
                 self.busy = False
+                if self.busy_mark is not None and self.plans.empty():
+                    self.busy_mark.set(False)
 
     async def _run_plan(self, plan: engine_pb2.StepPlan) -> None:
         report = engine_pb2.StepReport(

@@ -175,6 +175,9 @@ class WorkerShell:
         """Nothing in progress here (subclasses add what they hold besides the engine)."""
         return not self.engine.has_unfinished
 
+    def join_core_loan(self, directory: str, threads: int) -> None:
+        """Take part in the machine's core loan (core_loan.py): the roles override this."""
+
     async def hand_back(self) -> None:
         """Give back what could not finish before the shutdown timeout."""
 
@@ -357,13 +360,17 @@ async def run_worker(
     worker_id: str,
     health_port: int | None = None,
     shutdown_timeout: float = 30.0,
+    core_loan: tuple[str | None, int] = (None, 0),
 ) -> None:
     """Connect, start, run until cancelled or SIGTERM (then drain), shut down: the prefill
-    and decode entry points. `/health` on `health_port` when given (503 while loading)."""
+    and decode entry points. `/health` on `health_port` when given (503 while loading);
+    `core_loan` (its directory, the threads on borrowed cores): core_loan.py."""
     from tandem.services.observability.health import HealthServer
     from tandem.services.transport.bus import Bus
 
     worker = worker_cls(config, await Bus.connect(nats_url, worker_id), worker_id)
+    if core_loan[0]:
+        worker.join_core_loan(*core_loan)
     health = HealthServer(health_port, registry=worker.registry) if health_port else None
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
