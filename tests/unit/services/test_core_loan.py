@@ -4,6 +4,7 @@ the busy marks that end the loan while a prefill worker works."""
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -67,7 +68,7 @@ def test_the_worker_flags_parse():
 def test_a_busy_mark_ends_the_loan_until_it_is_cleared():
     directory = make_loan_dir()
     try:
-        loan = CoreLoan(directory, own=1, lent=2)
+        loan = CoreLoan(directory, own=1, lent=2, settle_s=0.0)
         assert loan.lendable() and loan.threads() == 2
         first, second = BusyMark(directory, "prefill-0"), BusyMark(directory, "prefill-1")
         first.set(True)
@@ -84,8 +85,25 @@ def test_a_busy_mark_ends_the_loan_until_it_is_cleared():
     finally:
         remove_loan_dir(directory)
     assert not os.path.exists(directory)
-    assert CoreLoan(directory, own=1, lent=2).threads() == 1  # gone: nothing lent
+    assert CoreLoan(directory, own=1, lent=2, settle_s=0).threads() == 1  # gone: nothing lent
     BusyMark(directory, "prefill-0").set(True)  # a mark in a removed directory: no error
+
+
+def test_the_cores_are_lent_only_once_the_prefill_workers_have_settled_idle():
+    directory = make_loan_dir()
+    try:
+        loan = CoreLoan(directory, own=1, lent=2, settle_s=0.2)
+        old = time.time() - 10
+        os.utime(directory, (old, old))
+        assert loan.threads() == 2
+        mark = BusyMark(directory, "prefill-0")
+        mark.set(True)
+        mark.set(False)  # a plan just ended: the next may come at once
+        assert loan.threads() == 1
+        time.sleep(0.25)
+        assert loan.threads() == 2
+    finally:
+        remove_loan_dir(directory)
 
 
 def test_the_loan_never_lends_fewer_threads_than_the_worker_has():
