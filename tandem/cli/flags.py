@@ -252,7 +252,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="pinned workers: the decode worker borrows the prefill workers' cores while "
-        "they have no work (docs/performance.md)",
+        "they have no work (docs/internals.md)",
     )
     add_absent_flags(serve)
     serve.set_defaults(func=cmd_serve)
