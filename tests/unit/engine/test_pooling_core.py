@@ -114,7 +114,9 @@ def test_a_decoder_embeds_its_last_token_through_chunks_and_the_cache(tiny_llama
     again = llm.embed(PROMPTS[:1])[0]
     assert again.num_cached_tokens == 16 and torch.allclose(again.data, outs[0].data, atol=1e-6)
     raw = llm.embed(PROMPTS[1:2], normalize=False, dimensions=5)[0].data
-    assert torch.allclose(raw, hidden(hf_base, PROMPTS[1])[-1][:5], atol=1e-5)
+    # Two fp32 computations summing in different orders (decode-sized products: linear_rows):
+    # against the float64 value, HF's first element is 1.1e-5 off here, Tandem's 0.7e-5.
+    assert torch.allclose(raw, hidden(hf_base, PROMPTS[1])[-1][:5], atol=3e-5)
     with pytest.raises(ValueError, match="pooling model"):
         llm.generate([[1, 2, 3]])
 
