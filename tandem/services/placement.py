@@ -65,12 +65,9 @@ def plan_loan(roles: list[str], placements, on_gpus: bool) -> list[int] | None:
     """The cores a cluster's single decode worker may borrow: the prefill workers'. None where
     there is nothing to lend (workers not pinned, on GPUs, no prefill worker, or several decode
     workers, which would contend for the same cores)."""
-    if on_gpus or roles.count("decode") != 1 or "prefill" not in roles:
+    if on_gpus or roles.count("decode") != 1:
         return None
-    if not all(cores for cores, _ in placements):
-        return None
-    return sorted({c for role, (cores, _) in zip(roles, placements) if role == "prefill"
-                   for c in cores})  # fmt: skip
+    return service_cores(roles, placements) or None  # the prefill workers' cores, pinned
 
 
 def make_loan_dir() -> str:
