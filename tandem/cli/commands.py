@@ -189,6 +189,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
             args.max_num_queued_requests,
             args.max_num_queued_tokens,
             args.no_worker_timeout,
+            args.max_local_prefill_length,
         )
     )
     return 0

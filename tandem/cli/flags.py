@@ -12,6 +12,7 @@ from tandem.cli.vllm_flags import add_absent_flags
 from tandem.engine.structured_output.params import StructuredOutputsConfig
 
 NATS_URL = "nats://127.0.0.1:4222"
+LOCAL_PREFILL_DEFAULT = 256  # tokens: see docs/internals.md, "Conditional disaggregation"
 
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +27,14 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=1.0,
         help="kv-aware: how many tokens of load one cached prompt token is worth",
+    )
+    p.add_argument(
+        "--max-local-prefill-length",
+        type=int,
+        default=LOCAL_PREFILL_DEFAULT,
+        help="conditional disaggregation: a request with at most this many prompt tokens not "
+        "cached on its decode worker is prefilled there, not handed off from a prefill worker "
+        "(0: every request goes through a prefill worker)",
     )
 
 

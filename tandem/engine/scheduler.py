@@ -322,10 +322,13 @@ class Scheduler:
         self.waiting.add(request, front=True)
 
     def preempt_all(self) -> None:
-        """Preempt every running request (a worker that stops hands its work back)."""
+        """Preempt every running request (a worker that stops hands its work back); those
+        waiting to start (a decode worker's own prefills) are marked so as well."""
         for request in list(self.running):
             self.running.remove(request)
             self._requeue_preempted(request)
+        for request in self.waiting:
+            request.status = RequestStatus.PREEMPTED
 
     def take_preempted(self) -> list[Request]:
         """Remove the preempted requests (their blocks are already free) and return them: a

@@ -183,6 +183,7 @@ def plan_stages(
                             "--scheduling-policy", args.scheduling_policy,
                             "--router", args.router,
                             "--kv-overlap-weight", str(args.kv_overlap_weight),
+                            "--max-local-prefill-length", str(args.max_local_prefill_length),
                             *queue_argv(args)], Role.SCHEDULER, light_cores),
     ]  # fmt: skip
     roles = worker_roles(args)

@@ -193,6 +193,12 @@ class KVFile(_message.Message):
     dtype: str
     def __init__(self, name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
+class LocalPrefill(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: _common_pb2.RequestSpec
+    def __init__(self, request: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ...) -> None: ...
+
 class KVProbe(_message.Message):
     __slots__ = ("request", "shm_domain")
     REQUEST_FIELD_NUMBER: _ClassVar[int]

@@ -5,7 +5,11 @@ it preempts by recompute: the request goes back to the central scheduler with it
 Before a prefill worker sends a request's KV, it asks (KVProbe) which leading blocks this
 worker's prefix cache holds already; they are reserved for the request until it arrives,
 and only the rest crosses the wire: in acked chunks over NATS, or, from a prefill worker on
-this machine, as one file in shared memory (kv_shm)."""
+this machine, as one file in shared memory (kv_shm).
+
+A request whose prompt is short (or mostly cached here) comes from the central scheduler
+itself (LocalPrefill, conditional disaggregation): this worker prefills it in its own steps,
+next to the batch's decoding."""
 
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ class DecodeWorker(WorkerShell):
     def __init__(self, config: EngineConfig, bus: Bus, worker_id: str) -> None:
         super().__init__(config, bus, worker_id)
         self.arrivals: deque[Arrival] = deque()
+        self.local: deque[Request] = deque()  # placed here to prefill, not in the engine yet
+        self.local_since: dict[str, int] = {}  # traced, prefilling here: id -> since (ns)
         self.assembler: KVAssembler | None = None  # made once the engine's tile shape is known
         # probed, not arrived yet: id -> (the cached blocks held for it, since when)
         self.reserved: dict[str, tuple[list[Block], float]] = {}
@@ -70,6 +76,9 @@ class DecodeWorker(WorkerShell):
         await self.bus.subscribe(f"{base}.probe", engine_pb2.KVProbe, self._on_probe)
         await self.bus.subscribe(f"{base}.kv", engine_pb2.KVBlockChunk, self._on_chunk)
         await self.bus.subscribe(f"{base}.handoff", engine_pb2.KVHandoff, self._on_handoff)
+        await self.bus.subscribe(
+            subject("local_prefill", self.worker_id), engine_pb2.LocalPrefill, self._on_local
+        )
 
     async def _on_probe(self, probe: engine_pb2.KVProbe, raw) -> None:
         num_cached = 0
@@ -166,9 +175,37 @@ class DecodeWorker(WorkerShell):
         self.received_ids.append(request_id)
         await raw.respond(ack.SerializeToString())
 
+    async def _on_local(self, msg: engine_pb2.LocalPrefill, raw) -> None:
+        """A request placed here to prefill itself: queued for the engine like an arrival."""
+        spec = msg.request
+        request_id = spec.request_id
+        self.received_ids.append(request_id)
+        if request_id in self.aborted or self._holds(request_id):
+            return
+        try:
+            request = codec.request_from_spec(spec)
+        except ValueError as e:
+            logger.warning("request %s refused: %s", request_id, e)
+            batch = engine_pb2.TokenBatch(worker_id=self.worker_id, timestamp=time.time())
+            batch.requests.add(request_id=request_id, finish_reason="abort", stop_reason=str(e),
+                               error_code=400)  # fmt: skip
+            await self.bus.publish(subject("tokens"), batch)
+            return
+        carrier = dict(spec.trace_context)
+        parent = tracing.extract(carrier)
+        if parent is not None:
+            attributes = {"gen_ai.request.id": request_id, "tandem.worker": self.worker_id,
+                          "tandem.local_prefill": True}  # fmt: skip
+            self.spans[request_id] = (tracing.start_span("decode", parent, attributes), carrier)
+            self.local_since[request_id] = time.time_ns()
+        self.local.append(request)
+        self.wake.set()
+
     def _holds(self, request_id: str) -> bool:
-        return request_id in self.engine.scheduler.requests or any(
-            a.request.request_id == request_id for a in self.arrivals
+        return (
+            request_id in self.engine.scheduler.requests
+            or any(a.request.request_id == request_id for a in self.arrivals)
+            or any(r.request_id == request_id for r in self.local)
         )
 
     def _check_handoff(self, handoff: engine_pb2.KVHandoff, kv, reused) -> str | None:
@@ -235,6 +272,7 @@ class DecodeWorker(WorkerShell):
 
     def _end_span(self, request_id: str, request: Request | None = None, error=None):
         """End a request's decode span; returns its trace context (None: not traced)."""
+        self.local_since.pop(request_id, None)
         span, carrier = self.spans.pop(request_id, (None, None))
         if span is None:
             return None
@@ -256,10 +294,10 @@ class DecodeWorker(WorkerShell):
         return [r.request_id for r in dropped]
 
     def num_waiting(self) -> int:
-        return len(self.arrivals)
+        return len(self.arrivals) + len(self.local)
 
     def idle(self) -> bool:
-        return super().idle() and not self.arrivals and not self.reserved
+        return super().idle() and not self.arrivals and not self.local and not self.reserved
 
     async def hand_back(self) -> None:
         """Every request here goes back to the scheduler with its tokens (as a preemption
@@ -273,7 +311,8 @@ class DecodeWorker(WorkerShell):
     def _hand_back_on_thread(self) -> list[Request]:
         for request_id in list(self.reserved):
             self._release(request_id)
-        arrived = []
+        arrived = [r for r in self.local if r.request_id not in self.aborted]
+        self.local.clear()
         while self.arrivals:
             a = self.arrivals.popleft()
             self.engine.kv.pool.free(reversed(a.reused))
@@ -290,7 +329,7 @@ class DecodeWorker(WorkerShell):
 
     async def loop(self) -> None:
         while True:
-            if self.arrivals:
+            if self.arrivals or self.local:
                 failed = await self.driver.call(self._admit)
                 if failed:
                     for out in failed:
@@ -307,8 +346,17 @@ class DecodeWorker(WorkerShell):
 
     def _admit(self) -> list[StepOutput]:
         """On the engine thread: move arrivals into the batch in order while they fit.
-        Returns those that failed (ended with their error)."""
+        Returns those that failed (ended with their error). Requests to prefill here join
+        the engine's queue at once (its scheduler admits them as blocks allow)."""
         failed = []
+        while self.local:
+            request = self.local.popleft()
+            if request.request_id in self.aborted:
+                continue
+            try:
+                self.engine.add_request(request)
+            except ValueError as e:
+                failed.append(self._refused(request, e))
         while self.arrivals:
             a = self.arrivals[0]
             if a.request.request_id in self.aborted:
@@ -321,16 +369,22 @@ class DecodeWorker(WorkerShell):
                 ):
                     return failed
             except ValueError as e:
-                logger.warning("request %s not admitted: %s", a.request.request_id, e)
                 self.engine.kv.pool.free(reversed(a.reused))
-                a.request.stop_reason = f"the decode worker refused it: {e}"
-                a.request.status = RequestStatus.FINISHED_ABORTED
-                failed.append(StepOutput(a.request, [], True, error=a.request.stop_reason))
+                failed.append(self._refused(a.request, e))
             self.arrivals.popleft()
         return failed
 
+    @staticmethod
+    def _refused(request: Request, error: ValueError) -> StepOutput:
+        logger.warning("request %s not admitted: %s", request.request_id, error)
+        request.stop_reason = f"the decode worker refused it: {error}"
+        request.status = RequestStatus.FINISHED_ABORTED
+        return StepOutput(request, [], True, error=request.stop_reason)
+
     async def _step(self) -> None:
-        (outputs, preempted), _, _ = await self.timed_step(self._step_on_thread)
+        (outputs, preempted), _, end_ns = await self.timed_step(self._step_on_thread)
+        if self.local_since:
+            self._trace_local_prefills(outputs, end_ns)
         if outputs:
             if self.spans:  # ended first: the client may see the last token at once
                 for out in outputs:
@@ -340,6 +394,23 @@ class DecodeWorker(WorkerShell):
         for request in preempted:
             logger.info("preempted %s: back to the scheduler", request.request_id)
             await self._send_back(request)
+
+    def _trace_local_prefills(self, outputs: list[StepOutput], end_ns: int) -> None:
+        """A traced request prefilled here gets its prefill span (from when it was taken to
+        its first token), as a prefill worker would have recorded it."""
+        for out in outputs:
+            request = out.request
+            since = self.local_since.pop(request.request_id, None)
+            if since is None:
+                continue
+            _, carrier = self.spans[request.request_id]
+            attributes = {
+                "gen_ai.request.id": request.request_id,
+                "tandem.worker": self.worker_id,
+                "tandem.local_prefill": True,
+                "tandem.num_tokens": request.num_prompt_tokens,
+            }
+            tracing.record_span("prefill", tracing.extract(carrier), since, end_ns, attributes)
 
     async def _send_back(self, request: Request) -> None:
         """Re-queue a request at the scheduler, with the tokens it generated here."""

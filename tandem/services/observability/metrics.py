@@ -368,6 +368,11 @@ class SchedulerMetrics:
         self.prefilling = Gauge(
             "tandem:scheduler_prefilling", "Requests placed on a prefill worker.", registry=r
         )
+        self.local_prefills = Counter(
+            "tandem:scheduler_local_prefills",
+            "Requests placed on a decode worker to prefill itself (--max-local-prefill-length).",
+            registry=r,
+        )
         self.workers = Gauge("tandem:workers", "Live workers, by role.", ["role"], registry=r)
         self.index_lookup = Histogram(
             "tandem:prefix_index_lookup_seconds",

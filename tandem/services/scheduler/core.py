@@ -9,6 +9,10 @@ worker holds at most `plans_ahead` plans: the one it runs and the next, so it ne
 the network) and to the decode worker with the fewest requests (running, waiting and in
 transit), among those under their `max_num_seqs` and with room for the prompt's blocks. A
 request that fits no decode worker waits: that is admission control.
+
+Conditional disaggregation (`max_local_prefill_length`): a request whose prompt tokens not
+cached on its decode worker are at most that many is placed on the decode worker alone,
+which prefills it itself; the hand-off is not worth it for a short prompt.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from collections.abc import Callable
 from tandem.engine.config import SchedulingPolicy
 from tandem.engine.scheduler import WaitingQueue
 from tandem.services.scheduler.state import (  # noqa: F401 (the core's vocabulary, re-exported)
+    LORA_RESIDENT_BLOCKS,
+    KVLayout,
     Overloaded,
     PendingRequest,
     Plan,
@@ -27,12 +33,12 @@ from tandem.services.scheduler.state import (  # noqa: F401 (the core's vocabula
     Role,
     Router,
     WorkerState,
+    route,
 )
 from tandem.utils import cdiv
 
 PLACED_TTL = 10.0  # seconds a placement stands in for the index
 PLAN_LOST_AFTER = 3.0  # seconds after its last plan an idle prefill worker's plans are lost
-LORA_RESIDENT_BLOCKS = 4  # kv-aware: holding a request's LoRA adapter counts as so many blocks
 
 
 class ClusterScheduler:
@@ -51,8 +57,13 @@ class ClusterScheduler:
         max_queued_requests: int | None = None,
         max_queued_tokens: int | None = None,
         no_worker_timeout: float = 30.0,
+        max_local_prefill_length: int = 0,
     ) -> None:
         self.router = router
+        self.max_local_prefill_length = max_local_prefill_length
+        # placed on a decode worker to prefill itself, until it says the request arrived
+        self.local: dict[str, PendingRequest] = {}
+        self.placed_local: list[PendingRequest] = []  # to send (take_local)
         self.max_queued_requests = max_queued_requests
         self.max_queued_tokens = max_queued_tokens
         self.overlap_weight = overlap_weight
@@ -63,7 +74,7 @@ class ClusterScheduler:
         self._turns = {Role.PREFILL: itertools.count(), Role.DECODE: itertools.count()}
         self.waiting = WaitingQueue(policy)
         self.workers: dict[str, WorkerState] = {}
-        self.kv_layout: tuple[int, str] | None = None  # (block size, KV element type)
+        self.kv_layout = KVLayout()
         self.prefilling: dict[str, PendingRequest] = {}  # placed on a prefill worker
         self.next_step_id = 0  # plans are numbered across workers: a number is never reused
         self.worker_timeout = worker_timeout
@@ -84,7 +95,9 @@ class ClusterScheduler:
         hand-offs it received since its previous heartbeat: they stop being in transit.
         A worker whose KV blocks differ from its peers' (block size, element type) is
         refused: why, or None."""
-        refused = self._kv_mismatch(worker_id, load.get("block_size"), load.get("kv_cache_dtype"))
+        refused = self.kv_layout.check(
+            worker_id, load.get("block_size"), load.get("kv_cache_dtype"), bool(self.workers)
+        )
         if refused:
             return refused
         worker = self.workers.get(worker_id)
@@ -97,28 +110,10 @@ class ClusterScheduler:
             self._no_worker_since.pop(role, None)
         for request_id in received_ids:
             worker.in_transit.pop(request_id, None)
+            self.local.pop(request_id, None)
         if role is Role.PREFILL:
             self._recover_lost_plans(worker)
         return None
-
-    def _kv_mismatch(self, worker_id: str, block_size, kv_cache_dtype) -> str | None:
-        """KV blocks move between any two workers, so all hold them alike: the first worker
-        to join an empty cluster sets the layout (block size, element type; the type once
-        one says it), and a worker that differs from it is refused. The layout is never
-        set by the outlier, so no stray heartbeat can lock the cluster's own workers out."""
-        if block_size is None:
-            return None
-        if self.kv_layout is None or not self.workers:
-            self.kv_layout = (block_size, kv_cache_dtype or "")
-            return None
-        size, dtype = self.kv_layout
-        if block_size == size and (not kv_cache_dtype or not dtype or kv_cache_dtype == dtype):
-            if kv_cache_dtype and not dtype:
-                self.kv_layout = (size, kv_cache_dtype)
-            return None
-        return (f"worker {worker_id} refused: its KV blocks are {block_size} tokens in "
-                f"{kv_cache_dtype or '?'}, the cluster's {size} tokens in {dtype or '?'}; start "
-                "every worker with the same --block-size and --kv-cache-dtype")  # fmt: skip
 
     def _recover_lost_plans(self, worker: WorkerState) -> None:
         """A prefill worker that says it has nothing to do (no plan queued, nothing
@@ -223,6 +218,7 @@ class ClusterScheduler:
     def abort(self, request_id: str) -> bool:
         """Forget a request wherever it is here. True when it was known."""
         found = self.prefilling.pop(request_id, None) is not None
+        found |= self.local.pop(request_id, None) is not None
         if not found:
             request = next((r for r in self.waiting if r.request_id == request_id), None)
             if request is not None:
@@ -284,9 +280,10 @@ class ClusterScheduler:
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return False
-        for request in [r for r in self.prefilling.values() if r.prefill_worker_id == worker_id]:
-            del self.prefilling[request.request_id]
-            self._requeue(request)
+        for placed, key in (self.prefilling, "prefill_worker_id"), (self.local, "decode_worker_id"):
+            for request in [r for r in placed.values() if getattr(r, key) == worker_id]:
+                del placed[request.request_id]
+                self._requeue(request)
         self.placed_blocks.pop(worker_id, None)
         return True
 
@@ -303,6 +300,8 @@ class ClusterScheduler:
             ]
             for request_id in stale:
                 del worker.in_transit[request_id]
+                if request_id in self.local:  # its message never reached the worker
+                    self._requeue(self.local.pop(request_id))
         for worker_id in list(self.placed_blocks):
             if worker_id not in self.workers:
                 del self.placed_blocks[worker_id]
@@ -397,26 +396,9 @@ class ClusterScheduler:
     def _route(
         self, request: PendingRequest, candidates: list[WorkerState], load, role: Role
     ) -> WorkerState | None:
-        """Pick among candidates by the router: round-robin, least load, or cached overlap
-        (in tokens, times `overlap_weight`) minus load."""
-        if not candidates:
-            return None
-        if self.router is Router.ROUND_ROBIN:
-            return candidates[next(self._turns[role]) % len(candidates)]
-
-        def resident(worker: WorkerState) -> bool:  # its adapter is loaded there already
-            return bool(request.lora_name) and request.lora_name in worker.lora_adapters
-
-        if self.router is Router.LEAST_LOADED:
-            return min(candidates, key=lambda w: (load(w), not resident(w)))
-
-        def score(worker: WorkerState) -> float:
-            overlap = self._overlap(request, worker.worker_id) * worker.block_size
-            if resident(worker):  # loading an adapter costs about a few blocks' prefill
-                overlap += LORA_RESIDENT_BLOCKS * worker.block_size
-            return self.overlap_weight * overlap - load(worker)
-
-        return max(candidates, key=score)
+        overlap = lambda w: self._overlap(request, w.worker_id) * w.block_size  # noqa: E731
+        return route(self.router, self._turns[role], request, candidates, load, overlap,
+                     self.overlap_weight)  # fmt: skip
 
     def _new_blocks(self, request: PendingRequest, worker: WorkerState) -> int:
         """Blocks the request takes on the worker beyond the cached ones it will share."""
@@ -433,6 +415,11 @@ class ClusterScheduler:
         while len(self.waiting):
             request = self.waiting.peek()
             decode = None if request.pooling else self._pick_decode(request)
+            if decode is not None and self._prefills_locally(request, decode):
+                self.waiting.pop()
+                self._place(request, decode, self.local)
+                self.placed_local.append(request)
+                continue
             found = request.pooling or decode is not None
             prefill = self._pick_prefill(request) if found else None
             if prefill is None:
@@ -447,9 +434,8 @@ class ClusterScheduler:
             if decode is None:  # a pooling request ends on its prefill worker
                 self._remember(request, prefill)
                 continue
-            self._remember(request, prefill, decode)
-            blocks = cdiv(request.num_tokens + 1, max(decode.block_size, 1))
-            decode.in_transit[request.request_id] = (blocks, self.clock())
+            self._remember(request, prefill)
+            self._place(request, decode)
         plans = []
         for worker in sorted(self._live(Role.PREFILL), key=lambda w: w.plans_in_flight):
             while worker.plans_in_flight < self.plans_ahead:
@@ -461,6 +447,28 @@ class ClusterScheduler:
                 self.next_step_id += 1
                 plans.append(plan)
         return plans
+
+    def _prefills_locally(self, request: PendingRequest, decode: WorkerState) -> bool:
+        """Conditional disaggregation: the decode worker prefills the request itself when
+        at most max_local_prefill_length of its tokens are not cached there."""
+        uncached = request.num_tokens - self._cached_tokens(request, decode)
+        return uncached <= self.max_local_prefill_length
+
+    def _place(self, request: PendingRequest, decode: WorkerState, local=None) -> None:
+        """The request is on its way to its decode worker (from its prefill worker, or,
+        `local`, as is: then kept there until the worker says it arrived)."""
+        self._remember(request, decode)
+        blocks = cdiv(request.num_tokens + 1, max(decode.block_size, 1))
+        decode.in_transit[request.request_id] = (blocks, self.clock())
+        request.decode_worker_id = decode.worker_id
+        if local is not None:
+            request.prefill_worker_id = ""
+            local[request.request_id] = request
+
+    def take_local(self) -> list[PendingRequest]:
+        """The requests placed on decode workers to prefill themselves since the last call."""
+        out, self.placed_local = self.placed_local, []
+        return out
 
     def _plan_for(self, worker: WorkerState) -> Plan:
         """The next chunks of the requests placed on `worker`, in order, under its budget.
@@ -489,11 +497,3 @@ class ClusterScheduler:
                 request.num_planned += num
                 budget -= max(num - free, 0)
         return Plan(worker.worker_id, self.next_step_id, chunks)
-
-    def stats(self) -> dict:
-        return {
-            "num_waiting": len(self.waiting),
-            "num_prefilling": len(self.prefilling),
-            "num_waiting_tokens": sum(r.num_tokens for r in self.waiting),
-            "workers": {w.worker_id: w.role.value for w in self._live()},
-        }

@@ -21,7 +21,6 @@ from tandem.services.scheduler.core import (
     Overloaded,
     PendingRequest,
     Plan,
-    PlannedChunk,
     Role,
     Router,
 )
@@ -219,7 +218,7 @@ class SchedulerService:
         self.queued[spec.request_id] = (time.monotonic(), span)
 
     def _dequeued(
-        self, request_id: str, error: str | None = None, chunk: PlannedChunk | None = None
+        self, request_id: str, placed: PendingRequest | None = None, error: str | None = None
     ) -> None:
         """A request leaves the queue: placed (its first chunk planned) or gone."""
         entry = self.queued.pop(request_id, None)
@@ -231,9 +230,9 @@ class SchedulerService:
             self.metrics.queue_time.observe(waited)
         if span is not None:
             span.set_attribute("gen_ai.latency.time_in_queue", waited)
-            if chunk is not None:
-                span.set_attribute("tandem.prefill_worker", chunk.request.prefill_worker_id)
-                span.set_attribute("tandem.decode_worker", chunk.request.decode_worker_id)
+            if placed is not None:
+                span.set_attribute("tandem.prefill_worker", placed.prefill_worker_id)
+                span.set_attribute("tandem.decode_worker", placed.decode_worker_id)
             tracing.end_span(span, error)
 
     def _block_hashes(self, spec: common_pb2.RequestSpec) -> list[int]:
@@ -277,7 +276,12 @@ class SchedulerService:
             await self.bus.publish(subject("prefill", plan.worker_id, "plan"), _plan_proto(plan))
             for chunk in plan.chunks:
                 if chunk.is_first:
-                    self._dequeued(chunk.request.request_id, chunk=chunk)
+                    self._dequeued(chunk.request.request_id, chunk.request)
+        for request in self.core.take_local():  # their decode worker prefills them
+            msg = engine_pb2.LocalPrefill(request=request.payload)
+            await self.bus.publish(subject("local_prefill", request.decode_worker_id), msg)
+            self.metrics.local_prefills.inc()
+            self._dequeued(request.request_id, request)
 
     async def run(self) -> None:
         """Expire silent workers now and then, and rebuild the index when Redis returns;
@@ -362,6 +366,7 @@ async def serve(
     max_queued_requests: int | None = None,
     max_queued_tokens: int | None = None,
     no_worker_timeout: float = 30.0,
+    max_local_prefill_length: int = 0,
 ) -> None:
     """Run the scheduler until cancelled (the `tandem scheduler` entry point); `/health` on
     `health_port` when given."""
@@ -376,6 +381,7 @@ async def serve(
         max_queued_requests=max_queued_requests,
         max_queued_tokens=max_queued_tokens,
         no_worker_timeout=no_worker_timeout,
+        max_local_prefill_length=max_local_prefill_length,
     )
     index = PrefixIndex(redis_url) if redis_url else None
     service = SchedulerService(bus, core, index)

@@ -4,7 +4,7 @@ requests waiting or placed, and the plans it makes. Pure data."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 
@@ -22,6 +22,32 @@ class Router(enum.Enum):
 class Role(enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"
+
+
+@dataclass(slots=True)
+class KVLayout:
+    """KV blocks move between any two workers, so all hold them alike: the first worker to
+    join an empty cluster sets the layout (block size, element type; the type once one says
+    it), and a worker that differs from it is refused. The layout is never set by the
+    outlier, so no stray heartbeat can lock the cluster's own workers out."""
+
+    block_size: int | None = None
+    dtype: str = ""
+
+    def check(self, worker_id: str, block_size, kv_cache_dtype, has_workers: bool) -> str | None:
+        """Why the worker is refused, or None (then the layout learns from it)."""
+        if block_size is None:
+            return None
+        if self.block_size is None or not has_workers:
+            self.block_size, self.dtype = block_size, kv_cache_dtype or ""
+            return None
+        size, dtype = self.block_size, self.dtype
+        if block_size == size and (not kv_cache_dtype or not dtype or kv_cache_dtype == dtype):
+            self.dtype = dtype or kv_cache_dtype or ""
+            return None
+        return (f"worker {worker_id} refused: its KV blocks are {block_size} tokens in "
+                f"{kv_cache_dtype or '?'}, the cluster's {size} tokens in {dtype or '?'}; start "
+                "every worker with the same --block-size and --kv-cache-dtype")  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -82,3 +108,37 @@ class Plan:
     worker_id: str
     step_id: int
     chunks: list[PlannedChunk]
+
+
+LORA_RESIDENT_BLOCKS = 4  # kv-aware: holding a request's LoRA adapter counts as so many blocks
+
+
+def route(
+    router: Router,
+    turns: Iterator[int],
+    request: PendingRequest,
+    candidates: list[WorkerState],
+    load: Callable[[WorkerState], int],
+    overlap: Callable[[WorkerState], int],
+    overlap_weight: float,
+) -> WorkerState | None:
+    """Pick among candidates by the router: round-robin (the next of `turns`), least load,
+    or cached overlap (in tokens, times `overlap_weight`) minus load."""
+    if not candidates:
+        return None
+    if router is Router.ROUND_ROBIN:
+        return candidates[next(turns) % len(candidates)]
+
+    def resident(worker: WorkerState) -> bool:  # its adapter is loaded there already
+        return bool(request.lora_name) and request.lora_name in worker.lora_adapters
+
+    if router is Router.LEAST_LOADED:
+        return min(candidates, key=lambda w: (load(w), not resident(w)))
+
+    def score(worker: WorkerState) -> float:
+        tokens = overlap(worker)
+        if resident(worker):  # loading an adapter costs about a few blocks' prefill
+            tokens += LORA_RESIDENT_BLOCKS * worker.block_size
+        return overlap_weight * tokens - load(worker)
+
+    return max(candidates, key=score)

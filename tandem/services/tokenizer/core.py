@@ -75,11 +75,12 @@ class DetokenizerHub:
         """The requests a lost worker was producing, each as a spec that carries the tokens
         streamed so far (so it continues where its client is; a stream takes each output
         position once, so whatever that worker still sends is dropped). Requests with no
-        token yet are the scheduler's to re-queue."""
+        token yet are the scheduler's to re-queue, but for those a decode worker said it
+        received to prefill itself (conditional disaggregation): the scheduler let them go."""
         out = []
         for stream in self.streams.values():
             holder = stream.decode_worker or stream.producer
-            if holder == worker_id and stream.token_ids:
+            if holder == worker_id and (stream.token_ids or stream.decode_worker == worker_id):
                 out.append(self._resume(stream, worker_id))
         return out
 
@@ -88,7 +89,9 @@ class DetokenizerHub:
         it here depends on which came first, its token or that message (a hand-off under
         way, a decode worker's receipt not yet heard of): re-queued now unless it was then."""
         stream = self.streams.get(request_id)
-        if stream is None or not stream.token_ids or worker_id in stream.resumed_from:
+        if stream is None or worker_id in stream.resumed_from:
+            return None
+        if not stream.token_ids and stream.decode_worker != worker_id:
             return None
         return self._resume(stream, worker_id)
 

@@ -237,6 +237,7 @@ CHECKS: dict[type[Message], Callable] = {
     engine_pb2.KVBlockChunk: _chunk,
     engine_pb2.KVHandoff: _handoff,
     engine_pb2.KVProbe: _probe,
+    engine_pb2.LocalPrefill: lambda m: request_spec(m.request),
     engine_pb2.Preempted: _preempted,
     engine_pb2.DrainRequest: lambda m: worker_id(m.worker_id),
     engine_pb2.WorkerLost: lambda m: worker_id(m.worker_id),

@@ -76,6 +76,7 @@ SUBJECTS: tuple[Subject, ...] = (
     _row("decode.*.probe", engine_pb2.KVProbe, {P}, {D}, engine_pb2.KVProbeReply),
     _row("decode.*.kv", engine_pb2.KVBlockChunk, {P}, {D}, bytes),
     _row("decode.*.handoff", engine_pb2.KVHandoff, {P}, {D}, engine_pb2.KVHandoffAck),
+    _row("local_prefill.*", engine_pb2.LocalPrefill, {S}, {D}),
     _row("scheduler.preempted", engine_pb2.Preempted, {P, D, T}, {S}),
     _row("scheduler.drain", engine_pb2.DrainRequest, {P, D}, {S}, engine_pb2.DrainReply),
     _row("worker.lost", engine_pb2.WorkerLost, {S}, {T, P, D}),
