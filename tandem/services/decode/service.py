@@ -186,10 +186,7 @@ class DecodeWorker(WorkerShell):
             request = codec.request_from_spec(spec)
         except ValueError as e:
             logger.warning("request %s refused: %s", request_id, e)
-            batch = engine_pb2.TokenBatch(worker_id=self.worker_id, timestamp=time.time())
-            batch.requests.add(request_id=request_id, finish_reason="abort", stop_reason=str(e),
-                               error_code=400)  # fmt: skip
-            await self.bus.publish(subject("tokens"), batch)
+            await self._refuse([((request_id, *spec.fork_ids), str(e))])
             return
         carrier = dict(spec.trace_context)
         parent = tracing.extract(carrier)
@@ -330,7 +327,9 @@ class DecodeWorker(WorkerShell):
     async def loop(self) -> None:
         while True:
             if self.arrivals or self.local:
-                failed = await self.driver.call(self._admit)
+                failed, refused = await self.driver.call(self._admit)
+                if refused:
+                    await self._refuse(refused)
                 if failed:
                     for out in failed:
                         self._end_span(out.request.request_id, out.request, error=out.error)
@@ -346,9 +345,10 @@ class DecodeWorker(WorkerShell):
 
     def _admit(self) -> list[StepOutput]:
         """On the engine thread: move arrivals into the batch in order while they fit.
-        Returns those that failed (ended with their error). Requests to prefill here join
-        the engine's queue at once (its scheduler admits them as blocks allow)."""
-        failed = []
+        Returns those that failed (ended with their error), and the requests to prefill
+        here that this engine cannot run (ids with their forks', why). Those join the
+        engine's queue at once (its scheduler admits them as blocks allow)."""
+        failed, refused = [], []
         while self.local:
             request = self.local.popleft()
             if request.request_id in self.aborted:
@@ -356,7 +356,8 @@ class DecodeWorker(WorkerShell):
             try:
                 self.engine.add_request(request)
             except ValueError as e:
-                failed.append(self._refused(request, e))
+                logger.warning("request %s refused: %s", request.request_id, e)
+                refused.append(((request.request_id, *request.fork_ids), str(e)))
         while self.arrivals:
             a = self.arrivals[0]
             if a.request.request_id in self.aborted:
@@ -367,19 +368,26 @@ class DecodeWorker(WorkerShell):
                 if not self.engine.add_prefilled_request(
                     a.request, a.kv, a.num_computed_tokens, a.reused
                 ):
-                    return failed
+                    return failed, refused
             except ValueError as e:
                 self.engine.kv.pool.free(reversed(a.reused))
-                failed.append(self._refused(a.request, e))
+                logger.warning("request %s not admitted: %s", a.request.request_id, e)
+                a.request.stop_reason = f"the decode worker refused it: {e}"
+                a.request.status = RequestStatus.FINISHED_ABORTED
+                failed.append(StepOutput(a.request, [], True, error=a.request.stop_reason))
             self.arrivals.popleft()
-        return failed
+        return failed, refused
 
-    @staticmethod
-    def _refused(request: Request, error: ValueError) -> StepOutput:
-        logger.warning("request %s not admitted: %s", request.request_id, error)
-        request.stop_reason = f"the decode worker refused it: {error}"
-        request.status = RequestStatus.FINISHED_ABORTED
-        return StepOutput(request, [], True, error=request.stop_reason)
+    async def _refuse(self, refused: list[tuple[tuple[str, ...], str]]) -> None:
+        """End requests this worker cannot run (bad input the scheduler's door lets by, as a
+        prefill worker's refusal would): a 400 to each one's client, its forks' too."""
+        batch = engine_pb2.TokenBatch(worker_id=self.worker_id, timestamp=time.time())
+        for request_ids, error in refused:
+            for request_id in request_ids:
+                self._end_span(request_id, error=error)
+                batch.requests.add(request_id=request_id, finish_reason="abort",
+                                   stop_reason=error, error_code=400)  # fmt: skip
+        await self.bus.publish(subject("tokens"), batch)
 
     async def _step(self) -> None:
         (outputs, preempted), _, end_ns = await self.timed_step(self._step_on_thread)

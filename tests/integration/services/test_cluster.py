@@ -39,6 +39,7 @@ def cluster(default_model, cluster_log):
         default_model,
         "--prefill-workers", "2", "--decode-workers", "2",
         "--cpu-kv-cache-space", "0.25", "--max-model-len", "1024",
+        "--max-local-prefill-length", "0",  # every request handed off (test_local_prefill.py)
         log_path=cluster_log,
     )  # fmt: skip
     yield base

@@ -40,8 +40,9 @@ def cluster_and_log(tiny_llama, tmp_path_factory, redis_server):
     log = tmp_path_factory.mktemp("faults") / "cluster.log"
     proc, base = start_cluster(
         tiny_llama, "--max-model-len", "256", "--num-gpu-blocks-override", "256",
-        "--decode-workers", "2", "--worker-placement", "shared", log_path=log,
-        env={"REDIS_URL": redis_server.url},
+        "--decode-workers", "2", "--worker-placement", "shared",
+        "--max-local-prefill-length", "0",  # test_local_prefill.py: a decode worker's own
+        log_path=log, env={"REDIS_URL": redis_server.url},
     )  # fmt: skip
     try:
         yield base, log

@@ -64,6 +64,7 @@ def _complete(base: str, prompts) -> list[list[int]]:
 )
 def test_fp8_outputs_equal_the_engine_and_blocks_move_as_fp8(tiny_llama, engine, flags, env):
     proc, base = start_cluster(tiny_llama, "--kv-cache-dtype", "fp8", "--max-model-len", "256",
+                               "--max-local-prefill-length", "0",  # every request handed off
                                *flags, env=env)  # fmt: skip
     try:
         first, again = _prompts(1, 6, 40), _prompts(1, 6, 40)[::-1]

@@ -27,7 +27,7 @@ def cluster(tiny_llama, tmp_path_factory):
     draft = truncated_draft(tiny_llama, tmp_path_factory.mktemp("draft"))
     spec = json.dumps({"model": draft, "num_speculative_tokens": 3})
     proc, base = start_cluster(tiny_llama, "--max-model-len", "256", "--speculative-config",
-                               spec)  # fmt: skip
+                               spec, "--max-local-prefill-length", "0")  # fmt: skip
     try:
         yield base
     finally:

@@ -1,6 +1,8 @@
 """Traces, metrics and logs of the real cluster: one trace per request across the five
 stages (from the trace file every stage writes), /metrics counters that match known
-traffic exactly, and one structured log line per finished request."""
+traffic exactly, and one structured log line per finished request. The cluster runs with
+conditional disaggregation as by default: prompts longer than LOCAL tokens go through the
+prefill worker, shorter ones are prefilled by the decode worker (a trace of its own)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from tandem.services.observability.tracing import read_spans, request_trace
 from tests.helpers.cluster import start_cluster, stop_cluster
 
 STAGES = {"gateway", "tokenizer", "scheduler", "prefill", "decode"}
+LOCAL = 256  # --max-local-prefill-length's default
+LONG = "The quick brown fox jumps over the lazy dog. " * 7  # > LOCAL tokens (bytes): handed off
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +51,16 @@ def _eventually(check, timeout: float = 15.0):
             time.sleep(0.2)
 
 
-def _trace_of(trace_file, request_id: str) -> list[dict]:
+def _trace_of(trace_file, request_id: str, stages=STAGES) -> list[dict]:
     spans = request_trace(read_spans(trace_file), request_id)
-    assert {s["service"] for s in spans} == STAGES, spans
+    assert {s["service"] for s in spans} == stages, spans
     assert any(s["name"] == "POST /v1/completions" for s in spans)
     return spans
 
 
 def test_one_trace_covers_every_stage_in_order(traced):
     base, trace_file, _ = traced
-    body = {"prompt": "The quick brown fox", "max_tokens": 8, "ignore_eos": True, "stream": True}
+    body = {"prompt": LONG, "max_tokens": 8, "ignore_eos": True, "stream": True}
     request_id = None
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
@@ -137,13 +141,35 @@ def test_one_trace_covers_every_stage_in_order(traced):
         assert stage in out
 
 
+def test_a_short_prompt_prefilled_by_its_decode_worker_has_its_prefill_span_there(traced):
+    base, trace_file, _ = traced
+    body = {"prompt": "The quick brown fox", "max_tokens": 5, "ignore_eos": True}
+    r = httpx.post(base + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    request_id = r.json()["id"]
+    stages = STAGES - {"prefill"}
+    spans = _eventually(lambda: _trace_of(trace_file, request_id, stages))
+    by_name = {}
+    for s in sorted(spans, key=lambda s: s["start_ns"]):
+        by_name.setdefault(s["name"], []).append(s)
+    assert "kv_transfer" not in by_name
+    (queue,), (prefill,), (decode,) = by_name["queue"], by_name["prefill"], by_name["decode"]
+    assert queue["attributes"]["tandem.prefill_worker"] == ""
+    assert prefill["service"] == decode["service"] == "decode"
+    assert prefill["attributes"]["tandem.local_prefill"] is True
+    assert prefill["attributes"]["tandem.num_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert queue["end_ns"] <= decode["start_ns"] <= prefill["start_ns"] <= prefill["end_ns"]
+    assert prefill["end_ns"] <= decode["end_ns"]
+    assert decode["attributes"]["gen_ai.usage.completion_tokens"] == 5
+
+
 def test_a_grammar_compile_is_a_span_on_each_worker_and_in_the_metrics(traced):
     base, trace_file, _ = traced
     before = _settled(base)
     ids = []
-    for _ in range(2):  # compiled, then from each worker's cache
+    for i in range(2):  # compiled, then from each worker's cache
         body = {
-            "prompt": "The quick",
+            "prompt": f"{i} {LONG}",  # no prefix in common: handed off both times
             "max_tokens": 12,
             "structured_outputs": {"regex": "[a-z]{6}"},
         }
@@ -196,7 +222,7 @@ def test_metrics_count_known_traffic_exactly(traced):
     _eventually(lambda: _assert_idle(_scrape(base)))
     before = _settled(base)
     rng = random.Random(7)
-    lengths, max_tokens = [5, 17, 33], 6
+    lengths, max_tokens = [LOCAL + 5, LOCAL + 17, LOCAL + 33], 6
     for n in lengths:
         prompt = [rng.randrange(3, 250) for _ in range(n)]
         body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}

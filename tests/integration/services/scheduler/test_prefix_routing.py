@@ -34,6 +34,7 @@ def cluster(tiny_llama, redis_port):
         tiny_llama,
         "--prefill-workers", "2", "--decode-workers", "2", "--worker-placement", "shared",
         "--num-gpu-blocks-override", "48", "--max-model-len", "512",
+        "--max-local-prefill-length", "0",  # routing between prefill workers is the subject
         env={"REDIS_URL": redis.url},
     )  # fmt: skip
     yield base, redis

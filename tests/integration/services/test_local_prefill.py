@@ -1,0 +1,134 @@
+"""Conditional disaggregation for real: `tandem serve --max-local-prefill-length 16` on the
+tiny model. Prompts of at most 16 tokens are prefilled by the decode worker itself, longer ones
+by the prefill worker and handed off; both equal Hugging Face's greedy tokens, forks and
+aborts included, and every block ends free; a decode worker killed while it holds its own
+prefills loses no request and no token."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from tandem.bench.elastic import cluster_workers
+from tests.helpers.cluster import assert_all_blocks_free, kv_transfers, start_cluster, stop_cluster
+from tests.helpers.hf import hf_greedy
+from tests.integration.services.test_faults import _reference, _run_with_fault, _stats, _wait_for
+
+MAX_LOCAL = 16
+
+
+@pytest.fixture(scope="module")
+def cluster_and_log(tiny_llama, tmp_path_factory):
+    log = tmp_path_factory.mktemp("local") / "serve.log"
+    proc, base = start_cluster(
+        tiny_llama, "--max-local-prefill-length", str(MAX_LOCAL), "--max-model-len", "256",
+        "--num-gpu-blocks-override", "128", "--served-model-name", "tiny",
+        "--decode-workers", "2", "--worker-placement", "shared", log_path=log,
+    )  # fmt: skip
+    yield base, log
+    stop_cluster(proc)
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_and_log):
+    return cluster_and_log[0]
+
+
+def local_prefills(base: str, at_least: float = 0.0, timeout: float = 10.0) -> float:
+    """The scheduler's count (pushed to the gateway every second or so), once >= at_least."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = 0.0
+        for line in httpx.get(base + "/metrics").text.splitlines():
+            if line.startswith("tandem:scheduler_local_prefills_total"):
+                count = float(line.rsplit(" ", 1)[1])
+        if count >= at_least or time.monotonic() > deadline:
+            return count
+        time.sleep(0.2)
+
+
+def complete(base: str, prompt: list[int], max_tokens: int, **extra) -> dict:
+    body = dict(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, **extra)
+    r = httpx.post(base + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_short_prompts_stay_on_the_decode_worker_long_ones_are_handed_off_all_equal_hf(
+    cluster, hf_llama
+):
+    g = torch.Generator().manual_seed(3)
+    lengths = [3, MAX_LOCAL, MAX_LOCAL + 1, 40, 9, 100]
+    prompts = [torch.randint(5, 250, (n,), generator=g).tolist() for n in lengths]
+    before, handed_off = local_prefills(cluster), kv_transfers(cluster, 0)["num_transfers"]
+
+    def run(i: int) -> list[int]:
+        out = complete(cluster, prompts[i], 12, return_token_ids=True)
+        return out["choices"][0]["token_ids"]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(run, range(len(prompts))))
+    assert got == [hf_greedy(hf_llama, p, 12) for p in prompts]
+    num_local = sum(n <= MAX_LOCAL for n in lengths)
+    assert local_prefills(cluster, before + num_local) - before == num_local
+    kv = kv_transfers(cluster, at_least=handed_off + len(lengths) - num_local)
+    assert kv["num_transfers"] - handed_off == len(lengths) - num_local, kv
+    assert_all_blocks_free(cluster)
+
+
+def test_forks_of_a_local_prefill_equal_hf(cluster, hf_llama):
+    prompt = [7, 99, 212, 3, 64]
+    out = complete(cluster, prompt, 10, n=2, return_token_ids=True)
+    want = hf_greedy(hf_llama, prompt, 10)
+    assert [c["token_ids"] for c in out["choices"]] == [want, want]
+    assert_all_blocks_free(cluster)
+
+
+def test_a_local_prefill_aborted_mid_stream_frees_its_blocks_and_the_next_is_served(
+    cluster, hf_llama
+):
+    body = dict(model="tiny", prompt=[11, 12, 13], max_tokens=200, temperature=0,
+                ignore_eos=True, stream=True)  # fmt: skip
+    with httpx.stream("POST", cluster + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # the first token came: the client goes away
+    assert_all_blocks_free(cluster, timeout=20)
+    prompt = [21, 22, 23, 24]
+    got = complete(cluster, prompt, 8, return_token_ids=True)["choices"][0]["token_ids"]
+    assert got == hf_greedy(hf_llama, prompt, 8)
+
+
+def test_a_decode_worker_killed_while_it_holds_its_own_prefills_loses_nothing(cluster_and_log):
+    cluster, log = cluster_and_log
+    prompts = [f"local kill request {i} says" for i in range(4)]  # short: prefilled locally
+    before = local_prefills(cluster)
+    expected = _reference(cluster, prompts)
+    assert local_prefills(cluster, before + len(prompts)) - before == len(prompts)
+    steps = {k: w["num_steps"] for k, w in _stats(cluster).items()}
+    victim: list[str] = []
+
+    def kill_a_busy_decode_worker():
+        def busy():  # running requests of this load: it stepped since the reference ended
+            victim[:] = [k for k, w in _stats(cluster).items()
+                         if w["role"] == "decode" and w["num_running"] >= 1
+                         and w["num_steps"] >= steps.get(k, 0) + 3]  # fmt: skip
+            return bool(victim)
+
+        _wait_for(busy, 60, "no decode worker got requests")
+        os.kill(cluster_workers(cluster)[victim[0]].pid, signal.SIGKILL)
+
+    results = _run_with_fault(cluster, prompts, kill_a_busy_decode_worker)
+    for result, tokens in zip(results, expected):
+        assert result["status"] == 200, result
+        assert result["body"]["choices"][0]["token_ids"] == tokens  # nothing repeated or lost
+    assert f"{victim[0]} lost: " in log.read_text()  # re-queued by the tokenizer
+    _wait_for(lambda: f"{victim[0]}.1" in _stats(cluster), 120, "the worker was not restarted")
+    assert_all_blocks_free(cluster, timeout=30)
