@@ -10,9 +10,9 @@ the network) and to the decode worker with the fewest requests (running, waiting
 transit), among those under their `max_num_seqs` and with room for the prompt's blocks. A
 request that fits no decode worker waits: that is admission control.
 
-Conditional disaggregation (`max_local_prefill_length`): a request whose prompt tokens not
-cached on its decode worker are at most that many is placed on the decode worker alone,
-which prefills it itself; the hand-off is not worth it for a short prompt.
+Conditional disaggregation: while no prefill worker has work, a request with at most
+`max_local_prefill_length` prompt tokens not cached on its decode worker goes to that worker
+alone, which prefills it itself (_prefills_locally).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from collections.abc import Callable
 from tandem.engine.config import SchedulingPolicy
 from tandem.engine.scheduler import WaitingQueue
 from tandem.services.scheduler.state import (  # noqa: F401 (the core's vocabulary, re-exported)
-    LORA_RESIDENT_BLOCKS,
     KVLayout,
     Overloaded,
     PendingRequest,
@@ -416,8 +415,7 @@ class ClusterScheduler:
             request = self.waiting.peek()
             decode = None if request.pooling else self._pick_decode(request)
             if decode is not None and self._prefills_locally(request, decode):
-                self.waiting.pop()
-                self._place(request, decode, self.local)
+                self._place(self.waiting.pop(), decode, self.local)
                 self.placed_local.append(request)
                 continue
             found = request.pooling or decode is not None
@@ -449,21 +447,23 @@ class ClusterScheduler:
         return plans
 
     def _prefills_locally(self, request: PendingRequest, decode: WorkerState) -> bool:
-        """Conditional disaggregation: the decode worker prefills the request itself when
-        at most max_local_prefill_length of its tokens are not cached there."""
+        """Whether the decode worker prefills the request itself: few tokens not cached there
+        (<= max_local_prefill_length: a hand-off costs more than it saves) and no prefill
+        worker has work (then a prefill on the decode worker would slow its batch down)."""
+        if self.prefilling:
+            return False
         uncached = request.num_tokens - self._cached_tokens(request, decode)
         return uncached <= self.max_local_prefill_length
 
     def _place(self, request: PendingRequest, decode: WorkerState, local=None) -> None:
-        """The request is on its way to its decode worker (from its prefill worker, or,
-        `local`, as is: then kept there until the worker says it arrived)."""
+        """The request is on its way to its decode worker (from its prefill worker, or, into
+        `local`, as is: held there until the worker says it arrived)."""
         self._remember(request, decode)
         blocks = cdiv(request.num_tokens + 1, max(decode.block_size, 1))
         decode.in_transit[request.request_id] = (blocks, self.clock())
         request.decode_worker_id = decode.worker_id
         if local is not None:
-            request.prefill_worker_id = ""
-            local[request.request_id] = request
+            request.prefill_worker_id, local[request.request_id] = "", request
 
     def take_local(self) -> list[PendingRequest]:
         """The requests placed on decode workers to prefill themselves since the last call."""

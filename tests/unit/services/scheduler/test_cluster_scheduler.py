@@ -424,7 +424,8 @@ def test_a_worker_whose_kv_blocks_differ_from_its_peers_is_refused_with_a_messag
 
 @pytest.mark.parametrize("router_name", ["KV_AWARE", "LEAST_LOADED"])
 def test_a_lora_request_prefers_the_worker_holding_its_adapter(router_name):
-    from tandem.services.scheduler.core import LORA_RESIDENT_BLOCKS, Router
+    from tandem.services.scheduler.core import Router
+    from tandem.services.scheduler.state import LORA_RESIDENT_BLOCKS
 
     core = make_two_prefill(Router[router_name])
     core.on_heartbeat("p1", Role.PREFILL, lora_adapters=frozenset({"sql"}))

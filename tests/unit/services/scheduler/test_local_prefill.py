@@ -41,6 +41,18 @@ def test_prompts_up_to_the_length_are_prefilled_by_their_decode_worker_longer_on
     assert core.local["short"].prefill_worker_id == ""
 
 
+def test_while_a_prefill_worker_has_work_short_prompts_go_there_too():
+    core, _ = make(max_local=64)
+    core.add_request(req("long", 300))
+    core.add_request(req("short", 10))
+    (plan,) = core.schedule()
+    assert chunks(plan) == [("long", 300, True), ("short", 10, True)] and not core.take_local()
+    core.on_report("p0", prefilled_ids=["long", "short"])  # nothing placed there any more
+    core.add_request(req("next", 10))
+    core.schedule()
+    assert ids(core.take_local()) == [("next", "d0")]
+
+
 def test_zero_turns_it_off():
     core, _ = make(max_local=0)
     core.add_request(req("a", 1))
