@@ -1,8 +1,8 @@
 """Conditional disaggregation for real: `tandem serve --max-local-prefill-length 16` on the
-tiny model. Prompts of at most 16 tokens are prefilled by the decode worker itself, longer ones
-by the prefill worker and handed off; both equal Hugging Face's greedy tokens, forks and
-aborts included, and every block ends free; a decode worker killed while it holds its own
-prefills loses no request and no token."""
+tiny model. Prompts of at most 16 tokens are prefilled by the decode worker itself (while the
+prefill worker has no work), longer ones by the prefill worker and handed off; both equal
+Hugging Face's greedy tokens, forks and aborts included, and every block ends free; a decode
+worker killed while it holds its own prefills loses no request and no token."""
 
 from __future__ import annotations
 
@@ -72,10 +72,15 @@ def test_short_prompts_stay_on_the_decode_worker_long_ones_are_handed_off_all_eq
         out = complete(cluster, prompts[i], 12, return_token_ids=True)
         return out["choices"][0]["token_ids"]
 
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        got = list(pool.map(run, range(len(prompts))))
-    assert got == [hf_greedy(hf_llama, p, 12) for p in prompts]
-    num_local = sum(n <= MAX_LOCAL for n in lengths)
+    # the short ones first: while a prefill worker has work, every prompt goes there
+    short = [i for i, n in enumerate(lengths) if n <= MAX_LOCAL]
+    long = [i for i, n in enumerate(lengths) if n > MAX_LOCAL]
+    got = {}
+    for group in short, long:
+        with ThreadPoolExecutor(len(group)) as pool:
+            got.update(zip(group, pool.map(run, group)))
+    assert [got[i] for i in range(len(prompts))] == [hf_greedy(hf_llama, p, 12) for p in prompts]
+    num_local = len(short)
     assert local_prefills(cluster, before + num_local) - before == num_local
     kv = kv_transfers(cluster, at_least=handed_off + len(lengths) - num_local)
     assert kv["num_transfers"] - handed_off == len(lengths) - num_local, kv
