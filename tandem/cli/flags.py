@@ -32,9 +32,9 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
         "--max-local-prefill-length",
         type=int,
         default=LOCAL_PREFILL_DEFAULT,
-        help="conditional disaggregation: a request with at most this many prompt tokens not "
-        "cached on its decode worker is prefilled there, not handed off from a prefill worker "
-        "(0: every request goes through a prefill worker)",
+        help="conditional disaggregation: while no prefill worker has work, a request with at "
+        "most this many prompt tokens not cached on its decode worker is prefilled there, not "
+        "handed off from a prefill worker (0: every request goes through a prefill worker)",
     )
 
 
