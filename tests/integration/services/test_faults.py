@@ -6,7 +6,6 @@ worker's blocks are all free."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -21,8 +20,7 @@ from tandem.bench.elastic import cluster_workers
 from tandem.services.scheduler.prefix_index import BLOCK_KEY, WORKER_KEY
 from tandem.services.servers import start_redis
 from tests.helpers.cluster import assert_all_blocks_free, start_cluster, stop_cluster
-
-MAX_TOKENS = 200
+from tests.helpers.faults import reference, run_with_fault, stats, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +72,7 @@ def indexed_workers(redis_url: str) -> set[str]:
 
 
 def assert_index_names_only_live_workers(base: str, redis_url: str) -> None:
-    _wait_for(lambda: indexed_workers(redis_url) <= set(_stats(base)), 10,
+    wait_for(lambda: indexed_workers(redis_url) <= set(stats(base)), 10,
               "the prefix index names a dead worker")  # fmt: skip
 
 
@@ -82,77 +80,41 @@ def _prompts(tag: str) -> list[str]:
     return [f"{tag} request number {i} says" for i in range(4)]
 
 
-async def _complete(http: httpx.AsyncClient, prompt: str) -> dict:
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0,
-            "return_token_ids": True}  # fmt: skip
-    r = await http.post("/v1/completions", json=body)
-    return {"status": r.status_code, "body": r.json()}
-
-
-def _stats(base: str) -> dict:
-    return httpx.get(base + "/stats", timeout=5).json()["workers"]
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
-def _run_with_fault(base: str, prompts: list[str], fault) -> list[dict]:
-    """The prompts concurrently; `fault()` once the load is on."""
-
-    async def scenario():
-        async with httpx.AsyncClient(base_url=base, timeout=120) as http:
-            tasks = [asyncio.create_task(_complete(http, p)) for p in prompts]
-            await asyncio.to_thread(fault)
-            return await asyncio.wait_for(asyncio.gather(*tasks), 120)
-
-    return asyncio.run(scenario())
-
-
-def _reference(base: str, prompts: list[str]) -> list[list[int]]:
-    results = _run_with_fault(base, prompts, lambda: None)
-    assert all(r["status"] == 200 for r in results), results
-    return [r["body"]["choices"][0]["token_ids"] for r in results]
-
-
 def test_a_decode_worker_killed_mid_stream_loses_no_request_and_no_token(
     cluster_and_log, redis_server
 ):
     cluster, log = cluster_and_log
     prompts = _prompts("kill9")
-    expected = _reference(cluster, prompts)
+    expected = reference(cluster, prompts)
     assert indexed_workers(redis_server.url)  # the workers' blocks are in the index
     victim = {}
     # a heartbeat of the reference's last moments may still say "running": the victim must
     # be running requests of this load, which it shows by having received their KV
-    received = {k: w["num_kv_blocks_received"] for k, w in _stats(cluster).items()}
+    received = {k: w["num_kv_blocks_received"] for k, w in stats(cluster).items()}
 
     def kill_a_busy_decode_worker():
         def busy():
-            running = {k: w for k, w in _stats(cluster).items()
+            running = {k: w for k, w in stats(cluster).items()
                        if w["role"] == "decode" and w["num_running"] >= 1
                        and w["num_kv_blocks_received"] > received.get(k, 0)}  # fmt: skip
             victim.update(running)
             return bool(running)
 
-        _wait_for(busy, 60, "no decode worker got requests")
+        wait_for(busy, 60, "no decode worker got requests")
         worker_id = sorted(victim)[0]
         os.kill(cluster_workers(cluster)[worker_id].pid, signal.SIGKILL)
         victim.clear()
         victim[worker_id] = True
 
-    results = _run_with_fault(cluster, prompts, kill_a_busy_decode_worker)
+    results = run_with_fault(cluster, prompts, kill_a_busy_decode_worker)
     for result, tokens in zip(results, expected):
         assert result["status"] == 200, result
         assert result["body"]["choices"][0]["token_ids"] == tokens  # nothing repeated or lost
     (dead,) = victim
     assert f"{dead} lost: " in log.read_text()  # its requests were re-queued mid-stream
     # the launcher started the worker again, under a new id
-    _wait_for(lambda: f"{dead}.1" in _stats(cluster), 120, "the worker was not restarted")
-    _wait_for(lambda: dead not in cluster_workers(cluster), 10, "the old id lingers")
+    wait_for(lambda: f"{dead}.1" in stats(cluster), 120, "the worker was not restarted")
+    wait_for(lambda: dead not in cluster_workers(cluster), 10, "the old id lingers")
     assert_all_blocks_free(cluster)
     assert dead not in indexed_workers(redis_server.url)
     assert_index_names_only_live_workers(cluster, redis_server.url)
@@ -160,13 +122,13 @@ def test_a_decode_worker_killed_mid_stream_loses_no_request_and_no_token(
 
 def test_the_prefill_worker_killed_mid_plan_loses_no_request(cluster, redis_server):
     prompts = _prompts("prefill-kill")
-    expected = _reference(cluster, prompts)
+    expected = reference(cluster, prompts)
 
     def kill_prefill():
         prefill = next(k for k in cluster_workers(cluster) if k.startswith("prefill"))
         os.kill(cluster_workers(cluster)[prefill].pid, signal.SIGKILL)
 
-    results = _run_with_fault(cluster, prompts, kill_prefill)
+    results = run_with_fault(cluster, prompts, kill_prefill)
     for result, tokens in zip(results, expected):
         assert result["status"] == 200, result
         assert result["body"]["choices"][0]["token_ids"] == tokens
@@ -180,7 +142,7 @@ def test_nats_restarted_new_requests_succeed_within_seconds(cluster):
     pid, argv = nats
 
     def restart_nats():
-        _wait_for(lambda: any(w["num_running"] for w in _stats(cluster).values()), 30,
+        wait_for(lambda: any(w["num_running"] for w in stats(cluster).values()), 30,
                   "the requests never started")  # fmt: skip
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)
@@ -188,7 +150,7 @@ def test_nats_restarted_new_requests_succeed_within_seconds(cluster):
                                                  stdout=subprocess.DEVNULL,
                                                  stderr=subprocess.DEVNULL))  # fmt: skip
 
-    results = _run_with_fault(cluster, _prompts("nats"), restart_nats)
+    results = run_with_fault(cluster, _prompts("nats"), restart_nats)
     for result in results:  # completed, or an explicit error
         assert result["status"] in (200, 503), result
     start = time.monotonic()

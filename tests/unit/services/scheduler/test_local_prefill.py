@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from tandem.engine.config import SchedulingPolicy
 from tandem.services.scheduler.core import ClusterScheduler, PendingRequest, Role
-from tests.unit.services.scheduler.test_cluster_scheduler import Clock, chunks
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def chunks(plan):
+    return [(c.request.request_id, c.num_tokens, c.is_first) for c in plan.chunks]
 
 
 def make(max_local: int, num_decode: int = 1, decode_seqs: int = 8):
