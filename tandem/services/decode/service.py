@@ -199,10 +199,12 @@ class DecodeWorker(WorkerShell):
         self.wake.set()
 
     def _holds(self, request_id: str) -> bool:
+        """Whether the request is here. The deques are copied first (one atomic step): the
+        engine thread takes from them meanwhile."""
         return (
             request_id in self.engine.scheduler.requests
-            or any(a.request.request_id == request_id for a in self.arrivals)
-            or any(r.request_id == request_id for r in self.local)
+            or any(a.request.request_id == request_id for a in list(self.arrivals))
+            or any(r.request_id == request_id for r in list(self.local))
         )
 
     def _check_handoff(self, handoff: engine_pb2.KVHandoff, kv, reused) -> str | None:
@@ -308,8 +310,11 @@ class DecodeWorker(WorkerShell):
     def _hand_back_on_thread(self) -> list[Request]:
         for request_id in list(self.reserved):
             self._release(request_id)
-        arrived = [r for r in self.local if r.request_id not in self.aborted]
-        self.local.clear()
+        arrived = []
+        while self.local:  # popped one by one: the event loop may append meanwhile
+            request = self.local.popleft()
+            if request.request_id not in self.aborted:
+                arrived.append(request)
         while self.arrivals:
             a = self.arrivals.popleft()
             self.engine.kv.pool.free(reversed(a.reused))
@@ -343,7 +348,7 @@ class DecodeWorker(WorkerShell):
                 await self.send_heartbeat()
             await self.flush_kv_events()
 
-    def _admit(self) -> list[StepOutput]:
+    def _admit(self) -> tuple[list[StepOutput], list[tuple[tuple[str, ...], str]]]:
         """On the engine thread: move arrivals into the batch in order while they fit.
         Returns those that failed (ended with their error), and the requests to prefill
         here that this engine cannot run (ids with their forks', why). Those join the
@@ -370,8 +375,8 @@ class DecodeWorker(WorkerShell):
                 ):
                     return failed, refused
             except ValueError as e:
-                self.engine.kv.pool.free(reversed(a.reused))
                 logger.warning("request %s not admitted: %s", a.request.request_id, e)
+                self.engine.kv.pool.free(reversed(a.reused))
                 a.request.stop_reason = f"the decode worker refused it: {e}"
                 a.request.status = RequestStatus.FINISHED_ABORTED
                 failed.append(StepOutput(a.request, [], True, error=a.request.stop_reason))
