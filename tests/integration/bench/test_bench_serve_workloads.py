@@ -199,8 +199,8 @@ def test_structured_measures_constrained_against_unconstrained_and_grammar_costs
             "structured",
             "--model",
             default_model,
-            "--server-args",
-            "--dtype float32 --torch-threads 1",
+            "--server-args",  # every request handed off: grammars compile on both workers
+            "--dtype float32 --torch-threads 1 --max-local-prefill-length 0",
             "--json",
             str(out),
             "--num-prompts",
