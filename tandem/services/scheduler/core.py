@@ -415,7 +415,7 @@ class ClusterScheduler:
             request = self.waiting.peek()
             decode = None if request.pooling else self._pick_decode(request)
             if decode is not None and self._prefills_locally(request, decode):
-                self._place(self.waiting.pop(), decode, self.local)
+                self._place(self.waiting.pop(), decode, local=True)
                 self.placed_local.append(request)
                 continue
             found = request.pooling or decode is not None
@@ -455,15 +455,15 @@ class ClusterScheduler:
         uncached = request.num_tokens - self._cached_tokens(request, decode)
         return uncached <= self.max_local_prefill_length
 
-    def _place(self, request: PendingRequest, decode: WorkerState, local=None) -> None:
-        """The request is on its way to its decode worker (from its prefill worker, or, into
-        `local`, as is: held there until the worker says it arrived)."""
+    def _place(self, request: PendingRequest, decode: WorkerState, local: bool = False) -> None:
+        """The request is on its way to its decode worker (from its prefill worker, or,
+        `local`, as is: held in self.local until the worker says it arrived)."""
         self._remember(request, decode)
         blocks = cdiv(request.num_tokens + 1, max(decode.block_size, 1))
         decode.in_transit[request.request_id] = (blocks, self.clock())
         request.decode_worker_id = decode.worker_id
-        if local is not None:
-            request.prefill_worker_id, local[request.request_id] = "", request
+        if local:
+            request.prefill_worker_id, self.local[request.request_id] = "", request
 
     def take_local(self) -> list[PendingRequest]:
         """The requests placed on decode workers to prefill themselves since the last call."""
