@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.engine.kv_quant import as_bytes, dequantize, is_fp8, quantize
+from tandem.kernels import cpu as cpu_kernels
 from tandem.kernels.cpu import (
     has_prefill_attention_bf16,
     load_cpu_kernels,
@@ -192,6 +193,36 @@ def _decode_group(start, end, context_lens, block_tables, max_blocks, device):
     tables = torch.tensor(padded, dtype=torch.int64, device=device)
     lens = torch.tensor(context_lens[start:end], dtype=torch.int64, device=device)
     return DecodeGroup(start, end, tables, lens)
+
+
+def fused_decode_attention(
+    qkv: torch.Tensor,  # (T, (H + 2 Hkv) * D), the fused projection
+    cos: torch.Tensor,  # (T, 1, D)
+    signed_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttnMetadata,
+    num_heads: int,
+    scale: float,
+) -> torch.Tensor | None:
+    """RoPE, the cache write and attention of a decode-only batch on a CPU in one C++ call
+    (kernels/cpu.py), from the fused projection: what `apply_rope` and `paged_attention`
+    compute, the same bits, without their ~20 small ops a layer (at one row they cost more
+    than the attention). None where it does not apply (prefill rows, CUDA, a float8 cache,
+    no kernels): the caller takes the general path."""
+    if (
+        meta.prefills
+        or meta.triton is not None
+        or qkv.device.type != "cpu"
+        or qkv.dtype != k_cache.dtype
+        or not load_cpu_kernels()
+    ):
+        return None
+    groups = meta.decode_groups
+    return cpu_kernels.decode_attention_rope(
+        qkv.contiguous(), cos, signed_sin, k_cache, v_cache, meta.slot_mapping,
+        [g.block_tables for g in groups], [g.context_lens for g in groups], num_heads, scale,
+    )  # fmt: skip
 
 
 def paged_attention(

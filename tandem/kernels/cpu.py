@@ -130,6 +130,26 @@ def paged_decode_attention(
     )
 
 
+def decode_attention_rope(
+    qkv: torch.Tensor,  # (T, (H + 2 Hkv) * D), the fused projection
+    cos: torch.Tensor,  # (T, 1, D) in qkv's dtype
+    signed_sin: torch.Tensor,  # (T, 1, D), (-sin, sin) by halves (layers.apply_rope)
+    k_cache: torch.Tensor,  # (num_blocks, Hkv, block_size, D), qkv's dtype
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # (T,) int64: each token's cache slot
+    block_tables: list[torch.Tensor],  # per group of rows, in order: (B, max_blocks) int64
+    context_lens: list[torch.Tensor],  # per group: (B,) int64
+    num_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """A decode-only batch's attention in one call: RoPE on q and k (HF's roundings), k and v
+    into their slots, then `paged_decode_attention` per group. (T, H * D)."""
+    return torch.ops.tandem_cpu.decode_attention_rope(
+        qkv, cos, signed_sin, k_cache, v_cache, slots, block_tables, context_lens, num_heads,
+        scale,
+    )  # fmt: skip
+
+
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
                                k_scale: float = 1.0, v_scale: float = 1.0):  # fmt: skip
     """The same in plain torch, one request at a time, a float8 cache dequantized first."""

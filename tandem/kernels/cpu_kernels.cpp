@@ -950,6 +950,90 @@ void lora_shrink_expand(at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
   });
 }
 
+// A decode-only batch's attention, from its fused q/k/v projection, in one call: RoPE on q and
+// k, k and v written into their cache slots, then paged_decode_attention for each group of
+// rows (groups share a padded block table). Torch's path is ~20 small ops a layer (split,
+// view, cat, mul, add, index_copy, slices), which at one row cost more than the attention.
+// RoPE rounds as HF's x * cos + rotate_half(x) * sin does in x's dtype: each product, then
+// their sum (no FMA: contraction is off here).
+template <typename T>
+__attribute__((optimize("fp-contract=off"))) void rope_and_cache(
+    const T* qkv, const T* cos, const T* sin, T* q_out, T* k_cache, T* v_cache,
+    const int64_t* slots, int64_t tokens, int64_t num_heads, int64_t num_kv_heads,
+    int64_t head_dim, int64_t block_size) {
+  const int64_t width = (num_heads + 2 * num_kv_heads) * head_dim, half = head_dim / 2;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const T* row = qkv + t * width;
+    const T *c = cos + t * head_dim, *sn = sin + t * head_dim;
+    const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+    auto cache_row = [&](T* cache, int64_t h) {
+      return cache + ((block * num_kv_heads + h) * block_size + offset) * head_dim;
+    };
+    for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
+      const T* x = row + h * head_dim;
+      T* dst = h < num_heads ? q_out + (t * num_heads + h) * head_dim
+                             : cache_row(k_cache, h - num_heads);
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const T a = static_cast<T>(static_cast<float>(x[d]) * static_cast<float>(c[d]));
+        const T swapped = x[d < half ? d + half : d - half];
+        const T b = static_cast<T>(static_cast<float>(swapped) * static_cast<float>(sn[d]));
+        dst[d] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+      }
+    }
+    const T* v = row + (num_heads + num_kv_heads) * head_dim;
+    for (int64_t h = 0; h < num_kv_heads; ++h)
+      std::memcpy(cache_row(v_cache, h), v + h * head_dim, head_dim * sizeof(T));
+  }
+}
+
+at::Tensor decode_attention_rope(const at::Tensor& qkv, const at::Tensor& cos,
+                                 const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                                 const at::Tensor& slots, at::TensorList block_tables,
+                                 at::TensorList context_lens, int64_t num_heads, double scale) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "qkv must be a contiguous (T, width) tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes(),
+              "the caches must be contiguous (num_blocks, Hkv, block_size, D) tensors alike");
+  const auto t = qkv.scalar_type();
+  TORCH_CHECK(k_cache.scalar_type() == t && v_cache.scalar_type() == t && cos.scalar_type() == t &&
+                  sin.scalar_type() == t,
+              "cos, sin and the caches must be of qkv's dtype");
+  const int64_t tokens = qkv.size(0), num_kv_heads = k_cache.size(1);
+  const int64_t block_size = k_cache.size(2), head_dim = k_cache.size(3);
+  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim && head_dim % 2 == 0,
+              "qkv's width is not (num_heads + 2 Hkv) x head_dim");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == tokens * head_dim &&
+                  sin.numel() == tokens * head_dim,
+              "cos and sin must be contiguous, head_dim values a token");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() &&
+                  slots.numel() == tokens,
+              "slots must be a (T,) int64 tensor");
+  TORCH_CHECK(block_tables.size() == context_lens.size(), "one context_lens per block table");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.size(0) * block_size;
+  for (int64_t i = 0; i < tokens; ++i)
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < num_slots, "a slot outside the cache");
+  at::Tensor q = at::empty({tokens, num_heads, head_dim}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "decode_attention_rope", [&] {
+    rope_and_cache<scalar_t>(qkv.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
+                             sin.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+                             k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), sp,
+                             tokens, num_heads, num_kv_heads, head_dim, block_size);
+  });
+  at::Tensor out = at::empty({tokens, num_heads * head_dim}, qkv.options());
+  int64_t start = 0;
+  for (size_t g = 0; g < block_tables.size(); ++g) {
+    const int64_t end = start + block_tables[g].size(0);
+    TORCH_CHECK(end <= tokens, "the groups' rows exceed the batch");
+    const at::Tensor o = paged_decode_attention(q.slice(0, start, end), k_cache, v_cache,
+                                                block_tables[g], context_lens[g], scale, 1.0);
+    out.slice(0, start, end).copy_(o.view({end - start, num_heads * head_dim}));
+    start = end;
+  }
+  TORCH_CHECK(start == tokens, "the groups must cover every row of the batch");
+  return out;
+}
+
 // A linear layer at a few rows (decode): y = x W^T (+ b), W as loaded, (out, in). A product
 // this thin reads every weight once and is bound by memory bandwidth: MKL's and oneDNN's
 // one-row products stay on one core whatever the thread count; this one splits W's rows over
@@ -965,8 +1049,8 @@ constexpr int64_t kMaxLinearRows = 4;
 // a step, exactly, into 16 fp32 sums, where widening each weight to fp32 first costs a
 // shuffle and two FMAs per 32 weights.
 template <int R>
-inline void linear_row_bf16(const c10::BFloat16* x, const c10::BFloat16* w, float* y,
-                            int64_t in, int64_t out, int64_t o) {
+inline void linear_row_bf16(const c10::BFloat16* x, const c10::BFloat16* w, const float* b,
+                            c10::BFloat16* y, int64_t in, int64_t out, int64_t o) {
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const c10::BFloat16* wo = w + o * in;
@@ -990,16 +1074,16 @@ inline void linear_row_bf16(const c10::BFloat16* x, const c10::BFloat16* w, floa
     float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
     for (int64_t kk = k; kk < in; ++kk)
       s += static_cast<float>(x[r * in + kk]) * static_cast<float>(wo[kk]);
-    y[r * out + o] = s;
+    y[r * out + o] = static_cast<c10::BFloat16>(b == nullptr ? s : s + b[o]);
   }
 }
 
 template <int R>
-void linear_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* w, float* y, int64_t in,
-                      int64_t out) {
+void linear_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* w, const float* b,
+                      c10::BFloat16* y, int64_t in, int64_t out) {
   const int64_t grain = std::max<int64_t>(1, (32 << 10) / (in * 2));  // 32 KiB a task at least
   at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) linear_row_bf16<R>(x, w, y, in, out, o);
+    for (int64_t o = begin; o < end; ++o) linear_row_bf16<R>(x, w, b, y, in, out, o);
   });
 }
 #endif
@@ -1048,23 +1132,26 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w,
   TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
               "w must be float32, bfloat16 or float16");
   const int64_t rows = x.size(0), in = x.size(1), out = w.size(0);
-  at::Tensor y = at::empty({rows, out}, x.options().dtype(at::kFloat));
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-  if (t == at::kBFloat16 && x.scalar_type() == at::kBFloat16) {
+  if (t == at::kBFloat16 && x.scalar_type() == at::kBFloat16) {  // y in bf16, rounded once
     const at::Tensor xc = x.contiguous();
+    at::Tensor yb = at::empty({rows, out}, x.options());
+    at::Tensor bf;
+    if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
     const auto* xp = xc.data_ptr<c10::BFloat16>();
     const auto* wp = w.data_ptr<c10::BFloat16>();
-    float* yp = y.data_ptr<float>();
+    const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
+    auto* yp = yb.data_ptr<c10::BFloat16>();
     switch (rows) {
-      case 1: linear_rows_bf16<1>(xp, wp, yp, in, out); break;
-      case 2: linear_rows_bf16<2>(xp, wp, yp, in, out); break;
-      case 3: linear_rows_bf16<3>(xp, wp, yp, in, out); break;
-      default: linear_rows_bf16<4>(xp, wp, yp, in, out); break;
+      case 1: linear_rows_bf16<1>(xp, wp, bp, yp, in, out); break;
+      case 2: linear_rows_bf16<2>(xp, wp, bp, yp, in, out); break;
+      case 3: linear_rows_bf16<3>(xp, wp, bp, yp, in, out); break;
+      default: linear_rows_bf16<4>(xp, wp, bp, yp, in, out); break;
     }
-    if (bias.has_value()) y.add_(*bias);
-    return y.to(x.scalar_type());
+    return yb;
   }
 #endif
+  at::Tensor y = at::empty({rows, out}, x.options().dtype(at::kFloat));
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "linear_rows", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -1101,6 +1188,10 @@ TORCH_LIBRARY(tandem_cpu, m) {
       "lora_shrink_expand(Tensor(a!) y, Tensor x, Tensor a, Tensor bt, Tensor row_slots, "
       "int[] shard_sizes) -> ()");
   m.def("linear_rows(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def(
+      "decode_attention_rope(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor slots, Tensor[] block_tables, Tensor[] context_lens, "
+      "int num_heads, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
@@ -1113,4 +1204,5 @@ TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
   m.impl("apply_token_bitmask", &apply_token_bitmask);
   m.impl("lora_shrink_expand", &lora_shrink_expand);
   m.impl("linear_rows", &linear_rows);
+  m.impl("decode_attention_rope", &decode_attention_rope);
 }

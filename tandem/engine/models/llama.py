@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.engine.attention import AttnMetadata, paged_attention
+from tandem.engine.attention import AttnMetadata, fused_decode_attention, paged_attention
 from tandem.engine.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin
 
 
@@ -71,6 +71,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, meta: AttnMetadata, k_cache, v_cache) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, (H + 2 Hkv) * D)
+        if self.kv_amax is None:  # a decode-only batch on a CPU: one call, same bits
+            o = fused_decode_attention(
+                qkv, cos, sin, k_cache, v_cache, meta, self.num_heads, self.scale
+            )
+            if o is not None:
+                return self.o_proj(o)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads rotate together: one RoPE pass.
         qk = qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim)  # (T, H + Hkv, D)

@@ -330,23 +330,41 @@ class DecodeWorker(WorkerShell):
         return msg
 
     async def loop(self) -> None:
-        while True:
-            if self.arrivals or self.local:
-                failed, refused = await self.driver.call(self._admit)
-                if refused:
-                    await self._refuse(refused)
-                if failed:
-                    for out in failed:
-                        self._end_span(out.request.request_id, out.request, error=out.error)
-                    await self.publish_tokens(failed, self.engine.num_steps)
-            if self.engine.has_unfinished:
-                await self._step()
-            else:
+        """Steps while anything runs. Each step starts as soon as the one before it ends: that
+        step's tokens, prefix-cache events and preempted requests go out while it runs (the
+        event loop's share of a step, ~1 ms, no longer adds to every token's time)."""
+        done = None  # the last step's results, not yet sent
+        try:
+            while True:
+                if self.arrivals or self.local:
+                    await self._admit_arrivals()
+                if self.engine.has_unfinished:
+                    step = asyncio.ensure_future(self.timed_step(self._step_on_thread))
+                    if done is not None:
+                        await self._send_step(*done)
+                    done = await step
+                    continue
+                if done is not None:
+                    await self._send_step(*done)
+                    done = None
+                    continue
+                if self.received_ids:  # admitted nothing to step (refused, failed)
+                    await self.send_heartbeat()
+                await self.flush_kv_events()
                 self.wake.clear()
                 await self.wake.wait()
-            if self.received_ids:  # tell the scheduler soon: they stop being in transit
-                await self.send_heartbeat()
-            await self.flush_kv_events()
+        finally:
+            if done is not None:  # cancelled (shutdown) with a step's tokens computed
+                await self._send_step(*done)
+
+    async def _admit_arrivals(self) -> None:
+        failed, refused = await self.driver.call(self._admit)
+        if refused:
+            await self._refuse(refused)
+        if failed:
+            for out in failed:
+                self._end_span(out.request.request_id, out.request, error=out.error)
+            await self.publish_tokens(failed, self.engine.num_steps)
 
     def _admit(self) -> tuple[list[StepOutput], list[tuple[tuple[str, ...], str]]]:
         """On the engine thread: move arrivals into the batch in order while they fit.
@@ -394,8 +412,10 @@ class DecodeWorker(WorkerShell):
                                    stop_reason=error, error_code=400)  # fmt: skip
         await self.bus.publish(subject("tokens"), batch)
 
-    async def _step(self) -> None:
-        (outputs, preempted), _, end_ns = await self.timed_step(self._step_on_thread)
+    async def _send_step(self, result, start_ns: int, end_ns: int) -> None:
+        """What a step made, to whom it concerns: tokens to the tokenizer, preempted
+        requests to the scheduler, prefix-cache events, arrivals to the scheduler."""
+        outputs, batch, preempted, events = result
         if self.local_since:
             self._trace_local_prefills(outputs, end_ns)
         if outputs:
@@ -403,10 +423,13 @@ class DecodeWorker(WorkerShell):
                 for out in outputs:
                     if out.finished:
                         self._end_span(out.request.request_id, out.request)
-            await self.publish_tokens(outputs, self.engine.num_steps)
+            await self.bus.publish(subject("tokens"), batch)
         for request in preempted:
             logger.info("preempted %s: back to the scheduler", request.request_id)
             await self._send_back(request)
+        if self.received_ids:  # tell the scheduler soon: they stop being in transit
+            await self.send_heartbeat()
+        await self._publish_kv(events)
 
     def _trace_local_prefills(self, outputs: list[StepOutput], end_ns: int) -> None:
         """A traced request prefilled here gets its prefill span (from when it was taken to
@@ -445,4 +468,7 @@ class DecodeWorker(WorkerShell):
             if threads > self.loan.own:
                 self.metrics.core_loan_steps.inc()
         outputs = self.engine.step()
-        return outputs, self.engine.take_preempted()
+        # the message now: the next step, running while it is sent, changes its requests
+        batch = self.token_batch(outputs, self.engine.num_steps) if outputs else None
+        events = self.engine.kv.pool.take_events()
+        return outputs, batch, self.engine.take_preempted(), events

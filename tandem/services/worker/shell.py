@@ -256,11 +256,16 @@ class WorkerShell:
 
     async def publish_tokens(self, outputs: list[StepOutput], step_id: int) -> None:
         """One step's new tokens of all its requests, stamped for the stream-lag metric."""
+        await self.bus.publish(subject("tokens"), self.token_batch(outputs, step_id))
+
+    def token_batch(self, outputs: list[StepOutput], step_id: int) -> engine_pb2.TokenBatch:
+        """The message of one step's tokens: built where the requests hold still (on the
+        engine thread, or between steps), as it reads their counts."""
         batch = engine_pb2.TokenBatch(
             worker_id=self.worker_id, step_id=step_id, timestamp=time.time()
         )
         batch.requests.extend(request_tokens(o) for o in outputs)
-        await self.bus.publish(subject("tokens"), batch)
+        return batch
 
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         self.aborted.add(msg.request_id)
