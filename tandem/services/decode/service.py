@@ -351,7 +351,9 @@ class DecodeWorker(WorkerShell):
                 if self.received_ids:  # admitted nothing to step (refused, failed)
                     await self.send_heartbeat()
                 await self.flush_kv_events()
-                self.wake.clear()
+                if self.arrivals or self.local:  # came in while those went out
+                    continue
+                self.wake.clear()  # no await since the check: nothing comes in between
                 await self.wake.wait()
         finally:
             if done is not None:  # cancelled (shutdown) with a step's tokens computed
