@@ -50,6 +50,18 @@ class Arrival:
     reused: list[Block]
 
 
+@dataclass(slots=True)
+class StepDone:
+    """One step's results, taken on the engine thread, to be sent while the next one runs."""
+
+    outputs: list[StepOutput]
+    batch: engine_pb2.TokenBatch | None  # the outputs' message, built on the engine thread
+    preempted: list[Request]
+    events: list  # prefix-cache events since the step before
+    start_ns: int
+    end_ns: int
+
+
 class DecodeWorker(WorkerShell):
     """Admits arrivals while they fit, steps while anything runs."""
 
@@ -339,13 +351,14 @@ class DecodeWorker(WorkerShell):
                 if self.arrivals or self.local:
                     await self._admit_arrivals()
                 if self.engine.has_unfinished:
-                    step = asyncio.ensure_future(self.timed_step(self._step_on_thread))
+                    running = self.driver.submit(self._step_on_thread)  # runs from now on
                     if done is not None:
-                        await self._send_step(*done)
-                    done = await step
+                        await self._send_step(done)
+                    done = await running
+                    self.observe_step(done.start_ns, done.end_ns)
                     continue
                 if done is not None:
-                    await self._send_step(*done)
+                    await self._send_step(done)
                     done = None
                     continue
                 if self.received_ids:  # admitted nothing to step (refused, failed)
@@ -357,7 +370,7 @@ class DecodeWorker(WorkerShell):
                 await self.wake.wait()
         finally:
             if done is not None:  # cancelled (shutdown) with a step's tokens computed
-                await self._send_step(*done)
+                await self._send_step(done)
 
     async def _admit_arrivals(self) -> None:
         failed, refused = await self.driver.call(self._admit)
@@ -414,24 +427,24 @@ class DecodeWorker(WorkerShell):
                                    stop_reason=error, error_code=400)  # fmt: skip
         await self.bus.publish(subject("tokens"), batch)
 
-    async def _send_step(self, result, start_ns: int, end_ns: int) -> None:
+    async def _send_step(self, step: StepDone) -> None:
         """What a step made, to whom it concerns: tokens to the tokenizer, preempted
         requests to the scheduler, prefix-cache events, arrivals to the scheduler."""
-        outputs, batch, preempted, events = result
+        outputs, preempted = step.outputs, step.preempted
         if self.local_since:
-            self._trace_local_prefills(outputs, end_ns)
+            self._trace_local_prefills(outputs, step.end_ns)
         if outputs:
             if self.spans:  # ended first: the client may see the last token at once
                 for out in outputs:
                     if out.finished:
                         self._end_span(out.request.request_id, out.request)
-            await self.bus.publish(subject("tokens"), batch)
+            await self.bus.publish(subject("tokens"), step.batch)
         for request in preempted:
             logger.info("preempted %s: back to the scheduler", request.request_id)
             await self._send_back(request)
         if self.received_ids:  # tell the scheduler soon: they stop being in transit
             await self.send_heartbeat()
-        await self._publish_kv(events)
+        await self._publish_kv(step.events)
 
     def _trace_local_prefills(self, outputs: list[StepOutput], end_ns: int) -> None:
         """A traced request prefilled here gets its prefill span (from when it was taken to
@@ -469,8 +482,10 @@ class DecodeWorker(WorkerShell):
                 torch.set_num_threads(threads)
             if threads > self.loan.own:
                 self.metrics.core_loan_steps.inc()
+        start_ns = time.time_ns()
         outputs = self.engine.step()
+        end_ns = time.time_ns()
         # the message now: the next step, running while it is sent, changes its requests
         batch = self.token_batch(outputs, self.engine.num_steps) if outputs else None
         events = self.engine.kv.pool.take_events()
-        return outputs, batch, self.engine.take_preempted(), events
+        return StepDone(outputs, batch, self.engine.take_preempted(), events, start_ns, end_ns)

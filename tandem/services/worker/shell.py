@@ -237,10 +237,14 @@ class WorkerShell:
         start = time.time_ns()
         result = await self.driver.call(fn, *args)
         end = time.time_ns()
-        self.metrics.step_seconds.observe((end - start) / 1e9)
+        self.observe_step(start, end)
+        return result, start, end
+
+    def observe_step(self, start_ns: int, end_ns: int) -> None:
+        """A step that ran from start_ns to end_ns, into the step metrics (between steps)."""
+        self.metrics.step_seconds.observe((end_ns - start_ns) / 1e9)
         self.metrics.batch_size.observe(self.engine.last_batch_size)
         self.metrics.observe_grammars(self.engine)
-        return result, start, end
 
     def grammar_ready(self, request_id: str, start_ns: int, end_ns: int, hit: bool, error):
         """On the event loop: a request's grammar compiled (or came from the cache, or
