@@ -35,12 +35,7 @@ class EngineDriver:
 
     async def call(self, fn, *args):
         """`fn(*args)` on the engine's thread."""
-        return await self.submit(fn, *args)
-
-    def submit(self, fn, *args) -> asyncio.Future:
-        """`fn(*args)` queued on the engine's thread now (a coroutine would queue it only
-        once awaited); its result when the future is done."""
-        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

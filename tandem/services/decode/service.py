@@ -50,18 +50,6 @@ class Arrival:
     reused: list[Block]
 
 
-@dataclass(slots=True)
-class StepDone:
-    """One step's results, taken on the engine thread, to be sent while the next one runs."""
-
-    outputs: list[StepOutput]
-    batch: engine_pb2.TokenBatch | None  # the outputs' message, built on the engine thread
-    preempted: list[Request]
-    events: list  # prefix-cache events since the step before
-    start_ns: int
-    end_ns: int
-
-
 class DecodeWorker(WorkerShell):
     """Admits arrivals while they fit, steps while anything runs."""
 
@@ -342,44 +330,23 @@ class DecodeWorker(WorkerShell):
         return msg
 
     async def loop(self) -> None:
-        """Steps while anything runs. Each step starts as soon as the one before it ends: that
-        step's tokens, prefix-cache events and preempted requests go out while it runs (the
-        event loop's share of a step, ~1 ms, no longer adds to every token's time)."""
-        done = None  # the last step's results, not yet sent
-        try:
-            while True:
-                if self.arrivals or self.local:
-                    await self._admit_arrivals()
-                if self.engine.has_unfinished:
-                    running = self.driver.submit(self._step_on_thread)  # runs from now on
-                    if done is not None:
-                        await self._send_step(done)
-                    done = await running
-                    self.observe_step(done.start_ns, done.end_ns)
-                    continue
-                if done is not None:
-                    await self._send_step(done)
-                    done = None
-                    continue
-                if self.received_ids:  # admitted nothing to step (refused, failed)
-                    await self.send_heartbeat()
-                await self.flush_kv_events()
-                if self.arrivals or self.local:  # came in while those went out
-                    continue
-                self.wake.clear()  # no await since the check: nothing comes in between
+        while True:
+            if self.arrivals or self.local:
+                failed, refused = await self.driver.call(self._admit)
+                if refused:
+                    await self._refuse(refused)
+                if failed:
+                    for out in failed:
+                        self._end_span(out.request.request_id, out.request, error=out.error)
+                    await self.publish_tokens(failed, self.engine.num_steps)
+            if self.engine.has_unfinished:
+                await self._step()
+            else:
+                self.wake.clear()
                 await self.wake.wait()
-        finally:
-            if done is not None:  # cancelled (shutdown) with a step's tokens computed
-                await self._send_step(done)
-
-    async def _admit_arrivals(self) -> None:
-        failed, refused = await self.driver.call(self._admit)
-        if refused:
-            await self._refuse(refused)
-        if failed:
-            for out in failed:
-                self._end_span(out.request.request_id, out.request, error=out.error)
-            await self.publish_tokens(failed, self.engine.num_steps)
+            if self.received_ids:  # tell the scheduler soon: they stop being in transit
+                await self.send_heartbeat()
+            await self.flush_kv_events()
 
     def _admit(self) -> tuple[list[StepOutput], list[tuple[tuple[str, ...], str]]]:
         """On the engine thread: move arrivals into the batch in order while they fit.
@@ -427,24 +394,19 @@ class DecodeWorker(WorkerShell):
                                    stop_reason=error, error_code=400)  # fmt: skip
         await self.bus.publish(subject("tokens"), batch)
 
-    async def _send_step(self, step: StepDone) -> None:
-        """What a step made, to whom it concerns: tokens to the tokenizer, preempted
-        requests to the scheduler, prefix-cache events, arrivals to the scheduler."""
-        outputs, preempted = step.outputs, step.preempted
+    async def _step(self) -> None:
+        (outputs, preempted), _, end_ns = await self.timed_step(self._step_on_thread)
         if self.local_since:
-            self._trace_local_prefills(outputs, step.end_ns)
+            self._trace_local_prefills(outputs, end_ns)
         if outputs:
             if self.spans:  # ended first: the client may see the last token at once
                 for out in outputs:
                     if out.finished:
                         self._end_span(out.request.request_id, out.request)
-            await self.bus.publish(subject("tokens"), step.batch)
+            await self.publish_tokens(outputs, self.engine.num_steps)
         for request in preempted:
             logger.info("preempted %s: back to the scheduler", request.request_id)
             await self._send_back(request)
-        if self.received_ids:  # tell the scheduler soon: they stop being in transit
-            await self.send_heartbeat()
-        await self._publish_kv(step.events)
 
     def _trace_local_prefills(self, outputs: list[StepOutput], end_ns: int) -> None:
         """A traced request prefilled here gets its prefill span (from when it was taken to
@@ -482,10 +444,5 @@ class DecodeWorker(WorkerShell):
                 torch.set_num_threads(threads)
             if threads > self.loan.own:
                 self.metrics.core_loan_steps.inc()
-        start_ns = time.time_ns()
         outputs = self.engine.step()
-        end_ns = time.time_ns()
-        # the message now: the next step, running while it is sent, changes its requests
-        batch = self.token_batch(outputs, self.engine.num_steps) if outputs else None
-        events = self.engine.kv.pool.take_events()
-        return StepDone(outputs, batch, self.engine.take_preempted(), events, start_ns, end_ns)
+        return outputs, self.engine.take_preempted()

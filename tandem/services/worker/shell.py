@@ -237,14 +237,10 @@ class WorkerShell:
         start = time.time_ns()
         result = await self.driver.call(fn, *args)
         end = time.time_ns()
-        self.observe_step(start, end)
-        return result, start, end
-
-    def observe_step(self, start_ns: int, end_ns: int) -> None:
-        """A step that ran from start_ns to end_ns, into the step metrics (between steps)."""
-        self.metrics.step_seconds.observe((end_ns - start_ns) / 1e9)
+        self.metrics.step_seconds.observe((end - start) / 1e9)
         self.metrics.batch_size.observe(self.engine.last_batch_size)
         self.metrics.observe_grammars(self.engine)
+        return result, start, end
 
     def grammar_ready(self, request_id: str, start_ns: int, end_ns: int, hit: bool, error):
         """On the event loop: a request's grammar compiled (or came from the cache, or
@@ -260,16 +256,11 @@ class WorkerShell:
 
     async def publish_tokens(self, outputs: list[StepOutput], step_id: int) -> None:
         """One step's new tokens of all its requests, stamped for the stream-lag metric."""
-        await self.bus.publish(subject("tokens"), self.token_batch(outputs, step_id))
-
-    def token_batch(self, outputs: list[StepOutput], step_id: int) -> engine_pb2.TokenBatch:
-        """The message of one step's tokens: built where the requests hold still (on the
-        engine thread, or between steps), as it reads their counts."""
         batch = engine_pb2.TokenBatch(
             worker_id=self.worker_id, step_id=step_id, timestamp=time.time()
         )
         batch.requests.extend(request_tokens(o) for o in outputs)
-        return batch
+        await self.bus.publish(subject("tokens"), batch)
 
     async def _on_abort(self, msg: engine_pb2.AbortRequest, raw) -> None:
         self.aborted.add(msg.request_id)

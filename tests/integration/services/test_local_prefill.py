@@ -125,14 +125,6 @@ def test_a_local_prefill_aborted_mid_stream_frees_its_blocks_and_the_next_is_ser
     assert got == hf_greedy(hf_llama, prompt, 8)
 
 
-def test_each_request_sent_as_the_last_one_ends_is_served(cluster):
-    """One client, one request after the other: each arrives while its decode worker sends
-    the last one's final tokens (the moment its loop goes idle), and none waits forever."""
-    for i in range(12):
-        out = complete(cluster, [5 + i, 6, 7], 6, ignore_eos=True)
-        assert out["usage"]["completion_tokens"] == 6
-
-
 def test_decode_workers_killed_while_they_hold_their_own_prefills_lose_nothing(cluster_and_log):
     """Every decode worker is killed once each stream has its first token: the tokenizer
     re-queues the requests they held (with the tokens streamed), the restarted workers
