@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from tandem.engine.kv_quant import as_bytes, dequantize, is_fp8, quantize
-from tandem.kernels import cpu as cpu_kernels
 from tandem.kernels.cpu import (
+    decode_attention_rope,
     has_prefill_attention_bf16,
     load_cpu_kernels,
     paged_decode_attention,
@@ -219,7 +219,7 @@ def fused_decode_attention(
     ):
         return None
     groups = meta.decode_groups
-    return cpu_kernels.decode_attention_rope(
+    return decode_attention_rope(
         qkv.contiguous(), cos, signed_sin, k_cache, v_cache, meta.slot_mapping,
         [g.block_tables for g in groups], [g.context_lens for g in groups], num_heads, scale,
     )  # fmt: skip
