@@ -27,6 +27,7 @@ FINISH_REASONS = frozenset({"", "stop", "length", "abort"})
 SUBMIT_ACKERS = frozenset({"scheduler"})  # the stage that takes submits
 DELTAS = re.compile(re.escape(subject("gateway")) + r"\.[A-Za-z0-9_-]+\.deltas")
 SHM_DOMAIN_LEN = 4096
+MAX_EXPOSITION_LEN = 16 << 20  # characters; a stage's snapshot is a few tens of KB
 
 
 class InvalidMessage(ValueError):
@@ -207,19 +208,13 @@ def _stats(stats: engine_pb2.SchedulerStats) -> None:
 
 
 def _metrics(snapshot: engine_pb2.MetricsSnapshot) -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-
+    """The exposition itself is parsed where it is used (`merge_expositions` at scrape time,
+    which skips one that does not parse): parsing every snapshot here cost the gateway more
+    CPU than its token streams."""
     request_id(snapshot.instance, "instance")
     request_id(snapshot.stage, "stage")
     _finite(snapshot.timestamp, "timestamp")
-    try:
-        for family in text_string_to_metric_families(snapshot.exposition):
-            for sample in family.samples:
-                _require(isinstance(sample.value, float), "sample value")
-    except InvalidMessage:
-        raise
-    except Exception as e:
-        raise InvalidMessage(f"exposition does not parse: {e}") from None
+    _require(len(snapshot.exposition) <= MAX_EXPOSITION_LEN, "exposition too long")
 
 
 def _lora_update(m) -> None:

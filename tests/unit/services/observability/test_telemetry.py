@@ -55,6 +55,14 @@ def test_merge_keeps_a_model_name_already_there():
     assert samples == {("c_total", (("model_name", "other"),)): 1.0}
 
 
+def test_merge_skips_an_exposition_that_does_not_parse_and_keeps_the_rest():
+    r = CollectorRegistry()
+    Counter("c", "doc", registry=r).inc()
+    texts = ['a{b="c} nan nan\n', generate_latest(r).decode()]
+    samples = _samples(merge_expositions(texts, "m").decode())
+    assert samples == {("c_total", (("model_name", "m"),)): 1.0}
+
+
 def test_request_timer_counts_one_itl_per_token_after_the_first(monkeypatch):
     registry = CollectorRegistry()
     metrics = RequestMetrics(registry)

@@ -127,8 +127,9 @@ INVALID = {
     "an unknown finish reason": engine_pb2.TokenBatch(worker_id="d", requests=[
         engine_pb2.RequestTokens(request_id="r1", finish_reason="exploded")]),  # fmt: skip
     "a request id with a newline": engine_pb2.AbortRequest(request_id="r\n1"),
-    "an exposition that does not parse": engine_pb2.MetricsSnapshot(
-        instance="x", stage="decode", exposition='a{b="c} nan nan\n'
+    "a snapshot of no instance": engine_pb2.MetricsSnapshot(stage="decode", exposition=""),
+    "a snapshot past the size bound": engine_pb2.MetricsSnapshot(
+        instance="x", stage="decode", exposition="#" * (checks.MAX_EXPOSITION_LEN + 1)
     ),
     "an error code that is not HTTP's": engine_pb2.TextDelta(request_id="r1", error_code=7),
 }  # fmt: skip
