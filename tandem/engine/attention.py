@@ -195,6 +195,19 @@ def _decode_group(start, end, context_lens, block_tables, max_blocks, device):
     return DecodeGroup(start, end, tables, lens)
 
 
+def fused_decode_applies(meta: AttnMetadata, x: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether a batch's attention can run as one C++ call (`fused_decode_attention`,
+    kernels/cpu.py's `decode_layer`): decode rows only, on a CPU, the cache in the
+    activations' dtype (not float8), the kernels built."""
+    return (
+        not meta.prefills
+        and meta.triton is None
+        and x.device.type == "cpu"
+        and x.dtype == k_cache.dtype
+        and load_cpu_kernels()
+    )
+
+
 def fused_decode_attention(
     qkv: torch.Tensor,  # (T, (H + 2 Hkv) * D), the fused projection
     cos: torch.Tensor,  # (T, 1, D)
@@ -210,13 +223,7 @@ def fused_decode_attention(
     compute, the same bits, without their ~20 small ops a layer (at one row they cost more
     than the attention). None where it does not apply (prefill rows, CUDA, a float8 cache,
     no kernels): the caller takes the general path."""
-    if (
-        meta.prefills
-        or meta.triton is not None
-        or qkv.device.type != "cpu"
-        or qkv.dtype != k_cache.dtype
-        or not load_cpu_kernels()
-    ):
+    if not fused_decode_applies(meta, qkv, k_cache):
         return None
     groups = meta.decode_groups
     return decode_attention_rope(

@@ -244,3 +244,29 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """x W^T (+ bias) for x of 1 to LINEAR_MAX_ROWS rows, W (out, in) contiguous: W's rows
     split over torch's threads, fp32 accumulation, the result in x's dtype."""
     return torch.ops.tandem_cpu.linear_rows(x, weight, bias)
+
+
+def decode_layer(
+    x: torch.Tensor,  # (T, hidden) residual stream, updated in place
+    norms: tuple[torch.Tensor, torch.Tensor],  # input and post-attention RMSNorm weights
+    eps: float,
+    weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor],
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    block_tables: list[torch.Tensor],
+    context_lens: list[torch.Tensor],
+    num_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """A Llama-family decoder layer over 1 to LINEAR_MAX_ROWS decode rows in one call:
+    rms_norm, qkv (+ bias), `decode_attention_rope`, o, add_rms_norm, gate_up, SiLU x up,
+    down, the residual add; the same kernels in the same order as the module's forward.
+    `weights`: (qkv, qkv bias or None, o, gate_up, down), each (out, in)."""
+    qkv, qkv_bias, o, gate_up, down = weights
+    return torch.ops.tandem_cpu.decode_layer(
+        x, norms[0], norms[1], eps, qkv, qkv_bias, o, gate_up, down, cos, signed_sin, k_cache,
+        v_cache, slots, block_tables, context_lens, num_heads, scale,
+    )  # fmt: skip

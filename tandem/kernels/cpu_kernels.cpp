@@ -1170,6 +1170,27 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w,
   return y.to(x.scalar_type());
 }
 
+// A Llama-family decoder layer at a few decode rows in one call: what DecoderLayer.forward
+// runs through ~12 Python-dispatched ops (norm, four products, RoPE and attention, SwiGLU,
+// two residual adds), the same functions in the same order, so the same bits. At one row
+// the layer's products take ~0.25 ms and the dispatch around them ~0.07 ms. x, the residual
+// stream (T, hidden), is updated in place and returned.
+at::Tensor decode_layer(at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm,
+                        double eps, const at::Tensor& qkv_w, const c10::optional<at::Tensor>& qkv_b,
+                        const at::Tensor& o_w, const at::Tensor& gate_up_w,
+                        const at::Tensor& down_w, const at::Tensor& cos, const at::Tensor& sin,
+                        at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
+                        at::TensorList block_tables, at::TensorList context_lens,
+                        int64_t num_heads, double scale) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (T, hidden) tensor");
+  const at::Tensor qkv = linear_rows(rms_norm(x, input_norm, eps), qkv_w, qkv_b);
+  const at::Tensor o = decode_attention_rope(qkv, cos, sin, k_cache, v_cache, slots,
+                                             block_tables, context_lens, num_heads, scale);
+  const at::Tensor h = add_rms_norm(x, linear_rows(o, o_w, c10::nullopt), post_norm, eps);
+  const auto gate_up = linear_rows(h, gate_up_w, c10::nullopt).chunk(2, -1);
+  return x.add_(linear_rows(at::silu(gate_up[0]).mul_(gate_up[1]), down_w, c10::nullopt));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tandem_cpu, m) {
@@ -1192,6 +1213,11 @@ TORCH_LIBRARY(tandem_cpu, m) {
       "decode_attention_rope(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slots, Tensor[] block_tables, Tensor[] context_lens, "
       "int num_heads, float scale) -> Tensor");
+  m.def(
+      "decode_layer(Tensor(a!) x, Tensor input_norm, Tensor post_norm, float eps, Tensor qkv_w, "
+      "Tensor? qkv_b, Tensor o_w, Tensor gate_up_w, Tensor down_w, Tensor cos, Tensor sin, "
+      "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slots, Tensor[] block_tables, "
+      "Tensor[] context_lens, int num_heads, float scale) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
@@ -1205,4 +1231,5 @@ TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
   m.impl("lora_shrink_expand", &lora_shrink_expand);
   m.impl("linear_rows", &linear_rows);
   m.impl("decode_attention_rope", &decode_attention_rope);
+  m.impl("decode_layer", &decode_layer);
 }

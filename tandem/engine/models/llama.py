@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.engine.attention import AttnMetadata, fused_decode_attention, paged_attention
+from tandem.engine.attention import (
+    AttnMetadata,
+    fused_decode_applies,
+    fused_decode_attention,
+    paged_attention,
+)
 from tandem.engine.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin
+from tandem.kernels.cpu import LINEAR_MAX_ROWS, decode_layer
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +123,33 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, meta, k_cache, v_cache) -> torch.Tensor:
         """x: the residual stream, (T, hidden), updated in place and returned."""
+        if x.shape[0] <= LINEAR_MAX_ROWS and fused_decode_applies(meta, x, k_cache):
+            weights = self.row_weights()
+            if weights is not None:  # a few decode rows on a CPU: one C++ call, same bits
+                attn = self.self_attn
+                return decode_layer(
+                    x, (self.input_layernorm.weight, self.post_attention_layernorm.weight),
+                    self.input_layernorm.eps, weights, cos, sin, k_cache, v_cache,
+                    meta.slot_mapping, [g.block_tables for g in meta.decode_groups],
+                    [g.context_lens for g in meta.decode_groups], attn.num_heads, attn.scale,
+                )  # fmt: skip
         h = self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
         h = self.mlp(self.post_attention_layernorm.add_and_norm(x, h))
         return x.add_(h)
+
+    def row_weights(self) -> tuple | None:
+        """The projections' (out, in) weights for kernels/cpu.py's `decode_layer`, or None
+        where one is not a plain Linear with its row form (LoRA wraps them; CUDA has none),
+        has a bias other than qkv's, or K/V maxima are being recorded (calibration)."""
+        attn, mlp = self.self_attn, self.mlp
+        projs = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if attn.kv_amax is not None or any(
+            type(p) is not Linear or p.weight_rows is None for p in projs
+        ):
+            return None
+        if any(p.bias is not None for p in projs[1:]):
+            return None
+        return (projs[0].weight_rows, projs[0].bias, *(p.weight_rows for p in projs[1:]))
 
 
 class LlamaForCausalLM(nn.Module):
