@@ -221,6 +221,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, list(sizes), max_blocks,
                                        self.device)  # fmt: skip
             self.graphs.capture()
+        if hasattr(self.model, "stack_rows"):  # the model is final: a CPU's decode path
+            self.model.stack_rows(self.kv_caches)
         self.generators: dict[str, torch.Generator] = {}
         self.grammars = GrammarManager(model_config.model, a.vocab_size, self.eos_token_id)
         self.logprobs_mode = LogprobsMode(model_config.logprobs_mode)

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -246,27 +247,34 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return torch.ops.tandem_cpu.linear_rows(x, weight, bias)
 
 
-def decode_layer(
+@dataclass(frozen=True, slots=True)
+class RowStack:
+    """A model's decoder layers for `decode_layers`: per layer its input and post-attention
+    RMSNorm weights, then its qkv, o, gate_up and down weights, (out, in); the qkv biases
+    (one a layer, or none); per layer its k and v caches."""
+
+    weights: list[torch.Tensor]
+    qkv_biases: list[torch.Tensor]
+    caches: list[torch.Tensor]
+
+
+def decode_layers(
     x: torch.Tensor,  # (T, hidden) residual stream, updated in place
-    norms: tuple[torch.Tensor, torch.Tensor],  # input and post-attention RMSNorm weights
+    stack: RowStack,
     eps: float,
-    weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor],
-    cos: torch.Tensor,
+    cos: torch.Tensor,  # (T, 1, D) in x's dtype
     signed_sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    block_tables: list[torch.Tensor],
-    context_lens: list[torch.Tensor],
+    meta,  # engine/attention.py's AttnMetadata of a decode-only batch
     num_heads: int,
     scale: float,
 ) -> torch.Tensor:
-    """A Llama-family decoder layer over 1 to LINEAR_MAX_ROWS decode rows in one call:
-    rms_norm, qkv (+ bias), `decode_attention_rope`, o, add_rms_norm, gate_up, SiLU x up,
-    down, the residual add; the same kernels in the same order as the module's forward.
-    `weights`: (qkv, qkv bias or None, o, gate_up, down), each (out, in)."""
-    qkv, qkv_bias, o, gate_up, down = weights
-    return torch.ops.tandem_cpu.decode_layer(
-        x, norms[0], norms[1], eps, qkv, qkv_bias, o, gate_up, down, cos, signed_sin, k_cache,
-        v_cache, slots, block_tables, context_lens, num_heads, scale,
+    """Every Llama-family decoder layer over 1 to LINEAR_MAX_ROWS decode rows in one call.
+    Each layer is what the module's forward runs, the same kernels in the same order (so the
+    same bits): rms_norm, qkv (+ bias), `decode_attention_rope`, o, add_rms_norm, gate_up,
+    SiLU x up, down, the residual add."""
+    groups = meta.decode_groups
+    return torch.ops.tandem_cpu.decode_layers(
+        x, stack.weights, stack.qkv_biases, stack.caches, eps, cos, signed_sin,
+        meta.slot_mapping, [g.block_tables for g in groups], [g.context_lens for g in groups],
+        num_heads, scale,
     )  # fmt: skip

@@ -16,7 +16,7 @@ from tandem.engine.attention import (
     paged_attention,
 )
 from tandem.engine.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin
-from tandem.kernels.cpu import LINEAR_MAX_ROWS, decode_layer
+from tandem.kernels.cpu import LINEAR_MAX_ROWS, RowStack, decode_layers
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,33 +123,23 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, meta, k_cache, v_cache) -> torch.Tensor:
         """x: the residual stream, (T, hidden), updated in place and returned."""
-        if x.shape[0] <= LINEAR_MAX_ROWS and fused_decode_applies(meta, x, k_cache):
-            weights = self.row_weights()
-            if weights is not None:  # a few decode rows on a CPU: one C++ call, same bits
-                attn = self.self_attn
-                return decode_layer(
-                    x, (self.input_layernorm.weight, self.post_attention_layernorm.weight),
-                    self.input_layernorm.eps, weights, cos, sin, k_cache, v_cache,
-                    meta.slot_mapping, [g.block_tables for g in meta.decode_groups],
-                    [g.context_lens for g in meta.decode_groups], attn.num_heads, attn.scale,
-                )  # fmt: skip
         h = self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
         h = self.mlp(self.post_attention_layernorm.add_and_norm(x, h))
         return x.add_(h)
 
-    def row_weights(self) -> tuple | None:
-        """The projections' (out, in) weights for kernels/cpu.py's `decode_layer`, or None
-        where one is not a plain Linear with its row form (LoRA wraps them; CUDA has none),
-        has a bias other than qkv's, or K/V maxima are being recorded (calibration)."""
+    def row_weights(self) -> tuple[list[torch.Tensor], torch.Tensor | None] | None:
+        """The layer's weights for kernels/cpu.py's `decode_layers` (norms, then the
+        projections' (out, in) row forms), and the qkv bias; None where a projection is not a
+        plain Linear with its row form (LoRA wraps them; CUDA has none) or has a bias other
+        than qkv's."""
         attn, mlp = self.self_attn, self.mlp
         projs = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if attn.kv_amax is not None or any(
-            type(p) is not Linear or p.weight_rows is None for p in projs
-        ):
+        if any(type(p) is not Linear or p.weight_rows is None for p in projs):
             return None
         if any(p.bias is not None for p in projs[1:]):
             return None
-        return (projs[0].weight_rows, projs[0].bias, *(p.weight_rows for p in projs[1:]))
+        norms = [self.input_layernorm.weight, self.post_attention_layernorm.weight]
+        return norms + [p.weight_rows for p in projs], attn.qkv_proj.bias
 
 
 class LlamaForCausalLM(nn.Module):
@@ -176,6 +166,24 @@ class LlamaForCausalLM(nn.Module):
         if a.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.init_rope(None)
+        self.row_stack: RowStack | None = None  # see stack_rows
+
+    def stack_rows(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Gather every layer's row-form weights and caches for `decode_layers`: called by the
+        model's runner once the model is final (after LoRA has wrapped its projections, which
+        then keep the module path), as CUDA graphs are captured then. False, and no stack,
+        where a layer has none (`DecoderLayer.row_weights`)."""
+        rows = [layer.row_weights() for layer in self.layers]
+        self.row_stack = None
+        if any(r is None for r in rows):
+            return False
+        biases = [b for _, b in rows if b is not None]
+        self.row_stack = RowStack(
+            weights=[w for ws, _ in rows for w in ws],
+            qkv_biases=biases if len(biases) == len(rows) else [],
+            caches=[c for kv in kv_caches for c in kv],
+        )
+        return True
 
     def init_rope(self, device: torch.device | None) -> None:
         a = self.args
@@ -207,6 +215,17 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)  # (T, hidden)
         cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # (T, 1, D)
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)  # (T, 1, D), signed
+        stack = self.row_stack
+        if (
+            stack is not None
+            and x.shape[0] <= LINEAR_MAX_ROWS
+            and stack.caches[0] is kv_caches[0][0]
+            and fused_decode_applies(meta, x, kv_caches[0][0])
+        ):  # a few decode rows on a CPU: every layer in one C++ call, the same bits
+            a = self.args
+            x = decode_layers(x, stack, a.rms_norm_eps, cos, sin, meta, a.num_heads,
+                              self.layers[0].self_attn.scale)  # fmt: skip
+            return self.norm(x)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, meta, k_cache, v_cache)
         return self.norm(x)

@@ -53,6 +53,8 @@ class DraftModelProposer:
              torch.zeros(shape, dtype=runner.dtype, device=self.device))
             for _ in range(a.num_layers)
         ]  # fmt: skip
+        if hasattr(self.model, "stack_rows"):  # a CPU's decode path, as the target's
+            self.model.stack_rows(self.kv_caches)
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
         self.states: dict[str, _DraftState] = {}
         # the cost of the draft: tokens it caught up on (the prompts' above all) and time
