@@ -23,6 +23,7 @@ from tandem.v1 import common_pb2, engine_pb2
 # A worker or gateway id is a NATS subject part: dot-separated words of safe characters.
 WORKER_ID = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 MAX_ID_LEN = 256
+SPACE = re.compile(r"\s")  # what str.isspace() calls space: every message's ids are checked
 FINISH_REASONS = frozenset({"", "stop", "length", "abort"})
 SUBMIT_ACKERS = frozenset({"scheduler"})  # the stage that takes submits
 DELTAS = re.compile(re.escape(subject("gateway")) + r"\.[A-Za-z0-9_-]+\.deltas")
@@ -46,7 +47,7 @@ def _finite(x: float, field: str, low: float | None = None) -> None:
 def request_id(value: str, field: str = "request_id") -> None:
     """Printable, no spaces, bounded: it is logged, keyed on, echoed to clients."""
     _require(0 < len(value) <= MAX_ID_LEN, f"{field} must be 1-{MAX_ID_LEN} characters")
-    _require(value.isprintable() and not any(c.isspace() for c in value), f"{field}: bad id")
+    _require(value.isprintable() and SPACE.search(value) is None, f"{field}: bad id")
 
 
 def worker_id(value: str, field: str = "worker_id") -> None:
