@@ -197,7 +197,7 @@ def _decode_group(start, end, context_lens, block_tables, max_blocks, device):
 
 def fused_decode_applies(meta: AttnMetadata, x: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether a batch's attention can run as one C++ call (`fused_decode_attention`,
-    kernels/cpu.py's `decode_layer`): decode rows only, on a CPU, the cache in the
+    kernels/cpu.py's `decode_layers`): decode rows only, on a CPU, the cache in the
     activations' dtype (not float8), the kernels built."""
     return (
         not meta.prefills
