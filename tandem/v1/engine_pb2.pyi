@@ -314,10 +314,12 @@ class DrainReply(_message.Message):
     def __init__(self, known: _Optional[bool] = ..., num_pending: _Optional[int] = ...) -> None: ...
 
 class WorkerLost(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "request_ids")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RequestTokens(_message.Message):
     __slots__ = ("request_id", "token_ids", "finish_reason", "stop_reason", "stop_token_id", "num_prompt_tokens", "num_cached_tokens", "reply_subject", "logprobs", "prompt_logprobs", "error_code", "first_output_index", "pooled", "dropped")

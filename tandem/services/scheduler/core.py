@@ -75,6 +75,7 @@ class ClusterScheduler:
         self.workers: dict[str, WorkerState] = {}
         self.kv_layout = KVLayout()
         self.prefilling: dict[str, PendingRequest] = {}  # placed on a prefill worker
+        self.lost_handed: dict[str, list[str]] = {}  # expired worker -> handed, unreceived
         self.next_step_id = 0  # plans are numbered across workers: a number is never reused
         self.worker_timeout = worker_timeout
         self.plans_ahead = plans_ahead
@@ -291,12 +292,11 @@ class ClusterScheduler:
         placed on a dropped prefill worker wait again. Returns the dropped worker ids."""
         now = self.clock()
         dead = [w for w in self.workers.values() if now - w.last_seen > self.worker_timeout]
-        for worker in dead:
+        for worker in dead:  # its in-transit requests go out with its WorkerLost
+            self.lost_handed[worker.worker_id] = list(worker.in_transit.keys() - self.local.keys())
             self.remove_worker(worker.worker_id)
         for worker in self.workers.values():
-            stale = [
-                rid for rid, (_, t) in worker.in_transit.items() if now - t > self.transit_timeout
-            ]
+            stale = [r for r, (_, t) in worker.in_transit.items() if now - t > self.transit_timeout]
             for request_id in stale:
                 del worker.in_transit[request_id]
                 if request_id in self.local:  # its message never reached the worker

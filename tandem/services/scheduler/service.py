@@ -291,7 +291,9 @@ class SchedulerService:
             for worker_id in self.core.expire():
                 logger.warning("worker %s stopped sending heartbeats: dropped", worker_id)
                 await self._forget_worker(worker_id)
-                lost = engine_pb2.WorkerLost(worker_id=worker_id)
+                lost = engine_pb2.WorkerLost(
+                    worker_id=worker_id, request_ids=self.core.lost_handed.pop(worker_id, [])
+                )
                 await self.bus.publish(subject("worker", "lost"), lost)
             for request in self.core.stranded():
                 await self._refuse(request.payload, "no worker is left to run it", 503)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tandem.engine.preprocess import render_chat
@@ -71,16 +72,26 @@ class DetokenizerHub:
                     own.params.seed += index
             self.streams[request_id] = _Stream(spec.reply_subject, detok, own)
 
-    def resumable(self, worker_id: str) -> list[common_pb2.RequestSpec]:
+    def resumable(self, worker_id: str, handed: Iterable[str] = ()) -> list[common_pb2.RequestSpec]:
         """The requests a lost worker was producing, each as a spec that carries the tokens
         streamed so far (so it continues where its client is; a stream takes each output
         position once, so whatever that worker still sends is dropped). Requests with no
         token yet are the scheduler's to re-queue, but for those a decode worker said it
-        received to prefill itself (conditional disaggregation): the scheduler let them go."""
+        received to prefill itself (conditional disaggregation): the scheduler let them go.
+        `handed`: requests the scheduler saw handed to the worker, its receipt not heard of
+        (a hand-off under way when it was killed, which it can no longer say it dropped);
+        those no other decode worker holds go back too."""
+        handed = set(handed)
         out = []
-        for stream in self.streams.values():
+        for request_id, stream in self.streams.items():
             holder = stream.decode_worker or stream.producer
             if holder == worker_id and (stream.token_ids or stream.decode_worker == worker_id):
+                out.append(self._resume(stream, worker_id))
+            elif (
+                request_id in handed
+                and stream.decode_worker in ("", worker_id)
+                and worker_id not in stream.resumed_from
+            ):
                 out.append(self._resume(stream, worker_id))
         return out
 

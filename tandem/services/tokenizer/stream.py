@@ -79,7 +79,7 @@ class StreamRelay:
     async def _on_lost(self, msg: engine_pb2.WorkerLost, raw) -> None:
         """A worker died: the requests it was producing go back to the scheduler with the
         tokens their clients have, and continue elsewhere, streams unbroken."""
-        for spec in self.hub.resumable(msg.worker_id):
+        for spec in self.hub.resumable(msg.worker_id, msg.request_ids):
             await self._requeue(spec, msg.worker_id)
 
     async def _requeue(self, spec, worker_id: str) -> None:

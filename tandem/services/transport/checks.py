@@ -218,6 +218,11 @@ def _metrics(snapshot: engine_pb2.MetricsSnapshot) -> None:
     _require(len(snapshot.exposition) <= MAX_EXPOSITION_LEN, "exposition too long")
 
 
+def _worker_lost(m: engine_pb2.WorkerLost) -> None:
+    worker_id(m.worker_id)
+    _ids(m.request_ids, "request_ids")
+
+
 def _lora_update(m) -> None:
     _require(bool(m.lora_name), "lora_name is empty")
     _require(m.unload or bool(m.lora_path), "lora_path is empty")
@@ -236,7 +241,7 @@ CHECKS: dict[type[Message], Callable] = {
     engine_pb2.LocalPrefill: lambda m: request_spec(m.request),
     engine_pb2.Preempted: _preempted,
     engine_pb2.DrainRequest: lambda m: worker_id(m.worker_id),
-    engine_pb2.WorkerLost: lambda m: worker_id(m.worker_id),
+    engine_pb2.WorkerLost: _worker_lost,
     engine_pb2.TokenBatch: _token_batch,
     engine_pb2.TextDelta: _delta,
     engine_pb2.KVEventBatch: _kv_events,

@@ -310,6 +310,23 @@ def test_plans_lost_on_the_way_are_made_again_once_the_worker_says_it_is_idle():
     assert core.schedule() == []
 
 
+def test_a_decode_worker_expired_names_the_requests_handed_to_it_not_yet_received():
+    """A worker killed mid hand-off cannot say it dropped what was on its way to it: the
+    scheduler's in-transit list goes out with its WorkerLost (the tokenizer re-queues them);
+    a request whose receipt the worker reported is not on it."""
+    core, clock = make()
+    for rid in ("a", "b"):
+        core.add_request(req(rid, 10))
+    core.schedule()
+    core.on_report("p0", prefilled_ids=["a", "b"])  # both handed to d0
+    core.on_heartbeat("d0", Role.DECODE, received_ids=["a"])
+    clock.now += 6.0  # d0 silent past the timeout (killed); p0 heartbeats on
+    core.on_heartbeat("p0", Role.PREFILL, num_running=0, num_waiting=0)
+    assert core.expire() == ["d0"]
+    assert core.lost_handed["d0"] == ["b"]
+    assert len(core.waiting) == 0  # the scheduler itself re-queues neither
+
+
 def test_with_no_worker_of_a_role_the_queue_waits_for_a_restart_then_is_failed():
     core, clock = make()
     core.add_request(req("a", 10))

@@ -98,6 +98,22 @@ def test_a_request_a_lost_worker_dropped_is_re_queued_once_whichever_came_first(
     assert list(hub.dropped("a", "decode-0").output_token_ids) == [10, 12]
 
 
+def test_requests_handed_to_a_killed_worker_are_re_queued_once_with_their_tokens(core):
+    """A worker killed mid hand-off never reports its receipt nor says it dropped them: the
+    scheduler's in-transit list (WorkerLost.request_ids) re-queues those with the prefill
+    worker's first token, once; one another decode worker holds stays there."""
+    hub = DetokenizerHub(core)
+    for rid in ("a", "b", "c"):
+        hub.open(_spec(rid))
+        hub.on_tokens(engine_pb2.RequestTokens(request_id=rid, token_ids=[10]), "prefill-0")
+    hub.received("c", "decode-0")
+    assert hub.resumable("decode-1") == []  # without the list: nobody held them
+    (spec,) = hub.resumable("decode-1", ["a", "c"])
+    assert spec.request_id == "a" and list(spec.output_token_ids) == [10]
+    assert hub.resumable("decode-1", ["a", "c"]) == []  # never twice
+    assert hub.dropped("a", "decode-1") is None
+
+
 class _Bus:
     def __init__(self) -> None:
         self.sent: list[tuple[str, object]] = []

@@ -127,6 +127,9 @@ INVALID = {
     "an unknown finish reason": engine_pb2.TokenBatch(worker_id="d", requests=[
         engine_pb2.RequestTokens(request_id="r1", finish_reason="exploded")]),  # fmt: skip
     "a request id with a newline": engine_pb2.AbortRequest(request_id="r\n1"),
+    "a lost worker's request id with a space": engine_pb2.WorkerLost(
+        worker_id="decode-0", request_ids=["r 1"]
+    ),
     "a snapshot of no instance": engine_pb2.MetricsSnapshot(stage="decode", exposition=""),
     "a snapshot past the size bound": engine_pb2.MetricsSnapshot(
         instance="x", stage="decode", exposition="#" * (checks.MAX_EXPOSITION_LEN + 1)
